@@ -487,3 +487,12 @@ def test_load_rgb_rgb_is_unchanged(tmp_path):
     a = np.random.default_rng(3).integers(0, 256, (6, 7, 3), dtype=np.uint8)
     Image.fromarray(a, mode="RGB").save(p)
     np.testing.assert_array_equal(_assert_rgb(load_rgb(p), (7, 6)), a)
+
+
+def test_write_builtin_refuses_to_wipe_a_foreign_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.txt").write_text("not a dataset")
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        write_builtin("digits", out, per_class=2, size=8, progress=False)
+    assert (out / "thesis.txt").read_text() == "not a dataset"

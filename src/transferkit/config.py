@@ -59,6 +59,7 @@ class TrainParams(_Group):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     drop_rate: float = Field(0.2, ge=0, lt=1)
     patience: int = Field(5, ge=1, description="early stopping on validation loss")
+    min_epochs: int = Field(0, ge=0, description="never stop before this epoch: val loss is noisy while the LR is high")
     augment: bool = True
     linear_probe_max_per_class: int = Field(
         50, ge=1, description="auto: at or below this many labels per class, fine-tuning overfits"

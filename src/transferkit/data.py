@@ -134,9 +134,14 @@ def write_builtin(
             plan += [(out / split / cname / f"{i:05d}.png", int(i)) for i in ids]
 
     if out.exists() and any(out.iterdir()):
-        # Rewrite only what we own: stale PNGs from a different --per-class would change the md5.
+        # Stale PNGs from a different --per-class would change the md5, so the tree is rewritten;
+        # but only a tree that looks like ours (PNGs in class or split/class folders) is removed.
         import shutil
 
+        foreign = [p for p in out.rglob("*") if p.is_file() and (p.suffix != ".png" or len(p.relative_to(out).parts) > 3)]
+        if foreign or not out.is_dir():
+            raise DataError(f"refusing to overwrite {out}: it holds files that are not a built-in dataset "
+                            f"(e.g. {foreign[0] if foreign else out}); choose an empty or new --out")
         shutil.rmtree(out)
     for path, i in tqdm(plan, desc=f"writing {name}", unit="img", disable=not progress):
         path.parent.mkdir(parents=True, exist_ok=True)

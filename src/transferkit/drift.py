@@ -14,10 +14,14 @@ Views (each either "fires" or not):
                Fires when the share of drifted columns >= `drift.moderate_share`. Columns that
                are constant on both sides (e.g. every image 32 px wide) stay in the denominator,
                as in Evidently's own DriftedColumnsCount.
-  embeddings   penultimate features of `drift.model`, PCA fitted on the reference (whitened,
-               n = min(pca_components, n_ref - 1, dim)), Evidently EmbeddingsDrift with the
-               domain-classifier method: ROC AUC of a classifier telling reference from current,
-               drifted when it beats the (1 - stattest_threshold) quantile of random-guess AUCs.
+  embeddings   penultimate features of `drift.model`, PCA fitted on the reference (scaled to unit
+               variance there, n = min(pca_components, n_ref - 1, dim)), Evidently
+               EmbeddingsDrift with the domain-classifier method: ROC AUC of a classifier telling
+               reference from current on a held-out half, drifted when it beats the
+               (1 - stattest_threshold) quantile of random-guess AUCs. With 30 or fewer images in
+               all (t-SNE plot limit) the same method runs outside the report; if it cannot run
+               at all (a held-out half with one side only) the view does not fire and
+               `embeddings.error` says why.
   outputs      black-box shift: softmax of the model's ImageNet logits -> max probability,
                entropy and the top principal components (fitted on the reference), K-S per
                column; fires when the drifted share >= `drift.moderate_share`. Only when the
@@ -50,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.config import Params
+from transferkit.config import Params, dump_params
 from transferkit.data import DataError, load_dataset, load_rgb, subsample
 from transferkit.io import atomic_write_text, write_json
 
@@ -63,6 +67,7 @@ BLACK_LEVEL = 5  # a pixel at or below this counts as near-black
 MAX_STATS_SIDE = 1024  # larger images are box-downscaled before pixel statistics (speed; sizes kept)
 OUTPUT_PCS = 3  # principal components of the softmax kept as columns in the outputs view
 LABEL_COLUMN = "label"
+TSNE_PERPLEXITY = 30.0  # sklearn's default, used by EmbeddingsDrift's plot: needs more points than this
 
 
 # --------------------------------------------------------------------------- per-image statistics
@@ -187,6 +192,23 @@ def _column_results(snapshot_dict: dict) -> dict[str, dict]:
     return out
 
 
+def _embeddings_verdict(snapshot) -> tuple[float | None, bool, str]:
+    """(score, drifted, method) of the EmbeddingsDrift run inside `snapshot`.
+
+    The v2 metric keeps only the score; the drifted flag lives in the legacy result the report
+    computed (evidently==0.7.23 is pinned). (None, False, "") when it cannot be found.
+    """
+    try:
+        from evidently.legacy.metrics.data_drift.embeddings_drift import EmbeddingsDriftMetricResults
+
+        for result, _widgets in snapshot.context._legacy_metrics.values():
+            if isinstance(result, EmbeddingsDriftMetricResults):
+                return float(result.drift_score), bool(result.drift_detected), str(result.method_name)
+    except (AttributeError, ImportError, TypeError, ValueError):
+        pass
+    return None, False, ""
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -220,11 +242,14 @@ def run_drift(reference: Path, current: Path, out: Path, params: Params, progres
         )  # fmt: skip
     fr, fc = emb["reference"]["features"], emb["current"]["features"]
     n_comp = int(min(dp.pca_components, len(fr) - 1, fr.shape[1]))
-    # Whitened so the domain classifier (plain SGD) sees unit-variance inputs on the reference.
-    pca = PCA(n_components=n_comp, whiten=True, random_state=0).fit(fr)
+    pca = PCA(n_components=n_comp, random_state=0).fit(fr)
+    zr, zc = pca.transform(fr), pca.transform(fc)
+    # Scaled to unit variance on the reference so the domain classifier (plain SGD) is well
+    # conditioned; a floor keeps a component that is constant on the reference finite.
+    scale = np.maximum(zr.std(axis=0), 1e-6 * max(float(zr.std(axis=0).max()), 1e-6))
     emb_cols = [f"emb_{i}" for i in range(n_comp)]
-    ref_emb = pd.DataFrame(pca.transform(fr), columns=emb_cols)
-    cur_emb = pd.DataFrame(pca.transform(fc), columns=emb_cols)
+    ref_emb = pd.DataFrame(zr / scale, columns=emb_cols)
+    cur_emb = pd.DataFrame(zc / scale, columns=emb_cols)
     ref_df[emb_cols], cur_df[emb_cols] = ref_emb.values, cur_emb.values
 
     # ---- black-box shift on the source head
@@ -261,25 +286,42 @@ def run_drift(reference: Path, current: Path, out: Path, params: Params, progres
     )
     # K-S / chi-square p-values for every column: max_samples keeps n small enough that K-S
     # does not flag negligible differences (Evidently itself switches to distances above 1000).
-    metrics = [
-        DataDriftPreset(columns=STAT_COLUMNS, num_method="ks", threshold=thr, drift_share=dp.moderate_share),
-        EmbeddingsDrift(embeddings_name="features", drift_method=emb_method),
+    column_metrics = [
+        DataDriftPreset(columns=STAT_COLUMNS, num_method="ks", threshold=thr, drift_share=dp.moderate_share)
     ]
     if out_cols:
-        metrics.append(DataDriftPreset(columns=out_cols, num_method="ks", threshold=thr, drift_share=dp.moderate_share))
+        column_metrics.append(
+            DataDriftPreset(columns=out_cols, num_method="ks", threshold=thr, drift_share=dp.moderate_share)
+        )
     if label_check:
-        metrics.append(ValueDrift(column=LABEL_COLUMN, method="chisquare", threshold=thr))
-    base = Report(metrics, include_tests=True)
+        column_metrics.append(ValueDrift(column=LABEL_COLUMN, method="chisquare", threshold=thr))
+    # EmbeddingsDrift also draws a t-SNE map, which needs more points than its perplexity.
+    emb_in_report = len(ref_emb) + len(cur_emb) > TSNE_PERPLEXITY
+    emb_metric = [EmbeddingsDrift(embeddings_name="features", drift_method=emb_method)]
+    current_ds = EvDataset.from_pandas(cur_df, data_definition=definition)
+    reference_ds = EvDataset.from_pandas(ref_df, data_definition=definition)
+    emb_score, emb_drifted, emb_name, emb_error = None, False, "model", None
     with warnings.catch_warnings(), threadpool_limits(1):
         # One OpenMP thread: the t-SNE plot inside EmbeddingsDrift runs ~10x slower when it shares
         # two busy cores between threads, and our inputs are capped at max_samples per side.
         warnings.simplefilter("ignore")  # constant columns make numpy warn inside the plots
-        snap = base.run(
-            EvDataset.from_pandas(cur_df, data_definition=definition),
-            EvDataset.from_pandas(ref_df, data_definition=definition),
-        )
-        # The decision itself, with the same (seeded, deterministic) method the report plotted.
-        emb_score, emb_drifted, emb_name = emb_method(cur_emb.copy(), ref_emb.copy())
+        try:
+            metrics = column_metrics + (emb_metric if emb_in_report else [])
+            snap = Report(metrics, include_tests=True).run(current_ds, reference_ds)
+        except ValueError:
+            if not emb_in_report:
+                raise
+            # e.g. a held-out half with one side only (tiny vs large set): report without the
+            # embeddings section; a failure that is not the embeddings' raises again here.
+            emb_in_report = False
+            snap = Report(column_metrics, include_tests=True).run(current_ds, reference_ds)
+        if emb_in_report:
+            emb_score, emb_drifted, emb_name = _embeddings_verdict(snap)
+        if emb_score is None:  # not in the report: the same seeded method, called directly
+            try:
+                emb_score, emb_drifted, emb_name = emb_method(cur_emb.copy(), ref_emb.copy())
+            except ValueError as e:
+                emb_score, emb_drifted, emb_error = None, False, f"{type(e).__name__}: {e}"
 
     columns = _column_results(snap.dict())
 
@@ -330,6 +372,8 @@ def run_drift(reference: Path, current: Path, out: Path, params: Params, progres
             "model": dp.model,
             "pca_components": n_comp,
             "dim": int(fr.shape[1]),
+            "in_report": emb_in_report,
+            "error": emb_error,
         },
         "outputs": {
             "available": bool(out_rows),
@@ -349,8 +393,6 @@ def run_drift(reference: Path, current: Path, out: Path, params: Params, progres
         "current_md5": cur_ds.md5,
         "skipped": {"reference": len(ref_ds.skipped), "current": len(cur_ds.skipped)},
     }
-
-    from transferkit.config import dump_params
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "drift.html", snap.get_html_str(as_iframe=False))

@@ -60,8 +60,8 @@ def _accuracy(logits, labels) -> float:
 
 
 class _EarlyStop:
-    def __init__(self, patience: int):
-        self.patience, self.best, self.best_epoch, self.bad = patience, math.inf, 0, 0
+    def __init__(self, patience: int, min_epochs: int = 0):
+        self.patience, self.min_epochs, self.best, self.best_epoch, self.bad = patience, min_epochs, math.inf, 0, 0
 
     def step(self, val_loss: float, epoch: int) -> tuple[bool, bool]:
         """(improved, stop)"""
@@ -69,7 +69,7 @@ class _EarlyStop:
             self.best, self.best_epoch, self.bad = val_loss, epoch, 0
             return True, False
         self.bad += 1
-        return False, self.bad >= self.patience
+        return False, self.bad >= self.patience and epoch >= self.min_epochs
 
 
 def _linear_probe(lm, ds, params: Params, progress: bool, out: Path) -> tuple[dict, list[dict], int]:
@@ -92,7 +92,7 @@ def _linear_probe(lm, ds, params: Params, progress: bool, out: Path) -> tuple[di
     opt = torch.optim.AdamW(head.parameters(), lr=params.train.head_lr, weight_decay=params.train.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.train.epochs)
     g = torch.Generator().manual_seed(params.seed)
-    stop, history, best_state = _EarlyStop(params.train.patience), [], None
+    stop, history, best_state = _EarlyStop(params.train.patience, params.train.min_epochs), [], None
     n, bs = len(y["train"]), params.data.batch_size
     for epoch in range(1, params.train.epochs + 1):
         t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def _finetune(lm, ds, params: Params, lr: float, progress: bool, out: Path) -> t
         lg, lb = torch.cat(logits), torch.cat(labels)
         return float(F.cross_entropy(lg, lb)), _accuracy(lg, lb)
 
-    stop, history, best_state = _EarlyStop(params.train.patience), [], None
+    stop, history, best_state = _EarlyStop(params.train.patience, params.train.min_epochs), [], None
     bar = tqdm(range(1, params.train.epochs + 1), desc=f"train {lm.spec.spec}", unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
                            progress=progress)  # fmt: skip
         if bm.get("data_md5") != metrics.get("data_md5"):
             raise ValueError(f"baseline {baseline} was trained on different data (md5 differs); not comparable")
-        base = {"strategy": "scratch", "model": bm["model"], "test_accuracy": bm["test_accuracy"],
+        base = {"strategy": bm["strategy"], "model": bm["model"], "test_accuracy": bm["test_accuracy"],
                 "val_accuracy": bm["val_accuracy"], "epochs": bm["epochs"]}  # fmt: skip
         gain = float(metrics["test_accuracy"]) - float(bm["test_accuracy"])
         if v.require_beat_scratch and gain <= v.min_gain:

@@ -1,0 +1,140 @@
+"""Unit tests for transferkit.config: params.yaml, overrides, validation errors, round trip.
+
+    .venv/bin/pytest -q tests/test_config.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferkit.config import ConfigError, Params, dump_params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def params_file(tmp_path) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(
+        "seed: 5\n"
+        "data:\n  image_size: 64\n  batch_size: 16\n"
+        "train:\n  epochs: 7\n  lr: 0.01\n  strategy: full\n"
+        "select:\n  candidates: [mobilenetv2_100, scratch:mobilenetv2_100]\n"
+    )
+    return p
+
+
+def test_defaults_without_file():
+    p = load_params(None)
+    assert p == Params()
+    assert p.train.epochs == 30 and p.data.image_size is None and p.seed == 0
+
+
+def test_reads_file_and_keeps_defaults_for_the_rest(params_file):
+    p = load_params(params_file)
+    assert p.seed == 5
+    assert p.data.image_size == 64 and p.data.batch_size == 16
+    assert p.train.epochs == 7 and p.train.lr == 0.01 and p.train.strategy == "full"
+    assert p.select.candidates == ["mobilenetv2_100", "scratch:mobilenetv2_100"]
+    assert p.train.patience == Params().train.patience  # not in the file: default
+    assert p.data.val_fraction == 0.2
+
+
+def test_string_overrides_are_yaml_typed(params_file):
+    p = load_params(params_file, ["train.epochs=3", "data.image_size=null", "train.augment=false",
+                                  "select.candidates=[a, b]", "seed=9"])  # fmt: skip
+    assert p.train.epochs == 3 and isinstance(p.train.epochs, int)
+    assert p.data.image_size is None
+    assert p.train.augment is False
+    assert p.select.candidates == ["a", "b"]
+    assert p.seed == 9
+    assert p.train.lr == 0.01  # untouched keys from the file survive
+
+
+def test_dict_overrides(params_file):
+    p = load_params(params_file, {"train.epochs": 4, "data.batch_size": 8, "export.name": "digits"})
+    assert (p.train.epochs, p.data.batch_size, p.export.name) == (4, 8, "digits")
+    assert p.seed == 5
+
+
+def test_overrides_without_file():
+    p = load_params(None, ["train.epochs=2"])
+    assert p.train.epochs == 2 and p.train.lr == Params().train.lr
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("train.epochs=abc", "train.epochs"),
+        ("train.bogus=1", "train.bogus"),
+        ("bogus.key=1", "bogus"),
+        ("train.epochs=0", "train.epochs"),  # below ge=1
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("train.strategy=sideways", "train.strategy"),
+        ("select.metric=accuracy", "select.metric"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_params(None, [override])
+    assert repr(field) in str(e.value)
+
+
+def test_bad_value_in_file_names_the_field(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match="'train.epochs'"):
+        load_params(p)
+
+
+def test_override_into_a_scalar_is_an_error(params_file):
+    with pytest.raises(ConfigError, match="seed"):
+        load_params(params_file, ["seed.x=1"])
+
+
+def test_override_syntax():
+    with pytest.raises(ConfigError, match="group.key=value"):
+        load_params(None, ["train.epochs"])
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="not found") as e:
+        load_params(p)
+    assert str(p) in str(e.value)
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(lst)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_params(empty) == Params()
+
+
+def test_dump_and_load_round_trip(params_file, tmp_path):
+    p = load_params(params_file, {"train.epochs": 11, "export.name": "x", "data.image_size": None})
+    out = tmp_path / "run" / "params.yaml"
+    dump_params(p, out)
+    tree = yaml.safe_load(out.read_text())
+    assert tree["train"]["epochs"] == 11 and tree["seed"] == 5  # plain YAML, resolved values
+    back = load_params(out)
+    assert back == p
+    assert back.model_dump() == p.model_dump()
+
+
+def test_repository_params_yaml_validates():
+    path = REPO / "params.yaml"
+    if not path.is_file():
+        pytest.skip("no params.yaml in the repository yet")
+    p = load_params(path)
+    assert isinstance(p, Params)
