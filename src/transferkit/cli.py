@@ -255,6 +255,8 @@ def run_cmd(
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # a fresh PREFECT_HOME migrates its SQLite database first: on 2 busy cores that outlasts the 20 s default
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pipeline import GateFailed, transfer_pipeline
 
     p = _params(params, set_)

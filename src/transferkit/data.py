@@ -264,8 +264,12 @@ def load_dataset(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     seed: int = 0,
+    split_missing: bool = True,
 ) -> Dataset:
-    """Scan and validate an image folder; split off val/test when missing (stratified, seeded)."""
+    """Scan and validate an image folder; split off val/test when missing (stratified, seeded).
+
+    `split_missing=False` keeps every image in the splits found (drift needs no val/test).
+    """
     root = Path(root)
     if not root.exists():
         raise DataError(f"dataset folder does not exist: {root}")
@@ -310,7 +314,7 @@ def load_dataset(
     splits = {s: [(p, index[c]) for c in sorted(cl) for p in cl[c]] for s, cl in per_split.items()}
     source = {s: "folder" for s in splits}
     missing = [s for s in ("val", "test") if s not in splits]
-    if missing:
+    if missing and split_missing:
         fractions = {"val": val_fraction, "test": test_fraction}
         splits.update(_stratified_split(splits, missing, fractions, classes, seed, root))
         source.update({s: "split off train" for s in missing})

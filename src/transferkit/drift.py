@@ -128,6 +128,7 @@ def _load_side(folder: Path, params: Params, role: str):
         val_fraction=params.data.val_fraction,
         test_fraction=params.data.test_fraction,
         seed=params.seed,
+        split_missing=False,
     )
     samples = ds.all_samples()
     if len(samples) < params.drift.min_samples:

@@ -7,6 +7,7 @@ allow_pickle=False.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -44,6 +45,14 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@functools.lru_cache(maxsize=4)
+def _source_model(spec: str, image_size: int | None):
+    """Loaded once per process: drift, select and train embed several splits with the same model."""
+    from transferkit import zoo
+
+    return zoo.create_model(spec, image_size=image_size)
+
+
 def compute_embeddings(
     spec: str,
     samples: list[tuple[Path, int]],
@@ -59,7 +68,8 @@ def compute_embeddings(
     from transferkit import zoo
     from transferkit.data import make_loader
 
-    lm = zoo.create_model(spec, image_size=image_size)  # source head kept: its logits feed LEEP
+    # source head kept: its logits feed LEEP; file: checkpoints may change on disk, so never memoised
+    lm = zoo.create_model(spec, image_size=image_size) if spec.startswith("file:") else _source_model(spec, image_size)
     size = int(lm.data_config["input_size"][-1])
     key = cache_key(spec, lm.weights_sha256, data_md5, samples, size)
     path = cache_dir() / f"{key}.npz"
