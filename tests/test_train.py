@@ -94,3 +94,16 @@ def test_bad_strategy_and_scratch_model_errors(tiny_target, tmp_path):
     with pytest.raises(DataError, match="no pretrained weights"):
         run_train(tiny_target, tmp_path, params, "scratch:mobilenetv2_100", strategy="linear-probe", progress=False)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_same_seed_same_result_whatever_ran_before(lp_run, tiny_target, tmp_path):
+    """A warm in-process model cache (as inside the flow) and a cold one (as under DVC) give one result."""
+    from transferkit import embed
+
+    _, first, params = lp_run
+    embed._source_model.cache_clear()  # cold: the model is built again, consuming the global RNG
+    again = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", progress=False)
+    assert again["history"] == first["history"] or all(
+        a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6) for a, b in zip(again["history"], first["history"])
+    )
+    assert again["test_accuracy"] == first["test_accuracy"]

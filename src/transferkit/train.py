@@ -84,6 +84,7 @@ def _linear_probe(lm, ds, params: Params, progress: bool, out: Path) -> tuple[di
                               batch_size=params.data.batch_size, progress=progress)
         for s in ("train", "val", "test")
     }  # fmt: skip
+    _seed_everything(params.seed)  # after embedding: loading a model may consume the global RNG
     x = {s: torch.from_numpy(e["features"]) for s, e in emb.items()}
     y = {s: torch.from_numpy(e["labels"]) for s, e in emb.items()}
     head = lm.model.get_classifier()
@@ -170,6 +171,7 @@ def _finetune(lm, ds, params: Params, lr: float, progress: bool, out: Path) -> t
         return float(F.cross_entropy(lg, lb)), _accuracy(lg, lb)
 
     stop, history, best_state = _EarlyStop(params.train.patience, params.train.min_epochs), [], None
+    _seed_everything(params.seed)  # same dropout/augmentation draws whatever ran before in this process
     bar = tqdm(range(1, params.train.epochs + 1), desc=f"train {lm.spec.spec}", unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
