@@ -86,17 +86,39 @@ def train_task(target: str, out: str, params: dict, model: str, drift: str | Non
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(run: str, params: dict, progress: bool) -> dict:
+    from transferkit.io import read_json
     from transferkit.validate import run_validate
 
     r = run_validate(Path(run), _params(params), progress=progress)
+    rep = read_json(Path(run) / "report.json")
     reasons = "\n".join(f"- {x}" for x in r["reasons"]) or "- none"
+    warnings = "\n".join(f"- {x}" for x in r["warnings"]) or "- none"
+    flag = {(True, True): "FAILED", (True, False): "warning", (False, True): "ok", (False, False): "ok"}
+    checks = "\n".join(
+        f"| {c['name']} | {c['value']} | {c['threshold']} | {flag[(c['failed'], c['blocking'])]} | {c['message']} |"
+        for c in r["checks"]
+    )
+    base = "\n".join(
+        f"| {b['strategy']} ({b['model']}) | "
+        + (f"{b['test_accuracy']:.3f} | {b['gain']:+.3f} |" if b.get("test_accuracy") is not None else "n/a | n/a |")
+        for b in r["baselines"]
+    )
+    per_class = "\n".join(
+        f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        for c, m in rep["per_class"].items()
+    )
+    plots = ", ".join(f"`{Path(run) / p}`" for p in rep["plots"].values())
     _artifact(
         "validate",
-        f"## Gate: **{'passed' if r['passed'] else 'FAILED'}**\n\n"
-        f"| | {r['strategy']} ({r['model']}) | scratch baseline |\n|---|---|---|\n"
-        f"| test accuracy | {r['test_accuracy']:.3f} | {r['baseline']['test_accuracy']:.3f} |\n\n"
-        f"train-val gap {r['train_val_gap']:.3f}, transfer gain {r['transfer_gain']:+.3f}\n\nReasons:\n{reasons}\n",
-        "Validation gate",
+        f"## Gate: **{'passed' if r['passed'] else 'FAILED'}** ({r['strategy']}, {r['model']})\n\n"
+        f"Reasons:\n{reasons}\n\nWarnings:\n{warnings}\n\n"
+        f"### Overfitting checks\n\n| check | value | threshold | result | detail |\n|---|---|---|---|---|\n{checks}\n\n"
+        f"### Baselines (same budget)\n\n| baseline | test accuracy | run gain |\n|---|---|---|\n"
+        f"| **this run** | {r['test_accuracy']:.3f} | |\n{base}\n\n"
+        f"### Test split: {rep['n']} images, accuracy {rep['accuracy']:.3f}, macro F1 {rep['macro_f1']:.3f}, "
+        f"ECE {rep['ece']:.3f} ({rep['ece_bins']} bins)\n\n"
+        f"| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n\nPlots: {plots}\n",
+        "Validation gate, overfitting checks, baselines and per-class quality",
     )
     return r
 
@@ -105,7 +127,19 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
 def export_task(run: str, repo: str, params: dict, force: bool, progress: bool) -> dict:
     from transferkit.export import run_export
 
-    return run_export(Path(run), Path(repo), _params(params), force=force, progress=progress)
+    m = run_export(Path(run), Path(repo), _params(params), force=force, progress=progress)
+    q, par = m["int8"], m["parity"]
+    _artifact(
+        "export",
+        f"## Exported **{m['name']} v{m['version']}**" + (" (forced)" if m["forced"] else "") + "\n\n"
+        f"`{m['path']}`, opset {m['opset']} ({m['exporter']}), provider `{m['provider']}`\n\n"
+        f"Parity: max abs diff {par['max_abs_diff']:.2e}, top-1 agreement {par['top1_agreement']:.4f} "
+        f"on {par['n_images']} test images\n\n"
+        f"int8: {'kept' if q['kept'] else 'not kept'}: {q['reason']}\n\n"
+        f"Triton: `{Path(m['path']).parent / 'config.pbtxt'}`\n",
+        "ONNX export",
+    )
+    return m
 
 
 @flow(name="transferkit-run", log_prints=True)

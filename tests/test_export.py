@@ -3,8 +3,9 @@
     .venv/bin/pytest -q tests/test_export.py
 
 A run folder is built here without the train stage (a scratch mobilenetv2_100 at 32 px, batch-norm
-statistics moved off their init, one SGD step). One real dynamo export (~20-30 s on 2 cores) is shared
-by the read-only tests; opset-17 exports (TorchScript exporter, ~3 s) cover the tests that need another.
+statistics moved off their init, one SGD step). One real dynamo export with int8 (~30-60 s on 2 busy
+cores) is shared by the read-only tests; opset-17 exports (TorchScript exporter, ~3 s) cover the tests
+that need another, with int8 off unless int8 is what they test.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import pytest
 
 from transferkit.config import dump_params, load_params
 from transferkit.export import (
+    INT8_FILE,
     REQUIRED_KEYS,
     ExportError,
+    execution_providers,
     latest_version,
     list_versions,
     next_version,
+    onnx_accuracy,
+    quantize_int8,
     read_onnx_metadata,
     run_export,
     sanitize_name,
@@ -145,7 +150,9 @@ def _variant(run_dir: Path, tmp_path: Path, validation: dict | None) -> Path:
 def test_export_writes_a_complete_version_folder(exported):
     repo, path = exported["_repo"], Path(exported["path"])
     assert path == repo / "digits" / "1"
-    assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "model.onnx", "model_card.md"]
+    int8 = [INT8_FILE] if exported["int8"]["kept"] else []
+    assert sorted(p.name for p in path.iterdir()) == sorted(["metadata.json", "model.onnx", "model_card.md", *int8])
+    assert sorted(p.name for p in (repo / "digits").iterdir()) == [".lock", "1", "config.pbtxt", "latest"]
     assert (repo / "digits" / "latest").read_text().strip() == "1"
     assert latest_version(repo / "digits") == 1
     # self-contained: no external-data files, no temp folders left
@@ -170,7 +177,7 @@ def test_onnx_is_valid_and_matches_torch_on_real_images_with_dynamic_batch(expor
 
     model, x = _test_batch(run_dir, tiny_target)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch in (x[:1], x[:5], x):  # 1 and 5 were never traced; the whole split is 60
+    for batch in (x[:1], x[:7], x):  # 1 and 7 were never traced (the example batch is 2); the split is 60
         with torch.no_grad():
             ref = model(batch).numpy()
         out = sess.run(["logits"], {"input": batch.numpy()})[0]
@@ -193,7 +200,9 @@ def test_metadata_in_json_and_inside_onnx(exported, run_dir, tiny_target):
     assert meta["data_md5"] == read_json(run_dir / "metrics.json")["data_md5"]
     assert meta["params"]["export"]["opset"] == 18
     assert "git_rev" in meta  # None outside a git checkout with commits
-    assert meta["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert meta["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+    assert meta["providers"] == [p if isinstance(p, str) else p[0] for p in execution_providers()]
+    assert meta["providers"][-1] == "CPUExecutionProvider" and meta["provider"] in meta["providers"]
     assert meta["name"] == "digits" and meta["version"] == 1
     assert meta["onnx_test_accuracy"] == meta["torch_test_accuracy"]
     assert meta["created"].endswith("+00:00") and meta["warnings"] == []
@@ -210,6 +219,99 @@ def test_model_card(exported):
     for text in ("scratch:mobilenetv2_100", exported["data_md5"], "Parity", "Limitations", "baseline",
                  exported["sha256"]):  # fmt: skip
         assert text in card, text
+
+
+# --------------------------------------------------------------------------- int8, providers, Triton
+
+
+def test_int8_decision_is_recorded_and_a_kept_file_keeps_accuracy(exported, run_dir, tiny_target):
+    import onnxruntime as ort
+
+    from transferkit import zoo
+    from transferkit.data import load_dataset
+
+    path = Path(exported["path"])
+    q = read_json(path / "metadata.json")["int8"]
+    assert {"kept", "test_accuracy", "fp32_test_accuracy", "drop", "reason", "sha256"} <= set(q)
+    assert q["fp32_test_accuracy"] == exported["onnx_test_accuracy"]
+    assert q["format"] == "QDQ" and q["per_channel"] is True and q["calibration_images"] == 60  # all train images
+    assert q["test_accuracy"] is not None, q["reason"]  # quantization itself must work on this model
+    assert q["drop"] == pytest.approx(q["fp32_test_accuracy"] - q["test_accuracy"])
+    print(f"int8: {q['reason']} ({q['seconds']} s)")
+    if not q["kept"]:
+        assert q["reason"].startswith("dropped") and q["drop"] > q["max_drop"] and q["sha256"] is None
+        assert not (path / INT8_FILE).exists()
+        return
+    assert q["reason"].startswith("kept") and q["drop"] <= q["max_drop"] + 1e-9
+    assert q["sha256"] == sha256_file(path / INT8_FILE)
+    assert read_onnx_metadata(path / INT8_FILE)["precision"] == "int8"
+    model, x = _test_batch(run_dir, tiny_target)
+    sess = ort.InferenceSession(str(path / INT8_FILE), providers=["CPUExecutionProvider"])
+    assert sess.run(["logits"], {"input": x[:7].numpy()})[0].shape == (7, 10)  # dynamic batch survives
+    test = load_dataset(tiny_target).splits["test"]
+    tf = zoo.eval_transform(zoo.create_model(f"file:{run_dir / 'model.safetensors'}").data_config)
+    acc, provider = onnx_accuracy(path / INT8_FILE, test, tf, providers=["CPUExecutionProvider"])
+    assert acc == q["test_accuracy"] and exported["onnx_test_accuracy"] - acc <= 0.01 + 1e-9
+
+
+def test_quantize_int8_keeps_or_drops_by_the_accuracy_bound(exported, run_dir, tiny_target, tmp_path):
+    """Both branches, whatever the shared export decided: a generous bound keeps, an fp32 claim of 100% drops."""
+    import onnxruntime as ort
+
+    from transferkit import zoo
+    from transferkit.data import load_dataset
+
+    ds = load_dataset(tiny_target)
+    tf = zoo.eval_transform(zoo.create_model(f"file:{run_dir / 'model.safetensors'}").data_config)
+    fp32 = Path(exported["path"]) / "model.onnx"
+    kw = dict(calibration=ds.splits["train"][:20], test=ds.splits["test"], transform=tf)
+    generous = _params(**{"export.int8_max_drop": 1.0}).export
+    kept = quantize_int8(fp32, tmp_path / "a.onnx", fp32_accuracy=exported["onnx_test_accuracy"], ep=generous, **kw)
+    assert kept["kept"] and kept["calibration_images"] == 20 and (tmp_path / "a.onnx").is_file()
+    proto_ops = {n.op_type for n in __import__("onnx").load(str(tmp_path / "a.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= proto_ops
+    sess = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+    strict = _params(**{"export.int8_max_drop": 0.0}).export
+    dropped = quantize_int8(fp32, tmp_path / "b.onnx", fp32_accuracy=1.0, ep=strict, **kw)
+    assert not dropped["kept"] and dropped["reason"].startswith("dropped") and not (tmp_path / "b.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]  # no work files left behind
+
+
+def test_quantization_failure_keeps_fp32_and_says_why(run_dir, tmp_path, monkeypatch):
+    import onnxruntime.quantization as q
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated quantizer crash")
+
+    monkeypatch.setattr(q, "quantize_static", broken)
+    meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.opset": 17}), progress=False)
+    assert meta["int8"]["kept"] is False and "simulated quantizer crash" in meta["int8"]["reason"]
+    assert meta["int8"]["reason"].startswith("quantization failed")
+    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md"]
+    assert latest_version(tmp_path / "repo" / "digits") == 1
+
+
+def test_triton_config(exported):
+    text = (exported["_repo"] / "digits" / "config.pbtxt").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    for expected in ('name: "digits"', 'backend: "onnxruntime"', "max_batch_size: 32", 'name: "input"',
+                     "data_type: TYPE_FP32", "dims: [ 3, 32, 32 ]", 'name: "logits"', "dims: [ 10 ]",
+                     "max_queue_delay_microseconds: 100",
+                     "version_policy: { specific: { versions: [ 1 ] } }"):  # fmt: skip
+        assert expected in lines, expected
+    assert lines.count("dynamic_batching {") == 1 and text.count("{") == text.count("}")
+    assert text.count("[") == text.count("]")
+    assert exported["triton"]["max_batch_size"] == 32
+
+
+def test_provider_list_is_explicit():
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert execution_providers(gpu_build, cuda=False) == ["CPUExecutionProvider"]  # onnxruntime-gpu, no GPU
+    names = [p if isinstance(p, str) else p[0] for p in execution_providers(gpu_build, cuda=True)]
+    assert names == gpu_build
+    assert dict(execution_providers(gpu_build, cuda=True)[1:2])["CUDAExecutionProvider"]["use_tf32"] == "0"
+    assert execution_providers(["CPUExecutionProvider"], cuda=True) == ["CPUExecutionProvider"]
 
 
 # --------------------------------------------------------------------------- gates and versions
@@ -231,8 +333,12 @@ def test_force_exports_next_version_and_moves_latest(exported, run_dir, tmp_path
     shutil.copytree(exported["_repo"], repo)
     v1 = _tree(repo / "digits" / "1")
     run = _variant(run_dir, tmp_path, {"passed": False, "reasons": ["did not beat scratch"]})
-    meta = run_export(run, repo, params=_params(run, **{"export.opset": 17}), force=True, progress=False)
+    meta = run_export(run, repo, params=_params(run, **{"export.opset": 17, "export.int8": False}), force=True,
+                      progress=False)  # fmt: skip
     assert Path(meta["path"]) == repo / "digits" / "2"
+    assert meta["int8"]["kept"] is False and meta["int8"]["reason"].startswith("disabled")
+    assert not (repo / "digits" / "2" / INT8_FILE).exists()
+    assert "versions: [ 2 ]" in (repo / "digits" / "config.pbtxt").read_text()  # Triton follows the promotion
     assert meta["version"] == 2 and meta["forced"] is True
     assert meta["validation"]["reasons"] == ["did not beat scratch"]
     assert read_onnx_metadata(repo / "digits" / "2" / "model.onnx")["forced"] is True
@@ -261,7 +367,7 @@ def test_corrupt_checkpoint_names_the_file_and_leaves_nothing(exported, run_dir,
 def test_parity_failure_publishes_nothing(exported, run_dir, tmp_path):
     """A tolerance no float32 graph meets: the export runs fully, then nothing may remain."""
     run = _variant(run_dir, tmp_path, {"passed": True, "reasons": []})
-    params = _params(run, **{"export.opset": 17, "export.parity_atol": 1e-12})
+    params = _params(run, **{"export.opset": 17, "export.parity_atol": 1e-12, "export.int8": False})
     fresh = tmp_path / "a" / "fresh-repo"
     with pytest.raises(ExportError, match="parity failed.*nothing was published"):
         run_export(run, fresh, params=params, progress=False)
@@ -274,11 +380,39 @@ def test_parity_failure_publishes_nothing(exported, run_dir, tmp_path):
     assert _tree(repo) == before and latest_version(repo / "digits") == 1
 
 
+def test_tampered_onnx_weights_are_refused_and_the_previous_version_stays_latest(exported, run_dir, tmp_path,
+                                                                                monkeypatch):
+    """The exporter's file differs from the torch model (one classifier weight nudged): the gate refuses it."""
+    import onnx
+
+    import transferkit.export as export
+
+    real = export._export_torchscript
+
+    def tampered(model, example, path, opset):
+        real(model, example, path, opset)
+        proto = onnx.load(str(path))
+        w = max(proto.graph.initializer, key=lambda t: "classifier" in t.name and len(t.dims) == 2)
+        arr = onnx.numpy_helper.to_array(w).copy()
+        arr[0, 0] += 0.5
+        w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+        onnx.save(proto, str(path))
+
+    monkeypatch.setattr(export, "_export_torchscript", tampered)
+    repo = tmp_path / "repo"
+    shutil.copytree(exported["_repo"], repo)
+    before = _tree(repo)
+    run = _variant(run_dir, tmp_path, {"passed": True, "reasons": []})
+    with pytest.raises(ExportError, match="parity failed.*nothing was published"):
+        run_export(run, repo, params=_params(run, **{"export.opset": 17, "export.int8": False}), progress=False)
+    assert _tree(repo) == before and latest_version(repo / "digits") == 1 and list_versions(repo / "digits") == [1]
+
+
 def test_opset_below_18_uses_the_torchscript_exporter(run_dir, tmp_path, tiny_target):
     import onnxruntime as ort
     import torch
 
-    meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.opset": 17,
+    meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.opset": 17, "export.int8": False,
                                                                               "export.name": "Digits v2!"}),
                       force=True, progress=False)  # fmt: skip
     assert meta["forced"] is False  # force only counts when it overrides a closed gate
@@ -299,7 +433,7 @@ def test_dynamo_failure_falls_back_and_says_why(run_dir, tmp_path, monkeypatch):
         raise RuntimeError("simulated torch.export failure")
 
     monkeypatch.setattr(export, "_export_dynamo", broken)
-    meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir), progress=False)
+    meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.int8": False}), progress=False)
     assert meta["exporter"] == "torchscript" and meta["opset"] == 18
     assert "simulated torch.export failure" in meta["fallback_reason"]
     assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md"]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import json
+
+import numpy as np
 
 import pytest
 
 from transferkit.config import load_params
 from transferkit.train import run_train
-from transferkit.validate import run_validate
+from transferkit.validate import divergence_streak, expected_calibration_error, run_validate
+
+NO_REGULARISATION = {"train.weight_decay": 0, "train.drop_rate": 0, "train.label_smoothing": 0,
+                     "train.augment": False}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +26,14 @@ def sound_run(tiny_target, tmp_path_factory):
     return out, params
 
 
-def test_sound_run_passes_and_beats_scratch(sound_run):
+@pytest.fixture(scope="module")
+def sound_validated(sound_run):
     out, params = sound_run
-    r = run_validate(out, params, progress=False)
+    return out, params, run_validate(out, params, progress=False)
+
+
+def test_sound_run_passes_and_beats_scratch(sound_validated):
+    out, params, r = sound_validated
     saved = json.loads((out / "validation.json").read_text())
     for key in ("passed", "overfit", "train_val_gap", "baseline", "transfer_gain", "reasons"):
         assert key in saved
@@ -63,3 +74,136 @@ def test_baseline_on_other_data_is_refused(sound_run, tiny_reference, tmp_path):
     run_train(tiny_reference, other, params, "mobilenetv2_100", strategy="scratch", progress=False)
     with pytest.raises(ValueError, match="different data"):
         run_validate(out, params, baseline=other, progress=False)
+
+
+def test_sound_run_checks_all_pass_and_are_recorded(sound_validated):
+    out, params, r = sound_validated
+    saved = json.loads((out / "validation.json").read_text())
+    names = [c["name"] for c in saved["checks"]]
+    assert names == ["accuracy_gap", "loss_gap", "divergence", "wasted_epochs", "test_val_gap"]
+    for c in saved["checks"]:
+        assert set(c) >= {"name", "value", "threshold", "failed", "message"}
+        if c["blocking"]:
+            assert c["failed"] is False, c["message"]
+    m = json.loads((out / "metrics.json").read_text())
+    best = next(h for h in m["history"] if h["epoch"] == m["best_epoch"])
+    loss_gap = next(c for c in saved["checks"] if c["name"] == "loss_gap")
+    assert loss_gap["value"] == pytest.approx(best["val_loss"] - best["train_loss"], abs=1e-5)
+    assert loss_gap["threshold"] == params.validate.max_loss_gap
+    # a linear probe is its own linear-probe baseline: only scratch is compared
+    assert [b["strategy"] for b in saved["baselines"]] == ["scratch"]
+    assert saved["baselines"][0]["test_accuracy"] == saved["baseline"]["test_accuracy"]
+    assert not (out / "baseline_linear_probe").exists()
+
+
+def test_quality_report_is_consistent(sound_validated):
+    out, params, r = sound_validated
+    m = json.loads((out / "metrics.json").read_text())
+    rep = json.loads((out / "report.json").read_text())
+    cm = np.array(rep["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == rep["n"] == m["n_test"] == 60
+    assert 0.0 <= rep["ece"] <= 1.0 and rep["ece_bins"] == 15
+    # the re-evaluated checkpoint agrees with training's own test accuracy (at most one image flips)
+    assert abs(rep["accuracy"] - m["test_accuracy"]) <= 1 / m["n_test"] + 1e-9
+    assert rep["accuracy"] == pytest.approx(np.trace(cm) / cm.sum(), abs=1e-6)
+    for i, c in enumerate(rep["classes"]):
+        row = rep["per_class"][c]
+        assert row["support"] == cm[i].sum() == 6
+        assert row["recall"] == pytest.approx(cm[i, i] / cm[i].sum(), abs=1e-6)
+        if cm[:, i].sum():
+            assert row["precision"] == pytest.approx(cm[i, i] / cm[:, i].sum(), abs=1e-6)
+    assert rep["macro_f1"] == pytest.approx(np.mean([v["f1"] for v in rep["per_class"].values()]), abs=1e-5)
+    assert sum(b["count"] for b in rep["reliability"]) == rep["n"]
+    assert r["report"]["ece"] == rep["ece"] and r["report"]["macro_f1"] == rep["macro_f1"]
+    # DVC confusion template: one (actual, predicted) row per test image, reproducing the matrix
+    rows = list(csv.DictReader((out / "confusion.csv").open()))
+    assert len(rows) == rep["n"]
+    idx = {c: i for i, c in enumerate(rep["classes"])}
+    again = np.zeros_like(cm)
+    for row in rows:
+        again[idx[row["actual"]], idx[row["predicted"]]] += 1
+    assert (again == cm).all()
+    from PIL import Image
+
+    for name in ("confusion", "reliability", "learning_curves"):
+        png = out / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_expected_calibration_error_by_hand():
+    conf = np.array([0.95] * 10 + [0.55] * 10)
+    correct = np.array([1] * 5 + [0] * 5 + [1] * 5 + [0] * 5)
+    ece, bins = expected_calibration_error(conf, correct, 15)
+    # two occupied bins, each half the data: |0.5 - 0.95| and |0.5 - 0.55|
+    assert ece == pytest.approx(0.5 * 0.45 + 0.5 * 0.05)
+    assert [b["count"] for b in bins if b["count"]] == [10, 10] and len(bins) == 15
+    assert expected_calibration_error(np.array([0.9] * 10), np.array([1] * 9 + [0]), 15)[0] == pytest.approx(0.0)
+
+
+def test_divergence_streak_counts_val_rising_while_train_falls():
+    h = lambda e, tl, vl: {"epoch": e, "train_loss": tl, "val_loss": vl}  # noqa: E731
+    hist = [h(1, 2.0, 2.0), h(2, 1.0, 1.0), h(3, 0.8, 1.1), h(4, 0.6, 1.2), h(5, 0.7, 1.3),  # train up at 5:
+            h(6, 0.5, 1.4), h(7, 0.4, 1.5), h(8, 0.3, 1.6)]  # still below epoch 2's train loss  # fmt: skip
+    assert divergence_streak(hist) == (6, 3, 8)
+    hist[4] = h(5, 1.5, 1.3)  # train loss back above its value at the best epoch: the streak breaks
+    assert divergence_streak(hist) == (3, 6, 8)
+    assert divergence_streak([h(1, 2.0, 2.0), h(2, 1.0, 1.0), h(3, 0.9, 0.9)]) == (0, 0, 0)
+
+
+def test_overfitting_configuration_is_flagged(tiny_target, sound_validated, tmp_path):
+    # no regularisation, an aggressive head LR and min_epochs = epochs (early stopping disabled) on 6
+    # labels per class: the head memorises the training set while validation loss climbs
+    params = load_params(None, {**NO_REGULARISATION, "data.image_size": 32, "train.epochs": 60,
+                                "train.min_epochs": 60, "train.patience": 3, "train.head_lr": 0.1})  # fmt: skip
+    out = tmp_path / "overfit"
+    m = run_train(tiny_target, out, params, "mobilenetv2_100", strategy="linear-probe", progress=False)
+    assert m["epochs"] == 60 and m["history"][-1]["train_accuracy"] == 1.0
+    # the scratch comparison is not what this test is about: reuse the module's scratch run on the same
+    # images instead of training another one for 60 epochs
+    sound_out = sound_validated[0]
+    r = run_validate(out, params, baseline=sound_out / "baseline", progress=False)
+    checks = {c["name"]: c for c in r["checks"]}
+    assert checks["divergence"]["failed"] is True and checks["divergence"]["value"] > params.train.patience
+    assert checks["divergence"]["threshold"] == params.train.patience
+    assert r["overfit"] is True and r["passed"] is False
+    assert any(x.startswith("overfitting: validation loss rose while training loss fell") for x in r["reasons"])
+    wasted = checks["wasted_epochs"]
+    assert wasted["value"] == 60 - m["best_epoch"] and wasted["failed"] is True and wasted["blocking"] is False
+    assert wasted["message"] in r["warnings"] and wasted["message"] not in r["reasons"]
+    saved = json.loads((out / "validation.json").read_text())
+    assert saved["checks"] == r["checks"] and saved["reasons"] == r["reasons"]
+
+
+def test_test_val_gap_is_a_warning_not_a_failure(sound_validated):
+    out, params, _ = sound_validated
+    m = json.loads((out / "metrics.json").read_text())
+    tv = abs(m["test_accuracy"] - m["val_accuracy"])
+    assert tv > 0  # 40 val vs 60 test images: the two estimates differ
+    strict = params.model_copy(update={"validate": params.validate.model_copy(update={"max_test_val_gap": tv / 2})})
+    r = run_validate(out, strict, progress=False)  # reuses RUN/baseline
+    check = next(c for c in r["checks"] if c["name"] == "test_val_gap")
+    assert check["failed"] is True and check["blocking"] is False
+    assert r["passed"] is True and any("selection bias" in w for w in r["warnings"])
+
+
+def test_non_linear_probe_run_is_compared_with_a_linear_probe(tiny_target, tmp_path):
+    # 2 epochs from random init: the linear probe with the same budget must beat it, and the guard blocks it
+    params = load_params(None, {"data.image_size": 32, "train.epochs": 2, "train.patience": 2})
+    out = tmp_path / "scratch"
+    run_train(tiny_target, out, params, "mobilenetv2_100", strategy="scratch", progress=False)
+    r = run_validate(out, params, progress=False)
+    assert [b["strategy"] for b in r["baselines"]] == ["scratch", "linear-probe"]
+    assert r["baseline"]["strategy"] == "scratch" and r["transfer_gain"] == 0.0  # a scratch run is its own
+    lp = json.loads((out / "baseline_linear_probe" / "metrics.json").read_text())
+    assert lp["strategy"] == "linear-probe" and lp["epochs"] <= params.train.epochs
+    assert r["baselines"][1]["test_accuracy"] == lp["test_accuracy"]
+    assert r["baselines"][1]["gain"] == pytest.approx(r["test_accuracy"] - lp["test_accuracy"], abs=1e-6)
+    assert r["baselines"][1]["gain"] < 0
+    assert r["passed"] is False and any("negative transfer vs linear probe" in x for x in r["reasons"])
+    # same data and params: the baseline is reused, not retrained
+    stamp = (out / "baseline_linear_probe" / "model.safetensors").stat().st_mtime_ns
+    run_validate(out, params, progress=False)
+    assert (out / "baseline_linear_probe" / "model.safetensors").stat().st_mtime_ns == stamp

@@ -200,7 +200,7 @@ def validate(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ):
-    """Gate a trained run: overfitting and negative transfer vs a scratch baseline."""
+    """Gate a trained run: overfitting checks, negative transfer vs scratch/linear-probe baselines, quality report."""
     from transferkit.validate import run_validate
 
     p = _params(params, set_) if (params or set_) else None
@@ -216,6 +216,13 @@ def _report_gate(r: dict) -> None:
                f"scratch={r['baseline']['test_accuracy']:.3f}  gain={r['transfer_gain']:+.3f}")  # fmt: skip
     for reason in r["reasons"]:
         typer.secho(f"  - {reason}", fg=typer.colors.RED, err=True)
+    for warning in r.get("warnings", []):
+        typer.secho(f"  ! {warning}", fg=typer.colors.YELLOW, err=True)
+    for b in r.get("baselines", [])[1:]:
+        if b.get("test_accuracy") is not None:
+            typer.echo(f"  {b['strategy']} baseline: test={b['test_accuracy']:.3f} gain={b['gain']:+.3f}")
+    if "report" in r:
+        typer.echo(f"  report: macro_f1={r['report']['macro_f1']:.3f} ece={r['report']['ece']:.3f}")
 
 
 @app.command()

@@ -70,6 +70,19 @@ class ValidateParams(_Group):
     max_gap: float = Field(0.25, ge=0, le=1, description="train-val accuracy gap above this is overfit")
     require_beat_scratch: bool = True
     min_gain: float = Field(0.0, ge=-1, le=1, description="test accuracy gain over scratch required")
+    max_loss_gap: float = Field(
+        1.0, ge=0, description="val loss - train loss (nats) at the best epoch above this is overfit"
+    )
+    max_test_val_gap: float = Field(
+        0.1, ge=0, le=1, description="|test - val| accuracy above this is a selection-bias warning (non-blocking)"
+    )
+    require_match_linear_probe: bool = Field(
+        True, description="a fine-tuned/scratch run must not lose to the linear probe with the same budget"
+    )
+    linear_probe_tolerance: float = Field(
+        0.0, ge=0, le=1, description="test accuracy below the linear-probe baseline tolerated"
+    )
+    calibration_bins: int = Field(15, ge=2, le=100, description="equal-width confidence bins for ECE")
 
 
 class ExportParams(_Group):
@@ -77,6 +90,14 @@ class ExportParams(_Group):
     opset: int = Field(18, ge=13, le=23)
     parity_atol: float = Field(1e-4, gt=0)
     min_top1_agreement: float = Field(0.999, ge=0, le=1)
+    int8: bool = Field(True, description="also write model.int8.onnx (static QDQ), kept only within int8_max_drop")
+    int8_max_drop: float = Field(0.01, ge=0, le=1, description="largest test-accuracy loss int8 may cost (0.01 = 1 point)")
+    int8_calibration_images: int = Field(300, ge=1, le=100_000, description="training images used to calibrate (seeded subsample)")
+    int8_activation: Literal["uint8", "int8"] = Field(
+        "uint8", description="activation type; U8S8 is the fast path on x86 CPUs without VNNI, S8S8 is ORT's default"
+    )
+    triton_max_batch_size: int = Field(32, ge=1, le=4096, description="config.pbtxt max_batch_size")
+    triton_max_queue_delay_us: int = Field(100, ge=0, description="config.pbtxt dynamic_batching delay")
 
 
 with warnings.catch_warnings():

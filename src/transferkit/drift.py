@@ -19,7 +19,8 @@ Views (each either "fires" or not):
                EmbeddingsDrift with the domain-classifier method: ROC AUC of a classifier telling
                reference from current on a held-out half, drifted when it beats the
                (1 - stattest_threshold) quantile of random-guess AUCs. With 30 or fewer images in
-               all (t-SNE plot limit) the same method runs outside the report; if it cannot run
+               all, or more than 2000 (the t-SNE plot needs > 30 and costs minutes past 2000), the
+               same method runs outside the report (no plot); if it cannot run
                at all (a held-out half with one side only) the view does not fire and
                `embeddings.error` says why.
   outputs      black-box shift: softmax of the model's ImageNet logits -> max probability,
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,7 @@ MAX_STATS_SIDE = 1024  # larger images are box-downscaled before pixel statistic
 OUTPUT_PCS = 3  # principal components of the softmax kept as columns in the outputs view
 LABEL_COLUMN = "label"
 TSNE_PERPLEXITY = 30.0  # sklearn's default, used by EmbeddingsDrift's plot: needs more points than this
+TSNE_MAX_POINTS = 2000  # above this the t-SNE plot costs minutes: the same test runs outside the report
 
 
 # --------------------------------------------------------------------------- per-image statistics
@@ -213,35 +216,33 @@ def _embeddings_verdict(snapshot) -> tuple[float | None, bool, str]:
 # --------------------------------------------------------------------------- the stage
 
 
-def run_drift(reference: Path, current: Path, out: Path, params: Params, progress: bool = True) -> dict:
-    """Compare `current` with `reference`, write out/drift.json + out/drift.html, return the verdict."""
-    t0 = time.perf_counter()
-    reference, current, out = Path(reference), Path(current), Path(out)
-    dp = params.drift
-    ref_ds, ref_samples = _load_side(reference, params, "reference")
-    cur_ds, cur_samples = _load_side(current, params, "current")
+@dataclass
+class Side:
+    """What the verdict needs from one side: per-image statistics, embeddings, source logits, labels."""
 
+    stats: np.ndarray  # [N, len(STAT_COLUMNS)]
+    features: np.ndarray  # [N, D] penultimate embeddings of drift.model
+    logits: np.ndarray | None = None  # [N, C] source-head logits (None for scratch models)
+    labels: list[str] | None = None  # class name per image, None when unlabelled
+    classes: list[str] | None = None  # the side's full label set (a subsample may miss a class)
+
+
+def compare(ref: Side, cur: Side, params: Params, embeddings_in_report: bool = True):
+    """Run every view through Evidently and return (verdict dict, Evidently snapshot).
+
+    Pure over arrays, so benchmarks can draw many samples from precomputed features.
+    `embeddings_in_report=False` runs the same seeded embeddings test outside the report (no t-SNE
+    plot in the HTML): the verdict is unchanged, the call is several times faster.
+    """
+    dp = params.drift
     import warnings
 
     import pandas as pd
     from sklearn.decomposition import PCA
 
-    from transferkit.embed import compute_embeddings
-
-    # ---- view 1: image statistics
-    ref_stats = compute_image_stats(ref_samples, progress, "image stats (reference)")
-    cur_stats = compute_image_stats(cur_samples, progress, "image stats (current)")
-    ref_df = pd.DataFrame(ref_stats, columns=STAT_COLUMNS)
-    cur_df = pd.DataFrame(cur_stats, columns=STAT_COLUMNS)
-
-    # ---- view 2: embeddings (cached on disk by model, data md5 and sample list)
-    emb = {}
-    for role, ds, samples in (("reference", ref_ds, ref_samples), ("current", cur_ds, cur_samples)):
-        emb[role] = compute_embeddings(
-            dp.model, samples, ds.md5, image_size=params.data.image_size,
-            batch_size=params.data.batch_size, progress=progress,
-        )  # fmt: skip
-    fr, fc = emb["reference"]["features"], emb["current"]["features"]
+    ref_df = pd.DataFrame(ref.stats, columns=STAT_COLUMNS)
+    cur_df = pd.DataFrame(cur.stats, columns=STAT_COLUMNS)
+    fr, fc = ref.features, cur.features
     n_comp = int(min(dp.pca_components, len(fr) - 1, fr.shape[1]))
     pca = PCA(n_components=n_comp, random_state=0).fit(fr)
     zr, zc = pca.transform(fr), pca.transform(fc)
@@ -255,20 +256,20 @@ def run_drift(reference: Path, current: Path, out: Path, params: Params, progres
 
     # ---- black-box shift on the source head
     out_cols: list[str] = []
-    if "logits" in emb["reference"] and "logits" in emb["current"]:
-        out_cols, ro, co = _softmax_columns(emb["reference"]["logits"], emb["current"]["logits"], OUTPUT_PCS)
+    if ref.logits is not None and cur.logits is not None:
+        out_cols, ro, co = _softmax_columns(ref.logits, cur.logits, OUTPUT_PCS)
         ref_df[out_cols], cur_df[out_cols] = ro, co
 
     # ---- labels
-    ref_labels = sorted(ref_ds.classes) if ref_ds.labelled else None
-    cur_labels = sorted(cur_ds.classes) if cur_ds.labelled else None
+    ref_labels = sorted(ref.classes or set(ref.labels)) if ref.labels is not None else None
+    cur_labels = sorted(cur.classes or set(cur.labels)) if cur.labels is not None else None
     task_mismatch = ref_labels is not None and cur_labels is not None and ref_labels != cur_labels
     # Chi-square takes reference frequencies as expected counts, so a class the reference lacks
     # has no defined test: the class distribution is compared only when the label sets agree.
     label_check = ref_labels is not None and ref_labels == cur_labels and len(ref_labels) >= 2
     if label_check:
-        ref_df[LABEL_COLUMN] = [ref_ds.classes[y] for _, y in ref_samples]
-        cur_df[LABEL_COLUMN] = [cur_ds.classes[y] for _, y in cur_samples]
+        ref_df[LABEL_COLUMN] = list(ref.labels)
+        cur_df[LABEL_COLUMN] = list(cur.labels)
 
     # ---- Evidently
     from evidently import DataDefinition, Report
@@ -297,7 +298,7 @@ def run_drift(reference: Path, current: Path, out: Path, params: Params, progres
     if label_check:
         column_metrics.append(ValueDrift(column=LABEL_COLUMN, method="chisquare", threshold=thr))
     # EmbeddingsDrift also draws a t-SNE map, which needs more points than its perplexity.
-    emb_in_report = len(ref_emb) + len(cur_emb) > TSNE_PERPLEXITY
+    emb_in_report = embeddings_in_report and TSNE_PERPLEXITY < len(ref_emb) + len(cur_emb) <= TSNE_MAX_POINTS
     emb_metric = [EmbeddingsDrift(embeddings_name="features", drift_method=emb_method)]
     current_ds = EvDataset.from_pandas(cur_df, data_definition=definition)
     reference_ds = EvDataset.from_pandas(ref_df, data_definition=definition)
@@ -359,8 +360,8 @@ def run_drift(reference: Path, current: Path, out: Path, params: Params, progres
         "method": "+".join(fired) if fired else "none",
         "score": float(share),
         "threshold": float(dp.moderate_share),
-        "n_reference": len(ref_samples),
-        "n_current": len(cur_samples),
+        "n_reference": len(ref.stats),
+        "n_current": len(cur.stats),
         "severe_share": float(dp.severe_share),
         "stattest_threshold": float(thr),
         "views_checked": ["image-stats", "embeddings"] + (["outputs"] if out_rows else [])
@@ -388,12 +389,44 @@ def run_drift(reference: Path, current: Path, out: Path, params: Params, progres
         },
         "task_mismatch": bool(task_mismatch),
         "label_sets": {"reference": ref_labels, "current": cur_labels},
+    }
+    return result, snap
+
+
+
+def run_drift(reference: Path, current: Path, out: Path, params: Params, progress: bool = True) -> dict:
+    """Compare `current` with `reference`, write out/drift.json + out/drift.html, return the verdict."""
+    t0 = time.perf_counter()
+    reference, current, out = Path(reference), Path(current), Path(out)
+    dp = params.drift
+    ref_ds, ref_samples = _load_side(reference, params, "reference")
+    cur_ds, cur_samples = _load_side(current, params, "current")
+
+    from transferkit.embed import compute_embeddings
+
+    ref_stats = compute_image_stats(ref_samples, progress, "image stats (reference)")
+    cur_stats = compute_image_stats(cur_samples, progress, "image stats (current)")
+    # embeddings are cached on disk by model, weights, data md5, sample list and size
+    emb = {}
+    for role, ds, samples in (("reference", ref_ds, ref_samples), ("current", cur_ds, cur_samples)):
+        emb[role] = compute_embeddings(
+            dp.model, samples, ds.md5, image_size=params.data.image_size,
+            batch_size=params.data.batch_size, progress=progress,
+        )  # fmt: skip
+    ref_side = Side(ref_stats, emb["reference"]["features"], emb["reference"].get("logits"),
+                    [ref_ds.classes[y] for _, y in ref_samples] if ref_ds.labelled else None,
+                    ref_ds.classes if ref_ds.labelled else None)  # fmt: skip
+    cur_side = Side(cur_stats, emb["current"]["features"], emb["current"].get("logits"),
+                    [cur_ds.classes[y] for _, y in cur_samples] if cur_ds.labelled else None,
+                    cur_ds.classes if cur_ds.labelled else None)  # fmt: skip
+    result, snap = compare(ref_side, cur_side, params)
+    result.update({
         "reference": str(reference),
         "current": str(current),
         "reference_md5": ref_ds.md5,
         "current_md5": cur_ds.md5,
         "skipped": {"reference": len(ref_ds.skipped), "current": len(cur_ds.skipped)},
-    }
+    })  # fmt: skip
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "drift.html", snap.get_html_str(as_iframe=False))

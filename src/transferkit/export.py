@@ -13,7 +13,18 @@ What a successful export guarantees (tests/test_export.py checks each point):
     repository is left exactly as it was;
   - REPO/<name>/<version>/ {model.onnx, metadata.json, model_card.md} appears in one os.rename (it is
     built in a hidden temp folder next to it), versions count 1, 2, 3, ... per name, and REPO/<name>/latest
-    (the version number as text, which is also valid JSON) moves only once the new version is complete.
+    (the version number as text, which is also valid JSON) moves only once the new version is complete;
+  - int8 (export.int8, on by default): quant_pre_process + quantize_static (QDQ, per-channel weights,
+    MinMax calibration on up to export.int8_calibration_images *training* images of the target, eval
+    preprocessing). model.int8.onnx joins the version folder only if its test accuracy is within
+    export.int8_max_drop of the fp32 file's; metadata.json "int8" records the decision either way. A
+    quantization failure never fails the export: the reason is recorded and fp32 ships alone;
+  - onnxruntime providers are an explicit list (execution_providers): TensorRT and CUDA only when torch
+    sees a GPU (onnxruntime-gpu lists them on CPU-only machines too), CPU last; "provider" records the
+    one that actually ran the parity check;
+  - REPO/<name>/config.pbtxt is a Triton onnxruntime-backend config (dynamic batching, version_policy
+    pinned to the promoted version), rewritten with every export. Triton's layout is ours:
+    REPO/<name>/<version>/model.onnx (see deploy/triton/README.md).
 
 Exporter and opset (torch 2.14, onnxscript 0.7, onnx 1.23, onnxruntime 1.31, checked on mobilenetv2):
   - opset >= 18: the dynamo exporter (torch.export based, torch's default). 18, 20, 21 and 23 export
@@ -56,7 +67,9 @@ OUTPUT_NAME = "logits"
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter cannot emit anything older (see the module note)
 PARITY_BATCH = 32
 PARITY_SINGLES = 8  # images also compared one at a time (batch 1)
-MODEL_FILES = ("model.onnx", "metadata.json", "model_card.md")
+MODEL_FILES = ("model.onnx", "metadata.json", "model_card.md", "model.int8.onnx")  # int8 is optional
+INT8_FILE = "model.int8.onnx"
+TRITON_CONFIG = "config.pbtxt"
 _VERSION_RE = re.compile(r"[0-9]+")
 
 
@@ -224,21 +237,40 @@ def _check_graph(proto, opset: int, num_classes: int) -> int:
 # --------------------------------------------------------------------------- parity
 
 
-def ort_session(path: Path, providers: list | None = None):
-    """An onnxruntime session with explicit providers: CUDA first only when a GPU is really usable.
+def execution_providers(available: list[str] | None = None, cuda: bool | None = None) -> list:
+    """The explicit provider list, best first: TensorRT, CUDA (only with a usable GPU), then CPU.
 
-    onnxruntime-gpu lists CUDAExecutionProvider even without a GPU, so availability is checked through
-    torch as well; TF32 is turned off so that GPU logits stay comparable with torch's fp32 ones.
-    Returns (session, the provider that actually runs).
+    onnxruntime-gpu lists TensorRT and CUDA even on a CPU-only machine, so a GPU must also be visible to
+    torch. Precision stays fp32 (no TRT fp16/int8, no TF32 on CUDA) so that the parity gate compares
+    like with like.
+    """
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    cuda = _cuda_usable() if cuda is None else cuda
+    out: list = []
+    if cuda and "TensorrtExecutionProvider" in available:
+        out.append(("TensorrtExecutionProvider", {"trt_fp16_enable": "False", "trt_int8_enable": "False"}))
+    if cuda and "CUDAExecutionProvider" in available:
+        out.append(("CUDAExecutionProvider", {"use_tf32": "0"}))
+    out.append("CPUExecutionProvider")
+    return out
+
+
+def ort_session(path: Path, providers: list | None = None):
+    """An onnxruntime session with explicit providers (default: execution_providers()).
+
+    A provider that cannot start (e.g. TensorRT libraries missing) is skipped by onnxruntime, and a
+    session that fails on the GPU list is retried on CPU alone, so the second value, the provider that
+    actually runs (sess.get_providers()[0]), is what gets recorded.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if providers is None:
-        providers = ["CPUExecutionProvider"]
-        if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_usable():
-            providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
+        providers = execution_providers()
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception:
@@ -297,6 +329,144 @@ def parity_check(model, onnx_path: Path, samples: list, transform, progress: boo
         "onnx_test_accuracy": correct_onnx / n if n else None,
         "torch_test_accuracy": correct_torch / n if n else None,
     }
+
+
+# --------------------------------------------------------------------------- int8
+
+
+class _CalibrationReader:
+    """Feeds onnxruntime's calibrator batches of preprocessed training images ({"input": NCHW})."""
+
+    def __init__(self, samples: list, transform, batch_size: int = 32):
+        from transferkit.data import make_loader
+
+        self._batches = iter(make_loader(samples, transform, batch_size=batch_size))
+
+    def get_next(self) -> dict | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch[0].numpy()}
+
+    def rewind(self) -> None:  # the CalibrationDataReader protocol; calibration reads once
+        pass
+
+
+def onnx_accuracy(path: Path, samples: list, transform, providers: list | None = None) -> tuple[float, str]:
+    """Top-1 accuracy of an ONNX classifier on (path, label) samples, and the provider that ran."""
+    import numpy as np
+
+    from transferkit.data import make_loader
+
+    sess, provider = ort_session(path, providers)
+    correct = 0
+    for x, y in make_loader(samples, transform, batch_size=PARITY_BATCH):
+        out = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32)})[0]
+        correct += int((out.argmax(1) == y.numpy()).sum())
+    return correct / len(samples), provider
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: list, test: list, transform,
+                  fp32_accuracy: float, ep, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Static QDQ int8 from `fp32_path`; writes `out_path` only if it keeps accuracy. Never raises.
+
+    Returns the metadata "int8" object: kept, test_accuracy, fp32_test_accuracy, drop, reason, sha256
+    (filled in once the published file is final) and how it was made. Accuracy is measured on CPU:
+    that is where int8 pays off (CUDA runs QDQ graphs but gains nothing from them).
+    """
+    import time
+
+    from transferkit.data import subsample
+
+    info: dict[str, Any] = {
+        "kept": False, "test_accuracy": None, "fp32_test_accuracy": fp32_accuracy, "drop": None,
+        "reason": None, "sha256": None, "max_drop": ep.int8_max_drop, "format": "QDQ", "per_channel": True,
+        "activation_type": ep.int8_activation, "weight_type": "int8", "calibration": "minmax",
+        "calibration_images": 0, "provider": None, "seconds": None,
+    }  # fmt: skip
+    if not ep.int8:
+        info["reason"] = "disabled (export.int8 = false)"
+        return info
+    t0 = time.perf_counter()
+    work = out_path.parent / "int8-work"
+    try:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        if not calibration:
+            raise ExportError("the target has no training images to calibrate on")
+        if fp32_accuracy is None:
+            raise ExportError("no fp32 test accuracy to compare with")
+        work.mkdir()
+        calib = subsample(calibration, ep.int8_calibration_images, seed)
+        info["calibration_images"] = len(calib)
+        src = work / "pre.onnx"
+        try:  # shape inference + graph optimisation: what ORT asks for before quantize_static
+            quant_pre_process(str(fp32_path), str(src))
+        except Exception as e:
+            info["preprocess_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            src = fp32_path
+        act = QuantType.QUInt8 if ep.int8_activation == "uint8" else QuantType.QInt8
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(
+                str(src), str(work / INT8_FILE), _CalibrationReader(calib, transform),
+                quant_format=QuantFormat.QDQ, per_channel=True, activation_type=act, weight_type=QuantType.QInt8,
+            )  # fmt: skip
+        import onnx
+
+        onnx.checker.check_model(str(work / INT8_FILE), full_check=True)
+        acc, provider = onnx_accuracy(work / INT8_FILE, test, transform, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        info["reason"] = f"quantization failed, fp32 only: {type(e).__name__}: {str(e)[:300]}"
+        return info
+    finally:
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        if info["reason"] is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    drop = fp32_accuracy - acc
+    info.update(test_accuracy=acc, drop=drop, provider=provider)
+    # 1e-9: accuracies are ratios of counts; an exact 1-point drop must count as within 1 point
+    if drop <= ep.int8_max_drop + 1e-9:
+        info["kept"] = True
+        info["reason"] = (f"kept: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32_accuracy:.1f}% "
+                          f"({100 * drop:+.2f} points lost, allowed {100 * ep.int8_max_drop:g})")  # fmt: skip
+        os.replace(work / INT8_FILE, out_path)
+    else:
+        info["reason"] = (f"dropped: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32_accuracy:.1f}% "
+                          f"loses {100 * drop:.2f} points (allowed {100 * ep.int8_max_drop:g})")  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+def triton_config(name: str, version: int, input_size: list[int], num_classes: int, ep) -> str:
+    """config.pbtxt for Triton's onnxruntime backend; dims exclude the batch dim (max_batch_size > 0)."""
+    c, h, w = (int(v) for v in input_size)
+    return f"""# Triton Inference Server config for REPO/{name}/<version>/model.onnx, written by `transferkit export`.
+# Rewritten with every export; version_policy pins the promoted version (REPO/{name}/latest).
+name: "{name}"
+backend: "onnxruntime"
+max_batch_size: {ep.triton_max_batch_size}
+input [
+  {{
+    name: "{INPUT_NAME}"
+    data_type: TYPE_FP32
+    dims: [ {c}, {h}, {w} ]
+  }}
+]
+output [
+  {{
+    name: "{OUTPUT_NAME}"
+    data_type: TYPE_FP32
+    dims: [ {num_classes} ]
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: {ep.triton_max_queue_delay_us}
+}}
+version_policy: {{ specific: {{ versions: [ {version} ] }} }}
+"""
 
 
 # --------------------------------------------------------------------------- the stage
@@ -371,7 +541,7 @@ def run_export(
     created = [p for p in (model_dir, *model_dir.parents) if not p.exists()]  # to remove on failure
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
-    steps = tqdm(total=3, desc="export", unit="step", disable=not progress)
+    steps = tqdm(total=4, desc="export", unit="step", disable=not progress)
     try:
         import onnx
 
@@ -396,20 +566,34 @@ def run_export(
             )
         steps.update()
 
+        steps.set_postfix_str("int8")
+        int8 = quantize_int8(
+            raw_dir / "model.onnx", raw_dir / INT8_FILE, ds.splits.get("train") or [], test, transform,
+            parity["onnx_test_accuracy"], params.export, seed=int(metrics.get("seed", split.seed)),
+        )  # fmt: skip
+        steps.update()
+
         steps.set_postfix_str("publish")
         with _repo_lock(model_dir):
             version = next_version(model_dir)
             meta = _metadata(
                 name=name, version=version, run=run, metrics=metrics, fmeta=fmeta, cfg=cfg, classes=classes,
                 opset=actual_opset, parity=parity, params=params, how=how, force=force, closed=closed,
-                validation=validation, warn=warn, atol=atol, min_agree=min_agree,
+                validation=validation, warn=warn, atol=atol, min_agree=min_agree, int8=int8,
             )  # fmt: skip
             onnx_path = tmp / "model.onnx"
             _embed_metadata(proto, meta)
             onnx.save_model(proto, str(onnx_path), save_as_external_data=False)
+            if int8["kept"]:
+                proto8 = onnx.load(str(raw_dir / INT8_FILE))
+                _embed_metadata(proto8, {**meta, "precision": "int8"})
+                onnx.save_model(proto8, str(tmp / INT8_FILE), save_as_external_data=False)
+                onnx.checker.check_model(str(tmp / INT8_FILE))
             shutil.rmtree(raw_dir)
             onnx.checker.check_model(str(onnx_path), full_check=True)
             meta["sha256"] = sha256_file(onnx_path)
+            if int8["kept"]:
+                meta["int8"]["sha256"] = sha256_file(tmp / INT8_FILE)
             write_json(tmp / "metadata.json", meta)
             atomic_write_text(tmp / "model_card.md", model_card(meta, metrics, validation))
             leftovers = sorted(p.name for p in tmp.iterdir() if p.name not in MODEL_FILES)
@@ -418,7 +602,9 @@ def run_export(
             final = model_dir / str(version)
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
             os.rename(tmp, final)
-            atomic_write_text(model_dir / "latest", f"{version}\n")
+            atomic_write_text(model_dir / TRITON_CONFIG,
+                              triton_config(name, version, meta["input_size"], num_classes, params.export))  # fmt: skip
+            atomic_write_text(model_dir / "latest", f"{version}\n")  # the promotion: last, after everything
         steps.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -441,7 +627,7 @@ def _rgb(path):
 
 
 def _metadata(*, name, version, run, metrics, fmeta, cfg, classes, opset, parity, params, how, force, closed,
-              validation, warn, atol, min_agree) -> dict[str, Any]:  # fmt: skip
+              validation, warn, atol, min_agree, int8) -> dict[str, Any]:  # fmt: skip
     import onnx
     import onnxruntime
     import torch
@@ -485,7 +671,11 @@ def _metadata(*, name, version, run, metrics, fmeta, cfg, classes, opset, parity
         "layout": "NCHW float32 RGB, pixel/255 then (x - mean) / std; batch dim dynamic",
         "exporter": how["exporter"],
         "fallback_reason": how["fallback_reason"],
-        "provider": parity["provider"],
+        "provider": parity["provider"],  # the one that actually ran the parity check
+        "providers": [p if isinstance(p, str) else p[0] for p in execution_providers()],  # requested, in order
+        "int8": int8,
+        "triton": {"config": f"../{TRITON_CONFIG}", "backend": "onnxruntime",
+                   "max_batch_size": params.export.triton_max_batch_size},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "forced": bool(force and closed),
         "validation": {
@@ -587,6 +777,10 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
         f"{p['top1_agreement']:.4f} (required {p['min_top1_agreement']:g})",
         f"- {p['n_compared']} comparisons on the real test split at batch sizes {p['batch_sizes']}, "
         f"execution provider `{meta['provider']}`",
+        "",
+        "## int8",
+        f"- {meta['int8']['reason']}"
+        + (f"; file `{INT8_FILE}` sha256 `{meta['int8']['sha256']}`" if meta["int8"]["kept"] else ""),
         "",
         "## Limitations",
         "- Trained on a small target set: expect lower accuracy on images unlike it (other sensors, "

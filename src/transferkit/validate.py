@@ -2,63 +2,90 @@
 
     transferkit validate --run runs/demo/train
 
-Checks (thresholds in params.yaml `validate:`):
-  overfit          train accuracy - val accuracy > `validate.max_gap` at the shipped (best) epoch
-  negative transfer  test accuracy - scratch baseline test accuracy <= `validate.min_gain` while
-                   `validate.require_beat_scratch` is on. The baseline is the same architecture from
-                   random init trained on the same labels for the same epochs; it is trained into
-                   RUN/baseline/ unless `--baseline DIR` names an existing train folder.
+Overfitting checks on RUN/metrics.json (thresholds in params.yaml `validate:`), each recorded in
+validation.json `checks` as {name, value, threshold, failed, blocking, message}:
+  accuracy_gap     blocking. train - val accuracy of the shipped (best) epoch > `validate.max_gap`.
+  loss_gap         blocking. val loss - train loss at the best epoch > `validate.max_loss_gap` (nats).
+                   The history's train loss is the training objective (label smoothing, dropout,
+                   augmentation), which inflates it: with regularisation on, the real gap is larger.
+  divergence       blocking. Longest run of consecutive epochs in which val loss sits above its best so
+                   far while train loss is below its value at that best epoch (val rising while train
+                   falls), > `train.patience`. Early stopping ends a run after `patience` such epochs, so
+                   exceeding it means `train.min_epochs` kept a memorising run going.
+  wasted_epochs    warning. Epochs trained after the best epoch > `train.patience`. The best epoch ships,
+                   so this costs compute only; best == last is noted too (still improving: more epochs).
+  test_val_gap     warning. |test - val accuracy| > `validate.max_test_val_gap`: the checkpoint was picked
+                   on a val set that does not represent test (selection bias, or too few val images to
+                   trust: with 40 images one accuracy estimate alone has a standard error of ~0.06).
+                   Not blocking: on scarce data this is mostly sampling noise, and test is not a gate set.
+Negative-transfer guard (blocking), `baselines` lists every comparison:
+  scratch          the same architecture from random init with the same budget (RUN/baseline/, or
+                   `--baseline DIR`): gain <= `validate.min_gain` fails while `require_beat_scratch`.
+                   `baseline` / `transfer_gain` keep describing this one (the DESIGN.md contract).
+  linear-probe     for runs that are not themselves linear probes: the frozen source features with a
+                   linear head, same budget (RUN/baseline_linear_probe/). Losing by more than
+                   `validate.linear_probe_tolerance` fails while `require_match_linear_probe`: fine-tuning
+                   destroyed more than it added.
+Both baselines are reused when their folder saw the same data md5, seed, data and train params.
+Quality report of the shipped checkpoint on the test split (re-evaluated from model.safetensors):
+  RUN/report.json        per-class precision/recall/F1/support, confusion matrix, macro F1, accuracy,
+                         expected calibration error (ECE: `validate.calibration_bins` equal-width bins of
+                         max softmax probability; sum over bins of share * |accuracy - mean confidence|)
+  RUN/confusion.csv      one row per test image (actual, predicted): DVC's confusion template
+  RUN/reliability.csv    per-bin confidence/accuracy/count (DVC plot)
+  RUN/plots/{confusion,reliability,learning_curves}.png
 Writes RUN/validation.json with `passed` and plain-words `reasons`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
+import numpy as np
+
 from transferkit.config import Params, load_params
+
+_OVERFIT_CHECKS = ("accuracy_gap", "loss_gap", "divergence")
 
 
 def run_validate(run: Path, params: Params | None = None, baseline: Path | None = None, progress: bool = True) -> dict:
     from transferkit.io import read_json, write_json
-    from transferkit.train import run_train
 
     run = Path(run)
     metrics = read_json(run / "metrics.json")
     if params is None:
         params = load_params(run / "params.yaml") if (run / "params.yaml").is_file() else Params()
     v = params.validate
-    reasons: list[str] = []
 
+    checks = overfitting_checks(metrics, params)
+    reasons = [c["message"] for c in checks if c["failed"] and c["blocking"]]
+    overfit = any(c["failed"] for c in checks if c["name"] in _OVERFIT_CHECKS)
     gap = float(metrics["train_accuracy"]) - float(metrics["val_accuracy"])
-    overfit = gap > v.max_gap
-    if overfit:
-        reasons.append(
-            f"overfitting: train accuracy {metrics['train_accuracy']:.3f} exceeds validation accuracy "
-            f"{metrics['val_accuracy']:.3f} by {gap:.3f} (> validate.max_gap {v.max_gap})"
-        )
 
+    base, gain = _scratch_baseline(run, metrics, params, baseline, progress)
+    baselines = [{**base, "gain": round(gain, 6)}]
     if metrics["strategy"] == "scratch":
-        base = {"strategy": "scratch", "model": metrics["model"], "test_accuracy": metrics["test_accuracy"]}
-        gain = 0.0
-    else:
-        if baseline is not None:
-            bm = read_json(Path(baseline) / "metrics.json")
-        elif _reusable_baseline(run / "baseline", metrics, params):
-            bm = read_json(run / "baseline" / "metrics.json")
-        else:
-            bm = run_train(Path(metrics["target"]), run / "baseline", params, metrics["model"], strategy="scratch",
-                           progress=progress)  # fmt: skip
-        if bm.get("data_md5") != metrics.get("data_md5"):
-            raise ValueError(f"baseline {baseline} was trained on different data (md5 differs); not comparable")
-        base = {"strategy": bm["strategy"], "model": bm["model"], "test_accuracy": bm["test_accuracy"],
-                "val_accuracy": bm["val_accuracy"], "epochs": bm["epochs"]}  # fmt: skip
-        gain = float(metrics["test_accuracy"]) - float(bm["test_accuracy"])
-        if v.require_beat_scratch and gain <= v.min_gain:
-            reasons.append(
-                f"negative transfer: test accuracy {metrics['test_accuracy']:.3f} vs scratch baseline "
-                f"{bm['test_accuracy']:.3f} (gain {gain:+.3f} <= validate.min_gain {v.min_gain})"
-            )
+        baselines[0]["self"] = True
+    elif v.require_beat_scratch and gain <= v.min_gain:
+        reasons.append(
+            f"negative transfer: test accuracy {metrics['test_accuracy']:.3f} vs scratch baseline "
+            f"{base['test_accuracy']:.3f} (gain {gain:+.3f} <= validate.min_gain {v.min_gain})"
+        )
+    if metrics["strategy"] != "linear-probe":
+        lp = _linear_probe_baseline(run, metrics, params, progress)
+        baselines.append(lp)
+        if lp.get("test_accuracy") is not None and v.require_match_linear_probe:
+            if lp["gain"] < -v.linear_probe_tolerance:
+                reasons.append(
+                    f"negative transfer vs linear probe: {metrics['strategy']} test accuracy "
+                    f"{metrics['test_accuracy']:.3f} vs linear-probe baseline {lp['test_accuracy']:.3f} "
+                    f"(gain {lp['gain']:+.3f} < -validate.linear_probe_tolerance {v.linear_probe_tolerance}): "
+                    "the frozen source features do better; ship the linear probe (--strategy linear-probe)"
+                )
 
+    report = quality_report(run, metrics, params)
     result = {
         "passed": not reasons,
         "overfit": overfit,
@@ -66,17 +93,162 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
         "baseline": base,
         "transfer_gain": round(gain, 6),
         "reasons": reasons,
+        "warnings": [c["message"] for c in checks if c["failed"] and not c["blocking"]],
+        "checks": checks,
+        "baselines": baselines,
+        "report": {
+            "path": "report.json",
+            "test_accuracy": report["accuracy"],
+            "macro_f1": report["macro_f1"],
+            "ece": report["ece"],
+            "plots": report["plots"],
+        },
         "test_accuracy": metrics["test_accuracy"],
         "strategy": metrics["strategy"],
         "model": metrics["model"],
-        "thresholds": v.model_dump(),
+        "thresholds": {**v.model_dump(), "train.patience": params.train.patience},
     }
     write_json(run / "validation.json", result)
     return result
 
 
+# --------------------------------------------------------------------------------------------------
+# overfitting checks
+
+
+def _check(name: str, value, threshold, failed: bool, blocking: bool, message: str) -> dict:
+    return {"name": name, "value": value, "threshold": threshold, "failed": bool(failed), "blocking": blocking,
+            "message": message}  # fmt: skip
+
+
+def divergence_streak(history: list[dict]) -> tuple[int, int, int]:
+    """Longest run of consecutive epochs with val loss above its best so far while train loss is below its
+    value at that best epoch; returns (length, first epoch, last epoch), (0, 0, 0) if none."""
+    best_val, train_at_best = float("inf"), float("inf")
+    longest, cur, start, span = 0, 0, 0, (0, 0)
+    for h in history:
+        vl, tl, ep = float(h["val_loss"]), float(h["train_loss"]), int(h["epoch"])
+        if vl < best_val:
+            best_val, train_at_best, cur = vl, tl, 0
+            continue
+        if tl < train_at_best:
+            cur += 1
+            start = ep if cur == 1 else start
+            if cur > longest:
+                longest, span = cur, (start, ep)
+        else:
+            cur = 0
+    return longest, span[0], span[1]
+
+
+def overfitting_checks(metrics: dict, params: Params) -> list[dict]:
+    """The five history checks described in the module docstring, in a fixed order."""
+    v, patience = params.validate, params.train.patience
+    history = metrics.get("history") or []
+    tr, va, te = (float(metrics[k]) for k in ("train_accuracy", "val_accuracy", "test_accuracy"))
+    best, last = int(metrics["best_epoch"]), int(metrics["epochs"])
+    out = []
+
+    gap = tr - va
+    out.append(_check(
+        "accuracy_gap", round(gap, 6), v.max_gap, gap > v.max_gap, True,
+        f"overfitting: train accuracy {tr:.3f} exceeds validation accuracy {va:.3f} by {gap:.3f} "
+        f"(> validate.max_gap {v.max_gap})" if gap > v.max_gap else
+        f"train-val accuracy gap {gap:.3f} <= validate.max_gap {v.max_gap}",
+    ))  # fmt: skip
+
+    at_best = next((h for h in history if int(h["epoch"]) == best), None)
+    if at_best is None:
+        out.append(_check("loss_gap", None, v.max_loss_gap, False, True, "no history entry for the best epoch"))
+    else:
+        lgap = float(at_best["val_loss"]) - float(at_best["train_loss"])
+        bad = lgap > v.max_loss_gap
+        out.append(_check(
+            "loss_gap", round(lgap, 6), v.max_loss_gap, bad, True,
+            f"overfitting: at the best epoch {best} validation loss {at_best['val_loss']:.3f} exceeds training "
+            f"loss {at_best['train_loss']:.3f} by {lgap:.3f} nats (> validate.max_loss_gap {v.max_loss_gap})"
+            if bad else f"val-train loss gap {lgap:.3f} at the best epoch <= validate.max_loss_gap {v.max_loss_gap}",
+        ))  # fmt: skip
+
+    streak, first, end = divergence_streak(history)
+    bad = streak > patience
+    out.append(_check(
+        "divergence", streak, patience, bad, True,
+        f"overfitting: validation loss rose while training loss fell for {streak} consecutive epochs "
+        f"({first}-{end}; > train.patience {patience}): the network memorises the training images"
+        if bad else f"longest val-loss-rising/train-loss-falling streak {streak} <= train.patience {patience}",
+    ))  # fmt: skip
+
+    wasted = last - best
+    if wasted > patience:
+        msg = (f"{wasted} epochs after the best epoch {best} of {last} were wasted (> train.patience {patience}): "
+               "train.min_epochs kept training past the point early stopping would have ended it")  # fmt: skip
+    elif wasted == 0:
+        msg = f"best epoch is the last ({last}): validation loss was still improving; more epochs may help"
+    else:
+        msg = f"best epoch {best} of {last}: {wasted} epochs after it (<= train.patience {patience})"
+    out.append(_check("wasted_epochs", wasted, patience, wasted > patience, False, msg))
+
+    tv = abs(te - va)
+    bad = tv > v.max_test_val_gap
+    out.append(_check(
+        "test_val_gap", round(tv, 6), v.max_test_val_gap, bad, False,
+        f"selection bias? test accuracy {te:.3f} vs validation {va:.3f} differ by {tv:.3f} "
+        f"(> validate.max_test_val_gap {v.max_test_val_gap}); the val set may be too small or unrepresentative"
+        if bad else f"test accuracy {te:.3f} vs validation {va:.3f}: |gap| {tv:.3f} <= {v.max_test_val_gap}",
+    ))  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# baselines
+
+
+def _scratch_baseline(run: Path, metrics: dict, params: Params, baseline: Path | None, progress: bool):
+    from transferkit.io import read_json
+    from transferkit.train import run_train
+
+    if metrics["strategy"] == "scratch":
+        return {"strategy": "scratch", "model": metrics["model"], "test_accuracy": metrics["test_accuracy"]}, 0.0
+    if baseline is not None:
+        bm = read_json(Path(baseline) / "metrics.json")
+    elif _reusable_baseline(run / "baseline", metrics, params):
+        bm = read_json(run / "baseline" / "metrics.json")
+    else:
+        bm = run_train(Path(metrics["target"]), run / "baseline", params, metrics["model"], strategy="scratch",
+                       progress=progress)  # fmt: skip
+    if bm.get("data_md5") != metrics.get("data_md5"):
+        raise ValueError(f"baseline {baseline} was trained on different data (md5 differs); not comparable")
+    base = {"strategy": bm["strategy"], "model": bm["model"], "test_accuracy": bm["test_accuracy"],
+            "val_accuracy": bm["val_accuracy"], "epochs": bm["epochs"]}  # fmt: skip
+    return base, float(metrics["test_accuracy"]) - float(bm["test_accuracy"])
+
+
+def _linear_probe_baseline(run: Path, metrics: dict, params: Params, progress: bool) -> dict:
+    """Frozen source features + linear head, same data/params; trained into RUN/baseline_linear_probe."""
+    from transferkit.io import read_json
+    from transferkit.train import run_train
+    from transferkit.zoo import ZooError, parse_spec
+
+    folder = run / "baseline_linear_probe"
+    model = metrics["model"]
+    if model.startswith("scratch:"):
+        model = parse_spec(model).arch  # a scratch run is compared with its architecture's pretrained weights
+    if _reusable_baseline(folder, metrics, params):
+        bm = read_json(folder / "metrics.json")
+    else:
+        try:
+            bm = run_train(Path(metrics["target"]), folder, params, model, strategy="linear-probe", progress=progress)
+        except ZooError as e:
+            return {"strategy": "linear-probe", "model": model, "test_accuracy": None, "gain": None,
+                    "skipped": f"no pretrained weights for the linear probe: {e}"}  # fmt: skip
+    return {"strategy": "linear-probe", "model": bm["model"], "test_accuracy": bm["test_accuracy"],
+            "val_accuracy": bm["val_accuracy"], "epochs": bm["epochs"],
+            "gain": round(float(metrics["test_accuracy"]) - float(bm["test_accuracy"]), 6)}  # fmt: skip
+
+
 def _reusable_baseline(folder: Path, metrics: dict, params: Params) -> bool:
-    """Reuse RUN/baseline only if it saw the same data with the same data/train params and seed."""
+    """Reuse a baseline folder only if it saw the same data with the same data/train params and seed."""
     from transferkit.io import read_json
 
     if not (folder / "metrics.json").is_file() or not (folder / "params.yaml").is_file():
@@ -88,3 +260,160 @@ def _reusable_baseline(folder: Path, metrics: dict, params: Params) -> bool:
         and bp.data == params.data
         and bp.train.model_copy(update={"strategy": "auto"}) == params.train.model_copy(update={"strategy": "auto"})
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# quality report
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> tuple[float, list]:
+    """ECE over `n_bins` equal-width bins of (0, 1] on the max probability; returns (ece, per-bin rows).
+
+    ECE = sum_b n_b / N * |accuracy_b - mean confidence_b|; empty bins contribute nothing.
+    """
+    confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin b holds (edges[b], edges[b+1]]; a confidence of exactly 0 cannot occur for a softmax max
+    idx = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    rows, ece, n = [], 0.0, max(len(confidence), 1)
+    for b in range(n_bins):
+        m = idx == b
+        cnt = int(m.sum())
+        conf = float(confidence[m].mean()) if cnt else None
+        acc = float(correct[m].mean()) if cnt else None
+        if cnt:
+            ece += cnt / n * abs(acc - conf)
+        rows.append({"bin": b, "lower": float(edges[b]), "upper": float(edges[b + 1]), "count": cnt,
+                     "confidence": conf, "accuracy": acc})  # fmt: skip
+    return float(ece), rows
+
+
+def predict_test(run: Path, metrics: dict, params: Params) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Softmax probabilities [N, C] and labels [N] of the shipped checkpoint on the test split."""
+    import torch
+
+    from transferkit import zoo
+    from transferkit.data import load_dataset, make_loader
+    from transferkit.embed import torch_threads
+
+    ds = load_dataset(Path(metrics["target"]), seed=int(metrics.get("seed", params.seed)),
+                      val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction)  # fmt: skip
+    if ds.md5 != metrics.get("data_md5"):
+        raise ValueError(f"{metrics['target']}: data changed since training (md5 differs); re-train before validating")
+    torch_threads()
+    lm = zoo.create_model(f"file:{run / 'model.safetensors'}")
+    loader = make_loader(ds.splits["test"], zoo.eval_transform(lm.data_config), params.data.batch_size)
+    probs, labels = [], []
+    with torch.inference_mode():
+        for xb, yb in loader:
+            probs.append(torch.softmax(lm.model(xb).float(), dim=1))
+            labels.append(yb)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), list(ds.classes)
+
+
+def quality_report(run: Path, metrics: dict, params: Params) -> dict:
+    """Per-class table, confusion matrix, ECE and plots for the shipped checkpoint (module docstring)."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from transferkit.io import atomic_write_text, write_json
+
+    probs, y, classes = predict_test(run, metrics, params)
+    labels = list(range(len(classes)))
+    pred = probs.argmax(1)
+    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y, pred, labels=labels)
+    conf = probs.max(1)
+    ece, bins = expected_calibration_error(conf, pred == y, params.validate.calibration_bins)
+    per_class = {
+        c: {"precision": round(float(prec[i]), 6), "recall": round(float(rec[i]), 6), "f1": round(float(f1[i]), 6),
+            "support": int(sup[i])}
+        for i, c in enumerate(classes)
+    }  # fmt: skip
+    plots_dir = run / "plots"
+    report = {
+        "split": "test",
+        "n": int(len(y)),
+        "accuracy": round(float((pred == y).mean()), 6),
+        "accuracy_in_metrics": metrics["test_accuracy"],
+        "macro_f1": round(float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)), 6),
+        "ece": round(ece, 6),
+        "ece_bins": params.validate.calibration_bins,
+        "mean_confidence": round(float(conf.mean()), 6),
+        "classes": classes,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),  # rows: actual, columns: predicted, in `classes` order
+        "reliability": bins,
+        "plots": {k: str(Path("plots") / f"{k}.png") for k in ("confusion", "reliability", "learning_curves")},
+    }
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["actual", "predicted"])
+    w.writerows([classes[a], classes[p]] for a, p in zip(y.tolist(), pred.tolist()))
+    atomic_write_text(run / "confusion.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["bin", "confidence", "accuracy", "count"])
+    w.writerows([r["bin"], r["confidence"], r["accuracy"], r["count"]] for r in bins if r["count"])
+    atomic_write_text(run / "reliability.csv", buf.getvalue())
+    _plots(plots_dir, report, metrics)
+    write_json(run / "report.json", report)
+    return report
+
+
+def _plots(folder: Path, report: dict, metrics: dict) -> None:
+    """PNG confusion matrix, reliability diagram and learning curves (matplotlib, Agg: no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from transferkit.io import atomic_write_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(fig, name: str) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(folder / f"{name}.png", buf.getvalue())
+
+    classes, cm = report["classes"], np.asarray(report["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(classes), 0.8 + 0.5 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    for (i, j), n in np.ndenumerate(cm):
+        if n:
+            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > cm.max() / 2 else "black", fontsize=8)
+    ax.set_title(f"test confusion (accuracy {report['accuracy']:.3f}, macro F1 {report['macro_f1']:.3f})")
+    save(fig, "confusion")
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    rows = [r for r in report["reliability"] if r["count"]]
+    width = rows[0]["upper"] - rows[0]["lower"] if rows else 0.1
+    ax.bar([r["lower"] for r in rows], [r["accuracy"] for r in rows], width=width, align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.scatter([r["confidence"] for r in rows], [r["accuracy"] for r in rows], color="red", s=12, zorder=3,
+               label="bin mean confidence")  # fmt: skip
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {report['ece']:.3f}, {report['ece_bins']} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    save(fig, "reliability")
+
+    hist = metrics.get("history") or []
+    ep = [h["epoch"] for h in hist]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, ax in (("loss", a1), ("accuracy", a2)):
+        ax.plot(ep, [h[f"train_{key}"] for h in hist], label=f"train {key}")
+        ax.plot(ep, [h[f"val_{key}"] for h in hist], label=f"val {key}")
+        ax.axvline(metrics["best_epoch"], color="grey", ls=":", label=f"best epoch {metrics['best_epoch']}")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{metrics['model']} ({metrics['strategy']})")
+    save(fig, "learning_curves")
