@@ -1,8 +1,8 @@
 """Penultimate-layer embeddings (and source-head logits), cached on disk and shared by drift/select/train.
 
-The cache key is (model spec, weights sha256, dataset md5, the exact sample list, input size), so a
-changed file, weight or resolution can never serve stale features. Files are .npz read with
-allow_pickle=False.
+The cache key is (model spec, weights sha256, dataset md5, input size), so a changed file, weight or
+resolution can never serve stale features; rows inside a file are keyed by split/class/file name.
+Files are .npz read with allow_pickle=False. Scratch models are seeded, so their features repeat.
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRANSFERKIT_CACHE", Path.home() / ".cache" / "transferkit")) / "embeddings"
 
 
-def cache_key(spec: str, weights_sha: str | None, data_md5: str, samples, input_size: int) -> str:
+def cache_key(spec: str, weights_sha: str | None, data_md5: str, input_size: int) -> str:
     h = hashlib.sha256()
-    for part in (spec, weights_sha or "-", data_md5, str(input_size)):
+    for part in ("v2", spec, weights_sha or "-", data_md5, str(input_size)):
         h.update(part.encode() + b"\0")
-    for p, y in samples:
-        h.update(f"{Path(p).name}:{Path(p).parent.name}:{y}\n".encode())
     return h.hexdigest()[:32]
 
 
 def torch_threads() -> None:
-    """Use every core we were given (CI has 2), once."""
+    """Use every core we were given (CI has 2), unless OMP_NUM_THREADS says otherwise."""
     import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # torch already follows it; a shared machine is better served by fewer threads
 
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.get_num_threads() != n:
@@ -53,6 +54,11 @@ def _source_model(spec: str, image_size: int | None):
     return zoo.create_model(spec, image_size=image_size)
 
 
+def _row_key(path: Path) -> str:
+    """A sample's identity inside its dataset (split/class/file); the dataset md5 covers its bytes."""
+    return "/".join(Path(path).parts[-3:])
+
+
 def compute_embeddings(
     spec: str,
     samples: list[tuple[Path, int]],
@@ -61,21 +67,61 @@ def compute_embeddings(
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Return {'features': [N,D] float32, 'logits': [N,C] float32 (source head, if it has one), 'labels'}."""
+    """Return {'features': [N,D] float32, 'logits': [N,C] (source head, if any), 'labels': [N]} in sample order.
+
+    One cache file per (model, weights sha256, dataset md5, input size) holds every image of that
+    dataset embedded so far; a call embeds only the images the file lacks, so drift, select and
+    train share the work whatever subset each of them needs.
+    """
+    from transferkit import zoo
+
+    # source head kept: its logits feed LEEP; file: checkpoints may change on disk, so never memoised
+    lm = zoo.create_model(spec, image_size=image_size) if spec.startswith("file:") else _source_model(spec, image_size)
+    size = int(lm.data_config["input_size"][-1])
+    path = cache_dir() / f"{cache_key(spec, lm.weights_sha256, data_md5, size)}.npz"
+    stored: dict[str, np.ndarray] = {}
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                stored = {k: z[k] for k in z.files}
+        except (OSError, ValueError):  # a damaged cache file is rebuilt, never trusted
+            stored = {}
+    if "keys" not in stored or "features" not in stored:
+        stored = {}
+    index = {k: i for i, k in enumerate(stored["keys"].tolist())} if stored else {}
+    keys = [_row_key(p) for p, _ in samples]
+    missing = sorted({k: i for i, k in enumerate(keys) if k not in index}.values())
+    if missing:
+        new = _forward(lm, [samples[i] for i in missing], batch_size, progress, spec)
+        new["keys"] = np.array([keys[i] for i in missing])
+        if stored and set(new) == set(stored):
+            stored = {k: np.concatenate([stored[k], new[k]]) for k in new}
+        else:
+            stored = new  # first entry (an incompatible old file is replaced)
+            if len(missing) != len(keys):
+                stored = _forward(lm, samples, batch_size, progress, spec) | {"keys": np.array(keys)}
+        _save(path, stored)
+        index = {k: i for i, k in enumerate(stored["keys"].tolist())}
+    rows = np.array([index[k] for k in keys], dtype=np.int64)
+    out = {k: v[rows] for k, v in stored.items() if k != "keys"}
+    out["labels"] = np.array([y for _, y in samples], dtype=np.int64)
+    return out
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _forward(lm, samples, batch_size: int, progress: bool, spec: str) -> dict[str, np.ndarray]:
     import torch
     from tqdm import tqdm
 
     from transferkit import zoo
     from transferkit.data import make_loader
-
-    # source head kept: its logits feed LEEP; file: checkpoints may change on disk, so never memoised
-    lm = zoo.create_model(spec, image_size=image_size) if spec.startswith("file:") else _source_model(spec, image_size)
-    size = int(lm.data_config["input_size"][-1])
-    key = cache_key(spec, lm.weights_sha256, data_md5, samples, size)
-    path = cache_dir() / f"{key}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
 
     torch_threads()
     dev = device()
@@ -89,15 +135,7 @@ def compute_embeddings(
             feats.append(f.float().cpu().numpy())
             if has_head:
                 logits.append(model.get_classifier()(f).float().cpu().numpy())
-    out = {
-        "features": np.concatenate(feats).astype(np.float32),
-        "labels": np.array([y for _, y in samples], dtype=np.int64),
-    }
+    out = {"features": np.concatenate(feats).astype(np.float32)}
     if logits:
         out["logits"] = np.concatenate(logits).astype(np.float32)
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **out)
-    atomic_write_bytes(path, buf.getvalue())
     return out

@@ -257,7 +257,7 @@ def run_train(
     torch_threads()
     _seed_everything(params.seed)
     lm = zoo.create_model(spec, num_classes=len(ds.classes), drop_rate=params.train.drop_rate,
-                          image_size=params.data.image_size)  # fmt: skip
+                          image_size=params.data.image_size, seed=params.seed)  # fmt: skip
     if strategy == "linear-probe":
         acc, history, best = _linear_probe(lm, ds, params, progress, out)
     else:

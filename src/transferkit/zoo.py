@@ -233,8 +233,12 @@ def create_model(
     num_classes: int | None = None,
     drop_rate: float = 0.0,
     image_size: int | None = None,
+    seed: int = 0,
 ) -> LoadedModel:
-    """Build a timm model with the spec's weights; `num_classes` replaces the head (None keeps it)."""
+    """Build a timm model with the spec's weights; `num_classes` replaces the head (None keeps it).
+
+    Random parts (a scratch model, a new head) are drawn from `seed`, so they repeat across runs.
+    """
     import timm
     import torch
 
@@ -242,7 +246,9 @@ def create_model(
     sha = None
     meta: dict = {}
     if ms.kind == "scratch":
-        model = timm.create_model(ms.arch, pretrained=False, num_classes=num_classes or 1000, drop_rate=drop_rate)
+        with torch.random.fork_rng(devices=[]):  # seeded init, without disturbing the caller's RNG
+            torch.manual_seed(seed)
+            model = timm.create_model(ms.arch, pretrained=False, num_classes=num_classes or 1000, drop_rate=drop_rate)
     elif ms.kind == "packaged":
         entry = PACKAGED[ms.spec]
         path = packaged_path(entry)
@@ -273,8 +279,9 @@ def create_model(
         cached = _hf_cached_file(ms.arch)
         sha = sha256_file(cached) if cached else None
     if num_classes is not None and model.num_classes != num_classes:
-        torch.manual_seed(0)  # deterministic fresh head
-        model.reset_classifier(num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # deterministic fresh head
+            model.reset_classifier(num_classes)
     cfg = resolve_data_config(model, image_size)
     if meta.get("data_config") and not image_size:
         cfg = json.loads(meta["data_config"])  # a trained checkpoint carries its own preprocessing
