@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="20,50,100,500")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--only", default="", help="run only scenarios whose name contains this text")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFERKIT_CACHE", str(WORK / "cache"))
 
@@ -123,6 +124,8 @@ def main() -> None:
     }
     rows = []
     for name, (pool_name, cur_idx) in scenarios.items():
+        if args.only and args.only not in name:
+            continue
         if pool_name not in pools:
             rows.append({"scenario": name, "skipped": f"{pool_name} pool not available"})
             continue
@@ -147,6 +150,10 @@ def main() -> None:
     cost = None
     if not args.skip_cost and "fashion" in pools:
         cost = cost_5000(params)
+    elif (RESULTS / "drift.json").is_file():  # keep the last measured cost, marked as such
+        cost = json.loads((RESULTS / "drift.json").read_text()).get("cost_5000_vs_5000")
+        if cost:
+            cost["from_previous_run"] = True
     result = {
         "benchmark": "drift power / FPR / cost",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

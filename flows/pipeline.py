@@ -53,6 +53,11 @@ def drift_task(reference: str, target: str, out: str, params: dict, progress: bo
         f"| feature | test | score | drifted |\n|---|---|---|---|\n{rows}\n",
         "Evidently drift verdict",
     )
+    from prefect.artifacts import create_link_artifact
+
+    html = (Path(out) / "drift.html").resolve()
+    create_link_artifact(key="drift-report", link=html.as_uri(), link_text="Evidently drift report (HTML)",
+                         description="Open on the machine that ran the flow")  # fmt: skip
     return r
 
 

@@ -96,6 +96,9 @@ class ExportParams(_Group):
     int8_activation: Literal["uint8", "int8"] = Field(
         "uint8", description="activation type; U8S8 is the fast path on x86 CPUs without VNNI, S8S8 is ORT's default"
     )
+    int8_reduce_range: bool = Field(
+        True, description="7-bit weights: avoids VPMADDUBSW saturation on x86 CPUs without VNNI (AVX2)"
+    )
     triton_max_batch_size: int = Field(32, ge=1, le=4096, description="config.pbtxt max_batch_size")
     triton_max_queue_delay_us: int = Field(100, ge=0, description="config.pbtxt dynamic_batching delay")
 

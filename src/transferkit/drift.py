@@ -33,6 +33,9 @@ Views (each either "fires" or not):
                distribution is then not tested (chi-square has no expected count for a class
                the reference lacks).
 
+Every test inside a view runs at `stattest_threshold / number of views` (Bonferroni), so the chance
+that some view fires on two samples of one distribution stays near `stattest_threshold`.
+
 Severity rule (written into drift.json as `severity`; `drift_detected` = severity != "none"):
   severe    task mismatch, or (image-stats share >= `drift.severe_share` AND embeddings drifted)
   moderate  otherwise, any view fired
@@ -279,7 +282,10 @@ def compare(ref: Side, cur: Side, params: Params, embeddings_in_report: bool = T
     from evidently.presets import DataDriftPreset
     from threadpoolctl import threadpool_limits
 
-    thr = dp.stattest_threshold
+    # Bonferroni across the views that can fire: the verdict's false-positive rate on two draws of one
+    # distribution stays near `stattest_threshold` instead of growing with the number of views.
+    n_views = 2 + bool(out_cols) + bool(label_check)
+    thr = dp.stattest_threshold / n_views
     emb_method = ModelDriftMethod(bootstrap=True, quantile_probability=1.0 - thr)
     definition = DataDefinition(
         numerical_columns=STAT_COLUMNS + out_cols,
@@ -363,7 +369,8 @@ def compare(ref: Side, cur: Side, params: Params, embeddings_in_report: bool = T
         "n_reference": len(ref.stats),
         "n_current": len(cur.stats),
         "severe_share": float(dp.severe_share),
-        "stattest_threshold": float(thr),
+        "stattest_threshold": float(dp.stattest_threshold),
+        "per_view_threshold": float(thr),
         "views_checked": ["image-stats", "embeddings"] + (["outputs"] if out_rows else [])
         + (["labels"] if label_check else []),
         "per_feature": stats_rows + out_rows + label_rows,
