@@ -100,7 +100,7 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
     warnings = "\n".join(f"- {x}" for x in r["warnings"]) or "- none"
     flag = {(True, True): "FAILED", (True, False): "warning", (False, True): "ok", (False, False): "ok"}
     checks = "\n".join(
-        f"| {c['name']} | {c['value']} | {c['threshold']} | {flag[(c['failed'], c['blocking'])]} | {c['message']} |"
+        f"| {c['name']} | {c['value']} | {c['threshold']} | {flag[(c['failed'], c['blocking'])]} | {c['message'].replace('|', '&#124;')} |"
         for c in r["checks"]
     )
     base = "\n".join(
