@@ -86,7 +86,8 @@ def compute_embeddings(
                 stored = {k: z[k] for k in z.files}
         except (OSError, ValueError):  # a damaged cache file is rebuilt, never trusted
             stored = {}
-    if "keys" not in stored or "features" not in stored:
+    arrays = {"keys", "features"} | ({"logits"} if _has_head(lm) else set())
+    if set(stored) != arrays:  # not written by this layout: start over
         stored = {}
     index = {k: i for i, k in enumerate(stored["keys"].tolist())} if stored else {}
     keys = [_row_key(p) for p, _ in samples]
@@ -94,12 +95,7 @@ def compute_embeddings(
     if missing:
         new = _forward(lm, [samples[i] for i in missing], batch_size, progress, spec)
         new["keys"] = np.array([keys[i] for i in missing])
-        if stored and set(new) == set(stored):
-            stored = {k: np.concatenate([stored[k], new[k]]) for k in new}
-        else:
-            stored = new  # first entry (an incompatible old file is replaced)
-            if len(missing) != len(keys):
-                stored = _forward(lm, samples, batch_size, progress, spec) | {"keys": np.array(keys)}
+        stored = {k: np.concatenate([stored[k], new[k]]) for k in new} if stored else new
         _save(path, stored)
         index = {k: i for i, k in enumerate(stored["keys"].tolist())}
     rows = np.array([index[k] for k in keys], dtype=np.int64)
@@ -116,6 +112,11 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _has_head(lm) -> bool:
+    """Only a pretrained source head's logits mean anything (LEEP, output drift)."""
+    return lm.spec.kind != "scratch" and getattr(lm.model, "num_classes", 0) > 0
+
+
 def _forward(lm, samples, batch_size: int, progress: bool, spec: str) -> dict[str, np.ndarray]:
     import torch
     from tqdm import tqdm
@@ -126,7 +127,7 @@ def _forward(lm, samples, batch_size: int, progress: bool, spec: str) -> dict[st
     torch_threads()
     dev = device()
     model = lm.model.to(dev).eval()
-    has_head = lm.spec.kind != "scratch" and getattr(model, "num_classes", 0) > 0
+    has_head = _has_head(lm)
     loader = make_loader(samples, zoo.eval_transform(lm.data_config), batch_size=batch_size)
     feats, logits = [], []
     with torch.inference_mode():

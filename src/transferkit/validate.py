@@ -206,17 +206,13 @@ def overfitting_checks(metrics: dict, params: Params) -> list[dict]:
 
 def _scratch_baseline(run: Path, metrics: dict, params: Params, baseline: Path | None, progress: bool):
     from transferkit.io import read_json
-    from transferkit.train import run_train
 
     if metrics["strategy"] == "scratch":
         return {"strategy": "scratch", "model": metrics["model"], "test_accuracy": metrics["test_accuracy"]}, 0.0
     if baseline is not None:
         bm = read_json(Path(baseline) / "metrics.json")
-    elif _reusable_baseline(run / "baseline", metrics, params):
-        bm = read_json(run / "baseline" / "metrics.json")
     else:
-        bm = run_train(Path(metrics["target"]), run / "baseline", params, metrics["model"], strategy="scratch",
-                       progress=progress)  # fmt: skip
+        bm = _baseline_metrics(run / "baseline", metrics, params, metrics["model"], "scratch", progress)
     if bm.get("data_md5") != metrics.get("data_md5"):
         raise ValueError(f"baseline {baseline} was trained on different data (md5 differs); not comparable")
     base = {"strategy": bm["strategy"], "model": bm["model"], "test_accuracy": bm["test_accuracy"],
@@ -226,25 +222,30 @@ def _scratch_baseline(run: Path, metrics: dict, params: Params, baseline: Path |
 
 def _linear_probe_baseline(run: Path, metrics: dict, params: Params, progress: bool) -> dict:
     """Frozen source features + linear head, same data/params; trained into RUN/baseline_linear_probe."""
-    from transferkit.io import read_json
-    from transferkit.train import run_train
     from transferkit.zoo import ZooError, parse_spec
 
     folder = run / "baseline_linear_probe"
     model = metrics["model"]
     if model.startswith("scratch:"):
         model = parse_spec(model).arch  # a scratch run is compared with its architecture's pretrained weights
-    if _reusable_baseline(folder, metrics, params):
-        bm = read_json(folder / "metrics.json")
-    else:
-        try:
-            bm = run_train(Path(metrics["target"]), folder, params, model, strategy="linear-probe", progress=progress)
-        except ZooError as e:
-            return {"strategy": "linear-probe", "model": model, "test_accuracy": None, "gain": None,
-                    "skipped": f"no pretrained weights for the linear probe: {e}"}  # fmt: skip
+    try:
+        bm = _baseline_metrics(folder, metrics, params, model, "linear-probe", progress)
+    except ZooError as e:
+        return {"strategy": "linear-probe", "model": model, "test_accuracy": None, "gain": None,
+                "skipped": f"no pretrained weights for the linear probe: {e}"}  # fmt: skip
     return {"strategy": "linear-probe", "model": bm["model"], "test_accuracy": bm["test_accuracy"],
             "val_accuracy": bm["val_accuracy"], "epochs": bm["epochs"],
             "gain": round(float(metrics["test_accuracy"]) - float(bm["test_accuracy"]), 6)}  # fmt: skip
+
+
+def _baseline_metrics(folder: Path, metrics: dict, params: Params, model: str, strategy: str, progress: bool) -> dict:
+    """The baseline's metrics: reused from `folder` when it matches this run, else trained there."""
+    from transferkit.io import read_json
+    from transferkit.train import run_train
+
+    if _reusable_baseline(folder, metrics, params):
+        return read_json(folder / "metrics.json")
+    return run_train(Path(metrics["target"]), folder, params, model, strategy=strategy, progress=progress)
 
 
 def _reusable_baseline(folder: Path, metrics: dict, params: Params) -> bool:
