@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from pathlib import Path
 
 import pytest
 
 from transferkit import zoo
 from transferkit.config import load_params
-from transferkit.data import DataError, load_dataset, make_loader
-from transferkit.train import choose_strategy, evaluate_cpu, run_train
+from transferkit.data import DataError, load_dataset, load_rgb, make_loader
+from transferkit.train import (
+    StrategyError,
+    _EarlyStop,
+    adapt_batchnorm,
+    choose_strategy,
+    evaluate_cpu,
+    param_groups,
+    run_train,
+    set_trainable,
+    stage_groups,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +74,93 @@ def test_checkpoint_reloads_to_the_same_test_accuracy(lp_run, tiny_target):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_choose_strategy_rule():
-    p = load_params(None, {"train.linear_probe_max_per_class": 20})
-    assert choose_strategy(p, 20, None)[0] == "linear-probe"
-    s, reason = choose_strategy(p, 21, {"severity": "severe"})
-    assert s == "full" and "severe" in reason
+def test_choose_strategy_rule_on_crafted_inputs():
+    p = load_params(None, {"train.linear_probe_max_per_class": 20, "train.partial_min_params": 20})
+    s, reason = choose_strategy(p, 20, {"severity": "severe"}, n_params=3_500_000)
+    assert s == "linear-probe" and "20 labels per class" in reason and "severe" in reason
+    s, reason = choose_strategy(p, 21, {"severity": "severe"}, n_params=3_500_000)
+    assert s == "lp-ft" and "severe" in reason
+    s, reason = choose_strategy(p, 100, {"severity": "moderate"}, n_params=86_000_000)
+    assert s == "partial" and "86.0 M" in reason
+    assert choose_strategy(p, 100, {"severity": "moderate"}, n_params=86_000_000, has_stages=False)[0] == "full"
+    s, reason = choose_strategy(p, 100, None, n_params=3_500_000)
+    assert s == "full" and "10x below scratch" in reason
+
+
+def test_requires_grad_per_strategy():
+    lm = zoo.create_model("mobilenetv2_100", num_classes=10, image_size=32)
+    m = lm.model
+    head = {n for n, p in m.named_parameters() if any(p is q for q in m.get_classifier().parameters())}
+    assert head == {"classifier.weight", "classifier.bias"}
+    stages = stage_groups(m)
+    assert len(stages) == 8 and stages[0][0] == "conv_stem.weight" and "conv_head.weight" in stages[-1]
+
+    set_trainable(m, "linear-probe", 2)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == head
+    info = set_trainable(m, "partial", 2)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == head | set(stages[-1]) | set(stages[-2])
+    assert info["trainable_params"] + info["frozen_params"] == sum(p.numel() for p in m.parameters())
+    set_trainable(m, "full", 2)
+    assert all(p.requires_grad for p in m.parameters())
+    with pytest.raises(StrategyError, match="train.unfreeze_blocks=8"):
+        set_trainable(m, "partial", 8)
+
+
+def test_layer_decay_param_groups():
+    lm = zoo.create_model("mobilenetv2_100", num_classes=10, image_size=32)
+    set_trainable(lm.model, "full", 2)
+    groups = param_groups(lm.model, lr=1e-3, head_lr=1e-2, weight_decay=1e-4, layer_decay=0.5)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(lm.model.parameters()))  # every parameter exactly once
+    assert groups[-1]["lr"] == 1e-2 and {id(p) for p in groups[-1]["params"]} == {
+        id(p) for p in lm.model.get_classifier().parameters()}  # fmt: skip
+    stem = next(g for g in groups if any(p is lm.model.conv_stem.weight for p in g["params"]))
+    top = next(g for g in groups if any(p is lm.model.conv_head.weight for p in g["params"]))
+    assert stem["lr"] < top["lr"] <= 1e-3  # deeper from the top, smaller LR
+    assert stem["lr"] == pytest.approx(1e-3 * 0.5 ** round(math.log(stem["lr"] / 1e-3, 0.5)))
+    plain = param_groups(lm.model, lr=1e-3, head_lr=1e-2, weight_decay=1e-4, layer_decay=None)
+    assert [g["lr"] for g in plain] == [1e-3, 1e-2]
+
+
+def test_adabn_sets_target_statistics_and_keeps_weights(tiny_target):
+    import torch
+
+    lm = zoo.create_model("mobilenetv2_100", num_classes=10, image_size=32)
+    ds = load_dataset(tiny_target)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    momentum = lm.model.bn1.momentum
+    assert momentum is not None
+    samples = ds.splits["train"]
+    tf = zoo.eval_transform(lm.data_config)
+    n = adapt_batchnorm(lm.model, samples, tf, batch_size=len(samples))
+    assert n == len(samples)
+    x = torch.stack([tf(load_rgb(p)) for p, _ in samples])
+    with torch.no_grad():
+        z = lm.model.conv_stem(x)  # what the first BatchNorm sees
+    bn = lm.model.bn1
+    assert torch.allclose(bn.running_mean, z.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, z.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    after = lm.model.state_dict()
+    for k, v in before.items():
+        if k.endswith(("running_mean", "running_var")):
+            continue
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, after[k]), k
+    assert not lm.model.training and bn.momentum == momentum  # the training-time momentum is restored
+
+
+def test_early_stopping_stops_at_patience():
+    stop = _EarlyStop(patience=2, min_epochs=0)
+    seq = [stop.step(v, e) for e, v in enumerate([1.0, 0.8, 0.9, 0.85, 0.7], start=1)]
+    assert seq[:4] == [(True, False), (True, False), (False, False), (False, True)]
+    late = _EarlyStop(patience=1, min_epochs=4)
+    assert [late.step(v, e)[1] for e, v in enumerate([1.0, 2.0, 2.0, 2.0], start=1)] == [False, False, False, True]
+
+
+def test_linear_probe_stops_early_on_real_data(tiny_target, tmp_path):
+    params = load_params(None, {"data.image_size": 32, "train.epochs": 300, "train.patience": 3})
+    m = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", strategy="linear-probe", progress=False)
+    assert m["epochs"] < 300 and m["epochs"] == m["best_epoch"] + 3
 
 
 def test_full_and_scratch_train_the_whole_network(tiny_target, tmp_path):
@@ -85,6 +179,107 @@ def test_full_and_scratch_train_the_whole_network(tiny_target, tmp_path):
     d_scratch = (lm_s.model.state_dict()["conv_stem.weight"] - ref).abs().max().item()
     assert 0 < d_full < d_scratch
     assert len(full["history"]) == 2
+    # LP-FT starts fine-tuning from a trained head: its first epoch is already far better than full's
+    lpft = run_train(tiny_target, tmp_path / "lpft", params, "mobilenetv2_100", strategy="lp-ft", progress=False)
+    assert lpft["strategy"] == "lp-ft" and lpft["linear_probe_phase"]["epochs"] >= 1
+    assert lpft["history"][0]["val_loss"] < full["history"][0]["val_loss"]
+    assert lpft["history"][0]["val_accuracy"] > full["history"][0]["val_accuracy"]
+    assert not (tmp_path / "lpft" / "checkpoint.pt").exists()  # a finished run leaves nothing to resume
+
+
+def _module_of(key: str) -> str:
+    return key.rsplit(".", 1)[0]
+
+
+def test_partial_trains_only_the_top_stages(tiny_target, tmp_path):
+    import torch
+
+    params = load_params(None, {"data.image_size": 32, "train.epochs": 2, "train.unfreeze_blocks": 2})
+    m = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", strategy="partial", progress=False)
+    assert m["strategy"] == "partial" and m["trainable_params"] > 0 and m["frozen_params"] > 0
+    src = zoo.create_model("mobilenetv2_100", image_size=32).model
+    stages = stage_groups(src)
+    got = zoo.create_model(f"file:{tmp_path / 'model.safetensors'}").model.state_dict()
+    ref = src.state_dict()
+    frozen = {_module_of(n) for g in stages[:-2] for n in g}
+    trained = {_module_of(n) for g in stages[-2:] for n in g}
+    for k in ref:  # weights and BatchNorm statistics of the frozen stages are bit-identical
+        if _module_of(k) in frozen and not k.endswith("num_batches_tracked"):
+            assert torch.equal(ref[k], got[k]), k
+    assert any(not torch.equal(ref[k], got[k]) for k in ref if _module_of(k) in trained and k.endswith("weight"))
+
+
+def test_adabn_auto_under_detected_shift(lp_run, tiny_target, tmp_path):
+    import torch
+
+    assert lp_run[1]["adabn"]["applied"] is False  # no drift.json: nothing to adapt to
+    drift = tmp_path / "drift.json"
+    drift.write_text(json.dumps({"drift_detected": True, "severity": "severe"}))
+    params = load_params(None, {"data.image_size": 32, "train.epochs": 5})
+    m = run_train(tiny_target, tmp_path / "run", params, "mobilenetv2_100", drift=drift, progress=False)
+    assert m["strategy"] == "linear-probe" and m["adabn"] == {"applied": True, "images": 100}
+    assert "AdaBN" in m["strategy_reason"]
+    got = zoo.create_model(f"file:{tmp_path / 'run' / 'model.safetensors'}").model.state_dict()
+    ref = zoo.create_model("mobilenetv2_100", image_size=32).model.state_dict()
+    assert torch.equal(got["conv_stem.weight"], ref["conv_stem.weight"])
+    assert not torch.allclose(got["bn1.running_mean"], ref["bn1.running_mean"])
+    off = run_train(tiny_target, tmp_path / "off", load_params(None, {"data.image_size": 32, "train.epochs": 5,
+                    "train.adabn": "off"}), "mobilenetv2_100", drift=drift, progress=False)  # fmt: skip
+    assert off["adabn"]["applied"] is False
+
+
+def _train_cmd(target, out):
+    import sys
+
+    exe = Path(sys.executable).parent / "transferkit"
+    return [str(exe), "train", "--target", str(target), "--out", str(out), "--model", "mobilenetv2_100",
+            "--strategy", "full", "-q", "--set", "data.image_size=32", "--set", "train.epochs=8",
+            "--set", "train.min_epochs=8", "--set", "train.patience=8"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_result(tiny_target, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every process: same floating-point sums
+    subprocess.run(_train_cmd(tiny_target, tmp_path / "ref"), env=env, check=True, capture_output=True)
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(tiny_target, out), env=env, stderr=subprocess.PIPE)
+    ckpt, epoch, deadline = out / "checkpoint.pt", 0, time.time() + 300
+    while epoch < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        if ckpt.is_file():
+            epoch = torch.load(ckpt, weights_only=True)["epoch"]
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists()
+    killed_at = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 2 <= killed_at < 8
+
+    again = subprocess.run(_train_cmd(tiny_target, out), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {out} from epoch {killed_at + 1}" in again.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from_epoch"] == killed_at + 1
+    assert [h["epoch"] for h in m["history"]] == list(range(1, 9))
+    assert [h["val_loss"] for h in m["history"]] == pytest.approx([h["val_loss"] for h in ref["history"]], rel=1e-6)
+    assert m["test_accuracy"] == ref["test_accuracy"] and m["best_epoch"] == ref["best_epoch"]
+    assert not ckpt.exists()
+
+
+def test_resume_ignores_a_checkpoint_from_other_arguments(tiny_target, tmp_path):
+    params = load_params(None, {"data.image_size": 32, "train.epochs": 2})
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")  # damaged: start over, don't fail
+    m = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", strategy="full", progress=False)
+    assert m["resumed_from_epoch"] == 0 and len(m["history"]) == 2
 
 
 def test_bad_strategy_and_scratch_model_errors(tiny_target, tmp_path):
@@ -93,6 +288,11 @@ def test_bad_strategy_and_scratch_model_errors(tiny_target, tmp_path):
         run_train(tiny_target, tmp_path, params, "mobilenetv2_100", strategy="magic", progress=False)
     with pytest.raises(DataError, match="no pretrained weights"):
         run_train(tiny_target, tmp_path, params, "scratch:mobilenetv2_100", strategy="linear-probe", progress=False)
+    with pytest.raises(DataError, match="no pretrained weights"):
+        run_train(tiny_target, tmp_path, params, "scratch:mobilenetv2_100", strategy="lp-ft", progress=False)
+    big = load_params(None, {"data.image_size": 32, "train.unfreeze_blocks": 9})
+    with pytest.raises(StrategyError, match="unfreeze_blocks=9"):
+        run_train(tiny_target, tmp_path, big, "mobilenetv2_100", strategy="partial", progress=False)
     assert not (tmp_path / "metrics.json").exists()
 
 

@@ -2,23 +2,51 @@
 
     transferkit train --target data/target --model mobilenetv2_100 --strategy auto --out runs/demo/train
 
-Strategies
+Strategies (`--strategy`, or `train.strategy`)
   linear-probe  frozen backbone; a linear head trained on cached penultimate features (seconds)
+  partial       the top `train.unfreeze_blocks` timm stages (model.group_matcher(coarse=True)) and the head
+                train; lower stages are frozen, their BatchNorm statistics included
   full          fine-tune every layer; backbone LR `train.lr` (10x below scratch), head LR `train.head_lr`
+  lp-ft         linear probe first, then fine-tune everything from that head at `train.lr` (Kumar et al.
+                2022: a random head distorts pretrained features early in fine-tuning; most under shift)
   scratch       same architecture from random init, same epochs: the baseline transfer must beat
-  auto          linear-probe when the smallest class has <= `train.linear_probe_max_per_class` labels
-                (too few to move millions of weights without overfitting), else full fine-tuning.
+Options: `train.layer_decay` (layer-wise LR decay through timm's param_groups_layer_decay: each stage's LR is
+the one above it times the decay, the head keeps its own), and AdaBN (`train.adabn`): BatchNorm statistics
+re-estimated on (unlabelled) target train+val images before training, for the frozen parts of a model.
+
+The `auto` rule (choose_strategy), in order; bench/transfer.py is the evidence behind it:
+  1. labels per class <= `train.linear_probe_max_per_class` -> linear-probe: too few labels to move millions
+     of weights without overfitting;
+  2. measured shift is severe (drift.json) -> lp-ft: the features need to adapt, and starting from a
+     trained head keeps fine-tuning from wrecking them;
+  3. a large model (>= `train.partial_min_params` million parameters) with timm stage structure -> partial;
+  4. otherwise full.
+  AdaBN `auto`: on when drift.json says shift was detected, the model has BatchNorm and some of it stays
+  frozen (linear-probe, partial).
 
 Regularisation: dropout before the head (`train.drop_rate`), AdamW weight decay, label smoothing,
-augmentation (timm transforms, no flips) and early stopping on validation loss; the best epoch is the
-checkpoint that ships. Outputs in OUT: model.safetensors, metrics.json, history.csv, params.yaml.
+augmentation (timm transforms, no flips) and early stopping on validation loss (never before
+`train.min_epochs`); the best epoch is the checkpoint that ships.
+
+Devices: CUDA when present (bf16 autocast, channels_last, pinned-memory loaders), otherwise CPU with every
+core we were given (or OMP_NUM_THREADS). Seeded; deterministic algorithms where the device has them.
+
+Resume: fine-tuning writes OUT/checkpoint.pt atomically after every epoch (model, best state, optimizer,
+scheduler, early-stopping state, history and every RNG state; read back with weights_only=True). Started
+again with the same arguments (same fingerprint) after a crash or SIGKILL, a run continues from the
+last finished epoch and ends with the same result as an uninterrupted one; a finished run removes it.
+
+Outputs in OUT: model.safetensors, metrics.json, history.csv (DVC plots), params.yaml.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -26,22 +54,136 @@ import numpy as np
 
 from transferkit.config import Params, dump_params
 
+STRATEGIES = ("auto", "linear-probe", "partial", "full", "lp-ft", "scratch")
 
-def choose_strategy(params: Params, labels_per_class: int, drift: dict | None) -> tuple[str, str]:
-    """The `auto` rule; returns (strategy, plain-words reason)."""
-    shift = ""
-    if drift is not None:
-        shift = f"; measured shift: {drift.get('severity', 'unknown')}"
-    limit = params.train.linear_probe_max_per_class
-    if labels_per_class <= limit:
+
+class StrategyError(ValueError):
+    """A strategy that cannot apply to this model or these params (names the field)."""
+
+
+def choose_strategy(
+    params: Params,
+    labels_per_class: int,
+    drift: dict | None,
+    n_params: int | None = None,
+    has_stages: bool = True,
+) -> tuple[str, str]:
+    """The `auto` rule (module docstring); returns (strategy, plain-words reason)."""
+    t = params.train
+    severity = (drift or {}).get("severity")
+    shift = f"; measured shift: {severity}" if drift is not None else ""
+    if labels_per_class <= t.linear_probe_max_per_class:
         return "linear-probe", (
-            f"{labels_per_class} labels per class (<= {limit}): too few to fine-tune the whole network "
-            f"without overfitting, so the pretrained features are kept frozen and a linear head is trained{shift}"
+            f"{labels_per_class} labels per class (<= {t.linear_probe_max_per_class}): too few to fine-tune the "
+            f"whole network without overfitting, so the pretrained features are kept frozen and a linear head "
+            f"is trained{shift}"
+        )
+    if severity == "severe":
+        return "lp-ft", (
+            f"{labels_per_class} labels per class (> {t.linear_probe_max_per_class}) and a severe domain shift: "
+            f"the features must adapt, so the network is fine-tuned (LR {t.lr:g}) starting from a linear-probed "
+            f"head, which distorts the pretrained features less than a random head (LP-FT)"
+        )
+    if n_params is not None and n_params >= t.partial_min_params * 1e6 and has_stages:
+        return "partial", (
+            f"{labels_per_class} labels per class and a large model ({n_params / 1e6:.1f} M parameters >= "
+            f"{t.partial_min_params:g} M): only the top {t.unfreeze_blocks} stages and the head are fine-tuned"
+            f"{shift}"
         )
     return "full", (
-        f"{labels_per_class} labels per class (> {limit}): enough to fine-tune every layer with a small "
-        f"learning rate ({params.train.lr:g}, {params.train.scratch_lr / params.train.lr:g}x below scratch){shift}"
+        f"{labels_per_class} labels per class (> {t.linear_probe_max_per_class}): enough to fine-tune every layer "
+        f"with a small learning rate ({t.lr:g}, {t.scratch_lr / t.lr:g}x below scratch){shift}"
     )
+
+
+def stage_groups(model) -> list[list[str]]:
+    """Parameter names per timm stage, input side first, the classifier excluded (timm's group_matcher)."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        return []
+    head = {id(p) for p in model.get_classifier().parameters()}
+    layer = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters():
+        if id(p) not in head:
+            groups.setdefault(layer[name], []).append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def set_trainable(model, strategy: str, unfreeze_blocks: int) -> dict:
+    """Set requires_grad for `strategy`; returns what trains. Frozen BatchNorms are handled by _freeze_bn."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    if strategy == "linear-probe":
+        train_names = set()
+    elif strategy == "partial":
+        stages = stage_groups(model)
+        if len(stages) < 2:
+            raise StrategyError(
+                f"strategy 'partial' needs a timm model with stage structure (group_matcher); "
+                f"{type(model).__name__} has none: use full or linear-probe"
+            )
+        if unfreeze_blocks >= len(stages):
+            raise StrategyError(
+                f"train.unfreeze_blocks={unfreeze_blocks} but the model has {len(stages)} stages: "
+                f"use at most {len(stages) - 1}, or --strategy full"
+            )
+        train_names = {n for g in stages[-unfreeze_blocks:] for n in g}
+    else:
+        train_names = {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(id(p) in head or name in train_names)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": n_train, "frozen_params": n_all - n_train}
+
+
+def _freeze_bn(model) -> None:
+    """BatchNorms whose weights are frozen keep their running statistics too (eval mode)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False)):
+            m.eval()
+
+
+def has_batchnorm(model) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def adapt_batchnorm(model, samples, transform, batch_size: int, progress: bool = False) -> int:
+    """AdaBN (Li et al. 2016): replace BatchNorm running statistics with the target images' statistics.
+
+    Only the statistics change (cumulative average over all given images); weights stay as they are.
+    Returns the number of images used.
+    """
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from tqdm import tqdm
+
+    from transferkit.data import make_loader
+
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches, not an exponential one
+        m.train()
+    dev = next(model.parameters()).device
+    n = 0
+    with torch.no_grad():
+        for xb, _ in tqdm(make_loader(samples, transform, batch_size), desc="adabn", unit="batch",
+                          disable=not progress, leave=False):  # fmt: skip
+            model(xb.to(dev))
+            n += len(xb)
+    for m, (mom, tr) in zip(bns, saved):
+        m.momentum = mom
+        m.train(tr)
+    model.eval()
+    return n
 
 
 def _seed_everything(seed: int) -> None:
@@ -72,21 +214,27 @@ class _EarlyStop:
         return False, self.bad >= self.patience and epoch >= self.min_epochs
 
 
-def _linear_probe(lm, ds, params: Params, progress: bool, out: Path) -> tuple[dict, list[dict], int]:
-    """Train a linear head on frozen features; returns (split accuracies, history, best epoch)."""
+def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tuple[dict, list[dict], int]:
+    """Train a linear head on frozen features; returns (split accuracies, history, best epoch).
+
+    Features come from the shared embedding cache, unless AdaBN changed the backbone (`adapted`): then
+    they are computed here from the adapted model (the cache holds the source model's features).
+    """
     import torch
     import torch.nn.functional as F
 
-    from transferkit.embed import compute_embeddings
+    from transferkit.embed import _forward, compute_embeddings
 
-    emb = {
-        s: compute_embeddings(lm.spec.spec, ds.splits[s], ds.md5, image_size=params.data.image_size,
-                              batch_size=params.data.batch_size, progress=progress)
-        for s in ("train", "val", "test")
-    }  # fmt: skip
+    def features(split):
+        if adapted:
+            return _forward(lm, ds.splits[split], params.data.batch_size, progress, f"{lm.spec.spec}+adabn")
+        return compute_embeddings(lm.spec.spec, ds.splits[split], ds.md5, image_size=params.data.image_size,
+                                  batch_size=params.data.batch_size, progress=progress)  # fmt: skip
+
+    emb = {s: features(s) for s in ("train", "val", "test")}
     _seed_everything(params.seed)  # after embedding: loading a model may consume the global RNG
     x = {s: torch.from_numpy(e["features"]) for s, e in emb.items()}
-    y = {s: torch.from_numpy(e["labels"]) for s, e in emb.items()}
+    y = {s: torch.tensor([lbl for _, lbl in ds.splits[s]], dtype=torch.long) for s in emb}
     head = lm.model.get_classifier()
     torch.nn.init.zeros_(head.weight)  # a zero head starts at the uniform prediction
     torch.nn.init.zeros_(head.bias)
@@ -130,8 +278,90 @@ def _linear_probe(lm, ds, params: Params, progress: bool, out: Path) -> tuple[di
     return acc, history, stop.best_epoch
 
 
-def _finetune(lm, ds, params: Params, lr: float, progress: bool, out: Path) -> tuple[dict, list[dict], int]:
-    """Train the whole network (fine-tune or scratch) with early stopping; keeps the best epoch."""
+def param_groups(model, lr: float, head_lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """Optimizer groups over the trainable parameters: discriminative LRs (body `lr`, head `head_lr`),
+    optionally with layer-wise decay (timm's param_groups_layer_decay: lr * decay^(depth from the top))."""
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    head = [p for p in trainable if id(p) in head_ids]
+    if layer_decay is None:
+        body = [p for p in trainable if id(p) not in head_ids]
+        groups = [{"params": body, "lr": lr, "weight_decay": weight_decay}] if body else []
+    else:
+        from timm.optim import param_groups_layer_decay
+
+        groups = []
+        for g in param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay):
+            ps = [p for p in g["params"] if id(p) not in head_ids]
+            if ps:
+                groups.append({"params": ps, "lr": lr * g["lr_scale"], "weight_decay": g["weight_decay"]})
+    groups.append({"params": head, "lr": head_lr, "weight_decay": weight_decay})
+    return groups
+
+
+def _fingerprint(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_resume(path: Path, state: dict) -> None:
+    import torch
+
+    from transferkit.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_resume(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint of an interrupted run with the same fingerprint, else None (with the reason on stderr)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint means starting over, not failing
+        print(f"train: ignoring unreadable {path} ({type(e).__name__}); starting from epoch 1", file=sys.stderr)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        print(f"train: {path} belongs to a run with other arguments; starting from epoch 1", file=sys.stderr)
+        return None
+    return state
+
+
+def _rng_state(loader_gen) -> dict:
+    import random
+
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "loader": loader_gen.get_state(),
+    }
+
+
+def _set_rng_state(state: dict, loader_gen) -> None:
+    import random
+
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    loader_gen.set_state(state["loader"])
+
+
+def _finetune(
+    lm, ds, params: Params, strategy: str, progress: bool, out: Path, fingerprint: str
+) -> tuple[dict, list[dict], int, int]:
+    """Fine-tune (partial/full/lp-ft) or train from scratch with early stopping; keeps the best epoch.
+
+    Returns (split accuracies, history, best epoch, epoch resumed from or 0)."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -140,24 +370,24 @@ def _finetune(lm, ds, params: Params, lr: float, progress: bool, out: Path) -> t
     from transferkit.data import make_loader
     from transferkit.embed import device
 
+    t = params.train
     dev = device()
     model = lm.model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     cfg, bs = lm.data_config, params.data.batch_size
-    aug = zoo.train_transform(cfg) if params.train.augment else zoo.eval_transform(cfg)
+    aug = zoo.train_transform(cfg) if t.augment else zoo.eval_transform(cfg)
     train_loader = make_loader(ds.splits["train"], aug, bs, shuffle=True, seed=params.seed,
                                num_workers=params.data.num_workers)  # fmt: skip
     eval_loaders = {s: make_loader(ds.splits[s], zoo.eval_transform(cfg), bs) for s in ("train", "val", "test")}
-    head_params = list(model.get_classifier().parameters())
-    head_ids = {id(p) for p in head_params}
-    body = [p for p in model.parameters() if id(p) not in head_ids]
-    head_lr = max(lr, params.train.head_lr) if lm.spec.pretrained else lr
-    opt = torch.optim.AdamW(
-        [{"params": body, "lr": lr}, {"params": head_params, "lr": head_lr}], weight_decay=params.train.weight_decay
-    )
-    steps = params.train.epochs * max(1, len(train_loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, head_lr], total_steps=steps, pct_start=0.15)
+    lr = t.scratch_lr if strategy == "scratch" else t.lr
+    # a fresh head learns fast at head_lr; an LP-FT head is already trained and moves as gently as the body
+    head_lr = max(lr, t.head_lr) if strategy in ("partial", "full") else lr
+    groups = param_groups(model, lr, head_lr, t.weight_decay, t.layer_decay if strategy != "scratch" else None)
+    opt = torch.optim.AdamW(groups)
+    steps = t.epochs * max(1, len(train_loader))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps,
+                                                pct_start=0.15)  # fmt: skip
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def evaluate(loader):
@@ -165,23 +395,41 @@ def _finetune(lm, ds, params: Params, lr: float, progress: bool, out: Path) -> t
         logits, labels = [], []
         with torch.inference_mode(), amp:
             for xb, yb in loader:
-                logits.append(model(xb.to(dev)).float().cpu())
+                logits.append(model(xb.to(dev, non_blocking=True)).float().cpu())
                 labels.append(yb)
         lg, lb = torch.cat(logits), torch.cat(labels)
         return float(F.cross_entropy(lg, lb)), _accuracy(lg, lb)
 
-    stop, history, best_state = _EarlyStop(params.train.patience, params.train.min_epochs), [], None
-    _seed_everything(params.seed)  # same dropout/augmentation draws whatever ran before in this process
-    bar = tqdm(range(1, params.train.epochs + 1), desc=f"train {lm.spec.spec}", unit="epoch", disable=not progress)
+    stop, history, best_state = _EarlyStop(t.patience, t.min_epochs), [], None
+    ckpt, start, resumed, done = out / "checkpoint.pt", 1, 0, False
+    state = _load_resume(ckpt, fingerprint) if t.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        stop.__dict__.update(state["stop"])
+        history, best_state, done = state["history"], state["best"], state["done"]
+        _set_rng_state(state["rng"], train_loader.generator)
+        start = resumed = int(state["epoch"]) + 1
+        print(f"train: resuming {out} from epoch {start} ({ckpt})", file=sys.stderr)
+    else:
+        _seed_everything(params.seed)  # same dropout/augmentation draws whatever ran before in this process
+    bar = tqdm(range(start, t.epochs + 1), desc=f"train {strategy} {lm.spec.spec}", unit="epoch",
+               initial=start - 1, total=t.epochs, disable=not progress or done)  # fmt: skip
     for epoch in bar:
+        if done:
+            break
         t0 = time.perf_counter()
         model.train()
+        _freeze_bn(model)
         tot, correct, n = 0.0, 0, 0
         for xb, yb in train_loader:
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+            if dev.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
             with amp:
                 logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=params.train.label_smoothing)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=t.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -198,12 +446,16 @@ def _finetune(lm, ds, params: Params, lr: float, progress: bool, out: Path) -> t
         improved, done = stop.step(val_loss, epoch)
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if done:
-            break
+        _save_resume(ckpt, {
+            "fingerprint": fingerprint, "epoch": epoch, "done": done, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stop": dict(stop.__dict__),
+            "history": history, "best": best_state, "rng": _rng_state(train_loader.generator),
+        })  # fmt: skip
+    bar.close()
     model.load_state_dict(best_state)
     model.to("cpu").eval()
     acc = {s: evaluate_cpu(model, loader) for s, loader in eval_loaders.items()}
-    return acc, history, stop.best_epoch
+    return acc, history, stop.best_epoch, resumed
 
 
 def evaluate_cpu(model, loader) -> float:
@@ -234,35 +486,57 @@ def run_train(
 
     t_start = time.perf_counter()
     out = Path(out)
-    strategy = strategy or params.train.strategy
-    valid = ("auto", "linear-probe", "full", "scratch")
-    if strategy not in valid:
-        raise ValueError(f"--strategy must be one of {', '.join(valid)}; got {strategy!r}")
+    t = params.train
+    strategy = strategy or t.strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if strategy != "scratch" and model.startswith("scratch:"):
+        raise DataError(f"model {model!r} has no pretrained weights; use --strategy scratch")
     ds = load_dataset(target, seed=params.seed, val_fraction=params.data.val_fraction,
                       test_fraction=params.data.test_fraction)  # fmt: skip
     drift_report = read_json(drift) if drift else None
     per_class = ds.min_per_class("train")
+    spec = f"scratch:{zoo.parse_spec(model).arch}" if strategy == "scratch" and not model.startswith("scratch:") else model
+
+    torch_threads()
+    _seed_everything(params.seed)
+    lm = zoo.create_model(spec, num_classes=len(ds.classes), drop_rate=t.drop_rate,
+                          image_size=params.data.image_size, seed=params.seed)  # fmt: skip
+    n_params = sum(p.numel() for p in lm.model.parameters())
     if strategy == "auto":
-        strategy, reason = choose_strategy(params, per_class, drift_report)
+        strategy, reason = choose_strategy(params, per_class, drift_report, n_params, len(stage_groups(lm.model)) > 1)
     elif strategy == "scratch":
         reason = "baseline: same architecture from random init, same labelled data and epochs"
     else:
         reason = f"requested explicitly ({strategy})"
-    spec = model
-    if strategy == "scratch" and not model.startswith("scratch:"):
-        spec = f"scratch:{zoo.parse_spec(model).arch}"
-    if strategy != "scratch" and model.startswith("scratch:"):
-        raise DataError(f"model {model!r} has no pretrained weights; use --strategy scratch")
+    trainable = set_trainable(lm.model, "full" if strategy in ("lp-ft", "scratch") else strategy, t.unfreeze_blocks)
 
-    torch_threads()
-    _seed_everything(params.seed)
-    lm = zoo.create_model(spec, num_classes=len(ds.classes), drop_rate=params.train.drop_rate,
-                          image_size=params.data.image_size, seed=params.seed)  # fmt: skip
+    adabn = {"applied": False, "images": 0}
+    frozen_bn = strategy in ("linear-probe", "partial")
+    if t.adabn == "on" or (t.adabn == "auto" and frozen_bn and bool((drift_report or {}).get("drift_detected"))):
+        if strategy == "scratch" or not has_batchnorm(lm.model):
+            adabn["reason"] = "not applicable: " + ("scratch has no source statistics" if strategy == "scratch"
+                                                    else "the model has no BatchNorm")  # fmt: skip
+        else:
+            from transferkit.data import subsample
+
+            pool = subsample(ds.splits["train"] + ds.splits["val"], t.adabn_max_images, params.seed)
+            adabn["images"] = adapt_batchnorm(lm.model, pool, zoo.eval_transform(lm.data_config),
+                                              params.data.batch_size, progress)  # fmt: skip
+            adabn["applied"] = True
+            reason += f"; AdaBN: BatchNorm statistics re-estimated on {adabn['images']} unlabelled target images"
+
+    fingerprint = _fingerprint(model=model, spec=spec, strategy=strategy, data=ds.md5, weights=lm.weights_sha256,
+                               params=params.model_dump(mode="json"))  # fmt: skip
+    resumed, lp = 0, None
     if strategy == "linear-probe":
-        acc, history, best = _linear_probe(lm, ds, params, progress, out)
+        acc, history, best = _linear_probe(lm, ds, params, progress, adapted=adabn["applied"])
     else:
-        lr = params.train.scratch_lr if strategy == "scratch" else params.train.lr
-        acc, history, best = _finetune(lm, ds, params, lr, progress, out)
+        if strategy == "lp-ft":  # phase 1 trains the head on frozen features (seconds; re-run on resume)
+            lp_acc, lp_hist, lp_best = _linear_probe(lm, ds, params, progress, adapted=adabn["applied"])
+            lp = {"val_accuracy": lp_acc["val"], "test_accuracy": lp_acc["test"], "best_epoch": lp_best,
+                  "epochs": len(lp_hist)}  # fmt: skip
+        acc, history, best, resumed = _finetune(lm, ds, params, strategy, progress, out, fingerprint)
 
     meta = {
         "arch": lm.arch,
@@ -298,6 +572,12 @@ def run_train(
         "checkpoint_sha256": ckpt_sha,
         "skipped_files": len(ds.skipped),
         "device": "cuda" if _cuda() else "cpu",
+        "model_params": n_params,
+        **trainable,
+        "layer_decay": t.layer_decay if strategy in ("partial", "full", "lp-ft") else None,
+        "adabn": adabn,
+        "linear_probe_phase": lp,
+        "resumed_from_epoch": resumed,
     }
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -306,6 +586,7 @@ def run_train(
     atomic_write_text(out / "history.csv", buf.getvalue())
     dump_params(params, out / "params.yaml")
     write_json(out / "metrics.json", metrics)
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # finished: nothing left to resume
     return metrics
 
 
