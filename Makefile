@@ -16,10 +16,10 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo data test repro clean-runs help
+.PHONY: install demo data test repro push server clean-runs help
 
 help:
-	@echo "make demo | make test | make repro (dvc) | make install"
+	@echo "make demo | make test | make repro (dvc) | make push (dvc) | make server (prefect) | make install"
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	  || echo "warning: could not install dataset-fashion-mnist (only the fashion-mnist builtin needs it)"; fi
+	@# Debian's Chromium for the serving page's browser test (playwright drives it; no browser download)
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium (only tests/test_serve.py's browser test needs it)"; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -48,6 +52,15 @@ demo: data
 
 repro: data
 	$(DVC) repro
+
+# dvc push to the default remote (.dvc/config: .dvc-remote/), after `make repro` passed the gate
+push: repro
+	$(DVC) push
+
+# Prefect server (UI/API http://127.0.0.1:4200, SQLite in PREFECT_HOME) + process worker + deployments
+PORT ?= 4200
+server: install
+	$(TK) server --port $(PORT)
 
 test: install
 	$(PY) -m pytest -q tests

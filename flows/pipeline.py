@@ -6,6 +6,24 @@
 Tasks are named like the stages, CLI verbs and DVC stages; each calls one library function and
 passes only paths and plain dicts (stage contracts are files in the run folder). Key tables are
 published as Prefect markdown artifacts. A failed validation gate raises `GateFailed` before export.
+
+`retrain` (flow "transferkit-retrain") is what the deployments in flows/deployments.py run, on a cron
+schedule and on `transferkit.dataset.updated` / `transferkit.drift.detected` events: it checks the data
+version it was started for (`data_md5`, DVC's md5 from the event), resolves params.yaml + `overrides`
+into the run folder, skips when the live model was already built from this data, params and code, runs
+`transfer_pipeline` as a subflow, makes sure the new version is live (`promote`) and, if asked, `dvc push`es.
+
+Failure states: GateFailed (the model is not good enough: nothing exported), StaleData (the folder
+changed after the event; the newer event starts its own run), anything else is a bug or bad input and
+fails the run with the library's one-line message. Only I/O tasks retry (export, promote, push,
+check_data), with exponential back-off and only on OSError/subprocess errors: a deterministic
+ValueError or a failed gate would fail identically on every retry.
+
+Caching: DVC is the cache, not Prefect's result cache. Stage outputs are files (checkpoints, ONNX,
+reports) that a cached task *return value* cannot restore, and a cache hit would hand back paths into a
+run folder that may be gone. `dvc repro` skips stages whose deps/params md5s are unchanged and restores
+outputs from .dvc/cache; the flow's own guard is `skip_unchanged` (data md5 + params + git rev of the
+live model), and the expensive embeddings are cached by (model, weights, data md5, size) in transferkit.embed.
 """
 
 from __future__ import annotations
@@ -16,12 +34,32 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+IO_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+
+
+def _io_error(task, task_run, state) -> bool:
+    """Retry condition: only transient I/O errors; a ValueError (bad input, parity, gate) fails at once."""
+    import subprocess
+
+    try:
+        state.result()
+    except (OSError, subprocess.SubprocessError):
+        return True
+    except BaseException:
+        return False
+    return False
 
 
 class GateFailed(RuntimeError):
     def __init__(self, validation: dict):
         super().__init__("validation gate failed: " + "; ".join(validation["reasons"]))
         self.validation = validation
+
+
+class StaleData(RuntimeError):
+    """The dataset's DVC md5 is no longer the one the run was started for."""
 
 
 def _params(params: dict[str, Any] | None):
@@ -128,7 +166,7 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
     return r
 
 
-@task(name="export", cache_policy=NO_CACHE)
+@task(name="export", cache_policy=NO_CACHE, retry_condition_fn=_io_error, **IO_RETRIES)
 def export_task(run: str, repo: str, params: dict, force: bool, progress: bool) -> dict:
     from transferkit.export import run_export
 
@@ -191,6 +229,163 @@ def transfer_pipeline(
         "version": meta.get("version"),
         "seconds": time.perf_counter() - t0,
     }
+
+
+# --------------------------------------------------------------------------- retrain (what deployments run)
+
+
+@task(name="check_data", cache_policy=NO_CACHE, retry_condition_fn=_io_error, **IO_RETRIES)
+def check_data_task(dataset: str, data_md5: str | None) -> dict:
+    """DVC's record of DATASET (<dataset>.dvc); StaleData if it no longer has the md5 the run is for."""
+    from transferkit.watch import dvc_md5
+
+    out = dvc_md5(Path(dataset))
+    if data_md5 and out["md5"] != data_md5:
+        raise StaleData(f"{out['dvc_file']} now records md5 {out['md5']}, this run was started for {data_md5}: "
+                        "the data changed again, and that change starts its own run")  # fmt: skip
+    return out
+
+
+@task(name="promote", cache_policy=NO_CACHE, retry_condition_fn=_io_error, **IO_RETRIES)
+def promote_task(repo: str, name: str, version: int, reason: str) -> dict:
+    """Make VERSION live. `export` already promotes what it publishes; this task promotes only if it did not
+    (an export that leaves `latest` alone), and never demotes a newer version that went live meanwhile."""
+    from transferkit.export import latest_version
+    from transferkit.promote import promote, read_history
+
+    model_dir = Path(repo) / name
+    live = latest_version(model_dir)
+    if live == version:
+        rec = next((r for r in reversed(read_history(model_dir)) if r["version"] == version), None)
+        action = "already live (promoted by export)"
+    elif live is None or live < version:
+        rec = promote(Path(repo), name, version, reason=reason)
+        action = f"promoted {live} -> {version}"
+    else:
+        rec, action = None, f"left alone: newer version {live} is live"
+    _artifact(
+        "promote",
+        f"## {name} v{version}: {action}\n\nLive: `{model_dir / 'latest'}` = {latest_version(model_dir)}; "
+        f"history `{model_dir / 'promotions.jsonl'}`\n\nReason: {reason or '-'}\n",
+        "Promotion (REPO/<name>/latest)",
+    )
+    return {"action": action, "live": latest_version(model_dir), "record": rec}
+
+
+@task(name="push", cache_policy=NO_CACHE, retry_condition_fn=_io_error, **IO_RETRIES)
+def push_task(root: str, remote: str | None = None) -> str:
+    """`dvc push`: the data (and DVC-tracked outputs) behind the gated model reach the default remote."""
+    import subprocess
+
+    from transferkit.watch import _dvc
+
+    cmd = [_dvc(), "push"] + (["-r", remote] if remote else [])
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=3600)
+    if p.returncode != 0:
+        msg = (p.stderr or p.stdout).strip()[-1500:]
+        if "network" in msg.lower() or "connection" in msg.lower() or "timed out" in msg.lower():
+            raise OSError(f"dvc push (transient): {msg}")  # retried with back-off
+        raise RuntimeError(f"dvc push failed in {root}: {msg}")
+    return p.stdout.strip()
+
+
+def _resolve(params_file: str | None, overrides: dict | None):
+    """params.yaml (if present) with dotted flow-parameter overrides on top: {"train.epochs": 3}."""
+    from transferkit.config import load_params
+
+    path = Path(params_file) if params_file else None
+    return load_params(path if path and path.is_file() else None, dict(overrides or {}))
+
+
+def _unchanged(repo: Path, name: str, target: str, params: dict) -> dict | None:
+    """metadata.json of the live version if it was built from this target's content, these params, this code."""
+    from transferkit.data import DataError, load_dataset
+    from transferkit.export import latest_version
+    from transferkit.io import git_rev, read_json
+
+    live = latest_version(repo / name)
+    if live is None:
+        return None
+    meta = read_json(repo / name / str(live) / "metadata.json")
+    try:
+        ds = load_dataset(target, seed=params["seed"], val_fraction=params["data"]["val_fraction"],
+                          test_fraction=params["data"]["test_fraction"])  # fmt: skip
+    except DataError:
+        return None  # let the pipeline report it
+    code = git_rev(Path(__file__).resolve().parent)
+    same = meta.get("data_md5") == ds.md5 and meta.get("params") == params and (code is None or meta.get("git_rev") == code)
+    return {**meta, "version": live} if same else None
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    md5 = (p.get("data_md5") or "")[:8]
+    return f"retrain-{Path(p.get('target', 'data')).name}" + (f"-{md5}" if md5 else "")
+
+
+@flow(name="transferkit-retrain", flow_run_name=_run_name, log_prints=True)
+def retrain(
+    target: str = "data/target",
+    reference: str | None = "data/reference",
+    dataset: str | None = "data",
+    data_md5: str | None = None,
+    out_root: str = "runs/retrain",
+    repo: str = "models",
+    candidates: list[str] | None = None,
+    params_file: str | None = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    skip_unchanged: bool = True,
+    push: bool = False,
+    reason: str = "",
+) -> dict:
+    """Retrain on the current data and ship it if it passes the gate.
+
+    target/reference: dataset folders (relative to the deployment's working directory, the repo root).
+    dataset: the DVC-tracked folder that contains them (<dataset>.dvc); data_md5: its md5 this run is
+    for (events pass it; None = whatever is there now). overrides: dotted params, e.g. {"train.epochs": 40},
+    on top of params_file. push: `dvc push` after a gated export.
+    """
+    from prefect.runtime import deployment, flow_run
+
+    from transferkit.config import dump_params
+    from transferkit.export import sanitize_name
+    from transferkit.io import write_json
+
+    data = check_data_task(dataset, data_md5) if dataset else None
+    md5 = data["md5"] if data else data_md5
+    if candidates:  # part of the params, so that skip_unchanged sees a changed candidate list
+        overrides = {**(overrides or {}), "select.candidates": list(candidates)}
+    p = _resolve(params_file, overrides)
+    pj = p.model_dump(mode="json")
+    name = sanitize_name(p.export.name or Path(target).name)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run = Path(out_root) / (f"{stamp}-{md5[:8]}" if md5 else stamp)
+    dump_params(p, run / "params.yaml")  # the resolved config, saved per run
+    record = {"flow_run_id": str(flow_run.id), "deployment": deployment.name,
+              "dataset": dataset, "data_md5": md5, "requested_md5": data_md5, "target": target,
+              "reference": reference, "overrides": overrides or {}, "reason": reason}  # fmt: skip
+    if skip_unchanged and (live := _unchanged(Path(repo), name, target, pj)):
+        msg = f"{name} v{live['version']} is live and was built from this data, params and code: nothing to do"
+        print(msg)
+        write_json(run / "retrain.json", {**record, "skipped": True, "skip_reason": msg, "version": live["version"]})
+        _artifact("retrain", f"## Skipped\n\n{msg} (data md5 `{md5}`)\n", "Retrain decision")
+        return {**record, "skipped": True, "version": live["version"], "run": str(run)}
+    summary = transfer_pipeline(target=target, out=str(run), reference=reference, candidates=None, repo=repo,
+                                params=pj, force=force, progress=False)  # fmt: skip
+    why = reason or (f"data {md5}" if md5 else "scheduled retrain")
+    promoted = promote_task(repo, name, summary["version"], f"retrain {flow_run.name}: {why}")
+    pushed = None
+    if push and summary["passed"]:
+        from transferkit.watch import dvc_root
+
+        pushed = push_task(str(dvc_root(Path(dataset or "."))))
+    result = {**record, "skipped": False, "run": str(run), "name": name, "version": summary["version"],
+              "live": promoted["live"], "pushed": pushed is not None, "summary": summary}  # fmt: skip
+    write_json(run / "retrain.json", result)
+    return result
 
 
 if __name__ == "__main__":

@@ -60,3 +60,95 @@ def tiny_params():
             "select.candidates": ["mobilenetv2_100", "scratch:mobilenetv2_100"],
         },
     )
+
+
+def _tiny_run(run: Path, target: Path, seed: int) -> Path:
+    """A validated train-run folder without the train stage: scratch mobilenetv2_100 at 32 px, BN statistics
+    moved off their init and one SGD step (as in test_export.py); `seed` makes versions differ."""
+    import torch
+
+    from transferkit import zoo
+    from transferkit.config import dump_params, load_params
+    from transferkit.data import load_dataset, load_rgb
+    from transferkit.io import write_json
+
+    run.mkdir(parents=True)
+    ds = load_dataset(target)
+    torch.manual_seed(seed)
+    loaded = zoo.create_model("scratch:mobilenetv2_100", num_classes=len(ds.classes), image_size=32)
+    model, cfg = loaded.model, loaded.data_config
+    tf = zoo.eval_transform(cfg)
+    x = torch.stack([tf(load_rgb(p)) for p, _ in ds.splits["train"]])
+    y = torch.tensor([label for _, label in ds.splits["train"]])
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    with torch.no_grad():  # scratch init is seeded inside zoo: make versions answer differently
+        head = model.get_classifier()
+        head.weight.add_(0.2 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    model.eval()
+    zoo.save_checkpoint(
+        model, run / "model.safetensors",
+        meta={"arch": "mobilenetv2_100", "num_classes": len(ds.classes), "classes": ds.classes, "data_config": cfg,
+              "source_model": "scratch:mobilenetv2_100", "source_sha256": "", "strategy": "scratch"},
+    )  # fmt: skip
+    write_json(run / "metrics.json", {
+        "model": "scratch:mobilenetv2_100", "strategy": "scratch", "strategy_reason": "test fixture",
+        "train_accuracy": 0.2, "val_accuracy": 0.15, "test_accuracy": 0.15, "best_epoch": 1, "epochs": 1,
+        "seconds": 1.0, "history": [], "target": str(target), "data_md5": ds.md5,
+        "classes": ds.classes, "image_size": 32, "seed": seed,
+    })  # fmt: skip
+    dump_params(load_params(None, {"data.image_size": 32, "data.batch_size": 32, "export.opset": 17,
+                                   "export.int8": False, "export.name": "digits"}), run / "params.yaml")  # fmt: skip
+    write_json(run / "validation.json", {"passed": True, "reasons": [],
+                                         "baseline": {"strategy": "scratch", "test_accuracy": 0.1}})  # fmt: skip
+    return run
+
+
+@pytest.fixture(scope="session")
+def model_repo(tiny_target, tmp_path_factory) -> Path:
+    """A real model repository REPO/digits/{1,2}/ from two exports (opset 17, no int8: ~10 s), latest = 2.
+
+    Shared read-only by the serve/promote/monitor tests: copy it (shutil.copytree) before changing it.
+    """
+    import torch
+
+    from transferkit.export import run_export
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 busy cores: one thread is faster (see test_export.py)
+    try:
+        root = tmp_path_factory.mktemp("served")
+        repo = root / "repo"
+        for seed in (0, 1):
+            run_export(_tiny_run(root / f"run{seed}", tiny_target, seed), repo, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite); yields the
+    API URL with PREFECT_API_URL/PREFECT_HOME set in os.environ (restored after). Startup on 2 busy cores
+    migrates a fresh database: allow minutes. Subprocesses: env=transferkit.orchestrate.prefect_env(url)."""
+    from transferkit.orchestrate import PrefectServer
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    srv = PrefectServer(home=home, log=home / "server.log", startup_timeout=300)
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    with srv:
+        os.environ.update(PREFECT_API_URL=srv.api_url, PREFECT_HOME=str(home))
+        try:
+            yield srv.api_url
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

@@ -84,9 +84,9 @@ def test_errors_are_one_readable_line_and_nonzero(tmp_path):
     assert r.exit_code == 1 and "--model or --ranking" in r.output
 
 
-def test_serve_says_not_yet():
-    r = runner.invoke(app, ["serve", "--repo", "models"])
-    assert r.exit_code == 2 and "not implemented yet" in r.output
+def test_serve_refuses_a_missing_repository(tmp_path):  # the server itself: tests/test_serve.py
+    r = runner.invoke(app, ["serve", "--repo", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "model repository not found" in r.output
 
 
 def test_stage_verbs_chain_on_real_data(tiny_target, tiny_reference, tmp_path, monkeypatch):

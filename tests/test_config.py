@@ -138,3 +138,13 @@ def test_repository_params_yaml_validates():
         pytest.skip("no params.yaml in the repository yet")
     p = load_params(path)
     assert isinstance(p, Params)
+
+
+def test_adabn_accepts_yaml_on_off(tmp_path):
+    """YAML 1.1 reads a bare off/on as a boolean; the switch still means what was written."""
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  adabn: off\n")
+    assert load_params(p).train.adabn == "off"
+    assert load_params(None, ["train.adabn=on"]).train.adabn == "on"
+    with pytest.raises(ConfigError, match="adabn"):
+        load_params(None, ["train.adabn=sometimes"])

@@ -50,6 +50,16 @@ def test_dvc_repro_runs_the_pipeline_and_is_then_up_to_date(tiny_target, tiny_re
     text = json.dumps(metrics)
     assert "test_accuracy" in text and "drift_detected" in text and "transfer_gain" in text
 
+    plots = _sh([str(bin_dir / "dvc"), "plots", "show", "-o", str(tmp_path / "plots")], ws, env).stdout
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "index.html" in plots and "learning-curve-accuracy" in html and "confusion-test" in html
+
+    # the repo's remote is a folder (.dvc/config); here one outside the workspace: push, then in sync
+    _sh([str(bin_dir / "dvc"), "remote", "add", "-d", "local", str(tmp_path / "remote")], ws, env)
+    _sh([str(bin_dir / "dvc"), "push"], ws, env)
+    assert "in sync" in _sh([str(bin_dir / "dvc"), "status", "-c"], ws, env).stdout
+    assert any((tmp_path / "remote").rglob("*"))
+
     status = _sh([str(bin_dir / "dvc"), "status", "--json"], ws, env).stdout.strip()
     assert json.loads(status or "{}") == {}
     again = _sh([str(bin_dir / "dvc"), "repro"], ws, env).stdout

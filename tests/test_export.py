@@ -152,7 +152,7 @@ def test_export_writes_a_complete_version_folder(exported):
     assert path == repo / "digits" / "1"
     int8 = [INT8_FILE] if exported["int8"]["kept"] else []
     assert sorted(p.name for p in path.iterdir()) == sorted(["metadata.json", "model.onnx", "model_card.md", *int8])
-    assert sorted(p.name for p in (repo / "digits").iterdir()) == [".lock", "1", "config.pbtxt", "latest"]
+    assert sorted(p.name for p in (repo / "digits").iterdir()) == [".lock", "1", "config.pbtxt", "latest", "promotions.jsonl"]  # promote.py's audit trail
     assert (repo / "digits" / "latest").read_text().strip() == "1"
     assert latest_version(repo / "digits") == 1
     # self-contained: no external-data files, no temp folders left
@@ -245,6 +245,9 @@ def test_int8_decision_is_recorded_and_a_kept_file_keeps_accuracy(exported, run_
     assert q["reason"].startswith("kept") and q["drop"] <= q["max_drop"] + 1e-9
     assert q["sha256"] == sha256_file(path / INT8_FILE)
     assert read_onnx_metadata(path / INT8_FILE)["precision"] == "int8"
+    # mixed precision as recorded: the high-resolution convs are float32, every other Conv is int8
+    fp32_convs, int8_convs = _conv_precision(path / INT8_FILE)
+    assert q["fp32_nodes"] and set(q["fp32_nodes"]) == fp32_convs and int8_convs
     model, x = _test_batch(run_dir, tiny_target)
     sess = ort.InferenceSession(str(path / INT8_FILE), providers=["CPUExecutionProvider"])
     assert sess.run(["logits"], {"input": x[:7].numpy()})[0].shape == (7, 10)  # dynamic batch survives
@@ -276,6 +279,41 @@ def test_quantize_int8_keeps_or_drops_by_the_accuracy_bound(exported, run_dir, t
     dropped = quantize_int8(fp32, tmp_path / "b.onnx", fp32_accuracy=1.0, ep=strict, **kw)
     assert not dropped["kept"] and dropped["reason"].startswith("dropped") and not (tmp_path / "b.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]  # no work files left behind
+
+
+def _conv_precision(path: Path) -> tuple[set[str], set[str]]:
+    """(names of Convs with float weights, names of Convs whose weights come out of a DequantizeLinear)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    return {n.name for n in convs if n.input[1] not in dq_outputs}, {n.name for n in convs if n.input[1] in dq_outputs}
+
+
+def test_int8_keeps_high_resolution_convs_float(exported, run_dir, tiny_target, tmp_path):
+    """export.int8_fp32_resolution picks Convs by the size of their input map; 0 quantizes every Conv."""
+    import onnx
+
+    from transferkit import zoo
+    from transferkit.data import load_dataset
+    from transferkit.export import high_resolution_convs
+
+    fp32 = Path(exported["path"]) / "model.onnx"
+    convs = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
+    whole, half, quarter = (high_resolution_convs(fp32, f) for f in (1.0, 0.5, 0.25))
+    assert whole == convs[:1]  # only the stem sees the full 32 px image
+    assert set(whole) < set(half) < set(quarter) < set(convs)  # lower fractions reach deeper, never all
+    assert high_resolution_convs(fp32, 0.0) == []
+
+    ds = load_dataset(tiny_target)
+    tf = zoo.eval_transform(zoo.create_model(f"file:{run_dir / 'model.safetensors'}").data_config)
+    ep = _params(**{"export.int8_max_drop": 1.0, "export.int8_fp32_resolution": 0.0}).export
+    info = quantize_int8(fp32, tmp_path / "all.onnx", ds.splits["train"][:20], ds.splits["test"], tf,
+                         fp32_accuracy=exported["onnx_test_accuracy"], ep=ep)  # fmt: skip
+    assert info["kept"] and info["fp32_nodes"] == [] and info["fp32_resolution"] == 0.0
+    float_convs, int8_convs = _conv_precision(tmp_path / "all.onnx")
+    assert float_convs == set() and len(int8_convs) == len(convs)
 
 
 def test_quantization_failure_keeps_fp32_and_says_why(run_dir, tmp_path, monkeypatch):

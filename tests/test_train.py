@@ -210,12 +210,13 @@ def test_partial_trains_only_the_top_stages(tiny_target, tmp_path):
 
 
 def test_adabn_auto_under_detected_shift(lp_run, tiny_target, tmp_path):
+    """AdaBN is off by default (bench/transfer: it hurt linear probes); `auto` applies it under shift."""
     import torch
 
     assert lp_run[1]["adabn"]["applied"] is False  # no drift.json: nothing to adapt to
     drift = tmp_path / "drift.json"
     drift.write_text(json.dumps({"drift_detected": True, "severity": "severe"}))
-    params = load_params(None, {"data.image_size": 32, "train.epochs": 5})
+    params = load_params(None, {"data.image_size": 32, "train.epochs": 5, "train.adabn": "auto"})
     m = run_train(tiny_target, tmp_path / "run", params, "mobilenetv2_100", drift=drift, progress=False)
     assert m["strategy"] == "linear-probe" and m["adabn"] == {"applied": True, "images": 100}
     assert "AdaBN" in m["strategy_reason"]

@@ -272,3 +272,73 @@ def test_checkpoint_that_does_not_fit_its_arch(tmp_path):
     save_checkpoint(lm.model, path, {"arch": "mobilenetv2_100", "num_classes": 4})  # wrong head size
     with pytest.raises(ZooError, match="does not fit"):
         create_model(f"file:{path}")
+
+
+# --------------------------------------------------------------------------- local registry (zoo:NAME)
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_ZOO", str(tmp_path / "zoo"))
+    return tmp_path / "zoo"
+
+
+@pytest.fixture
+def small_ckpt(tmp_path):
+    lm = create_model("scratch:mobilenetv2_100", num_classes=3, image_size=32)
+    path = tmp_path / "src.safetensors"
+    save_checkpoint(lm.model, path, {"arch": "mobilenetv2_100", "num_classes": 3, "data_config": lm.data_config})
+    return path
+
+
+def test_register_pins_sha_and_round_trips(registry, small_ckpt):
+    from transferkit.io import sha256_file
+
+    card = zoo.register("tiny-src", small_ckpt, {"trained_on": {"dataset": "unit"}}, lambda c: f"# {c['name']}\n")
+    assert card["sha256"] == sha256_file(small_ckpt) == sha256_file(registry / "tiny-src" / "model.safetensors")
+    assert card["arch"] == "mobilenetv2_100" and card["num_classes"] == 3 and card["spec"] == "zoo:tiny-src"
+    assert (registry / "tiny-src" / "card.md").read_text() == "# tiny-src\n"
+    assert zoo.registered_names() == ["tiny-src"]
+    spec = zoo.parse_spec("zoo:tiny-src")
+    assert (spec.kind, spec.arch, spec.pretrained) == ("zoo", "mobilenetv2_100", True)
+    lm = create_model("zoo:tiny-src")
+    assert lm.weights_sha256 == card["sha256"] and lm.model.num_classes == 3
+    rows = {r["model"]: r for r in zoo.list_entries()}
+    assert rows["zoo:tiny-src"]["available"] is True and "unit" in rows["zoo:tiny-src"]["note"]
+    with pytest.raises(ZooError, match="already registered"):
+        zoo.register("tiny-src", small_ckpt, {})
+    zoo.register("tiny-src", small_ckpt, {}, force=True)
+
+
+def test_unknown_or_damaged_registry_entries(registry, small_ckpt):
+    zoo.register("known", small_ckpt, {})
+    with pytest.raises(ZooError, match=r"zoo:unknown'.*not registered.*registered: known"):
+        zoo.parse_spec("zoo:unknown")
+    ok, detail = zoo.availability("zoo:unknown")
+    assert ok is False and "not registered" in detail
+    for bad in ("", "../up", "a/b", "-x"):
+        with pytest.raises(ZooError, match="zoo name"):
+            zoo.parse_spec(f"zoo:{bad}")
+    (registry / "known" / "card.json").write_text("{not json")
+    with pytest.raises(ZooError, match="not a readable model card"):
+        create_model("zoo:known")
+
+
+def test_register_refuses_pickles_and_headerless_files(registry, tmp_path):
+    p = tmp_path / "w.pth"
+    torch.save({"a": torch.ones(1)}, p)
+    with pytest.raises(ZooError, match="only .safetensors"):
+        zoo.register("x", p, {})
+    assert zoo.registered_names() == []
+
+
+def test_seeded_scratch_init_is_thread_safe():
+    """select's thread runner builds models concurrently; the seeded control must not see other draws."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref = create_model("scratch:mobilenetv2_100", image_size=32).model.state_dict()["conv_stem.weight"]
+    specs = ["scratch:mobilenetv2_100", "scratch:tf_efficientnet_lite0"] * 3
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        built = list(pool.map(lambda s: create_model(s, image_size=32), specs))
+    for lm in built[::2]:
+        assert torch.equal(lm.model.state_dict()["conv_stem.weight"], ref)

@@ -106,6 +106,23 @@ def data_check(
     _print_json({**ds.summary(), "counts": ds.counts()})
 
 
+@data_app.command("add")
+@_guard
+def data_add(
+    folder: Annotated[Path, typer.Argument(help="dataset folder inside a DVC repository")],
+    name: Annotated[Optional[str], typer.Option(help="dataset name in the event's resource id (default: folder name)")] = None,
+    emit: Annotated[bool, typer.Option(help="emit transferkit.dataset.updated to PREFECT_API_URL")] = True,
+):
+    """Version FOLDER with `dvc add` and emit `transferkit.dataset.updated` (resource transferkit.dataset.NAME)."""
+    from transferkit.watch import data_add as run_data_add
+
+    info = run_data_add(folder, name, emit=emit)
+    sent = f"event {info['event_id']}" if info["event_id"] else (
+        "no event: PREFECT_API_URL is not set (start `transferkit server`)" if emit else "no event (--no-emit)")
+    typer.echo(f"data add: {info['dvc_file']} md5 {info['md5']} ({info['nfiles']} files); "
+               f"{info['resource_id']}: {sent}")  # fmt: skip
+
+
 # --------------------------------------------------------------------------- zoo
 
 
@@ -150,20 +167,63 @@ def select(
     target: Annotated[Path, typer.Option(help="labelled target dataset")],
     out: Annotated[Path, typer.Option(help="folder for ranking.json")],
     candidates: Annotated[Optional[str], typer.Option(help="comma-separated model specs (default: params)")] = None,
+    confirm: Annotated[Optional[int], typer.Option(help="fine-tune the top K briefly, keep the best by val accuracy (default: select.confirm)")] = None,
+    runner: Annotated[Optional[str], typer.Option(help="sequential | thread | dask: score candidates in parallel via a Prefect task runner (default: select.runner)")] = None,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ):
-    """Rank source models on the target without fine-tuning (LogME, LEEP, kNN)."""
+    """Rank source models on the target without fine-tuning (LogME, LEEP, kNN), optionally confirm the top K."""
     from transferkit.select import run_select
 
+    p = _params(params, [*(set_ or []), *([f"select.runner={runner}"] if runner is not None else [])])
+    if confirm is not None and confirm < 0:
+        _fail(f"--confirm must be >= 0, got {confirm}")
     cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
-    r = run_select(target, out, _params(params, set_), cands, progress=not quiet)
+    if p.select.runner == "sequential":
+        r = run_select(target, out, p, cands, progress=not quiet, confirm=confirm)
+    else:
+        import os
+
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+        from flows.select import run_select_flow
+
+        r = run_select_flow(target, out, p, cands, confirm=confirm, progress=False)
     for row in r["candidates"]:
-        typer.echo(f"  {row['model']:<26} {r['metric']}={row['score']:.4f}  knn={row['knn']:.3f}  {row['seconds']:.1f}s")
-    typer.echo(f"selected: {r['selected']}")
+        score = "n/a" if row["score"] is None else f"{row['score']:.4f}"
+        leep = "" if row["leep"] is None else f"  leep={row['leep']:.3f}"
+        typer.echo(f"  {row['model']:<26} {r['metric']}={score}  knn={row['knn']:.3f}{leep}  {row['seconds']:.1f}s")
+    for u in r["unavailable"]:
+        typer.secho(f"  {u['model']:<26} skipped: {u['reason']}", fg=typer.colors.YELLOW)
+    if "confirm" in r:
+        for c in r["confirm"]["runs"]:
+            typer.echo(f"  confirm {c['model']:<18} {c['strategy']} {c['epochs']} epochs: val_accuracy={c['val_accuracy']:.3f}")
+    typer.echo(f"selected: {r['selected']} (by {r['selected_by']})")
     if r["warning"]:
         typer.secho(f"warning: {r['warning']}", fg=typer.colors.YELLOW)
+
+
+@app.command()
+@_guard
+def pretrain(
+    data: Annotated[Path, typer.Option(help="labelled source dataset (e.g. `data builtin mnist`)")],
+    model: Annotated[str, typer.Option(help="init: an ImageNet model / timm name (fine-tuned), or scratch:ARCH")],
+    name: Annotated[Optional[str], typer.Option(help="registry name (default: <arch>-<data folder>)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="keep the training run folder here (default: not kept)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an already registered model of this name")] = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Train a domain-related source model and register it in the local zoo as zoo:NAME."""
+    from transferkit.pretrain import run_pretrain
+    from transferkit.zoo import registry_dir
+
+    c = run_pretrain(data, model, _params(params, set_), name, out, force=force, progress=not quiet)
+    a = c["accuracy"]
+    typer.echo(f"pretrain: registered {c['spec']} ({c['arch']} on {c['trained_on']['dataset']}, "
+               f"test accuracy {a['test']:.3f}, sha256 {c['sha256'][:12]}...) in {registry_dir() / c['name']}")  # fmt: skip
 
 
 @app.command()
@@ -173,7 +233,7 @@ def train(
     out: Annotated[Path, typer.Option(help="run folder")],
     model: Annotated[Optional[str], typer.Option(help="model spec (see `transferkit zoo list`)")] = None,
     ranking: Annotated[Optional[Path], typer.Option(help="ranking.json from `select`: train its selected model")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="auto | linear-probe | full | scratch (default: params)")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="auto | linear-probe | partial | full | lp-ft | scratch (default: params)")] = None,
     drift_json: Annotated[Optional[Path], typer.Option("--drift", help="drift.json to inform the auto strategy")] = None,
     params: ParamsOpt = None,
     set_: SetOpt = None,
@@ -298,14 +358,105 @@ def _print_summary(s: dict) -> None:
 
 
 @app.command()
+@_guard
+def promote(
+    repo: Annotated[Path, typer.Option(help="model repository")],
+    name: Annotated[str, typer.Option(help="model name (folder in the repository)")],
+    version: Annotated[Optional[int], typer.Option(help="version to make live (default: the newest)")] = None,
+    reason: Annotated[str, typer.Option(help="recorded in REPO/NAME/promotions.jsonl")] = "",
+):
+    """Point REPO/NAME/latest at a complete version; servers following it hot-swap."""
+    from transferkit.promote import promote as run_promote
+
+    r = run_promote(repo, name, version, reason=reason)
+    typer.echo(f"promote: {name} {r['previous']} -> {r['version']}  ({repo / name / 'latest'})")
+
+
+@app.command()
+@_guard
+def rollback(
+    repo: Annotated[Path, typer.Option(help="model repository")],
+    name: Annotated[str, typer.Option(help="model name (folder in the repository)")],
+    reason: Annotated[str, typer.Option(help="recorded in REPO/NAME/promotions.jsonl")] = "",
+):
+    """Return REPO/NAME/latest to the version that was live before the current one."""
+    from transferkit.promote import rollback as run_rollback
+
+    r = run_rollback(repo, name, reason=reason)
+    typer.echo(f"rollback: {name} {r['previous']} -> {r['version']}  ({repo / name / 'latest'})")
+
+
+@app.command()
+@_guard
+def watch(
+    folder: Annotated[Path, typer.Argument(help="dataset folder inside a DVC repository")],
+    interval: Annotated[float, typer.Option(help="seconds between content checks")] = 60.0,
+    once: Annotated[bool, typer.Option(help="check once and exit (for cron)")] = False,
+    name: Annotated[Optional[str], typer.Option(help="dataset name in the event's resource id (default: folder name)")] = None,
+    emit: Annotated[bool, typer.Option(help="emit transferkit.dataset.updated to PREFECT_API_URL")] = True,
+):
+    """Watch a dataset folder's content md5; on a change `dvc add` it and emit transferkit.dataset.updated."""
+    from transferkit.watch import watch as run_watch
+
+    try:
+        run_watch(folder, name, interval=interval, once=once, emit=emit, echo=typer.echo)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+@_guard
+def server(
+    host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 4200,
+    pool: Annotated[str, typer.Option(help="process work pool to create and poll")] = "transferkit-process",
+    deploy: Annotated[bool, typer.Option(help="register flows/deployments.py (cron + event triggers)")] = True,
+    home: Annotated[Optional[Path], typer.Option(help="PREFECT_HOME (its SQLite db); default: the user's")] = None,
+):
+    """Start a Prefect server (UI + API), register the retrain deployments and run a process worker."""
+    from transferkit.orchestrate import serve_forever
+
+    try:
+        serve_forever(host, port, pool, deploy, Path.cwd(), str(home) if home else None, echo=typer.echo)
+    except (RuntimeError, TimeoutError) as e:
+        _fail(str(e))
+
+
+@app.command()
+@_guard
 def serve(
-    repo: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
+    repo: Annotated[Path, typer.Option(help="model repository (follows REPO/<name>/latest)")] = Path("models"),
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
+    model: Annotated[Optional[list[str]], typer.Option(help="model name to serve (repeatable; default: all)")] = None,
+    batching: Annotated[bool, typer.Option(help="dynamic batching across requests")] = True,
+    max_batch_size: Annotated[int, typer.Option(help="images per onnxruntime call")] = 32,
+    max_queue_delay_ms: Annotated[float, typer.Option(help="longest wait for batch-mates")] = 2.0,
+    poll_interval: Annotated[float, typer.Option(help="seconds between checks of `latest`")] = 1.0,
+    max_body_mb: Annotated[float, typer.Option(help="request body limit")] = 8.0,
+    max_image_pixels: Annotated[int, typer.Option(help="width x height limit, checked before decoding")] = 16_000_000,
+    max_images: Annotated[int, typer.Option(help="images per request")] = 64,
+    token_file: Annotated[Optional[Path], typer.Option(help="file holding the bearer token (or set $TRANSFERKIT_SERVE_TOKEN)")] = None,
+    int8: Annotated[bool, typer.Option(help="serve model.int8.onnx where export kept one")] = False,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: its default)")] = 0,
+    monitor_dir: Annotated[Optional[Path], typer.Option(help="keep a reservoir sample of served images here")] = None,
+    monitor_size: Annotated[int, typer.Option(help="reservoir size (images per model)")] = 200,
 ):
-    """Serve ONNX models over HTTP (not yet: planned in the serving issue)."""
-    _fail("`serve` is not implemented yet; the model repository layout (models/<name>/<version>/model.onnx, "
-          "metadata.json) is ready for it and for Triton (see deploy/README.md)", code=2)  # fmt: skip
+    """Serve the repository's ONNX models over HTTP with dynamic batching, hot swap, limits and metrics."""
+    from transferkit.serve import ServeConfig, serve as run_serve
+
+    token = token_file.read_text().strip() if token_file else None
+    if token_file and not token:
+        _fail(f"{token_file}: empty token file")
+    cfg = ServeConfig(
+        repo=repo, models=model or None, batching=batching, max_batch_size=max_batch_size,
+        max_queue_delay_ms=max_queue_delay_ms, poll_interval_s=poll_interval, max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_image_pixels=max_image_pixels, max_images=max_images, token=token, int8=int8, threads=threads,
+        monitor_dir=monitor_dir, monitor_size=monitor_size,
+    )  # fmt: skip
+    if not repo.is_dir():
+        _fail(f"model repository not found: {repo} (run `transferkit export` first)")
+    run_serve(cfg, host=host, port=port)
 
 
 def main() -> None:

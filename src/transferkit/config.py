@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-Strategy = Literal["auto", "linear-probe", "full", "scratch"]
+Strategy = Literal["auto", "linear-probe", "partial", "full", "lp-ft", "scratch"]
 
 
 class _Group(BaseModel):
@@ -46,7 +46,23 @@ class SelectParams(_Group):
         "tf_efficientnet_lite2",
         "scratch:mobilenetv2_100",
     ]
-    metric: Literal["logme", "knn"] = "logme"
+    metric: Literal["logme", "leep", "knn", "probe"] = "logme"
+    knn_k: int = Field(5, ge=1, le=100, description="neighbours of the leave-one-out kNN score")
+    probe: bool = Field(True, description="also score a 3-fold cross-validated linear probe (logistic regression)")
+    confirm: int = Field(
+        2, ge=0, le=20,
+        description="fine-tune the top K briefly, pick the best by val accuracy (0 = trust the score; "
+        "on by default: no score reached Kendall tau >= 0.6 on every target in bench/results/select.md)",
+    )
+    confirm_epochs: int = Field(3, ge=1, le=100, description="epochs of each fine-tuning --confirm run")
+    confirm_strategy: Literal["auto", "linear-probe", "full"] = Field(
+        "auto", description="auto: the strategy train will pick for these labels (linear probes get train.epochs)"
+    )
+    runner: Literal["sequential", "thread", "dask"] = Field(
+        "sequential", description="score candidates in-process, or in parallel via a Prefect task runner"
+    )
+    workers: int = Field(2, ge=1, le=256, description="parallel scorers (threads or Dask workers)")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler; null = a LocalCluster")
 
 
 class TrainParams(_Group):
@@ -64,6 +80,23 @@ class TrainParams(_Group):
     linear_probe_max_per_class: int = Field(
         50, ge=1, description="auto: at or below this many labels per class, fine-tuning overfits"
     )
+    unfreeze_blocks: int = Field(2, ge=1, description="partial: train the top K timm stages (+ head)")
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise LR decay (timm param_groups_layer_decay); null = off"
+    )
+    partial_min_params: float = Field(
+        20.0, gt=0, description="auto: models with at least this many million parameters fine-tune partially"
+    )
+    adabn: Literal["auto", "on", "off"] = Field(
+        "off", description="re-estimate BatchNorm statistics on target images (AdaBN); auto = when shift is detected"
+    )
+    adabn_max_images: int = Field(500, ge=8, description="AdaBN: target images used for the statistics")
+    resume: bool = Field(True, description="resume a killed fine-tune from OUT/checkpoint.pt (same arguments)")
+
+    @field_validator("adabn", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1 reads off as false
 
 
 class ValidateParams(_Group):
@@ -99,6 +132,11 @@ class ExportParams(_Group):
     int8_reduce_range: bool = Field(
         True, description="7-bit weights: avoids VPMADDUBSW saturation on x86 CPUs without VNNI (AVX2)"
     )
+    int8_fp32_resolution: float = Field(
+        0.5, ge=0, le=1,
+        description="Conv nodes whose input feature map is at least this fraction of the image side stay float32 "
+        "(0 = quantize every Conv); high-resolution int8 rounding noise dominates the accuracy loss",
+    )  # fmt: skip
     triton_max_batch_size: int = Field(32, ge=1, le=4096, description="config.pbtxt max_batch_size")
     triton_max_queue_delay_us: int = Field(100, ge=0, description="config.pbtxt dynamic_batching delay")
 

@@ -1,21 +1,28 @@
-"""Source-model selection: rank candidates from one forward pass each, no fine-tuning.
+"""Source-model selection: rank candidates from one forward pass each, then (optionally) confirm the top K.
 
-    transferkit select --target data/target --out runs/demo/select
+    transferkit select --target data/target --out runs/demo/select [--confirm 2] [--runner thread|dask]
 
 Scores (higher is better), computed on cached penultimate features of the labelled target images
 (train + val; test is never looked at):
   logme  LogME, You et al. ICML 2021: mean over classes of the per-sample log marginal evidence of a
          Bayesian linear regression from features to the one-hot label, alpha/beta by fixed point.
   leep   LEEP, Nguyen et al. ICML 2020: log expected empirical prediction through the source head
-         (only for candidates that keep a source classifier: the ImageNet models).
+         (only for candidates that keep a source classifier: ImageNet and `zoo:` models).
   knn    leave-one-out k-NN accuracy (cosine) on the same features: the sanity baseline.
-`scratch:` candidates take part as a control; the selected model is the best-scoring pretrained one,
+  probe  3-fold cross-validated accuracy of a logistic-regression probe on the same features.
+`scratch:` candidates take part as a control; the ranking's pick is the best-scoring pretrained one,
 and a warning is written when the control scores higher than every pretrained candidate.
+`select.confirm` K > 0 fine-tunes the top K briefly (train.run_train) and selects by validation
+accuracy: no score ranked candidates reliably enough in bench/results/select.md to trust it alone.
+
+Pipeline: prepare (data + candidates) -> score_candidate per model -> finish (rank, confirm, write);
+run_select does it in-process, flows/select.py maps the scoring over a Prefect task runner.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,46 +30,77 @@ import numpy as np
 from transferkit.config import Params
 
 
-def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11, tol: float = 1e-2) -> float:
-    """LogME evidence per sample, averaged over classes (one thin SVD of the features).
+def logme_evidence(features: np.ndarray, target: np.ndarray, alpha: float, beta: float) -> float:
+    """Log marginal evidence log p(t | F, alpha, beta) of Bayesian linear regression, per sample.
 
-    Same fixed point as the paper's reference code, written for the thin SVD so that N << D is cheap:
-    the D - k directions with zero singular value contribute -(D - k)/2 log(alpha) to the evidence.
+    t = F w + e with w ~ N(0, I/alpha), e ~ N(0, I/beta); evaluated on one thin SVD of F. The D - k
+    directions with zero singular value contribute -(D - k)/2 log(alpha) + D/2 log(alpha) = k/2 log(alpha).
+    """
+    f = np.asarray(features, dtype=np.float64)
+    _, sigma, vt = np.linalg.svd(f, full_matrices=False)
+    return _evidence(f, np.asarray(target, dtype=np.float64), sigma**2, vt, alpha, beta)[0] / f.shape[0]
+
+
+def _evidence(f, t, s, vt, alpha: float, beta: float) -> tuple[float, float, float, float]:
+    """(evidence, gamma, |m|^2, |t - F m|^2) at (alpha, beta); m = posterior mean of the weights."""
+    n, d = f.shape
+    k = s.shape[0]
+    m = vt.T @ ((vt @ (f.T @ t)) * beta / (alpha + beta * s))
+    alpha_de = float(m @ m)
+    beta_de = float(((t - f @ m) ** 2).sum())
+    gamma = float((beta * s / (alpha + beta * s)).sum())  # effective number of well-determined weights
+    evidence = (
+        d / 2.0 * np.log(alpha)
+        + n / 2.0 * np.log(beta)
+        - 0.5 * np.sum(np.log(alpha + beta * s))
+        - 0.5 * (d - k) * np.log(alpha)  # log|A| over the null space of F
+        - beta / 2.0 * beta_de
+        - alpha / 2.0 * alpha_de
+        - n / 2.0 * np.log(2 * np.pi)
+    )
+    return float(evidence), gamma, alpha_de, beta_de
+
+
+def logme_fixed_point(
+    features: np.ndarray, target: np.ndarray, max_iter: int = 11, tol: float = 1e-2
+) -> tuple[float, float]:
+    """MacKay's fixed point for (alpha, beta), as in You et al. 2021 Alg. 1: alpha = gamma/|m|^2,
+    beta = (n - gamma)/|t - F m|^2, i.e. the stationarity conditions of the evidence."""
+    f = np.asarray(features, dtype=np.float64)
+    _, sigma, vt = np.linalg.svd(f, full_matrices=False)
+    return _fixed_point(f, np.asarray(target, dtype=np.float64), sigma**2, vt, max_iter, tol)
+
+
+def _fixed_point(f, t, s, vt, max_iter: int, tol: float) -> tuple[float, float]:
+    n = f.shape[0]
+    alpha, beta = 1.0, 1.0
+    for _ in range(max_iter):
+        _, gamma, alpha_de, beta_de = _evidence(f, t, s, vt, alpha, beta)
+        new_alpha = gamma / (alpha_de + 1e-12)
+        new_beta = (n - gamma) / (beta_de + 1e-12)
+        done = abs(new_alpha / new_beta - alpha / beta) <= tol * (alpha / beta)
+        alpha, beta = new_alpha, new_beta
+        if done:
+            break
+    return alpha, beta
+
+
+def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11, tol: float = 1e-2) -> float:
+    """LogME (You et al., ICML 2021): per class, the one-vs-rest target's log evidence per sample at
+    the fixed-point (alpha, beta), averaged over classes. One thin SVD of the features serves every
+    class and iteration, so N << D (few labels, wide features) is cheap. Higher = more transferable.
+    Defaults follow the paper's code (at most 11 updates, stop when alpha/beta moves < 1%); unlike it,
+    the evidence is evaluated with the posterior mean of the final (alpha, beta), not the previous one.
     """
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
-    n, d = f.shape
-    _, sigma, vt = np.linalg.svd(f, full_matrices=False)  # vt: [k, D]
+    _, sigma, vt = np.linalg.svd(f, full_matrices=False)  # vt: [k, D], k = min(N, D)
     s = sigma**2
-    k = s.shape[0]
     evidences = []
     for c in np.unique(y):
         t = (y == c).astype(np.float64)
-        proj = vt @ (f.T @ t)  # [k]
-        alpha, beta = 1.0, 1.0
-        lam = alpha / beta
-        for _ in range(max_iter):
-            gamma = float((s / (s + lam)).sum())
-            m = vt.T @ (proj * beta / (alpha + beta * s))  # posterior mean of the weights
-            alpha_de = float(m @ m)
-            alpha = gamma / (alpha_de + 1e-12)
-            beta_de = float(((t - f @ m) ** 2).sum())
-            beta = (n - gamma) / (beta_de + 1e-12)
-            new_lam = alpha / beta
-            done = abs(new_lam - lam) / lam < tol
-            lam = new_lam
-            if done:
-                break
-        evidence = (
-            d / 2.0 * np.log(alpha)
-            + n / 2.0 * np.log(beta)
-            - 0.5 * np.sum(np.log(alpha + beta * s))
-            - 0.5 * (d - k) * np.log(alpha)
-            - beta / 2.0 * beta_de
-            - alpha / 2.0 * alpha_de
-            - n / 2.0 * np.log(2 * np.pi)
-        )
-        evidences.append(evidence / n)
+        alpha, beta = _fixed_point(f, t, s, vt, max_iter, tol)
+        evidences.append(_evidence(f, t, s, vt, alpha, beta)[0] / f.shape[0])
     return float(np.mean(evidences))
 
 
@@ -97,7 +135,27 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
     return correct / len(labels)
 
 
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 3, seed: int = 0) -> float:
+    """Stratified k-fold accuracy of a standardised multinomial logistic regression (linear probe)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = max(2, min(folds, int(np.bincount(np.unique(labels, return_inverse=True)[1]).min())))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(clf, features, labels, cv=cv).mean())
+
+
+SCORES = ("logme", "leep", "knn", "probe")
+
+
 def score_candidate(spec: str, samples, data_md5: str, params: Params, progress: bool = True) -> dict:
+    """One candidate's scores on cached features: a forward pass per image (cached), no training.
+
+    `seconds` is the whole cost (embedding + every score); `timings` splits it.
+    """
     from transferkit.embed import compute_embeddings
 
     t0 = time.perf_counter()
@@ -105,62 +163,175 @@ def score_candidate(spec: str, samples, data_md5: str, params: Params, progress:
         spec, samples, data_md5, image_size=params.data.image_size, batch_size=params.data.batch_size,
         progress=progress,
     )  # fmt: skip
+    timings = {"embed": time.perf_counter() - t0}
     f, y = emb["features"], emb["labels"]
-    row = {
-        "model": spec,
-        "logme": logme(f, y),
-        "knn": knn_accuracy(f, y),
-        "leep": leep(emb["logits"], y) if "logits" in emb else None,
-        "feature_dim": int(f.shape[1]),
-        "control": spec.startswith("scratch:"),
+    row: dict = {"model": spec}
+    fns = {
+        "logme": lambda: logme(f, y),
+        "leep": lambda: leep(emb["logits"], y) if "logits" in emb else None,  # needs a source head
+        "knn": lambda: knn_accuracy(f, y, k=params.select.knn_k),
+        "probe": lambda: probe_accuracy(f, y, seed=params.seed),
     }
+    for name in SCORES:
+        if name == "probe" and not params.select.probe and params.select.metric != "probe":
+            row[name] = None  # switched off (select.probe=false)
+            continue
+        t = time.perf_counter()
+        row[name] = fns[name]()
+        timings[name] = time.perf_counter() - t
+    row["feature_dim"] = int(f.shape[1])
+    row["control"] = spec.startswith("scratch:")
     row["score"] = row[params.select.metric]
     row["seconds"] = round(time.perf_counter() - t0, 3)
+    row["timings"] = {k: round(v, 4) for k, v in timings.items()}
     return row
 
 
-def run_select(
-    target: Path, out: Path, params: Params, candidates: list[str] | None = None, progress: bool = True
-) -> dict:
-    """Score every candidate on the target's labelled images and write ranking.json (best first)."""
+@dataclass
+class Plan:
+    """What a select run scores: the target's labelled images and the candidates that can load here."""
+
+    target: str
+    samples: list[tuple[Path, int]]
+    data_md5: str
+    available: list[str]
+    unavailable: list[dict]
+
+
+def prepare(target: Path, params: Params, candidates: list[str] | None = None) -> Plan:
+    """Read the target (train + val; test is never looked at) and sort candidates into loadable or not.
+
+    A spec that names nothing (a typo, an unknown architecture, a missing file or zoo entry) is an
+    error; a real model whose weights are not on this machine (hub-only) is recorded as unavailable.
+    """
     from transferkit import zoo
     from transferkit.data import DataError, load_dataset
-    from transferkit.io import write_json
 
+    cands = list(dict.fromkeys(candidates or params.select.candidates))  # keep order, drop repeats
+    if not cands:
+        raise DataError("select: no candidate models given")
+    available, unavailable = [], []
+    for spec in cands:
+        zoo.parse_spec(spec)  # raises ZooError naming the spec
+        ok, detail = zoo.availability(spec)
+        (available.append(spec) if ok else unavailable.append({"model": spec, "reason": detail}))
+    if not available:
+        reasons = "; ".join(f"{u['model']}: {u['reason']}" for u in unavailable)
+        raise zoo.ZooError(f"select: none of the candidates can be loaded here ({reasons})")
     ds = load_dataset(target, seed=params.seed, val_fraction=params.data.val_fraction,
                       test_fraction=params.data.test_fraction)  # fmt: skip
     samples = ds.splits["train"] + ds.splits["val"]
-    cands = candidates or params.select.candidates
-    if not cands:
-        raise DataError("select: no candidate models given")
-    rows, unavailable = [], []
-    for spec in cands:
-        ok, detail = zoo.availability(spec)
-        if not ok:
-            unavailable.append({"model": spec, "reason": detail})
-            continue
-        rows.append(score_candidate(spec, samples, ds.md5, params, progress=progress))
-    if not rows:
-        raise zoo.ZooError(f"select: none of the candidates can be loaded here: {unavailable}")
-    rows.sort(key=lambda r: r["score"], reverse=True)
-    pretrained = [r for r in rows if not r["control"]]
+    return Plan(str(target), samples, ds.md5, available, unavailable)
+
+
+def rank(rows: list[dict], plan: Plan, metric: str) -> dict:
+    """The ranking document (pure): candidates best first, the selected model, a control warning.
+
+    The `scratch:` control never gets selected; candidates without the metric (LEEP without a source
+    head) rank last. Shared by the sequential path and the Prefect flow (flows/select.py).
+    """
+    rows = sorted(rows, key=lambda r: (r["score"] is None, -(r["score"] or 0.0)))
+    pretrained = [r for r in rows if not r["control"] and r["score"] is not None]
     selected = (pretrained or rows)[0]["model"]
     result = {
-        "metric": params.select.metric,
+        "metric": metric,
         "selected": selected,
+        "selected_by": metric,
         "candidates": rows,
-        "unavailable": unavailable,
-        "n_images": len(samples),
-        "data_md5": ds.md5,
-        "target": str(target),
+        "unavailable": plan.unavailable,
+        "n_images": len(plan.samples),
+        "data_md5": plan.data_md5,
+        "target": plan.target,
+        "scoring_seconds": round(sum(r["seconds"] for r in rows), 3),
         "warning": None,
     }
-    controls = [r for r in rows if r["control"]]
+    controls = [r for r in rows if r["control"] and r["score"] is not None]
     if pretrained and controls and controls[0]["score"] > pretrained[0]["score"]:
         result["warning"] = (
             f"the random-init control {controls[0]['model']} scores higher than every pretrained candidate: "
             "the source features may not transfer to this task (task mismatch?)"
         )
-    out = Path(out)
-    write_json(out / "ranking.json", result)
     return result
+
+
+def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, progress: bool = True) -> dict:
+    """Fine-tune the top `k` pretrained candidates briefly and select the best by validation accuracy.
+
+    Each run is a normal train run folder in OUT/confirm/<model>/. Ties go to the lower validation
+    loss at the best epoch, then to the better score. Test accuracy is never used to choose.
+    """
+    from transferkit.data import load_dataset
+    from transferkit.train import choose_strategy, run_train
+
+    t0 = time.perf_counter()
+    top = [r["model"] for r in result["candidates"] if not r["control"]][:k]
+    strategy = params.select.confirm_strategy
+    if strategy == "auto":  # what the train stage will do with these labels, so the shipped kind is compared
+        ds = load_dataset(target, seed=params.seed, val_fraction=params.data.val_fraction,
+                          test_fraction=params.data.test_fraction)  # fmt: skip
+        strategy = choose_strategy(params, ds.min_per_class("train"), None)[0]
+    p = params.model_copy(deep=True)
+    if strategy != "linear-probe":  # a linear probe takes seconds on cached features: give it the full budget
+        p.train.epochs = params.select.confirm_epochs
+        p.train.min_epochs = min(p.train.min_epochs, p.train.epochs)
+    runs = []
+    for order, spec in enumerate(top):
+        folder = Path(out) / "confirm" / _slug(spec)
+        m = run_train(Path(target), folder, p, spec, strategy=strategy, progress=progress)
+        best = m["history"][m["best_epoch"] - 1] if m["history"] and m["best_epoch"] else {}
+        runs.append({
+            "model": spec, "strategy": m["strategy"], "val_accuracy": m["val_accuracy"],
+            "val_loss": best.get("val_loss"), "train_accuracy": m["train_accuracy"], "epochs": m["epochs"],
+            "seconds": m["seconds"], "run": str(folder), "score_rank": order + 1,
+        })  # fmt: skip
+    best = max(runs, key=lambda r: (r["val_accuracy"], -(r["val_loss"] or 0.0), -r["score_rank"]))
+    return {
+        **result,
+        "selected": best["model"],
+        "selected_by": "confirm",
+        "confirm": {
+            "k": k, "strategy": strategy, "epochs": p.train.epochs,
+            "selected": best["model"], "score_selected": result["selected"], "runs": runs,
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    }  # fmt: skip
+
+
+def _slug(spec: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")
+
+
+def finish(rows: list[dict], plan: Plan, out: Path, params: Params, confirm: int | None = None,
+           progress: bool = True) -> dict:  # fmt: skip
+    """Rank, optionally confirm by brief fine-tuning, and write OUT/ranking.json (atomically)."""
+    from transferkit.config import dump_params
+    from transferkit.io import write_json
+
+    result = rank(rows, plan, params.select.metric)
+    k = params.select.confirm if confirm is None else confirm
+    n_pretrained = sum(not r["control"] for r in rows)
+    if k > 0 and n_pretrained >= 2:  # with one pretrained candidate there is nothing to confirm
+        result = confirm_top(result, Path(plan.target), out, params, k, progress=progress)
+    dump_params(params, Path(out) / "params.yaml")
+    write_json(Path(out) / "ranking.json", result)
+    return result
+
+
+def run_select(
+    target: Path,
+    out: Path,
+    params: Params,
+    candidates: list[str] | None = None,
+    progress: bool = True,
+    confirm: int | None = None,
+) -> dict:
+    """Score every candidate on the target's labelled images, one after the other, and write ranking.json.
+
+    `confirm` (default `select.confirm`) fine-tunes the top K briefly and picks the best validated one.
+    For parallel scoring through a Prefect task runner (threads, Dask) see flows/select.py.
+    """
+    plan = prepare(Path(target), params, candidates)
+    rows = [score_candidate(spec, plan.samples, plan.data_md5, params, progress=progress) for spec in plan.available]
+    return finish(rows, plan, Path(out), params, confirm, progress=progress)

@@ -21,8 +21,10 @@ The `auto` rule (choose_strategy), in order; bench/transfer.py is the evidence b
      trained head keeps fine-tuning from wrecking them;
   3. a large model (>= `train.partial_min_params` million parameters) with timm stage structure -> partial;
   4. otherwise full.
-  AdaBN `auto`: on when drift.json says shift was detected, the model has BatchNorm and some of it stays
-  frozen (linear-probe, partial).
+  AdaBN (`train.adabn`, off by default): `auto` applies it when drift.json says shift was detected, the
+  model has BatchNorm and some of it stays frozen (linear-probe, partial). It is not on by default because
+  bench/transfer.py measured it costing a linear probe 12-24 points: the head is retrained on the target
+  anyway, and statistics from a few hundred small target images are a worse normaliser than ImageNet's.
 
 Regularisation: dropout before the head (`train.drop_rate`), AdamW weight decay, label smoothing,
 augmentation (timm transforms, no flips) and early stopping on validation loss (never before

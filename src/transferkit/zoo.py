@@ -5,6 +5,10 @@ A model spec is one string:
     <any timm name>                              timm `pretrained=True` (hub or a local HF cache)
     file:PATH                                    a safetensors checkpoint (ours, or a user's) with
                                                  `arch` (and `num_classes`) in its header metadata
+    zoo:NAME                                     a source model registered by `transferkit pretrain` in the
+                                                 local registry ($TRANSFERKIT_ZOO, default
+                                                 ~/.cache/transferkit/zoo/NAME/: model.safetensors, card.json
+                                                 with its sha256 pin and what it was trained on, card.md)
     scratch:ARCH                                 random init: the baseline every transfer is compared to
 
 Checkpoints are read with `torch.load(weights_only=True)` or safetensors, never plain unpickling, and
@@ -14,6 +18,9 @@ packaged files must match their pinned sha256 before they are used.
 from __future__ import annotations
 
 import json
+import os
+import re
+import threading
 from dataclasses import dataclass
 from importlib import util as importlib_util
 from pathlib import Path
@@ -63,7 +70,7 @@ PACKAGED: dict[str, Packaged] = {
 @dataclass(frozen=True)
 class ModelSpec:
     spec: str
-    kind: str  # packaged | timm | file | scratch
+    kind: str  # packaged | timm | file | zoo | scratch
     arch: str
     path: Path | None = None
 
@@ -83,6 +90,9 @@ def parse_spec(spec: str) -> ModelSpec:
     if spec.startswith("file:"):
         path = Path(spec.split(":", 1)[1])
         return ModelSpec(spec, "file", _file_meta(path).get("arch", "?"), path)
+    if spec.startswith("zoo:"):
+        card = read_card(spec.split(":", 1)[1])
+        return ModelSpec(spec, "zoo", card["arch"], registry_dir() / card["name"] / "model.safetensors")
     if spec in PACKAGED:
         return ModelSpec(spec, "packaged", spec)
     _check_arch(spec, spec)
@@ -121,6 +131,74 @@ def _file_meta(path: Path) -> dict[str, str]:
     return meta
 
 
+# --------------------------------------------------------------------------- local registry (pretrain)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def registry_dir() -> Path:
+    """Where `transferkit pretrain` registers source models: $TRANSFERKIT_ZOO or ~/.cache/transferkit/zoo."""
+    env = os.environ.get("TRANSFERKIT_ZOO")
+    return Path(env) if env else Path.home() / ".cache" / "transferkit" / "zoo"
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise ZooError(f"zoo name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)")
+    return name
+
+
+def read_card(name: str) -> dict[str, Any]:
+    """The registered model's card; raises ZooError naming the registry path when it is missing or damaged."""
+    check_name(name)
+    path = registry_dir() / name / "card.json"
+    if not path.is_file():
+        known = ", ".join(sorted(registered_names())) or "none"
+        raise ZooError(f"model 'zoo:{name}': not registered in {registry_dir()} (registered: {known}); "
+                       "train one with `transferkit pretrain`")  # fmt: skip
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ZooError(f"{path}: not a readable model card ({e})") from None
+    missing = [k for k in ("name", "arch", "sha256") if not isinstance(card.get(k), str)]
+    if missing or card["name"] != name:
+        raise ZooError(f"{path}: card lacks {missing or ['a matching name']}")
+    return card
+
+
+def registered_names() -> list[str]:
+    root = registry_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "card.json").is_file() and _NAME.match(p.name))
+
+
+def register(
+    name: str, checkpoint: Path, card: dict[str, Any], render_md=None, force: bool = False
+) -> dict[str, Any]:
+    """Copy a safetensors checkpoint into the registry as NAME, pinned by sha256, with its card.
+
+    `render_md(card) -> str` writes a human-readable card.md next to card.json.
+    The card is written last, so a crash mid-copy leaves no entry that claims the new weights.
+    """
+    from transferkit.io import atomic_write_bytes, atomic_write_text, write_json
+
+    check_name(name)
+    meta = _file_meta(Path(checkpoint))  # only a safetensors file with an `arch` header is registered
+    dest = registry_dir() / name
+    if (dest / "card.json").is_file() and not force:
+        raise ZooError(f"zoo:{name} is already registered in {dest}; choose another --name or pass --force")
+    data = Path(checkpoint).read_bytes()
+    atomic_write_bytes(dest / "model.safetensors", data)
+    sha = sha256_file(dest / "model.safetensors")
+    card = {**card, "name": name, "spec": f"zoo:{name}", "arch": meta["arch"], "sha256": sha,
+            "num_classes": int(meta.get("num_classes", 0)) or None}  # fmt: skip
+    if render_md is not None:
+        atomic_write_text(dest / "card.md", render_md(card))
+    write_json(dest / "card.json", card)
+    return card
+
+
 def _hf_cached_file(arch: str) -> Path | None:
     """The locally cached hub weights for a timm name, if any (never downloads)."""
     try:
@@ -150,6 +228,14 @@ def availability(spec: str) -> tuple[bool, str]:
         return True, "random init (no weights needed)"
     if ms.kind == "file":
         return True, f"safetensors {ms.path}"
+    if ms.kind == "zoo":
+        card = read_card(spec.split(":", 1)[1])
+        if not ms.path.is_file():
+            return False, f"{ms.path} is missing (card.json without its weights)"
+        got = sha256_file(ms.path)
+        if got != card["sha256"]:
+            return False, f"{ms.path}: sha256 {got[:12]}... does not match the card's {card['sha256'][:12]}..."
+        return True, f"registered {ms.path.parent} (sha256 {card['sha256'][:12]}...)"
     if ms.kind == "packaged":
         entry = PACKAGED[spec]
         p = packaged_path(entry)
@@ -170,6 +256,16 @@ def list_entries() -> list[dict[str, Any]]:
     for name, entry in PACKAGED.items():
         ok, detail = availability(name)
         rows.append({"model": name, "kind": "packaged", "available": ok, "detail": detail, "note": entry.note})
+    for name in registered_names():
+        ok, detail = availability(f"zoo:{name}")
+        try:
+            card = read_card(name)
+            note = f"{card['arch']} trained on {card.get('trained_on', {}).get('dataset', '?')}"
+            if card.get("accuracy", {}).get("test") is not None:
+                note += f" (test accuracy {card['accuracy']['test']:.3f})"
+        except ZooError as e:
+            note = str(e)
+        rows.append({"model": f"zoo:{name}", "kind": "zoo", "available": ok, "detail": detail, "note": note})
     rows.append({"model": "scratch:<arch>", "kind": "scratch", "available": True,
                  "detail": "random init of any timm architecture", "note": "baseline"})  # fmt: skip
     rows.append({"model": "file:<path.safetensors>", "kind": "file", "available": True,
@@ -238,7 +334,16 @@ def create_model(
     """Build a timm model with the spec's weights; `num_classes` replaces the head (None keeps it).
 
     Random parts (a scratch model, a new head) are drawn from `seed`, so they repeat across runs.
+    Thread-safe: torch's RNG is process-global, so concurrent builds (select's thread runner) take turns.
     """
+    with _CREATE_LOCK:
+        return _create_model(spec, num_classes, drop_rate, image_size, seed)
+
+
+_CREATE_LOCK = threading.Lock()
+
+
+def _create_model(spec: str, num_classes: int | None, drop_rate: float, image_size: int | None, seed: int) -> LoadedModel:
     import timm
     import torch
 
@@ -258,10 +363,14 @@ def create_model(
         sha = entry.sha256
         model = timm.create_model(ms.arch, pretrained=False, drop_rate=drop_rate)
         model.load_state_dict(_map_in_order(state, model.state_dict(), f"{path.name}"), strict=True)
-    elif ms.kind == "file":
+    elif ms.kind in ("file", "zoo"):
         meta = _file_meta(ms.path)
-        sha = sha256_file(ms.path)
-        state = load_state(ms.path)
+        if ms.kind == "zoo":  # registered weights load only if they are still the bytes the card pins
+            sha = read_card(spec.split(":", 1)[1])["sha256"]
+            state = load_state(ms.path, expected_sha256=sha)
+        else:
+            sha = sha256_file(ms.path)
+            state = load_state(ms.path)
         n = int(meta.get("num_classes", 1000))
         model = timm.create_model(meta["arch"], pretrained=False, num_classes=n, drop_rate=drop_rate)
         try:

@@ -1,0 +1,113 @@
+"""Deployments of the `transferkit-retrain` flow on a process work pool (`transferkit server` registers them).
+
+    transferkit server                                   # starts server + worker and runs this module
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.deployments --pool transferkit-process
+
+Two deployments of one flow (flows/pipeline.py `retrain`):
+  transferkit-retrain/nightly      cron (default 03:00 UTC daily), and a trigger on
+                                   `transferkit.drift.detected` from the serving monitor for resource
+                                   `transferkit.model.<model>`: drift on served inputs starts a retrain;
+  transferkit-retrain/on-new-data  DeploymentEventTrigger on `transferkit.dataset.updated` matched on
+                                   resource id `transferkit.dataset.<dataset>` (what `transferkit data add`
+                                   and `transferkit watch` emit); the event's md5 becomes the `data_md5`
+                                   parameter through a Jinja template rendered by the server.
+
+The flow code is loaded from this checkout (`flow.from_source(<repo root>)`: the worker changes into the
+root, so relative data paths in the parameters resolve there). For Docker/Kubernetes pools the same
+deployments take an image instead: see deploy/prefect/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOW = "flows/pipeline.py:retrain"
+DEFAULT_CRON = "0 3 * * *"
+EVENT_DATASET_UPDATED = "transferkit.dataset.updated"  # = transferkit.watch.EVENT_UPDATED
+EVENT_DRIFT_DETECTED = "transferkit.drift.detected"  # emitted by the serving monitor
+
+
+def build(
+    root: str | Path = ROOT,
+    dataset: str = "data",
+    dataset_name: str | None = None,
+    model: str = "target",
+    parameters: dict[str, Any] | None = None,
+    cron: str = DEFAULT_CRON,
+    timezone: str = "UTC",
+) -> list:
+    """The two RunnerDeployments (not yet registered). `parameters` are the flow's defaults for both."""
+    from prefect import Flow
+    from prefect.events import DeploymentEventTrigger
+    from prefect.schedules import Cron
+
+    flow = Flow.from_source(source=str(Path(root).resolve()), entrypoint=FLOW)
+    dataset_name = dataset_name or Path(dataset).name
+    params = {"dataset": dataset, **(parameters or {})}
+    on_drift = DeploymentEventTrigger(
+        name=f"retrain {model} on drift",
+        expect={EVENT_DRIFT_DETECTED},
+        match={"prefect.resource.id": f"transferkit.model.{model}"},
+        parameters={"reason": "drift detected on served inputs of {{ event.resource.id }} (event {{ event.id }})"},
+    )
+    on_data = DeploymentEventTrigger(
+        name=f"retrain on new {dataset_name} data",
+        expect={EVENT_DATASET_UPDATED},
+        match={"prefect.resource.id": f"transferkit.dataset.{dataset_name}"},
+        parameters={
+            "data_md5": "{{ event.payload.md5 }}",
+            "reason": "new data: {{ event.resource.id }} md5 {{ event.payload.md5 }} (event {{ event.id }})",
+        },
+    )
+    nightly = flow.to_deployment(
+        name="nightly",
+        schedules=[Cron(cron, timezone=timezone, slug="nightly-retrain")],
+        parameters=params,
+        triggers=[on_drift],
+        description="Scheduled retrain; also started by transferkit.drift.detected from the serving monitor.",
+        tags=["transferkit", "retrain", "schedule"],
+    )
+    new_data = flow.to_deployment(
+        name="on-new-data",
+        parameters=params,
+        triggers=[on_data],
+        description=f"Retrain when transferkit.dataset.{dataset_name} is updated (data add / watch).",
+        tags=["transferkit", "retrain", "event"],
+    )
+    return [nightly, new_data]
+
+
+def register(deployments: list, pool: str) -> list[str]:
+    """Register (create or update) the deployments on POOL; returns their ids."""
+    from prefect import deploy
+
+    ids = deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
+                 ignore_warnings=True)  # fmt: skip
+    return [str(i) for i in ids]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pool", default="transferkit-process")
+    ap.add_argument("--dataset", default="data", help="the DVC-tracked folder whose updates trigger a retrain")
+    ap.add_argument("--target", default="data/target")
+    ap.add_argument("--reference", default="data/reference")
+    ap.add_argument("--model", default="target", help="model name in the repository (drift events name it)")
+    ap.add_argument("--repo", default="models")
+    ap.add_argument("--cron", default=DEFAULT_CRON)
+    ap.add_argument("--push", action="store_true", help="dvc push after each gated run")
+    ap.add_argument("--parameters", default="{}", help='more flow defaults as JSON, e.g. \'{"overrides": {"train.epochs": 40}}\'')
+    a = ap.parse_args(argv)
+    params = {"target": a.target, "reference": a.reference or None, "repo": a.repo, "push": a.push,
+              **json.loads(a.parameters)}  # fmt: skip
+    deps = build(ROOT, a.dataset, model=a.model, parameters=params, cron=a.cron)
+    for d, i in zip(deps, register(deps, a.pool)):
+        print(f"deployment transferkit-retrain/{d.name} ({i}) on pool {a.pool}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The serving monitor as a Prefect flow: drift of served inputs vs the model's training data -> an event.
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.monitor --repo models --name digits --monitor-dir monitor
+    # schedulable like any flow: monitor_flow.serve(name="monitor", cron="*/30 * * * *", parameters={...})
+
+`transferkit serve --monitor-dir MONITOR` keeps a bounded reservoir sample of served images in
+MONITOR/<name>/images/. This flow runs the `drift` stage (the pipeline's own drift task) with
+  reference = the model's training data: REPO/<name>/<latest>/metadata.json "run" -> metrics.json "target"
+              (or the `reference` parameter when the run folder is not on this machine),
+  current   = the reservoir,
+and, when drift is detected, emits the Prefect event `transferkit.drift.detected` for resource
+`transferkit.model.<name>` with the drift summary as payload. The retrain deployment's trigger
+(flows/deployments.py) listens for it; the retrained model still has to pass `validate` and export's
+parity gate before it can be promoted. Too few served images is a skip, not a verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.pipeline import drift_task
+
+EVENT_DRIFT_DETECTED = "transferkit.drift.detected"  # = flows.deployments.EVENT_DRIFT_DETECTED
+SUMMARY_KEYS = ("drift_detected", "severity", "method", "score", "threshold", "n_reference", "n_current")
+
+
+def training_reference(repo: Path, name: str) -> Path:
+    """The dataset the promoted version was trained on, from its metadata and train run."""
+    from transferkit.export import latest_version
+    from transferkit.io import read_json
+
+    model_dir = Path(repo) / name
+    version = latest_version(model_dir)
+    if version is None:
+        raise FileNotFoundError(f"{model_dir / 'latest'}: no promoted version of {name!r}")
+    meta = read_json(model_dir / str(version) / "metadata.json")
+    run = Path(meta.get("run") or "")
+    metrics = read_json(run / "metrics.json") if run.name else {}
+    target = metrics.get("target")
+    if not target or not Path(target).is_dir():
+        raise FileNotFoundError(f"training data of {name} v{version} not found (run {run or '?'}, target {target!r}); "
+                                "pass the `reference` parameter")  # fmt: skip
+    return Path(target)
+
+
+def drift_event(name: str, version: int | None, drift: dict[str, Any], report: str) -> dict[str, Any]:
+    """Keyword arguments of prefect.events.emit_event for a drift verdict."""
+    return {
+        "event": EVENT_DRIFT_DETECTED,
+        "resource": {"prefect.resource.id": f"transferkit.model.{name}", "prefect.resource.name": name,
+                     "transferkit.model.version": str(version)},  # fmt: skip
+        "payload": {**{k: drift.get(k) for k in SUMMARY_KEYS}, "model": name, "version": version, "report": report,
+                    "views": {k: v.get("drifted") for k, v in (drift.get("views") or {}).items() if isinstance(v, dict)}},
+    }  # fmt: skip
+
+
+@flow(name="transferkit-monitor", log_prints=True)
+def monitor_flow(
+    repo: str = "models",
+    name: str = "target",
+    monitor_dir: str = "monitor",
+    reference: str | None = None,
+    out: str = "runs/monitor",
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Drift of MONITOR/<name>/images vs the training data; emits transferkit.drift.detected on drift."""
+    from transferkit.config import Params
+    from transferkit.export import latest_version
+
+    logger = get_run_logger()
+    p = Params.model_validate(params or {})
+    current = Path(monitor_dir) / name / "images"
+    n = len(list(current.glob("*.png"))) if current.is_dir() else 0
+    version = latest_version(Path(repo) / name)
+    if n < p.drift.min_samples:
+        logger.info("only %d served images of %s in %s (drift.min_samples %d): skipped", n, name, current, p.drift.min_samples)
+        return {"status": "skipped", "model": name, "version": version, "n_current": n, "event": None}
+    ref = Path(reference) if reference else training_reference(Path(repo), name)
+    run_out = Path(out) / name / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    drift = drift_task(str(ref), str(current), str(run_out), p.model_dump(mode="json"), False)
+    summary = {"status": "drift" if drift["drift_detected"] else "ok", "model": name, "version": version,
+               "reference": str(ref), "out": str(run_out), **{k: drift[k] for k in SUMMARY_KEYS}, "event": None}  # fmt: skip
+    if drift["drift_detected"]:
+        from prefect.events import emit_event
+
+        ev = emit_event(**drift_event(name, version, drift, str(run_out / "drift.html")))
+        summary["event"] = str(ev.id) if ev else None
+        logger.warning("drift on served inputs of %s v%s (%s): emitted %s", name, version, drift["severity"], EVENT_DRIFT_DETECTED)
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repo", default="models")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--monitor-dir", default="monitor")
+    ap.add_argument("--reference")
+    ap.add_argument("--out", default="runs/monitor")
+    ap.add_argument("--params", help="JSON object of param overrides, e.g. '{\"drift\": {\"min_samples\": 5}}'")
+    a = ap.parse_args()
+    r = monitor_flow(repo=a.repo, name=a.name, monitor_dir=a.monitor_dir, reference=a.reference, out=a.out,
+                     params=json.loads(a.params) if a.params else None)  # fmt: skip
+    print(json.dumps(r, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The `select` stage as a Prefect flow that scores candidates in parallel through a task runner.
+
+    transferkit select --target data/target --out runs/sel --runner thread     # threads, one machine
+    transferkit select --target data/target --out runs/sel --runner dask       # Dask LocalCluster processes
+    transferkit select ... --runner dask --set select.dask_address=tcp://scheduler:8786   # a real cluster
+
+One `score` task per candidate (mapped), each a call of `transferkit.select.score_candidate` with plain
+inputs (paths, md5, params dict) so Dask can ship it to other processes or machines; ranking, the
+optional `--confirm` fine-tunes and writing ranking.json are `transferkit.select.finish`, the same code
+the sequential `run_select` uses, so every runner writes the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+
+
+def _params(params: dict[str, Any] | None):
+    from transferkit.config import Params
+
+    return Params.model_validate(params or {})
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(spec: str, samples: list[tuple[str, int]], data_md5: str, params: dict, progress: bool) -> dict:
+    from transferkit.select import score_candidate
+
+    return score_candidate(spec, [(Path(p), int(y)) for p, y in samples], data_md5, _params(params), progress)
+
+
+def task_runner(kind: str, workers: int = 2, address: str | None = None):
+    """`thread` (default: one machine) or `dask` (a LocalCluster of `workers` processes, or `address`)."""
+    if kind == "thread":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        # one thread per worker process: torch already parallelises inside a forward pass
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": ":0"})  # fmt: skip
+    raise ValueError(f"select.runner must be thread or dask for the flow; got {kind!r}")
+
+
+@flow(name="select", log_prints=True)
+def select_flow(
+    target: str,
+    out: str,
+    params: dict | None = None,
+    candidates: list[str] | None = None,
+    confirm: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Score every available candidate in parallel, rank, optionally confirm, write OUT/ranking.json."""
+    from transferkit.select import finish, prepare
+
+    p = _params(params)
+    plan = prepare(Path(target), p, candidates)
+    samples = [(str(path), int(y)) for path, y in plan.samples]
+    futures = score_task.map(plan.available, unmapped(samples), unmapped(plan.data_md5),
+                             unmapped(p.model_dump(mode="json")), unmapped(progress))  # fmt: skip
+    rows = [f.result() for f in futures]
+    return finish(rows, plan, Path(out), p, confirm, progress=progress)
+
+
+def run_select_flow(
+    target: Path, out: Path, params, candidates: list[str] | None = None, confirm: int | None = None,
+    progress: bool = False,
+) -> dict:  # fmt: skip
+    """Run `select_flow` with the task runner named by `params.select.runner` (thread or dask)."""
+    import os
+
+    s = params.select
+    runner = task_runner(s.runner, s.workers, s.dask_address)
+    shared = s.runner == "dask" and not s.dask_address and _share_ephemeral_api()
+    try:
+        return select_flow.with_options(task_runner=runner)(
+            target=str(target), out=str(out), params=params.model_dump(mode="json"), candidates=candidates,
+            confirm=confirm, progress=progress,
+        )  # fmt: skip
+    finally:
+        if shared:
+            os.environ.pop("PREFECT_API_URL", None)
+
+
+def _share_ephemeral_api() -> bool:
+    """Without a Prefect server configured, LocalCluster worker processes would each start their own
+    temporary one (minutes on a small machine); they inherit os.environ, so point them at ours."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL"):
+        return False
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the same singleton this process's client uses in ephemeral mode
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return True

@@ -1,0 +1,129 @@
+"""Train a domain-related source model and register it in the local zoo, so `select` can rank it.
+
+    transferkit data builtin mnist --out data/mnist --per-class 200 --size 32
+    transferkit pretrain --data data/mnist --model mobilenetv2_100 --set data.image_size=64 --set train.epochs=3
+    transferkit select --target data/target --candidates zoo:mobilenetv2_100-mnist,mobilenetv2_100,...
+
+The source model is trained by `train.run_train` on the source dataset (ImageNet init, fine-tuning every
+layer; or `scratch:ARCH`, random init) and keeps its source classification head, so LEEP applies to
+it. The registry entry (`zoo.registry_dir()/NAME/`) holds model.safetensors, card.json (sha256 pin,
+architecture, init weights, dataset path + md5 + classes, accuracies, train/data params) and card.md;
+`zoo:NAME` loads only if the file still has the pinned sha256.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from transferkit.config import Params
+
+
+def default_name(model: str, data: Path) -> str:
+    """`<arch>-<dataset folder>`, e.g. mobilenetv2_100-mnist (scratch inits get a `-scratch` suffix)."""
+    arch = model.split(":", 1)[1] if model.startswith("scratch:") else model
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data).resolve().name).strip("-._") or "data"
+    return f"{arch}-{stem}" + ("-scratch" if model.startswith("scratch:") else "")
+
+
+def run_pretrain(
+    data: Path,
+    model: str,
+    params: Params,
+    name: str | None = None,
+    out: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train `model` on the labelled source dataset `data` and register it as `zoo:NAME`; returns the card.
+
+    `out` keeps the full training run folder (metrics.json, history.csv, params.yaml, checkpoint);
+    without it the run goes to a temporary folder and only the registry entry remains.
+    """
+    from transferkit import zoo
+    from transferkit.train import run_train
+
+    name = zoo.check_name(name or default_name(model, data))
+    if (zoo.registry_dir() / name / "card.json").is_file() and not force:  # fail before training, not after
+        raise zoo.ZooError(f"zoo:{name} is already registered in {zoo.registry_dir() / name}; "
+                           "choose another --name or pass --force")  # fmt: skip
+    init = zoo.parse_spec(model)
+    if init.kind == "zoo":
+        raise zoo.ZooError(f"--model {model!r}: start from an ImageNet model, a timm name or scratch:ARCH")
+    ok, detail = zoo.availability(model)
+    if not ok:
+        raise zoo.ZooError(f"--model {model!r} is not available here: {detail}")
+    strategy = "scratch" if init.kind == "scratch" else "full"  # a source model needs its own features
+
+    tmp = None
+    if out is None:
+        tmp = Path(tempfile.mkdtemp(prefix="transferkit-pretrain-"))
+    run = Path(out) if out is not None else tmp
+    try:
+        m = run_train(Path(data), run, params, model, strategy=strategy, progress=progress)
+        card = {
+            "init": model,
+            "init_sha256": m.get("source_sha256") or _init_sha(model),
+            "strategy": strategy,
+            "trained_on": {
+                "dataset": Path(data).resolve().name,
+                "path": str(Path(data).resolve()),
+                "data_md5": m["data_md5"],
+                "classes": m["classes"],
+                "n_train": m["n_train"],
+                "n_val": m["n_val"],
+                "n_test": m["n_test"],
+            },
+            "image_size": m["image_size"],
+            "accuracy": {"train": m["train_accuracy"], "val": m["val_accuracy"], "test": m["test_accuracy"]},
+            "epochs": m["epochs"],
+            "best_epoch": m["best_epoch"],
+            "seconds": m["seconds"],
+            "params": {"seed": params.seed, "data": params.data.model_dump(mode="json"),
+                       "train": params.train.model_dump(mode="json")},  # fmt: skip
+            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "git_rev": _git_rev(),
+            "run": str(run) if out is not None else None,
+        }
+        card = zoo.register(name, run / "model.safetensors", card, card_markdown, force=force)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    from transferkit.embed import _source_model
+
+    _source_model.cache_clear()  # a re-registered name must not be served from this process's model memo
+    return card
+
+
+def _init_sha(model: str) -> str | None:
+    from transferkit import zoo
+
+    entry = zoo.PACKAGED.get(model)
+    return entry.sha256 if entry else None
+
+
+def _git_rev() -> str | None:
+    from transferkit.io import git_rev
+
+    return git_rev(Path(__file__).resolve().parent)
+
+
+def card_markdown(card: dict) -> str:
+    t, acc = card["trained_on"], card["accuracy"]
+    init = "random init" if card["strategy"] == "scratch" else f"`{card['init']}` (ImageNet weights)"
+    return (
+        f"# zoo:{card['name']}\n\n"
+        f"Source model registered by `transferkit pretrain`: `{card['arch']}` from {init}, trained on "
+        f"**{t['dataset']}** ({len(t['classes'])} classes: {', '.join(t['classes'])}) at {card['image_size']} px.\n\n"
+        f"| field | value |\n|---|---|\n"
+        f"| weights | `model.safetensors`, sha256 `{card['sha256']}` |\n"
+        f"| data | `{t['path']}`, md5 `{t['data_md5']}`, {t['n_train']} train / {t['n_val']} val / {t['n_test']} test images |\n"
+        f"| accuracy | train {acc['train']:.4f}, val {acc['val']:.4f}, test {acc['test']:.4f} |\n"
+        f"| training | {card['strategy']}, {card['epochs']} epochs (best {card['best_epoch']}), {card['seconds']:.0f} s |\n"
+        f"| created | {card['created']} (git {card.get('git_rev') or 'unknown'}) |\n\n"
+        "It keeps its source classification head, so `select` scores it with LEEP as well as LogME and kNN. "
+        "Use it as a candidate with `zoo:" + card["name"] + "`.\n"
+    )

@@ -1,0 +1,253 @@
+"""Orchestration for real: a Prefect server, a process worker, the repo's deployments, DVC-versioned data.
+
+The event test is the user's path end to end: `python -m flows.deployments` registers both deployments
+on a real `prefect server start` (tests/conftest.py `prefect_server`), a real process worker polls the
+pool, `transferkit data add` runs `dvc add` and emits `transferkit.dataset.updated`, and the server's
+trigger starts `transferkit-retrain/on-new-data` with the event's md5. What the triggered run executes is
+the real pipeline (select -> train -> validate -> export -> promote) on the tiny digits slice at 64 px,
+3 epochs, one candidate, no drift/int8 (deployment parameter `overrides`): about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferkit.orchestrate import ensure_pool, prefect_env, start_worker, stop
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+POOL = "tk-test-pool"
+EMIT_DRIFT = """
+from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
+emit_event("transferkit.drift.detected", resource={"prefect.resource.id": "transferkit.model.digits"},
+           payload={"severity": "severe"})
+EventsWorker.drain_all(timeout=60)
+"""
+OVERRIDES = {"data.image_size": 64, "train.epochs": 3, "train.patience": 3, "export.int8": False, "export.opset": 17}
+
+
+def _sh(cmd: list, cwd: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def _api(url: str, path: str, body: dict | None = None):
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _runs(url: str, deployment_id: str, since: datetime | None = None) -> list[dict]:
+    """Flow runs of a deployment; with `since`, only those created after it that are due within an hour
+    (the cron schedule's future runs are excluded)."""
+    runs = _api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}, "sort": "START_TIME_ASC"})
+    if since is None:
+        return runs
+    soon = datetime.now(timezone.utc) + timedelta(hours=1)
+    return [r for r in runs if datetime.fromisoformat(r["created"]) >= since
+            and datetime.fromisoformat(r["expected_start_time"]) < soon]  # fmt: skip
+
+
+def _wait_terminal(url: str, deployment_id: str, n: int, timeout: float, log: Path,
+                   since: datetime | None = None) -> list[dict]:  # fmt: skip
+    """Wait until the deployment has N flow runs and all are in a terminal state."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        runs = _runs(url, deployment_id, since)
+        if len(runs) >= n and all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
+            return sorted(runs, key=lambda r: r["created"])
+        time.sleep(2)
+    raise AssertionError(f"no {n} finished runs after {timeout:.0f} s: {[(r['name'], r['state_type']) for r in runs]}\n"
+                         f"worker log:\n{log.read_text()[-4000:] if log.exists() else ''}")  # fmt: skip
+
+
+def _ws(tmp: Path, target: Path, env: dict) -> Path:
+    """A git + DVC project holding the digits slice as `digits/` (not yet `dvc add`ed)."""
+    ws = tmp / "ws"
+    ws.mkdir()
+    _sh(["git", "init", "-q"], ws, env)
+    _sh([BIN / "dvc", "init", "-q"], ws, env)
+    _sh([BIN / "dvc", "config", "core.analytics", "false"], ws, env)
+    shutil.copytree(target, ws / "digits")
+    return ws
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, tiny_target, tmp_path_factory):
+    """Deployments registered from the repo's flows/deployments.py, a process worker on their pool."""
+    tmp = tmp_path_factory.mktemp("orch")
+    env = prefect_env(prefect_server)
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    ws = _ws(tmp, tiny_target, env)
+    ensure_pool(env, POOL)
+    params = {"target": str(ws / "digits"), "reference": None, "out_root": str(ws / "runs"), "repo": str(ws / "models"),
+              "candidates": ["mobilenetv2_100"], "params_file": None, "overrides": OVERRIDES}  # fmt: skip
+    _sh([sys.executable, "-m", "flows.deployments", "--pool", POOL, "--dataset", ws / "digits", "--model", "digits",
+         "--parameters", json.dumps(params)], ROOT, env)  # fmt: skip
+    log = tmp / "worker.log"
+    worker = start_worker(env, POOL, log=log, poll_seconds=2, cwd=ws)
+    try:
+        yield {"url": prefect_server, "ws": ws, "env": env, "log": log}
+    finally:
+        stop(worker)
+
+
+def test_cron_schedule_and_triggers_are_registered(deployed):
+    url = deployed["url"]
+    nightly = _api(url, "/deployments/name/transferkit-retrain/nightly")
+    assert nightly["work_pool_name"] == POOL
+    crons = [s["schedule"].get("cron") for s in nightly["schedules"] if s["active"]]
+    assert crons == ["0 3 * * *"]
+    assert nightly["parameters"]["overrides"] == OVERRIDES  # flow parameters reach the deployment
+
+    autos = {a["name"]: a for a in _api(url, "/automations/filter", {})}
+    on_data, on_drift = autos["retrain on new digits data"], autos["retrain digits on drift"]
+    assert on_data["trigger"]["expect"] == ["transferkit.dataset.updated"]
+    assert on_data["trigger"]["match"] == {"prefect.resource.id": "transferkit.dataset.digits"}
+    assert on_drift["trigger"]["expect"] == ["transferkit.drift.detected"]
+    assert on_drift["trigger"]["match"] == {"prefect.resource.id": "transferkit.model.digits"}
+    new_data = _api(url, "/deployments/name/transferkit-retrain/on-new-data")
+    assert on_data["actions"][0]["deployment_id"] == new_data["id"]
+    assert on_drift["actions"][0]["deployment_id"] == nightly["id"]
+    assert "event.payload.md5" in json.dumps(on_data["actions"][0]["parameters"])
+
+
+@pytest.mark.slow
+def test_new_data_event_triggers_a_retrain_that_ships_a_model_for_that_md5(deployed):
+    url, ws, env, log = deployed["url"], deployed["ws"], deployed["env"], deployed["log"]
+    dep = _api(url, "/deployments/name/transferkit-retrain/on-new-data")
+    assert _runs(url, dep["id"]) == []
+
+    p = _sh([BIN / "transferkit", "data", "add", ws / "digits"], ws, env)
+    md5 = yaml.safe_load((ws / "digits.dvc").read_text())["outs"][0]["md5"]
+    assert md5 in p.stdout and "event" in p.stdout
+
+    (run,) = _wait_terminal(url, dep["id"], 1, 300, log)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert run["parameters"]["data_md5"] == md5  # rendered from the event by the server's trigger
+    assert "transferkit.dataset.digits" in run["parameters"]["reason"]
+    rec = json.loads(next((ws / "runs").glob(f"*-{md5[:8]}/retrain.json")).read_text())
+    assert rec["data_md5"] == md5 and rec["flow_run_id"] == run["id"] and rec["skipped"] is False
+    assert rec["live"] == rec["version"] == 1
+    meta = json.loads((ws / "models" / "digits" / "1" / "metadata.json").read_text())
+    assert meta["params"]["train"]["epochs"] == 3  # the flow-parameter overrides were used
+    assert (ws / "models" / "digits" / "latest").read_text().strip() == "1"
+    (sub,) = _api(url, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
+    assert sub["state_type"] == "COMPLETED"  # transfer_pipeline ran as a subflow
+    arts = _api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"], sub["id"]]}}})
+    assert {a["key"] for a in arts} == {"select", "validate", "export", "promote"}  # no reference: no drift
+    assert "digits v1" in next(a["data"] for a in arts if a["key"] == "promote")
+
+    # drift on served inputs (the serving monitor's event) starts the nightly deployment; the live model was
+    # built from this very data, params and code, so the run completes without training (skip_unchanged)
+    nightly = _api(url, "/deployments/name/transferkit-retrain/nightly")
+    since = datetime.now(timezone.utc)
+    _sh([sys.executable, "-c", EMIT_DRIFT], ws, env)
+    (drift_run,) = _wait_terminal(url, nightly["id"], 1, 180, log, since=since)
+    assert drift_run["state_type"] == "COMPLETED", drift_run["state"]
+    assert drift_run["parameters"]["reason"].startswith("drift detected on served inputs of transferkit.model.digits")
+    rec = next(json.loads(f.read_text()) for f in (ws / "runs").glob("*/retrain.json")
+               if json.loads(f.read_text())["flow_run_id"] == drift_run["id"])  # fmt: skip
+    assert rec["deployment"] == "nightly" and rec["skipped"] is True and rec["version"] == 1
+    assert rec["data_md5"] == md5 and not (ws / "models" / "digits" / "2").exists()
+
+
+# --------------------------------------------------------------------------- new-data detection (no server)
+
+
+def test_content_md5_ignores_mtimes_and_copies_but_sees_one_byte(tiny_target, tmp_path):
+    from transferkit.watch import content_md5
+
+    a = shutil.copytree(tiny_target, tmp_path / "a")
+    md5, n = content_md5(a)
+    assert n == sum(1 for p in Path(tiny_target).rglob("*") if p.is_file())
+    for p in a.rglob("*"):
+        os.utime(p, (1, 1))  # mtimes change, contents do not
+    assert content_md5(a)[0] == md5
+    b = shutil.copytree(a, tmp_path / "b")
+    assert content_md5(b)[0] == md5
+    img = sorted(b.rglob("*.png"))[0]
+    data = bytearray(img.read_bytes())
+    data[-1] ^= 1
+    img.write_bytes(bytes(data))
+    edited = content_md5(b)[0]
+    assert edited != md5
+    img.rename(img.with_name("renamed.png"))  # same bytes, another name: another dataset
+    assert content_md5(b)[0] not in (md5, edited)
+
+
+def test_watch_once_versions_changes_only_and_data_add_refuses_a_non_dvc_folder(tiny_target, tmp_path):
+    env = {k: v for k, v in prefect_env().items() if k != "PREFECT_API_URL"}  # no server: version only
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    ws = _ws(tmp_path, tiny_target, env)
+    tk = BIN / "transferkit"
+
+    first = _sh([tk, "watch", "digits", "--once"], ws, env).stdout
+    assert " changed: " in first and "no event (PREFECT_API_URL not set)" in first
+    md5_1 = yaml.safe_load((ws / "digits.dvc").read_text())["outs"][0]["md5"]
+    again = _sh([tk, "watch", "digits", "--once"], ws, env).stdout
+    assert " unchanged " in again and " changed: " not in again  # state kept between --once runs
+
+    img = sorted((ws / "digits").rglob("*.png"))[0]
+    img.write_bytes(sorted((ws / "digits").rglob("*.png"))[1].read_bytes())  # real content change
+    third = _sh([tk, "watch", "digits", "--once"], ws, env).stdout
+    md5_2 = yaml.safe_load((ws / "digits.dvc").read_text())["outs"][0]["md5"]
+    assert " changed: " in third and md5_2 != md5_1 and md5_2 in third
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_target, plain)
+    p = _sh([tk, "data", "add", plain], tmp_path, env, ok=False)
+    assert p.returncode == 1 and "not inside a DVC repository" in p.stderr and str(plain) in p.stderr
+    assert not (tmp_path / "plain.dvc").exists()
+
+
+def test_io_tasks_retry_on_io_errors_only(prefect_server):
+    from prefect import flow, task
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import _io_error, check_data_task, export_task, promote_task, push_task
+
+    for t in (check_data_task, export_task, promote_task, push_task):
+        assert t.retries == 3 and t.retry_condition_fn is _io_error, t.name
+    calls = {"io": 0, "value": 0}
+
+    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=_io_error)
+    def flaky_io():
+        calls["io"] += 1
+        if calls["io"] < 3:
+            raise OSError("transient: remote busy")
+        return "ok"
+
+    @task(retries=3, retry_delay_seconds=0, retry_condition_fn=_io_error)
+    def bad_input():
+        calls["value"] += 1
+        raise ValueError("params field 'train.epochs': bad")
+
+    @flow
+    def probe():
+        return flaky_io(), bad_input(return_state=True)
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        value, state = probe()
+        APILogWorker.drain_all(timeout=30)  # send the logs now, not at exit after the server is gone
+        EventsWorker.drain_all(timeout=30)
+    assert value == "ok" and calls["io"] == 3
+    assert state.is_failed() and calls["value"] == 1  # deterministic errors are not retried
