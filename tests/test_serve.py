@@ -249,6 +249,10 @@ def _bad_cases(images):
         "not an image": (dict(files={"file": ("a.png", b"GIF87a-nope" * 3, "application/octet-stream")}), 415,
                          "not an image", None),
         "truncated png": (dict(files={"file": ("cut.png", png[: len(png) // 2], "image/png")}), 400, "'cut.png'", None),
+        # a good image before the bad one: the request fails whole, and the monitor never samples it
+        "good then truncated": (dict(files=[("file", ("ok.png", png, "image/png")),
+                                            ("file", ("cut.png", png[: len(png) // 2], "image/png"))]),
+                                400, "'cut.png'", None),
         "bad json": (dict(content=b"{", headers={"Content-Type": "application/json"}), 400, "not valid JSON", None),
         "json shape": (dict(json=["x"]), 400, '{"images"', None),
         "bad base64": (dict(json={"images": ["***"]}), 400, "images[0]: not valid base64", None),
@@ -402,6 +406,8 @@ def test_broken_versions_are_never_served(server, repo, images):
 
 
 def test_monitor_reservoir_is_bounded_and_counts_every_served_image(server):
+    """Only served images are sampled: the rejected requests of the bad-input tests (one of them with a good
+    image before a bad one) left no trace, so what the reservoir saw equals what the server answered."""
     m = server["client"].get("/metrics").text
     served = _metric(m, 'transferkit_images_total{model="digits"}')
     folder = server["monitor"] / "digits"

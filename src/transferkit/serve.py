@@ -658,16 +658,11 @@ def create_app(cfg: ServeConfig):
         model.inflight += 1
         try:
 
-            def prep() -> np.ndarray:
-                xs = []
-                for data, where, ct in images:
-                    img, _ = decode_image(data, cfg, where, ct)
-                    xs.append(model.preprocess(img))
-                    if slot.reservoir is not None:
-                        slot.reservoir.offer(img, model.version)
-                return np.stack(xs)
+            def prep() -> tuple[np.ndarray, list]:
+                decoded = [decode_image(data, cfg, where, ct)[0] for data, where, ct in images]
+                return np.stack([model.preprocess(img) for img in decoded]), decoded
 
-            x = await run_in_threadpool(prep)
+            x, decoded = await run_in_threadpool(prep)
             if model.batcher is not None:
                 out = await model.batcher.submit(x)
             else:
@@ -675,6 +670,9 @@ def create_app(cfg: ServeConfig):
                 metrics.batch(model, len(x))
         finally:
             model.inflight -= 1
+        if slot.reservoir is not None:
+            # only requests that were served: a rejected upload is not traffic the model saw
+            await run_in_threadpool(lambda: [slot.reservoir.offer(img, model.version) for img in decoded])
         k = min(top_k or cfg.default_top_k, len(model.classes))
         probs = softmax(out.astype(np.float64))
         preds = []
