@@ -104,19 +104,38 @@ def select_task(target: str, out: str, params: dict, candidates: list[str] | Non
     from transferkit.select import run_select
 
     r = run_select(Path(target), Path(out), _params(params), candidates, progress=progress)
+    _select_artifact(r)
+    return r
+
+
+def _select(target: str, out: str, p, candidates: list[str] | None, progress: bool) -> dict:
+    """`select.runner: sequential` is one task; thread/dask run flows/select.py as a subflow, one `score`
+    task per candidate on that task runner (the same ranking.json either way)."""
+    if p.select.runner == "sequential":
+        return select_task(target, out, p.model_dump(mode="json"), candidates, progress)
+    from flows.select import run_select_flow
+
+    r = run_select_flow(Path(target), Path(out), p, candidates, progress=progress)
+    _select_artifact(r)
+    return r
+
+
+def _select_artifact(r: dict) -> None:
+    def num(v, nd):
+        return "n/a" if v is None else f"{v:.{nd}f}"
+
     rows = "\n".join(
-        f"| {c['model']} | {c['logme']:.4f} | {c['leep'] if c['leep'] is None else round(c['leep'], 4)} | "
-        f"{c['knn']:.3f} | {c['seconds']:.1f} |"
+        f"| {c['model']} | {num(c.get('logme'), 4)} | {num(c.get('leep'), 4)} | {num(c.get('knn'), 3)} | "
+        f"{num(c.get('probe'), 3)} | {c['seconds']:.1f} |"
         for c in r["candidates"]
     )
     _artifact(
         "select",
-        f"## Source model: **{r['selected']}** (by {r['metric']})\n\n"
-        f"| model | LogME | LEEP | kNN acc | seconds |\n|---|---|---|---|---|\n{rows}\n"
-        + (f"\n> {r['warning']}\n" if r["warning"] else ""),
+        f"## Source model: **{r['selected']}** (by {r.get('selected_by', r['metric'])})\n\n"
+        f"| model | LogME | LEEP | kNN acc | probe acc | seconds |\n|---|---|---|---|---|---|\n{rows}\n"
+        + (f"\n> {r['warning']}\n" if r.get("warning") else ""),
         "Candidate ranking",
     )
-    return r
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -207,7 +226,7 @@ def transfer_pipeline(
     drift = None
     if reference:
         drift = drift_task(reference, target, str(run / "drift"), pj, progress)
-    ranking = select_task(target, str(run / "select"), pj, candidates, progress)
+    ranking = _select(target, str(run / "select"), p, candidates, progress)
     metrics = train_task(target, str(run / "train"), pj, ranking["selected"],
                          str(run / "drift" / "drift.json") if drift else None, progress)  # fmt: skip
     validation = validate_task(str(run / "train"), pj, progress)

@@ -68,10 +68,24 @@ def test_flow_runs_every_stage_and_ships_a_matching_onnx(flow_run, tiny_target):
 
 
 def test_flow_stops_at_a_failed_gate_and_exports_nothing(flow_run, tiny_target, tiny_reference):
+    """Also the parallel select path: `select.runner=thread` scores through flows/select.py as a subflow
+    (one `score` task per candidate, in the run's Prefect database) and ranks exactly like the first run."""
+    import sqlite3
+
     tmp, _ = flow_run
     p = _run(tmp, "--reference", str(tiny_reference), "--target", str(tiny_target), "--out", str(tmp / "run2"),
-             "--repo", str(tmp / "models2"), *ARGS, "--set", "validate.min_gain=1.0")  # fmt: skip
+             "--repo", str(tmp / "models2"), *ARGS, "--set", "validate.min_gain=1.0",
+             "--set", "select.runner=thread")  # fmt: skip
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert "negative transfer" in p.stderr and "nothing exported" in p.stderr
     assert not list((tmp / "models2").rglob("model.onnx")) if (tmp / "models2").exists() else True
     assert json.loads((tmp / "run2" / "train" / "validation.json").read_text())["passed"] is False
+
+    with sqlite3.connect(tmp / "prefect" / "prefect.db") as db:
+        tasks = [n for (n,) in db.execute("SELECT name FROM task_run")]
+        flows = {n for (n,) in db.execute("SELECT name FROM flow")}
+    assert sum(n.startswith("score-") for n in tasks) == 2 and "select" in flows, (tasks, flows)
+    first, second = (json.loads((tmp / r / "select" / "ranking.json").read_text()) for r in ("run", "run2"))
+    assert second["selected"] == first["selected"]
+    assert [(c["model"], c["logme"]) for c in second["candidates"]] == [
+        (c["model"], c["logme"]) for c in first["candidates"]]
