@@ -1,4 +1,4 @@
-"""Deployments of the `transferkit-retrain` flow on a process work pool (`transferkit server` registers them).
+"""Deployments of the retrain and monitor flows on a process work pool (`transferkit server` registers them).
 
     transferkit server                                   # starts server + worker and runs this module
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.deployments --pool transferkit-process
@@ -11,6 +11,10 @@ Two deployments of one flow (flows/pipeline.py `retrain`):
                                    resource id `transferkit.dataset.<dataset>` (what `transferkit data add`
                                    and `transferkit watch` emit); the event's md5 becomes the `data_md5`
                                    parameter through a Jinja template rendered by the server.
+  transferkit-monitor/served-drift every 30 minutes (--monitor-cron): flows/monitor.py runs `drift` on the
+                                   model server's reservoir of served images (--monitor-dir) vs the live
+                                   model's training data and emits `transferkit.drift.detected` on drift,
+                                   which starts transferkit-retrain/nightly: the closed loop.
 
 The flow code is loaded from this checkout (`flow.from_source(<repo root>)`: the worker changes into the
 root, so relative data paths in the parameters resolve there). For Docker/Kubernetes pools the same
@@ -26,7 +30,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = "flows/pipeline.py:retrain"
+MONITOR_FLOW = "flows/monitor.py:monitor_flow"
 DEFAULT_CRON = "0 3 * * *"
+DEFAULT_MONITOR_CRON = "*/30 * * * *"
 EVENT_DATASET_UPDATED = "transferkit.dataset.updated"  # = transferkit.watch.EVENT_UPDATED
 EVENT_DRIFT_DETECTED = "transferkit.drift.detected"  # emitted by the serving monitor
 
@@ -39,8 +45,11 @@ def build(
     parameters: dict[str, Any] | None = None,
     cron: str = DEFAULT_CRON,
     timezone: str = "UTC",
+    monitor_cron: str | None = DEFAULT_MONITOR_CRON,
+    monitor_parameters: dict[str, Any] | None = None,
 ) -> list:
-    """The two RunnerDeployments (not yet registered). `parameters` are the flow's defaults for both."""
+    """The RunnerDeployments (not yet registered): retrain nightly + on new data (`parameters` are their
+    flow defaults), and the served-drift monitor (`monitor_parameters`; monitor_cron None = leave it out)."""
     from prefect import Flow
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
@@ -78,7 +87,20 @@ def build(
         description=f"Retrain when transferkit.dataset.{dataset_name} is updated (data add / watch).",
         tags=["transferkit", "retrain", "event"],
     )
-    return [nightly, new_data]
+    out = [nightly, new_data]
+    if monitor_cron:
+        monitor = Flow.from_source(source=str(Path(root).resolve()), entrypoint=MONITOR_FLOW)
+        mparams = {"repo": params.get("repo", "models"), "name": model, "monitor_dir": "monitor",
+                   **(monitor_parameters or {})}  # fmt: skip
+        out.append(monitor.to_deployment(
+            name="served-drift",
+            schedules=[Cron(monitor_cron, timezone=timezone, slug="served-drift")],
+            parameters=mparams,
+            description=f"Drift of {model}'s served inputs vs its training data; on drift emits "
+                        f"{EVENT_DRIFT_DETECTED}, which starts transferkit-retrain/nightly.",
+            tags=["transferkit", "monitor", "schedule"],
+        ))  # fmt: skip
+    return out
 
 
 def register(deployments: list, pool: str) -> list[str]:
@@ -99,14 +121,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="target", help="model name in the repository (drift events name it)")
     ap.add_argument("--repo", default="models")
     ap.add_argument("--cron", default=DEFAULT_CRON)
+    ap.add_argument("--monitor-cron", default=DEFAULT_MONITOR_CRON, help="schedule of the served-drift monitor; '' = none")
+    ap.add_argument("--monitor-dir", default="monitor", help="`transferkit serve --monitor-dir` of the model server")
+    ap.add_argument("--monitor-parameters", default="{}", help='more monitor flow defaults as JSON, e.g. \'{"params": {"drift": {"min_samples": 50}}}\'')
     ap.add_argument("--push", action="store_true", help="dvc push after each gated run")
     ap.add_argument("--parameters", default="{}", help='more flow defaults as JSON, e.g. \'{"overrides": {"train.epochs": 40}}\'')
     a = ap.parse_args(argv)
     params = {"target": a.target, "reference": a.reference or None, "repo": a.repo, "push": a.push,
               **json.loads(a.parameters)}  # fmt: skip
-    deps = build(ROOT, a.dataset, model=a.model, parameters=params, cron=a.cron)
+    deps = build(ROOT, a.dataset, model=a.model, parameters=params, cron=a.cron, monitor_cron=a.monitor_cron or None,
+                 monitor_parameters={"repo": params["repo"], "monitor_dir": a.monitor_dir,
+                                     **json.loads(a.monitor_parameters)})  # fmt: skip
     for d, i in zip(deps, register(deps, a.pool)):
-        print(f"deployment transferkit-retrain/{d.name} ({i}) on pool {a.pool}")
+        print(f"deployment {d.flow_name}/{d.name} ({i}) on pool {a.pool}")
 
 
 if __name__ == "__main__":

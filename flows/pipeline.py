@@ -387,7 +387,8 @@ def retrain(
               "dataset": dataset, "data_md5": md5, "requested_md5": data_md5, "target": target,
               "reference": reference, "overrides": overrides or {}, "reason": reason}  # fmt: skip
     if skip_unchanged and (live := _unchanged(Path(repo), name, target, pj)):
-        msg = f"{name} v{live['version']} is live and was built from this data, params and code: nothing to do"
+        msg = (f"{name} v{live['version']} is live and was built from this data, params and code: retraining would "
+               "rebuild the same model; new labelled data (`transferkit data add`), other params or code start a new one")  # fmt: skip
         print(msg)
         write_json(run / "retrain.json", {**record, "skipped": True, "skip_reason": msg, "version": live["version"]})
         _artifact("retrain", f"## Skipped\n\n{msg} (data md5 `{md5}`)\n", "Retrain decision")

@@ -219,6 +219,7 @@ def test_model_card(exported):
     for text in ("scratch:mobilenetv2_100", exported["data_md5"], "Parity", "Limitations", "baseline",
                  exported["sha256"]):  # fmt: skip
         assert text in card, text
+    assert exported["shift"] is None and "Domain shift: not measured" in card  # trained without a drift.json
 
 
 # --------------------------------------------------------------------------- int8, providers, Triton
@@ -463,7 +464,7 @@ def test_opset_below_18_uses_the_torchscript_exporter(run_dir, tmp_path, tiny_ta
         np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-4, rtol=0)
 
 
-def test_dynamo_failure_falls_back_and_says_why(run_dir, tmp_path, monkeypatch):
+def test_dynamo_failure_falls_back_and_says_why(run_dir, tmp_path, monkeypatch, caplog):
     import transferkit.export as export
 
     def broken(model, example, path, opset):
@@ -474,6 +475,8 @@ def test_dynamo_failure_falls_back_and_says_why(run_dir, tmp_path, monkeypatch):
     meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.int8": False}), progress=False)
     assert meta["exporter"] == "torchscript" and meta["opset"] == 18
     assert "simulated torch.export failure" in meta["fallback_reason"]
+    assert any("TorchScript exporter" in r.getMessage() and "simulated torch.export failure" in r.getMessage()
+               for r in caplog.records if r.name == "transferkit.export")  # logged, not only recorded
     assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md"]
 
 

@@ -17,7 +17,10 @@ ARGS = ["--candidates", "mobilenetv2_100,scratch:mobilenetv2_100", "-q",
 
 
 def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # the run's own ephemeral server and database, also when the session's real server (conftest
+    # `prefect_server`) has put PREFECT_API_URL in os.environ
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     cmd = [str(Path(sys.executable).parent / "transferkit"), "run", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
 
@@ -46,6 +49,12 @@ def test_flow_runs_every_stage_and_ships_a_matching_onnx(flow_run, tiny_target):
     vdir = tmp / "models" / "digits" / version
     meta = json.loads((vdir / "metadata.json").read_text())
     assert meta["source_model"] == "mobilenetv2_100" and meta["parity"]["max_abs_diff"] <= 1e-4
+    # the drift verdict travels train -> metadata -> model card (what a reviewer reads before a deploy)
+    drift = json.loads((run / "drift" / "drift.json").read_text())
+    assert meta["shift"]["severity"] == drift["severity"] == metrics["shift"]["severity"]
+    card = (vdir / "model_card.md").read_text()
+    assert f"Domain shift: **{drift['severity']}** (detected: {drift['drift_detected']})" in card
+    assert str(run / "drift" / "drift.html") in card
 
     # independent check: onnxruntime on the real test images agrees with the run's reported accuracy
     import onnxruntime as ort

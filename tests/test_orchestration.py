@@ -6,6 +6,9 @@ pool, `transferkit data add` runs `dvc add` and emits `transferkit.dataset.updat
 trigger starts `transferkit-retrain/on-new-data` with the event's md5. What the triggered run executes is
 the real pipeline (select -> train -> validate -> export -> promote) on the tiny digits slice at 64 px,
 3 epochs, one candidate, no drift/int8 (deployment parameter `overrides`): about a minute on 2 cores.
+Then the closed loop: a run of the scheduled `transferkit-monitor/served-drift` deployment finds MNIST in
+the serving reservoir of the digits model, emits `transferkit.drift.detected`, and the server's trigger
+starts `transferkit-retrain/nightly`.
 """
 
 from __future__ import annotations
@@ -28,13 +31,7 @@ from transferkit.orchestrate import ensure_pool, prefect_env, start_worker, stop
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 POOL = "tk-test-pool"
-EMIT_DRIFT = """
-from prefect.events import emit_event
-from prefect.events.worker import EventsWorker
-emit_event("transferkit.drift.detected", resource={"prefect.resource.id": "transferkit.model.digits"},
-           payload={"severity": "severe"})
-EventsWorker.drain_all(timeout=60)
-"""
+MONITOR = {"params": {"drift": {"min_samples": 5, "max_samples": 60}, "data": {"image_size": 32}}}
 OVERRIDES = {"data.image_size": 64, "train.epochs": 3, "train.patience": 3, "export.int8": False, "export.opset": 17}
 
 
@@ -88,7 +85,7 @@ def _ws(tmp: Path, target: Path, env: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server, tiny_target, tmp_path_factory):
+def deployed(prefect_server, tiny_target, tiny_reference, tmp_path_factory):
     """Deployments registered from the repo's flows/deployments.py, a process worker on their pool."""
     tmp = tmp_path_factory.mktemp("orch")
     env = prefect_env(prefect_server)
@@ -97,12 +94,14 @@ def deployed(prefect_server, tiny_target, tmp_path_factory):
     ensure_pool(env, POOL)
     params = {"target": str(ws / "digits"), "reference": None, "out_root": str(ws / "runs"), "repo": str(ws / "models"),
               "candidates": ["mobilenetv2_100"], "params_file": None, "overrides": OVERRIDES}  # fmt: skip
+    monitor = {**MONITOR, "out": str(ws / "runs" / "monitor")}
     _sh([sys.executable, "-m", "flows.deployments", "--pool", POOL, "--dataset", ws / "digits", "--model", "digits",
-         "--parameters", json.dumps(params)], ROOT, env)  # fmt: skip
+         "--parameters", json.dumps(params), "--monitor-dir", ws / "monitor",
+         "--monitor-parameters", json.dumps(monitor)], ROOT, env)  # fmt: skip
     log = tmp / "worker.log"
     worker = start_worker(env, POOL, log=log, poll_seconds=2, cwd=ws)
     try:
-        yield {"url": prefect_server, "ws": ws, "env": env, "log": log}
+        yield {"url": prefect_server, "ws": ws, "env": env, "log": log, "reference": tiny_reference}
     finally:
         stop(worker)
 
@@ -125,6 +124,13 @@ def test_cron_schedule_and_triggers_are_registered(deployed):
     assert on_data["actions"][0]["deployment_id"] == new_data["id"]
     assert on_drift["actions"][0]["deployment_id"] == nightly["id"]
     assert "event.payload.md5" in json.dumps(on_data["actions"][0]["parameters"])
+
+    monitor = _api(url, "/deployments/name/transferkit-monitor/served-drift")
+    assert monitor["work_pool_name"] == POOL
+    assert [s["schedule"].get("cron") for s in monitor["schedules"] if s["active"]] == ["*/30 * * * *"]
+    mp = monitor["parameters"]
+    assert mp["name"] == "digits" and mp["repo"] == str(deployed["ws"] / "models")
+    assert mp["monitor_dir"] == str(deployed["ws"] / "monitor") and mp["params"] == MONITOR["params"]
 
 
 @pytest.mark.slow
@@ -153,17 +159,32 @@ def test_new_data_event_triggers_a_retrain_that_ships_a_model_for_that_md5(deplo
     assert {a["key"] for a in arts} == {"select", "validate", "export", "promote"}  # no reference: no drift
     assert "digits v1" in next(a["data"] for a in arts if a["key"] == "promote")
 
-    # drift on served inputs (the serving monitor's event) starts the nightly deployment; the live model was
-    # built from this very data, params and code, so the run completes without training (skip_unchanged)
+    # the closed loop: MNIST digits in the model server's reservoir (what `serve --monitor-dir` keeps) of a
+    # model trained on sklearn digits; one run of the scheduled monitor deployment, on the worker, detects
+    # the drift and emits transferkit.drift.detected, and the server's trigger starts the nightly retrain
+    images = ws / "monitor" / "digits" / "images"
+    images.mkdir(parents=True)
+    for i, png in enumerate(sorted(deployed["reference"].rglob("*.png"))[:40]):
+        shutil.copy(png, images / f"{i:06d}.png")
+    monitor = _api(url, "/deployments/name/transferkit-monitor/served-drift")
     nightly = _api(url, "/deployments/name/transferkit-retrain/nightly")
     since = datetime.now(timezone.utc)
-    _sh([sys.executable, "-c", EMIT_DRIFT], ws, env)
+    _api(url, f"/deployments/{monitor['id']}/create_flow_run", {})
+    (mon_run,) = _wait_terminal(url, monitor["id"], 1, 240, log, since=since)
+    assert mon_run["state_type"] == "COMPLETED", mon_run["state"]
+    (report,) = (ws / "runs" / "monitor" / "digits").glob("*/drift.json")
+    verdict = json.loads(report.read_text())
+    assert verdict["drift_detected"] is True and verdict["n_current"] == 40
+    assert Path(verdict["reference"]) == ws / "digits"  # the live model's training data, found via its metadata
+    # the live model was built from this very data, params and code, so the drift-started retrain completes
+    # without training (skip_unchanged) and says that new labelled data is what it needs
     (drift_run,) = _wait_terminal(url, nightly["id"], 1, 180, log, since=since)
     assert drift_run["state_type"] == "COMPLETED", drift_run["state"]
     assert drift_run["parameters"]["reason"].startswith("drift detected on served inputs of transferkit.model.digits")
     rec = next(json.loads(f.read_text()) for f in (ws / "runs").glob("*/retrain.json")
                if json.loads(f.read_text())["flow_run_id"] == drift_run["id"])  # fmt: skip
     assert rec["deployment"] == "nightly" and rec["skipped"] is True and rec["version"] == 1
+    assert "would rebuild the same model" in rec["skip_reason"] and "data add" in rec["skip_reason"]
     assert rec["data_md5"] == md5 and not (ws / "models" / "digits" / "2").exists()
 
 
@@ -251,3 +272,31 @@ def test_io_tasks_retry_on_io_errors_only(prefect_server):
         EventsWorker.drain_all(timeout=30)
     assert value == "ok" and calls["io"] == 3
     assert state.is_failed() and calls["value"] == 1  # deterministic errors are not retried
+
+
+def test_image_deployments_in_prefect_yaml_match_the_flows():
+    """deploy/prefect/prefect.yaml (Docker/Kubernetes pools) cannot be deployed here (no engine), but what
+    `prefect deploy` reads from it can be checked: entrypoints load, parameters are the flows' own."""
+    import inspect
+
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.schedules import Cron
+
+    doc = yaml.safe_load((ROOT / "deploy" / "prefect" / "prefect.yaml").read_text())
+    names = set()
+    for d in doc["deployments"]:
+        flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
+        accepted = set(inspect.signature(flow.fn).parameters)
+        given = set(d.get("parameters") or {})
+        for trig in d.get("triggers") or []:
+            given |= set(trig.get("parameters") or {})
+        assert given <= accepted, (d["name"], given - accepted)
+        for s in d.get("schedules") or []:
+            Cron(s["cron"], timezone=s["timezone"])  # raises on a bad expression
+        mounts = [v.split(":")[1] for v in d["work_pool"]["job_variables"].get("volumes", [])]
+        assert all(m.startswith("/opt/transferkit/") for m in mounts), mounts  # where the pull step runs flows
+        if "dataset" in (d.get("parameters") or {}) and mounts:
+            assert "/opt/transferkit/data.dvc" in mounts, d["name"]  # check_data reads the DVC record
+        names.add((flow.name, d["name"]))
+    assert {n for n, _ in names} == {"transferkit-retrain", "transferkit-monitor"}
+    assert doc["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/transferkit"

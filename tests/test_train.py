@@ -72,6 +72,11 @@ def test_checkpoint_reloads_to_the_same_test_accuracy(lp_run, tiny_target):
         a = lm.model.forward_head(lm.model.forward_features(x), pre_logits=True)
         b = ref.forward_head(ref.forward_features(x), pre_logits=True)
     assert torch.allclose(a, b, atol=1e-5)
+    # ... and bit for bit: every backbone tensor (BatchNorm running statistics included) is ImageNet's
+    got, want = lm.model.state_dict(), ref.state_dict()
+    body = [k for k in want if not k.startswith("classifier.")]
+    assert len(body) > 300 and all(torch.equal(got[k], want[k]) for k in body)
+    assert not torch.equal(got["classifier.weight"][:10], want["classifier.weight"][:10])  # the head did train
 
 
 def test_choose_strategy_rule_on_crafted_inputs():
@@ -185,6 +190,31 @@ def test_full_and_scratch_train_the_whole_network(tiny_target, tmp_path):
     assert lpft["history"][0]["val_loss"] < full["history"][0]["val_loss"]
     assert lpft["history"][0]["val_accuracy"] > full["history"][0]["val_accuracy"]
     assert not (tmp_path / "lpft" / "checkpoint.pt").exists()  # a finished run leaves nothing to resume
+
+
+def test_drop_path_rate_reaches_the_residual_blocks(tiny_target, tmp_path):
+    import torch
+    from timm.layers import DropPath
+
+    def rates(model):
+        return [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+
+    assert not any(rates(zoo.create_model("mobilenetv2_100", num_classes=10).model))  # off by default
+    lm = zoo.create_model("mobilenetv2_100", num_classes=10, drop_path_rate=0.2)
+    r = rates(lm.model)
+    assert len(r) >= 10 and 0 < max(r) <= 0.2 and r == sorted(r)  # timm: rising linearly with depth
+    x = torch.randn(4, 3, 32, 32)
+    lm.model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a, b = lm.model(x), lm.model(x)
+    assert not torch.allclose(a, b)  # blocks are dropped at random while training
+    lm.model.eval()
+    with torch.no_grad():
+        assert torch.equal(lm.model(x), lm.model(x))  # and never at inference
+    params = load_params(None, {"data.image_size": 32, "train.epochs": 1, "train.drop_path_rate": 0.1})
+    m = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", strategy="full", progress=False)
+    assert m["drop_path"]["rate"] == 0.1 and m["drop_path"]["blocks"] == len(r)  # the trained model had them
 
 
 def _module_of(key: str) -> str:

@@ -42,6 +42,7 @@ Exporter and opset (torch 2.14, onnxscript 0.7, onnx 1.23, onnxruntime 1.31, che
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -187,6 +188,7 @@ def export_onnx(model, example, path: Path, opset: int) -> dict[str, Any]:
             f"ONNX export failed with both exporters ({reason}; torchscript exporter: "
             f"{type(e).__name__}: {str(e)[:500]})"
         ) from e
+    logging.getLogger("transferkit.export").warning("exported with the TorchScript exporter: %s", reason)
     return {"exporter": "torchscript", "fallback_reason": reason}
 
 
@@ -731,6 +733,7 @@ def _metadata(*, name, version, run, metrics, fmeta, cfg, classes, opset, parity
         "source_sha256": fmeta.get("source_sha256") or None,
         "strategy": fmeta.get("strategy") or metrics.get("strategy"),
         "strategy_reason": metrics.get("strategy_reason"),
+        "shift": metrics.get("shift"),  # train's record of drift.json (None: not measured)
         "test_accuracy": metrics.get("test_accuracy"),
         "onnx_test_accuracy": parity["onnx_test_accuracy"],
         "torch_test_accuracy": parity["torch_test_accuracy"],
@@ -779,6 +782,15 @@ def _pct(x) -> str:
     return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
 
 
+def _shift_line(shift: dict | None) -> str:
+    if not shift:
+        return "not measured (train ran without a drift.json; run `transferkit drift` against the source data)"
+    what = "task mismatch (the label sets differ)" if shift.get("task_mismatch") else f"views fired: {shift.get('method')}"
+    report = f"; report `{shift['report']}`" if shift.get("report") else ""
+    return (f"**{shift.get('severity')}** (detected: {shift.get('drift_detected')}) between `{shift.get('reference')}` "
+            f"and `{shift.get('current')}` ({shift.get('n_reference')} / {shift.get('n_current')} images); {what}{report}")
+
+
 def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
     baseline = meta.get("baseline") or {}
     base_acc = baseline.get("test_accuracy")
@@ -808,7 +820,10 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
         f"- Output `{meta['output_name']}`: float32 [N, {len(meta['classes'])}] logits (softmax for probabilities).",
         "",
         "## Data",
-        f"- Target data: `{metrics.get('target')}`, md5 `{meta['data_md5']}`",
+        f"- Target data: `{metrics.get('target')}`, md5 `{meta['data_md5']}`; "
+        f"{metrics.get('n_train')} train / {metrics.get('n_val')} val / {metrics.get('n_test')} test images, "
+        f"{metrics.get('labels_per_class')} labels per class at least",
+        f"- Domain shift: {_shift_line(meta.get('shift'))}",
         f"- Validation gate: {gate}",
         "",
         "## Metrics",

@@ -26,7 +26,8 @@ The `auto` rule (choose_strategy), in order; bench/transfer.py is the evidence b
   bench/transfer.py measured it costing a linear probe 12-24 points: the head is retrained on the target
   anyway, and statistics from a few hundred small target images are a worse normaliser than ImageNet's.
 
-Regularisation: dropout before the head (`train.drop_rate`), AdamW weight decay, label smoothing,
+Regularisation: dropout before the head (`train.drop_rate`), stochastic depth in the residual blocks
+(`train.drop_path_rate`, off by default), AdamW weight decay, label smoothing,
 augmentation (timm transforms, no flips) and early stopping on validation loss (never before
 `train.min_epochs`); the best epoch is the checkpoint that ships.
 
@@ -503,8 +504,10 @@ def run_train(
     torch_threads()
     _seed_everything(params.seed)
     lm = zoo.create_model(spec, num_classes=len(ds.classes), drop_rate=t.drop_rate,
-                          image_size=params.data.image_size, seed=params.seed)  # fmt: skip
+                          image_size=params.data.image_size, seed=params.seed,
+                          drop_path_rate=t.drop_path_rate)  # fmt: skip
     n_params = sum(p.numel() for p in lm.model.parameters())
+    drop_path_blocks = sum(1 for m in lm.model.modules() if float(getattr(m, "drop_prob", 0) or 0) > 0)
     if strategy == "auto":
         strategy, reason = choose_strategy(params, per_class, drift_report, n_params, len(stage_groups(lm.model)) > 1)
     elif strategy == "scratch":
@@ -578,6 +581,8 @@ def run_train(
         **trainable,
         "layer_decay": t.layer_decay if strategy in ("partial", "full", "lp-ft") else None,
         "adabn": adabn,
+        "drop_path": {"rate": t.drop_path_rate, "blocks": drop_path_blocks},  # blocks that really drop
+        "shift": shift_summary(drift_report, drift),
         "linear_probe_phase": lp,
         "resumed_from_epoch": resumed,
     }
@@ -590,6 +595,15 @@ def run_train(
     write_json(out / "metrics.json", metrics)
     (out / "checkpoint.pt").unlink(missing_ok=True)  # finished: nothing left to resume
     return metrics
+
+
+def shift_summary(drift_report: dict | None, path: Path | None) -> dict | None:
+    """What the drift stage said about this target (carried to the model card), or None if not measured."""
+    if not drift_report:
+        return None
+    keys = ("drift_detected", "severity", "method", "score", "threshold", "n_reference", "n_current", "task_mismatch",
+            "reference", "current")  # fmt: skip
+    return {**{k: drift_report.get(k) for k in keys}, "report": str(Path(path).with_name("drift.html")) if path else None}
 
 
 def _cuda() -> bool:

