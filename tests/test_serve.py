@@ -84,10 +84,11 @@ def repo(model_repo, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
-    """Batching on, token, 1 MB body, 1 Mpx images, 4 images per request, an 8-image reservoir."""
+    """Batching on (20 ms for batch-mates, so that concurrent test requests do meet), token, 1 MB body, 1 Mpx
+    images, 4 images per request, an 8-image reservoir."""
     tmp = tmp_path_factory.mktemp("server")
     (tmp / "token").write_text(TOKEN + "\n")
-    proc, url = _start(repo, tmp, "--token-file", str(tmp / "token"), "--max-body-mb", "1",
+    proc, url = _start(repo, tmp, "--token-file", str(tmp / "token"), "--max-body-mb", "1", "--max-queue-delay-ms", "20",
                        "--max-image-pixels", "1000000", "--max-images", "4",
                        "--monitor-dir", str(tmp / "monitor"), "--monitor-size", str(MONITOR_SIZE))  # fmt: skip
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)

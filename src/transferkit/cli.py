@@ -431,7 +431,8 @@ def serve(
     model: Annotated[Optional[list[str]], typer.Option(help="model name to serve (repeatable; default: all)")] = None,
     batching: Annotated[bool, typer.Option(help="dynamic batching across requests")] = True,
     max_batch_size: Annotated[int, typer.Option(help="images per onnxruntime call")] = 32,
-    max_queue_delay_ms: Annotated[float, typer.Option(help="longest wait for batch-mates")] = 2.0,
+    max_queue_delay_ms: Annotated[float, typer.Option(help="longest wait for batch-mates (0: batch what queued "
+                                                            "meanwhile; a few ms on a GPU)")] = 0.0,
     poll_interval: Annotated[float, typer.Option(help="seconds between checks of `latest`")] = 1.0,
     max_body_mb: Annotated[float, typer.Option(help="request body limit")] = 8.0,
     max_image_pixels: Annotated[int, typer.Option(help="width x height limit, checked before decoding")] = 16_000_000,

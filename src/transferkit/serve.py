@@ -70,7 +70,9 @@ class ServeConfig(BaseModel):
     models: list[str] | None = Field(None, description="names to serve (default: every model with a `latest`)")
     batching: bool = Field(True, description="dynamic batching across requests")
     max_batch_size: int = Field(32, ge=1, le=1024)
-    max_queue_delay_ms: float = Field(2.0, ge=0, le=1000, description="longest a request waits for batch-mates")
+    # 0: a batch is what queued while the previous one ran (no added latency when alone; batches still form
+    # under load). A few ms fill larger batches where a batch costs little more than one image (GPUs).
+    max_queue_delay_ms: float = Field(0.0, ge=0, le=1000, description="longest a request waits for batch-mates")
     poll_interval_s: float = Field(1.0, gt=0, description="how often `latest` is checked")
     max_body_bytes: int = Field(8 << 20, ge=1024)
     max_image_pixels: int = Field(16_000_000, ge=1, description="width x height, checked before decoding")
