@@ -68,6 +68,11 @@ def _params(params: dict[str, Any] | None):
     return Params.model_validate(params or {})
 
 
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: a literal | would end the cell (the UI shows HTML entities as typed)."""
+    return str(text).replace("|", "\\|")
+
+
 def _artifact(key: str, markdown: str, description: str) -> None:
     from prefect.artifacts import create_markdown_artifact
 
@@ -157,7 +162,7 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
     warnings = "\n".join(f"- {x}" for x in r["warnings"]) or "- none"
     flag = {(True, True): "FAILED", (True, False): "warning", (False, True): "ok", (False, False): "ok"}
     checks = "\n".join(
-        f"| {c['name']} | {c['value']} | {c['threshold']} | {flag[(c['failed'], c['blocking'])]} | {c['message'].replace('|', '&#124;')} |"
+        f"| {c['name']} | {c['value']} | {c['threshold']} | {flag[(c['failed'], c['blocking'])]} | {_cell(c['message'])} |"
         for c in r["checks"]
     )
     base = "\n".join(

@@ -133,6 +133,34 @@ def test_cron_schedule_and_triggers_are_registered(deployed):
     assert mp["monitor_dir"] == str(deployed["ws"] / "monitor") and mp["params"] == MONITOR["params"]
 
 
+def test_prefect_ui_shows_the_deployments_in_a_real_browser(deployed):
+    """The UI of `transferkit server` on a port other than 4200 talks to its own API (PREFECT_UI_API_URL)."""
+    url = deployed["url"]
+    base = url.removesuffix("/api")
+    settings = json.loads(urllib.request.urlopen(base + "/ui-settings", timeout=30).read())
+    assert settings["api_url"] == url
+    if not Path("/usr/bin/chromium").is_file():
+        pytest.skip("Debian chromium not installed (make install adds it as root): the browser part needs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
+        )  # fmt: skip
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(base + "/deployments", timeout=60_000)
+            for name in ("nightly", "on-new-data", "served-drift"):
+                page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    assert "transferkit-retrain" in text and "transferkit-monitor" in text
+    assert "Can't connect to Server API" not in text
+
+
 @pytest.mark.slow
 def test_new_data_event_triggers_a_retrain_that_ships_a_model_for_that_md5(deployed):
     url, ws, env, log = deployed["url"], deployed["ws"], deployed["env"], deployed["log"]
@@ -300,3 +328,48 @@ def test_image_deployments_in_prefect_yaml_match_the_flows():
         names.add((flow.name, d["name"]))
     assert {n for n, _ in names} == {"transferkit-retrain", "transferkit-monitor"}
     assert doc["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/transferkit"
+
+
+@pytest.mark.slow
+def test_transferkit_server_starts_registers_serves_the_ui_and_stops(tmp_path):
+    """`transferkit server` (= make server) as a user runs it: server, pool, deployments, worker; a second
+    one on the same port is refused with a clear message; SIGTERM stops everything and frees the port."""
+    import signal
+    import socket
+
+    from transferkit.orchestrate import free_port
+
+    port, home, out = free_port(), tmp_path / "home", tmp_path / "server.out"
+    env = {k: v for k, v in prefect_env(home=home).items() if k != "PREFECT_API_URL"}
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    cmd = [str(BIN / "transferkit"), "server", "--port", str(port), "--home", str(home), "--pool", "tk-server-test"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 400
+        while "process worker polling" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(1)
+        deps = _api(api, "/deployments/filter", {})
+        assert {d["name"] for d in deps} == {"nightly", "on-new-data", "served-drift"}
+        assert {d["work_pool_name"] for d in deps} == {"tk-server-test"}
+        settings = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=30).read())
+        assert settings["api_url"] == api  # the UI calls this server, not the default port 4200
+        workers = []
+        while not workers and time.monotonic() < deadline:  # the worker's first heartbeat
+            workers = _api(api, "/work_pools/tk-server-test/workers/filter", {})
+            time.sleep(1)
+        assert workers, out.read_text()[-3000:]
+
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and "already in use" in second.stderr, second.stdout + second.stderr
+        assert _api(api, "/health") is True  # the first one is untouched
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(90)
+    assert code == 0, out.read_text()[-3000:]
+    with socket.socket() as s:  # the server is gone: its port can be listened on again (as uvicorn binds)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()

@@ -138,12 +138,26 @@ class PrefectServer:
         return prefect_env(self.api_url, self.home, **{**self.extra_env, **extra})
 
     def start(self) -> "PrefectServer":
+        # a server already on the port would answer the health check and be taken for ours. SO_REUSEADDR as
+        # uvicorn binds: connections of a server stopped a moment ago (TIME_WAIT) do not block a restart
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((self.host, self.port))
+            except OSError:
+                raise RuntimeError(f"{self.host}:{self.port} is already in use (another Prefect server?): stop it "
+                                   "or choose another --port") from None  # fmt: skip
         if self.home:
             self.home.mkdir(parents=True, exist_ok=True)
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         cmd = [_prefect_bin(), "server", "start", "--host", self.host, "--port", str(self.port), "--analytics-off"]
         # the server itself must not talk to another API: drop a PREFECT_API_URL inherited from the shell
         env = {k: v for k, v in self.env().items() if k != "PREFECT_API_URL"}
+        # the UI asks /ui-settings where the API is; Prefect derives it from PREFECT_SERVER_API_PORT (4200), not
+        # from --port, so on any other port the browser would call 4200. A PREFECT_UI_API_URL the user set wins.
+        shown = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        env.setdefault("PREFECT_UI_API_URL", f"http://{shown}:{self.port}/api")
+        env.update(PREFECT_SERVER_API_HOST=self.host, PREFECT_SERVER_API_PORT=str(self.port))
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self.startup_seconds = wait_healthy(self.api_url, self.startup_timeout, self.proc, self.log)
