@@ -315,7 +315,9 @@ def markdown(result: dict) -> str:
     out = [
         "# ONNX benchmark (bench/onnx.py)",
         "",
-        f"CPU: {env['cpu']} ({env['cores']} cores, **shared with other jobs while measured**), "
+        f"CPU: {env['cpu']} ({env['cores']} cores, "
+        + (f"load average {env['load_before']} when the run started" if "load_before" in env
+           else "**shared with other jobs while measured**") + "), "
         f"{env['threads']} thread(s) for torch and ORT; torch {env['torch']}, onnxruntime {env['onnxruntime']}; "
         f"{result['created']}. Batch-1 latency over up to {result['args']['iters']} calls, batch-{result['args']['batch']} "
         "throughput; accuracy on the digits test split.",
@@ -379,7 +381,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
         demo, ds = demo_model(args, Path(tmp))
         models = [demo]
@@ -393,8 +395,9 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t0, 1),
         "args": vars(args),
         "env": {"cpu": names[0] if names else cpu, "cores": os.cpu_count(), "threads": args.threads,
+                "load_before": load0,  # 1-min load average when the run started
                 "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "shared_machine": True},  # fmt: skip
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},  # fmt: skip
         "targets": {"fp32_vs_torch_b1": FP32_TARGET, "int8_vs_fp32_b1": INT8_TARGET, "int8_max_drop": MAX_DROP},
         "models": models,
     }
