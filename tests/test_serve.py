@@ -11,6 +11,7 @@ onnxruntime run of the same file on zoo.eval_transform's (torch) preprocessing.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -238,6 +239,13 @@ def _metric(text: str, key: str) -> float:
 # --------------------------------------------------------------------------- limits and errors
 
 
+@functools.lru_cache(1)
+def _bomb() -> bytes:
+    data = _png(Image.new("1", (16000, 16000)))
+    assert len(data) < 200_000  # small on the wire, under the 1 MB body limit
+    return data
+
+
 def _bad_cases(images):
     png = _png(images[0])
     big = _png(Image.new("L", (1200, 1000), 3))  # 1.2 Mpx, a few kB compressed: refused from its header
@@ -261,6 +269,12 @@ def _bad_cases(images):
         "body size": (dict(content=os.urandom(1_200_000), headers={"Content-Type": "image/png"}), 413,
                       "limit is 1048576", None),
         "pixels": (dict(files={"file": ("big.png", big, "image/png")}), 413, "1200x1000", None),
+        "side": (dict(files={"file": ("wide.png", _png(Image.new("L", (9000, 1))), "image/png")}), 413, "9000x1", None),
+        # a decompression bomb: 256 Mpx that compress to a few kB; refused from the header, never decoded
+        "bomb": (dict(files={"file": ("bomb.png", _bomb(), "image/png")}), 413, "256000000 pixels", None),
+        # no Content-Length (chunked upload): the limit is enforced while streaming
+        "chunked body": (dict(content=(b"x" * 65536 for _ in range(20)), headers={"Content-Type": "image/png"}), 413,
+                         "exceeds the limit of 1048576", None),
         "batch size": (dict(files=[("file", (f"{i}.png", png, "image/png")) for i in range(5)]), 413,
                        "5 images", None),
         "top_k": (dict(files={"file": ("a.png", png, "image/png")}, params={"top_k": 0}), 422, "top_k", None),
@@ -289,11 +303,20 @@ def test_unknown_model_and_good_requests_still_work(server, images):
     assert httpx.get(f"{server['url']}/v1/models").status_code == 401  # listing needs the token too
 
 
-def test_health_ready_and_metrics(server):
+def test_health_ready_and_metrics(server, images):
     c = server["client"]
     assert httpx.get(f"{server['url']}/healthz").json() == {"status": "alive"}
     ready = httpx.get(f"{server['url']}/readyz")
     assert ready.status_code == 200 and ready.json()["versions"] == {"digits": 2}
+    def errors_415() -> float:
+        text = httpx.get(f"{server['url']}/metrics").text
+        key = 'transferkit_errors_total{code="415",model="digits"}'
+        return _metric(text, key) if key + " " in text else 0.0
+
+    assert c.post("/v1/models/digits/predict", files={"file": ("a.png", _png(images[0]), "image/png")}).status_code == 200
+    before = errors_415()
+    assert c.post("/v1/models/digits/predict", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
+    assert errors_415() == before + 1  # errors are counted by code
     m = httpx.get(f"{server['url']}/metrics").text  # scrapeable without the token
     assert _metric(m, 'transferkit_model_version{model="digits"}') == 2
     assert _metric(m, 'transferkit_requests_total{code="200",model="digits"}') >= 1

@@ -125,6 +125,9 @@ def decode_image(data: bytes, cfg: ServeConfig, where: str, content_type: str | 
             w, h, fmt = im.size[0], im.size[1], im.format
     except UnidentifiedImageError:
         raise RequestError(415, f"{where}: not an image in an accepted format ({', '.join(formats)})") from None
+    except Image.DecompressionBombError as e:  # PIL's own guard, from the header: far above our limits too
+        raise RequestError(413, f"{where}: {e}; limits are {cfg.max_image_side} px a side and "
+                                f"{cfg.max_image_pixels} pixels")  # fmt: skip
     except (OSError, ValueError, SyntaxError) as e:
         raise RequestError(400, f"{where}: cannot read image header ({e})") from None
     if max(w, h) > cfg.max_image_side or w * h > cfg.max_image_pixels:
