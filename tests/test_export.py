@@ -151,7 +151,8 @@ def test_export_writes_a_complete_version_folder(exported):
     repo, path = exported["_repo"], Path(exported["path"])
     assert path == repo / "digits" / "1"
     int8 = [INT8_FILE] if exported["int8"]["kept"] else []
-    assert sorted(p.name for p in path.iterdir()) == sorted(["metadata.json", "model.onnx", "model_card.md", *int8])
+    assert sorted(p.name for p in path.iterdir()) == sorted(["metadata.json", "model.onnx", "model_card.md",
+                                                             "reference.npz", *int8])  # fmt: skip
     assert sorted(p.name for p in (repo / "digits").iterdir()) == [".lock", "1", "config.pbtxt", "latest", "promotions.jsonl"]  # promote.py's audit trail
     assert (repo / "digits" / "latest").read_text().strip() == "1"
     assert latest_version(repo / "digits") == 1
@@ -206,6 +207,23 @@ def test_metadata_in_json_and_inside_onnx(exported, run_dir, tiny_target):
     assert meta["name"] == "digits" and meta["version"] == 1
     assert meta["onnx_test_accuracy"] == meta["torch_test_accuracy"]
     assert meta["created"].endswith("+00:00") and meta["warnings"] == []
+
+    # the reference a server replays: the first 4 test images as decoded, and torch's logits for them
+    ref = meta["reference"]
+    assert ref == {"file": "reference.npz", "n": 4, "sha256": sha256_file(path / "reference.npz")}
+    with np.load(path / "reference.npz", allow_pickle=False) as z:
+        logits, imgs = z["logits"], [z[f"image{i}"] for i in range(4)]
+    from transferkit import zoo
+    from transferkit.data import load_dataset, load_rgb
+
+    test = load_dataset(tiny_target).splits["test"][:4]
+    assert all(np.array_equal(a, np.asarray(load_rgb(p))) for a, (p, _) in zip(imgs, test))
+    import torch
+
+    lm = zoo.create_model(f"file:{run_dir / 'model.safetensors'}")
+    with torch.no_grad():
+        torch_logits = lm.model.eval()(torch.stack([zoo.eval_transform(lm.data_config)(load_rgb(p)) for p, _ in test]))
+    np.testing.assert_allclose(logits, torch_logits.numpy(), atol=1e-5, rtol=0)
 
     inside = read_onnx_metadata(path / "model.onnx")
     for key in set(REQUIRED_KEYS) - {"sha256"}:  # a file cannot hold its own hash
@@ -327,7 +345,8 @@ def test_quantization_failure_keeps_fp32_and_says_why(run_dir, tmp_path, monkeyp
     meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.opset": 17}), progress=False)
     assert meta["int8"]["kept"] is False and "simulated quantizer crash" in meta["int8"]["reason"]
     assert meta["int8"]["reason"].startswith("quantization failed")
-    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md"]
+    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md",
+                                                                    "reference.npz"]  # fmt: skip
     assert latest_version(tmp_path / "repo" / "digits") == 1
 
 
@@ -477,7 +496,8 @@ def test_dynamo_failure_falls_back_and_says_why(run_dir, tmp_path, monkeypatch, 
     assert "simulated torch.export failure" in meta["fallback_reason"]
     assert any("TorchScript exporter" in r.getMessage() and "simulated torch.export failure" in r.getMessage()
                for r in caplog.records if r.name == "transferkit.export")  # logged, not only recorded
-    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md"]
+    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md",
+                                                                    "reference.npz"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- helpers

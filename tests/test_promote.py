@@ -74,6 +74,8 @@ def test_promote_specific_and_newest_and_rollback_stack(repo):
     ("bad-json", "not valid JSON"),
     ("no-keys", "missing keys \\['classes'\\]"),
     ("missing", "no such version"),
+    ("no-reference", "reference file metadata.json names is missing"),
+    ("tampered-reference", "reference.npz: sha256 differs"),
 ])  # fmt: skip
 def test_incomplete_or_tampered_versions_are_refused_and_latest_stays(repo, damage, match):
     d = repo / "digits"
@@ -95,6 +97,11 @@ def test_incomplete_or_tampered_versions_are_refused_and_latest_stays(repo, dama
         (v / "metadata.json").write_text("{")
     elif damage == "missing":
         shutil.rmtree(v)
+    elif damage == "no-reference":
+        (v / "reference.npz").unlink()
+    elif damage == "tampered-reference":
+        with open(v / "reference.npz", "ab") as f:
+            f.write(b"\0")
     before = ((d / "latest").read_bytes(), (d / HISTORY).read_bytes(), (d / "config.pbtxt").read_bytes())
     with pytest.raises(PromoteError, match=match):
         promote(repo, "digits", 3)

@@ -415,15 +415,34 @@ def test_broken_versions_are_never_served(server, repo, images):
     promote(repo, "digits", 4, reason="test: mismatched metadata")
     why = _wait_failed(c, 4)
     assert "embedded version 1 differs" in why
+    # 5: intact files, but export's reference logits (re-pinned in metadata.json) are not what it computes
+    shutil.copytree(d / "1", d / "5")
+    with np.load(d / "1" / "reference.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["logits"] = arrays["logits"] + 0.01  # above the 1e-4 parity tolerance, top-1 unchanged
+    np.savez_compressed(d / "5" / "reference.npz", **arrays)
+    import onnx
+
+    proto = onnx.load(str(d / "5" / "model.onnx"))
+    next(p for p in proto.metadata_props if p.key == "version").value = "5"  # a consistent version 5
+    onnx.save_model(proto, str(d / "5" / "model.onnx"))
+    meta = read_json(d / "5" / "metadata.json")
+    meta.update(version=5, sha256=sha256_file(d / "5" / "model.onnx"))
+    meta["reference"]["sha256"] = sha256_file(d / "5" / "reference.npz")
+    write_json(d / "5" / "metadata.json", meta)
+    promote(repo, "digits", 5, reason="test: reference disagrees")
+    why = _wait_failed(c, 5)
+    assert "differ from export's torch logits" in why and "reference.npz" in why
     time.sleep(0.3)
     results = load.finish()
     assert results and all(s == 200 and b["version"] == 2 for s, b in results)
     m = c.get("/metrics").text
-    assert _metric(m, 'transferkit_model_load_failures_total{model="digits"}') == 2
+    assert _metric(m, 'transferkit_model_load_failures_total{model="digits"}') == 3
     assert _metric(m, 'transferkit_model_version{model="digits"}') == 2
-    rollback(repo, "digits")  # 4 -> 3 (pointer history), then back to a good one
-    rollback(repo, "digits")
-    assert c.get("/v1/models/digits").json()["version"] == 2
+    for _ in range(3):  # 5 -> 4 -> 3 (pointer history), then back to a good one
+        rollback(repo, "digits")
+    status = c.get("/v1/models/digits").json()
+    assert status["version"] == 2 and 0 <= status["reference_diff"] <= 1e-4  # the good one replayed its reference
 
 
 # --------------------------------------------------------------------------- monitoring reservoir

@@ -71,7 +71,9 @@ OUTPUT_NAME = "logits"
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter cannot emit anything older (see the module note)
 PARITY_BATCH = 32
 PARITY_SINGLES = 8  # images also compared one at a time (batch 1)
-MODEL_FILES = ("model.onnx", "metadata.json", "model_card.md", "model.int8.onnx")  # int8 is optional
+REFERENCE_FILE = "reference.npz"  # test images + torch logits: servers replay them before a version serves
+REFERENCE_IMAGES = 4
+MODEL_FILES = ("model.onnx", "metadata.json", "model_card.md", "model.int8.onnx", REFERENCE_FILE)  # int8 optional
 INT8_FILE = "model.int8.onnx"
 TRITON_CONFIG = "config.pbtxt"
 _VERSION_RE = re.compile(r"[0-9]+")
@@ -640,6 +642,7 @@ def run_export(
             meta["sha256"] = sha256_file(onnx_path)
             if int8["kept"]:
                 meta["int8"]["sha256"] = sha256_file(tmp / INT8_FILE)
+            meta["reference"] = write_reference(model, test, transform, tmp / REFERENCE_FILE)
             write_json(tmp / "metadata.json", meta)
             atomic_write_text(tmp / "model_card.md", model_card(meta, metrics, validation))
             leftovers = sorted(p.name for p in tmp.iterdir() if p.name not in MODEL_FILES)
@@ -671,6 +674,26 @@ def _rgb(path):
     from transferkit.data import load_rgb
 
     return load_rgb(path)
+
+
+def write_reference(model, samples: list, transform, path: Path) -> dict[str, Any]:
+    """The first REFERENCE_IMAGES test images (decoded RGB, original size) and torch's logits for them.
+
+    A server loads the file (np.load, allow_pickle=False), preprocesses the images its own way and runs the
+    ONNX file: the end-to-end parity of this version in the serving environment, against torch itself.
+    """
+    import numpy as np
+    import torch
+
+    imgs = [_rgb(p) for p, _ in samples[:REFERENCE_IMAGES]]
+    with torch.inference_mode():
+        logits = model(torch.stack([transform(im) for im in imgs])).float().numpy()
+    arrays = {f"image{i}": np.asarray(im, dtype=np.uint8) for i, im in enumerate(imgs)}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, logits=logits.astype(np.float32), **arrays)
+    os.replace(tmp, path)
+    return {"file": REFERENCE_FILE, "n": len(imgs), "sha256": sha256_file(path)}
 
 
 def _metadata(*, name, version, run, metrics, fmeta, cfg, classes, opset, parity, params, how, force, closed,

@@ -67,6 +67,13 @@ def check_version(model_dir: Path, version: int) -> dict[str, Any]:
     if digest != meta.get("sha256"):
         raise PromoteError(f"{onnx_path}: sha256 {digest[:16]}... differs from metadata.json's "
                            f"{str(meta.get('sha256'))[:16]}...; the file was changed after export")  # fmt: skip
+    ref = meta.get("reference")  # export's reference images + torch logits (versions before it have none)
+    if ref is not None:
+        ref_path = vdir / str(ref.get("file", "")) if isinstance(ref, dict) else vdir / "?"
+        if not isinstance(ref, dict) or ref_path.parent != vdir or not ref_path.is_file():
+            raise PromoteError(f"{ref_path}: the reference file metadata.json names is missing")
+        if sha256_file(ref_path) != ref.get("sha256"):
+            raise PromoteError(f"{ref_path}: sha256 differs from metadata.json's; the file was changed after export")
     return meta
 
 

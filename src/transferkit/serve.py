@@ -177,6 +177,7 @@ class LoadedModel:
     sess: Any
     provider: str
     load_seconds: float = 0.0
+    reference_diff: float | None = None  # max abs diff vs export's torch logits on its reference images
     inflight: int = 0
     batcher: "Batcher | None" = None
 
@@ -271,8 +272,32 @@ def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> LoadedModel
     diff = float(np.max(np.abs(batched - singles)))
     if not diff <= atol:
         raise LoadError(f"{path}: batch vs single logits differ by {diff:.3g} (> parity atol {atol:g})")
+    if meta.get("reference") and path.name == "model.onnx":  # int8 answers differently by design
+        lm.reference_diff = _replay_reference(lm, vdir / meta["reference"]["file"], atol)
     lm.load_seconds = time.perf_counter() - t0
     return lm
+
+
+def _replay_reference(lm: LoadedModel, ref_path: Path, atol: float) -> float:
+    """Export's reference test images through this server's preprocessing and session, against the torch
+    logits export recorded; LoadError beyond the parity tolerance or on another top-1. Returns the max diff."""
+    from PIL import Image
+
+    try:
+        with np.load(ref_path, allow_pickle=False) as z:
+            want = z["logits"]
+            imgs = [z[f"image{i}"] for i in range(len(want))]
+        x = np.stack([lm.preprocess(Image.fromarray(a)) for a in imgs])
+        got = lm.run(x)
+    except Exception as e:
+        raise LoadError(f"{ref_path}: cannot replay the reference images ({type(e).__name__}: {str(e)[:200]})") from None
+    if got.shape != want.shape:
+        raise LoadError(f"{ref_path}: logits of shape {got.shape} for reference logits of shape {want.shape}")
+    diff = float(np.max(np.abs(got - want)))
+    if not diff <= atol or (got.argmax(1) != want.argmax(1)).any():
+        raise LoadError(f"{ref_path}: served logits differ from export's torch logits by {diff:.3g} on its "
+                        f"{len(want)} reference images (parity atol {atol:g})")  # fmt: skip
+    return diff
 
 
 # --------------------------------------------------------------------------- dynamic batching
@@ -503,6 +528,7 @@ class Registry:
             "input_size": cur.meta["input_size"] if cur else None,
             "sha256": cur.meta.get("sha256") if cur else None,
             "load_seconds": round(cur.load_seconds, 4) if cur else None,
+            "reference_diff": cur.reference_diff if cur else None,
             "batching": self.cfg.batching,
             "failed_versions": {str(k): v for k, v in s.failed.items()},
             "swaps": s.swaps,
