@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -43,10 +44,18 @@ def _sh(cmd: list, cwd: Path, env: dict, ok: bool = True) -> subprocess.Complete
 
 
 def _api(url: str, path: str, body: dict | None = None):
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")  # fmt: skip
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    """One REST call. A 503 (SQLite busy while the worker writes) is retried, as Prefect's own client does."""
+    for attempt in range(6):
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"},
+                                     method="POST" if body is not None else "GET")  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 503) or attempt == 5:
+                raise
+            time.sleep(2**attempt)
 
 
 def _runs(url: str, deployment_id: str, since: datetime | None = None) -> list[dict]:
