@@ -152,3 +152,23 @@ def prefect_server(tmp_path_factory):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+
+@pytest.fixture
+def browser():
+    """Debian's headless Chromium driven by playwright (no browser download); skips where it is missing."""
+    if not Path("/usr/bin/chromium").is_file():
+        pytest.skip("Debian chromium not installed (make install adds it as root): the browser test needs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True,
+            # without the background-networking flags Chromium keeps dialling out of this closed network
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
+        )  # fmt: skip
+        try:
+            yield b
+        finally:
+            b.close()

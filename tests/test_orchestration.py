@@ -142,32 +142,14 @@ def test_cron_schedule_and_triggers_are_registered(deployed):
     assert mp["monitor_dir"] == str(deployed["ws"] / "monitor") and mp["params"] == MONITOR["params"]
 
 
-def test_prefect_ui_shows_the_deployments_in_a_real_browser(deployed):
-    """The UI of `transferkit server` on a port other than 4200 talks to its own API (PREFECT_UI_API_URL)."""
-    url = deployed["url"]
-    base = url.removesuffix("/api")
-    settings = json.loads(urllib.request.urlopen(base + "/ui-settings", timeout=30).read())
-    assert settings["api_url"] == url
-    if not Path("/usr/bin/chromium").is_file():
-        pytest.skip("Debian chromium not installed (make install adds it as root): the browser part needs it")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
-        )  # fmt: skip
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(base + "/deployments", timeout=60_000)
-            # deployment names, then their flows' names (the UI fetches those with a second request)
-            for name in ("nightly", "on-new-data", "served-drift", "transferkit-retrain", "transferkit-monitor"):
-                page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
-            text = page.inner_text("body")
-        finally:
-            browser.close()
-    assert "Can't connect to Server API" not in text
+def test_prefect_ui_shows_the_deployments_in_a_real_browser(deployed, browser):
+    """The UI of a server on a port other than 4200 talks to its own API (PREFECT_UI_API_URL)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(deployed["url"].removesuffix("/api") + "/deployments", timeout=60_000)
+    # deployment names, then their flows' names (the UI fetches those with a second request)
+    for name in ("nightly", "on-new-data", "served-drift", "transferkit-retrain", "transferkit-monitor"):
+        page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+    assert "Can't connect to Server API" not in page.inner_text("body")
 
 
 @pytest.mark.slow

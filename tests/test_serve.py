@@ -467,38 +467,25 @@ def test_monitor_reservoir_is_bounded_and_counts_every_served_image(server):
 # --------------------------------------------------------------------------- the web page in a real browser
 
 
-def test_upload_page_in_headless_chromium(plain_server, images, offline, tmp_path):
-    if not Path("/usr/bin/chromium").is_file():
-        pytest.skip("Debian chromium not installed (make install adds it as root): the browser test needs it")
-    from playwright.sync_api import sync_playwright
-
+def test_upload_page_in_headless_chromium(plain_server, images, offline, tmp_path, browser):
     img = tmp_path / "digit.png"
     images[3].save(img)
     expected = str(int(offline[2]([Image.open(img)])[0].argmax()))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
-        )  # fmt: skip
-        try:
-            page = browser.new_page()
-            page.goto(plain_server["url"] + "/")
-            page.wait_for_selector("#model option[value=digits]", state="attached", timeout=30_000)
-            page.set_input_files("#file", str(img))
-            page.fill("#topk", "3")
-            page.click("#submit")
-            page.wait_for_selector("#result:not([hidden])", timeout=30_000)
-            labels = page.locator("#result tbody .label").all_inner_texts()
-            status = page.inner_text("#status")
-            # a wrong type is shown as the server's message
-            (tmp_path / "note.txt").write_text("not an image")
-            page.set_input_files("#file", str(tmp_path / "note.txt"))
-            page.click("#submit")
-            page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
-            error = page.inner_text("#error")
-        finally:
-            browser.close()
+    page = browser.new_page()
+    page.goto(plain_server["url"] + "/")
+    page.wait_for_selector("#model option[value=digits]", state="attached", timeout=30_000)
+    page.set_input_files("#file", str(img))
+    page.fill("#topk", "3")
+    page.click("#submit")
+    page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+    labels = page.locator("#result tbody .label").all_inner_texts()
+    status = page.inner_text("#status")
+    # a wrong type is shown as the server's message
+    (tmp_path / "note.txt").write_text("not an image")
+    page.set_input_files("#file", str(tmp_path / "note.txt"))
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
+    error = page.inner_text("#error")
     assert len(labels) == 3 and labels[0] == expected
     assert "version 2" in status
     assert error.startswith("415") and "text/plain" in error

@@ -689,10 +689,7 @@ def write_reference(model, samples: list, transform, path: Path) -> dict[str, An
     with torch.inference_mode():
         logits = model(torch.stack([transform(im) for im in imgs])).float().numpy()
     arrays = {f"image{i}": np.asarray(im, dtype=np.uint8) for i, im in enumerate(imgs)}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, logits=logits.astype(np.float32), **arrays)
-    os.replace(tmp, path)
+    np.savez_compressed(path, logits=logits.astype(np.float32), **arrays)  # in export's temp folder: no half file
     return {"file": REFERENCE_FILE, "n": len(imgs), "sha256": sha256_file(path)}
 
 

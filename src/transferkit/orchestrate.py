@@ -157,7 +157,6 @@ class PrefectServer:
         # from --port, so on any other port the browser would call 4200. A PREFECT_UI_API_URL the user set wins.
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         env.setdefault("PREFECT_UI_API_URL", f"http://{shown}:{self.port}/api")
-        env.update(PREFECT_SERVER_API_HOST=self.host, PREFECT_SERVER_API_PORT=str(self.port))
         self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self.startup_seconds = wait_healthy(self.api_url, self.startup_timeout, self.proc, self.log)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.export import (
+    REFERENCE_FILE,
     REQUIRED_KEYS,
     TRITON_CONFIG,
     _repo_lock,
@@ -69,8 +70,8 @@ def check_version(model_dir: Path, version: int) -> dict[str, Any]:
                            f"{str(meta.get('sha256'))[:16]}...; the file was changed after export")  # fmt: skip
     ref = meta.get("reference")  # export's reference images + torch logits (versions before it have none)
     if ref is not None:
-        ref_path = vdir / str(ref.get("file", "")) if isinstance(ref, dict) else vdir / "?"
-        if not isinstance(ref, dict) or ref_path.parent != vdir or not ref_path.is_file():
+        ref_path = vdir / REFERENCE_FILE
+        if not isinstance(ref, dict) or ref.get("file") != REFERENCE_FILE or not ref_path.is_file():
             raise PromoteError(f"{ref_path}: the reference file metadata.json names is missing")
         if sha256_file(ref_path) != ref.get("sha256"):
             raise PromoteError(f"{ref_path}: sha256 differs from metadata.json's; the file was changed after export")

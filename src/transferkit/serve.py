@@ -210,7 +210,7 @@ def serve_providers() -> list:
 
 def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> LoadedModel:
     """Load, check against metadata.json, warm up and parity-check one version; LoadError if it must not serve."""
-    from transferkit.export import ort_session, read_onnx_metadata
+    from transferkit.export import REFERENCE_FILE, ort_session, read_onnx_metadata
     from transferkit.promote import check_version
 
     t0 = time.perf_counter()
@@ -273,7 +273,7 @@ def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> LoadedModel
     if not diff <= atol:
         raise LoadError(f"{path}: batch vs single logits differ by {diff:.3g} (> parity atol {atol:g})")
     if meta.get("reference") and path.name == "model.onnx":  # int8 answers differently by design
-        lm.reference_diff = _replay_reference(lm, vdir / meta["reference"]["file"], atol)
+        lm.reference_diff = _replay_reference(lm, vdir / REFERENCE_FILE, atol)  # checked by check_version
     lm.load_seconds = time.perf_counter() - t0
     return lm
 
