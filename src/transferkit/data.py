@@ -14,13 +14,17 @@ What the reader does with bad input (documented contract, tested):
     class in val/test that train lacks ................. DataError
     corrupt or truncated image, decompression bomb ..... skipped, listed in `skipped` with the reason
     non-image file (by extension), hidden file ......... skipped, listed in `skipped`
+    file or folder name that is not valid UTF-8 ....... skipped, listed in `skipped` (bytes shown as \\xNN)
     grayscale / RGBA / LA / palette / 16-bit / CMYK .... converted to 8-bit RGB (alpha composited on black)
+    EXIF orientation ................................... applied (phone photos are read upright)
+    DIR/unlabelled/<image> (top level) ................. never a class: `Dataset.unlabelled`, in the md5
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +41,26 @@ FASHION_MNIST_CLASSES = [
     "tshirt_top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle_boot",
 ]  # fmt: skip
-BUILTINS = ("mnist", "fashion-mnist", "digits")
+# Debian's openclipart-png (public domain). Each class is a subcategory folder, read recursively; an image
+# (same bytes) found in the folders of two classes is ambiguous and left out of both.
+CLIPART_DIR = Path("/usr/share/openclipart/png")
+CLIPART_CLASSES = {
+    "arrow": ("shapes/arrows",),
+    "clothing": ("people/clothing",),
+    "dessert": ("food/desserts",),
+    "flag": ("signs_and_symbols/flags",),
+    "fruit": ("food/fruit",),
+    "game": ("recreation/games",),
+    "mammal": ("animals/mammals",),
+    "music": ("recreation/music",),
+    "sport": ("recreation/sports",),
+    "vehicle": ("transportation/vehicles",),
+}
+# PIL's bomb guard refuses the package's 16000 x 10562 px files; this trusted folder gets an explicit bound
+# instead (<= 0.8 GB decoded as RGBA, one image at a time); a larger file is reported, not decoded.
+CLIPART_MAX_PIXELS = 200_000_000
+BUILTINS = ("mnist", "fashion-mnist", "digits", "clipart")
+UNLABELLED_DIR = "unlabelled"  # top-level pool of images without labels (never a class)
 
 
 class DataError(ValueError):
@@ -86,6 +109,180 @@ def _load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return _read_idx(img).copy(), _read_idx(lab).astype(np.int64), list(FASHION_MNIST_CLASSES)
 
 
+class _Unusable(Exception):
+    """A source file that cannot become a dataset image; the message is the reason."""
+
+
+@dataclass
+class _Source:
+    """A built-in dataset before writing: per-class candidate keys in a fixed order, and their encoder."""
+
+    classes: list[str]
+    candidates: list[list]  # per class: keys (array index or file path)
+    encode: Callable[[object], bytes]  # key -> PNG bytes; raises _Unusable
+    stem: Callable[[object], str]  # key -> file name, unique within its class
+    from_files: bool = False  # files can be unusable: decode while drawing and draw another instead
+    skipped: list[dict] = field(default_factory=list)
+    describe: Callable[[object], str] = str  # key -> its source, for the result
+
+
+def _png_bytes(im) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    # No timestamps or text chunks: PNG bytes depend only on pixels and these settings.
+    im.save(buf, format="PNG", optimize=False, compress_level=9)
+    return buf.getvalue()
+
+
+def _array_source(name: str, size: int) -> _Source:
+    from PIL import Image
+
+    images, labels, classes = load_builtin_arrays(name)
+
+    def encode(i) -> bytes:
+        im = Image.fromarray(images[i], mode="L")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        return _png_bytes(im)
+
+    candidates = [np.flatnonzero(labels == c) for c in range(len(classes))]
+    return _Source(classes, candidates, encode, stem=lambda i: f"{i:05d}")
+
+
+def _walk_pngs(folder: Path, skipped: list[dict]) -> list[Path]:
+    """Every PNG under `folder` (symlinked files included); anything else found is reported."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                skipped.append({"path": os.path.join(dirpath, d), "reason": "symlinked folder (not followed)"})
+        for f in sorted(filenames):
+            p = Path(dirpath, f)
+            if p.suffix.lower() != ".png":
+                skipped.append({"path": str(p), "reason": "not a PNG file"})
+            elif not p.exists():
+                skipped.append({"path": str(p), "reason": "broken symlink"})
+            else:
+                files.append(p)
+    return files
+
+
+def _clipart_source(size: int) -> _Source:
+    root = CLIPART_DIR
+    if not root.is_dir():
+        raise DataError(
+            f"openclipart not found in {root}: install Debian's package "
+            "(apt-get install -y openclipart-png) or run `make install` as root"
+        )
+    skipped: list[dict] = []
+    classes = list(CLIPART_CLASSES)
+    found: list[list[Path]] = []
+    for cname, folders in CLIPART_CLASSES.items():
+        files: list[Path] = []
+        for rel in folders:
+            if not (root / rel).is_dir():
+                raise DataError(f"clipart: class {cname!r} needs {root / rel}, which is missing")
+            files += _walk_pngs(root / rel, skipped)
+        found.append(sorted(set(files), key=lambda p: p.relative_to(root).as_posix()))
+
+    # Symlinks and copies make one picture appear several times: keep the first, report the rest.
+    digest: dict[Path, str] = {}
+    owners: dict[str, set[int]] = {}
+    for c, files in enumerate(found):
+        for p in list(files):
+            try:
+                digest[p] = hashlib.sha256(p.read_bytes()).hexdigest()
+            except OSError as e:
+                skipped.append({"path": str(p), "reason": f"unreadable file ({e.strerror})"})
+                files.remove(p)
+                continue
+            owners.setdefault(digest[p], set()).add(c)
+    candidates: list[list[Path]] = []
+    for c, files in enumerate(found):
+        first: dict[str, Path] = {}
+        for p in files:
+            h = digest[p]
+            if len(owners[h]) > 1:
+                names = ", ".join(classes[i] for i in sorted(owners[h]))
+                skipped.append({"path": str(p), "reason": f"the same image is in the folders of classes {names}"})
+            elif h in first:
+                skipped.append({"path": str(p), "reason": f"duplicate of {first[h]}"})
+            else:
+                first[h] = p
+        candidates.append(list(first.values()))
+    index = {p: i for files in candidates for i, p in enumerate(files)}
+    return _Source(
+        classes, candidates, encode=lambda p: _png_bytes(_clipart_image(p, size)), stem=lambda p: f"{index[p]:05d}",
+        from_files=True, skipped=skipped, describe=lambda p: p.relative_to(root).as_posix(),
+    )  # fmt: skip
+
+
+def _on_white(im):
+    """RGB with any transparency (alpha, tRNS key or palette entry) composited on white."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _clipart_image(path: Path, size: int):
+    """One clipart PNG as RGB on white, fitted into size x size (aspect kept, centred, white padding).
+
+    Peak memory is about the decoded source: transparency is composited in bands of ~4 M px and each band
+    is box-reduced (exact integer means) to >= 2x the target at once; LANCZOS then gives the final size.
+    """
+    from PIL import Image
+
+    guard = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # trusted packaged files: CLIPART_MAX_PIXELS below is the bound
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > CLIPART_MAX_PIXELS:
+                raise _Unusable(f"{w}x{h} px is over the decoding bound of {CLIPART_MAX_PIXELS:,} px")
+            im.load()
+            k = max(1, max(w, h) // (2 * size))
+            rows = k * max(1, (1 << 22) // (w * k))  # a multiple of k: bands reduce exactly like the whole
+            small = Image.new("RGB", (-(-w // k), -(-h // k)))
+            for y in range(0, h, rows):
+                band = _on_white(im.crop((0, y, w, min(h, y + rows))))
+                small.paste(band.reduce(k) if k > 1 else band, (0, y // k))
+    except _Unusable:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise _Unusable(f"unreadable image ({type(e).__name__}: {e})") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+    long_side = max(small.size)
+    fit = (max(1, round(small.width * size / long_side)), max(1, round(small.height * size / long_side)))
+    if fit != small.size:
+        small = small.resize(fit, Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(small, ((size - fit[0]) // 2, (size - fit[1]) // 2))
+    return canvas
+
+
+def _draw(src: _Source, order: list, want: int | None, ready: dict) -> list:
+    """The first `want` usable keys of `order` (all with None); file sources are decoded here."""
+    if not src.from_files:
+        return list(order if want is None else order[:want])
+    drawn = []
+    for key in order:
+        if want is not None and len(drawn) == want:
+            break
+        try:
+            ready[key] = src.encode(key)
+        except _Unusable as e:
+            src.skipped.append({"path": str(key), "reason": str(e)})
+            continue
+        drawn.append(key)
+    return drawn
+
+
 def write_builtin(
     name: str,
     out: str | Path,
@@ -95,43 +292,63 @@ def write_builtin(
     val_per_class: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    unlabelled_per_class: int = 0,
 ) -> dict:
     """Materialise a built-in dataset as PNGs, byte-for-byte the same on every run.
 
     With `train_per_class` the tree gets train/val/test folders: `train_per_class` images per class
     in train, `val_per_class` (default: same) in val, the rest of `per_class` in test.
+    `unlabelled_per_class` further images per class (never among the labelled ones) go to
+    OUT/unlabelled/, shuffled across classes and numbered so that no name or order gives a label away.
+    Source files that cannot be used are listed in the result's `skipped` (path and reason).
     """
-    from PIL import Image
     from tqdm import tqdm
 
     if size < 8 or size > 512:
         raise DataError(f"--size must be between 8 and 512 px, got {size}")
-    images, labels, classes = load_builtin_arrays(name)
+    if per_class is not None and per_class < 1:
+        raise DataError(f"--per-class must be >= 1, got {per_class}")
+    if unlabelled_per_class < 0:
+        raise DataError(f"--unlabelled-per-class must be >= 0, got {unlabelled_per_class}")
+    src = _clipart_source(size) if name == "clipart" else _array_source(name, size)
     rng = np.random.default_rng(seed)
     out = Path(out)
-    plan: list[tuple[Path, int]] = []
-    for c, cname in enumerate(classes):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        if per_class is not None:
-            if per_class < 1:
-                raise DataError(f"--per-class must be >= 1, got {per_class}")
-            if per_class > len(idx):
-                raise DataError(f"{name}: class {cname!r} has {len(idx)} images, --per-class asks {per_class}")
-            idx = idx[:per_class]
+    plan: list[tuple[Path, object]] = []
+    pool: list = []
+    ready: dict = {}  # key -> PNG bytes made while drawing (file sources)
+    n_unl = unlabelled_per_class
+    for c, cname in enumerate(src.classes):
+        cands = src.candidates[c]
+        order = [cands[j] for j in rng.permutation(len(cands))]
+        before = len(src.skipped)
+        drawn = _draw(src, order, None if per_class is None else per_class + n_unl, ready)
+        n_lab = len(drawn) - n_unl if per_class is None else per_class
+        if n_lab < 1 or len(drawn) < n_lab + n_unl:  # then every candidate was drawn
+            asks = f"--per-class asks {per_class}" if per_class is not None else "1 labelled"
+            bad = src.skipped[before:]
+            raise DataError(
+                f"{name}: class {cname!r} has {len(drawn)} images, {asks}"
+                + (f" + --unlabelled-per-class {n_unl}" if n_unl else "")
+                + (f" ({len(bad)} more unusable, e.g. {bad[0]['path']}: {bad[0]['reason']})" if bad else "")
+            )
+        labelled = drawn[:n_lab]
+        pool += drawn[n_lab : n_lab + n_unl]
         if train_per_class is None:
-            plan += [(out / cname / f"{i:05d}.png", int(i)) for i in idx]
+            plan += [(out / cname / f"{src.stem(k)}.png", k) for k in labelled]
             continue
         n_val = train_per_class if val_per_class is None else val_per_class
-        if train_per_class + n_val >= len(idx):
+        if train_per_class + n_val >= len(labelled):
             raise DataError(
-                f"{name}: class {cname!r}: {len(idx)} images cannot give {train_per_class} train + "
+                f"{name}: class {cname!r}: {len(labelled)} images cannot give {train_per_class} train + "
                 f"{n_val} val and a non-empty test split"
             )
-        parts = {"train": idx[:train_per_class], "val": idx[train_per_class : train_per_class + n_val],
-                 "test": idx[train_per_class + n_val :]}  # fmt: skip
-        for split, ids in parts.items():
-            plan += [(out / split / cname / f"{i:05d}.png", int(i)) for i in ids]
+        parts = {"train": labelled[:train_per_class], "val": labelled[train_per_class : train_per_class + n_val],
+                 "test": labelled[train_per_class + n_val :]}  # fmt: skip
+        for split, keys in parts.items():
+            plan += [(out / split / cname / f"{src.stem(k)}.png", k) for k in keys]
+    n_labelled = len(plan)
+    for j, i in enumerate(np.random.default_rng([seed, 1]).permutation(len(pool))):
+        plan.append((out / UNLABELLED_DIR / f"{j:05d}.png", pool[i]))
 
     if out.exists() and any(out.iterdir()):
         # Stale PNGs from a different --per-class would change the md5, so the tree is rewritten;
@@ -143,14 +360,14 @@ def write_builtin(
             raise DataError(f"refusing to overwrite {out}: it holds files that are not a built-in dataset "
                             f"(e.g. {foreign[0] if foreign else out}); choose an empty or new --out")
         shutil.rmtree(out)
-    for path, i in tqdm(plan, desc=f"writing {name}", unit="img", disable=not progress):
+    for path, key in tqdm(plan, desc=f"writing {name}", unit="img", disable=not progress):
         path.parent.mkdir(parents=True, exist_ok=True)
-        im = Image.fromarray(images[i], mode="L")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        # No timestamps or text chunks: PNG bytes depend only on pixels and these settings.
-        im.save(path, format="PNG", optimize=False, compress_level=9)
-    return {"dataset": name, "out": str(out), "images": len(plan), "classes": classes, "size": size}
+        path.write_bytes(ready.pop(key) if key in ready else src.encode(key))
+    info = {"dataset": name, "out": str(out), "images": n_labelled, "unlabelled": len(pool),
+            "classes": src.classes, "size": size, "skipped": src.skipped}  # fmt: skip
+    if src.from_files:
+        info["sources"] = {p.relative_to(out).as_posix(): src.describe(k) for p, k in plan}
+    return info
 
 
 # --------------------------------------------------------------------------- reading folders
@@ -167,6 +384,7 @@ class Dataset:
     md5: str = ""
     labelled: bool = True
     split_source: dict[str, str] = field(default_factory=dict)  # split -> "folder" | "split off train"
+    unlabelled: list[Path] = field(default_factory=list)  # DIR/unlabelled/*: for self-training, never a split
 
     def all_samples(self) -> list[tuple[Path, int]]:
         return [s for name in SPLITS for s in self.splits.get(name, [])]
@@ -192,6 +410,7 @@ class Dataset:
             "classes": self.classes,
             "sizes": {k: len(v) for k, v in self.splits.items()},
             "split_source": self.split_source,
+            "unlabelled": len(self.unlabelled),
             "skipped": len(self.skipped),
             "skipped_files": self.skipped[:50],
         }
@@ -201,9 +420,25 @@ def _is_hidden(p: Path) -> bool:
     return p.name.startswith(".")
 
 
+def _undecodable(p: Path) -> bool:
+    """A name whose bytes are not UTF-8 (Python carries them as surrogates that cannot be encoded)."""
+    try:
+        p.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(p: Path) -> str:
+    """The path as printable text: undecodable bytes as \\xNN (plain paths are unchanged)."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
 def _check_image(path: Path) -> str | None:
     """None if PIL can fully decode the file, else a short reason."""
     from PIL import Image
+
+    from PIL import ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
@@ -211,6 +446,7 @@ def _check_image(path: Path) -> str | None:
             im.load()
             if im.width < 1 or im.height < 1:
                 return "empty image"
+            ImageOps.exif_transpose(im, in_place=True)  # a broken EXIF block fails here, not in training
     except Image.DecompressionBombError as e:
         return f"too large (decompression bomb guard): {e}"
     except Exception as e:  # PIL raises many types for corrupt data
@@ -218,32 +454,42 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def _scan_images(folder: Path, skipped: list[dict]) -> list[Path]:
+def _scan_images(folder: Path, skipped: list[dict], report_folders: bool = False) -> list[Path]:
     good = []
     for p in sorted(folder.iterdir()):
         if p.is_dir():
+            if report_folders:
+                skipped.append({"path": _shown(p), "reason": "folder inside a flat image folder (not read)"})
+            continue
+        if _undecodable(p):
+            skipped.append({"path": _shown(p), "reason": "file name is not valid UTF-8"})
             continue
         if _is_hidden(p) or p.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append({"path": str(p), "reason": "not an image file (extension)"})
+            skipped.append({"path": _shown(p), "reason": "not an image file (extension)"})
             continue
         reason = _check_image(p)
         if reason:
-            skipped.append({"path": str(p), "reason": reason})
+            skipped.append({"path": _shown(p), "reason": reason})
         else:
             good.append(p)
     return good
 
 
-def _scan_classes(split_dir: Path, skipped: list[dict]) -> dict[str, list[Path]]:
+def _scan_classes(split_dir: Path, skipped: list[dict], top: bool = False) -> dict[str, list[Path]]:
     classes: dict[str, list[Path]] = {}
     for d in sorted(p for p in split_dir.iterdir() if p.is_dir() and not _is_hidden(p)):
+        if top and d.name == UNLABELLED_DIR:
+            continue  # the unlabelled pool, read by load_dataset
+        if _undecodable(d):
+            skipped.append({"path": _shown(d), "reason": "folder name is not valid UTF-8 (not used as a class)"})
+            continue
         imgs = _scan_images(d, skipped)
         if not imgs:
             raise DataError(f"class folder has no readable images: {d}")
         classes[d.name] = imgs
     for p in split_dir.iterdir():  # stray files next to class folders
         if p.is_file():
-            skipped.append({"path": str(p), "reason": "file outside any class folder"})
+            skipped.append({"path": _shown(p), "reason": "file outside any class folder"})
     return classes
 
 
@@ -276,17 +522,19 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"dataset path is not a folder: {root}")
     skipped: list[dict] = []
-    subdirs = {p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p)}
+    subdirs = {p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p)} - {UNLABELLED_DIR}
+    pool_dir = root / UNLABELLED_DIR
+    pool = _scan_images(pool_dir, skipped, report_folders=True) if pool_dir.is_dir() else []
 
     if subdirs & set(SPLITS):
         per_split = {s: _scan_classes(root / s, skipped) for s in SPLITS if (root / s).is_dir()}
         for p in root.iterdir():
             if p.is_file():
-                skipped.append({"path": str(p), "reason": "file outside the split folders"})
+                skipped.append({"path": _shown(p), "reason": "file outside the split folders"})
         if "train" not in per_split:
             raise DataError(f"{root} has {sorted(per_split)} split folders but no train/")
     elif subdirs:
-        per_split = {"train": _scan_classes(root, skipped)}
+        per_split = {"train": _scan_classes(root, skipped, top=True)}
     else:
         imgs = _scan_images(root, skipped)
         if not imgs:
@@ -296,8 +544,8 @@ def load_dataset(
                 f"{root} holds images but no class folders: labelled data must be DIR/<class>/<image>"
             )
         ds = Dataset(root, [], {"train": [(p, -1) for p in imgs]}, skipped, labelled=False,
-                     split_source={"train": "folder"})  # fmt: skip
-        ds.md5 = dataset_md5(imgs, root)
+                     split_source={"train": "folder"}, unlabelled=pool)  # fmt: skip
+        ds.md5 = dataset_md5(imgs + pool, root)
         return ds
 
     classes = sorted(per_split["train"])
@@ -319,8 +567,8 @@ def load_dataset(
         splits.update(_stratified_split(splits, missing, fractions, classes, seed, root))
         source.update({s: "split off train" for s in missing})
     all_paths = [p for samples in splits.values() for p, _ in samples]
-    ds = Dataset(root, classes, splits, skipped, labelled=True, split_source=source)
-    ds.md5 = dataset_md5(all_paths, root)
+    ds = Dataset(root, classes, splits, skipped, labelled=True, split_source=source, unlabelled=pool)
+    ds.md5 = dataset_md5(all_paths + pool, root)
     return ds
 
 
@@ -358,13 +606,17 @@ def _stratified_split(
 # --------------------------------------------------------------------------- decoding for models
 
 
-def load_rgb(path: str | Path):
-    """Open any supported image as 8-bit RGB (16-bit scaled, alpha composited on black)."""
-    from PIL import Image
+def load_rgb(path):
+    """Open any supported image (a path or a binary file) as upright 8-bit RGB.
+
+    EXIF orientation is applied, 16-bit is scaled, alpha is composited on black.
+    """
+    from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     with Image.open(path) as im:
         im.load()
+        ImageOps.exif_transpose(im, in_place=True)  # no-op (no copy) without an Orientation tag
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             arr = np.asarray(im, dtype=np.float64)
             peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
