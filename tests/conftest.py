@@ -172,3 +172,32 @@ def browser():
             yield b
         finally:
             b.close()
+
+
+def renumber_version(model_dir: Path, src: int, dst: int) -> Path:
+    """A complete, consistent copy of version `src` as `dst`: the number re-embedded in the ONNX file(s) and
+    metadata.json, every sha256 re-pinned (what a real export of the same run as `dst` would hold)."""
+    import shutil
+
+    import onnx
+
+    from transferkit.io import read_json, sha256_file, write_json
+
+    d = Path(model_dir)
+    shutil.copytree(d / str(src), d / str(dst))
+    meta = read_json(d / str(dst) / "metadata.json")
+    for fname in ("model.onnx", "model.int8.onnx"):
+        f = d / str(dst) / fname
+        if not f.is_file():
+            continue
+        proto = onnx.load(str(f))
+        next(p for p in proto.metadata_props if p.key == "version").value = str(dst)
+        proto.model_version = dst
+        onnx.save_model(proto, str(f))
+        if fname == "model.onnx":
+            meta["sha256"] = sha256_file(f)
+        else:
+            meta["int8"]["sha256"] = sha256_file(f)
+    meta["version"] = dst
+    write_json(d / str(dst) / "metadata.json", meta)
+    return d / str(dst)

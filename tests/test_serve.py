@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from transferkit.io import read_json, write_json
-from transferkit.promote import promote, rollback
+from transferkit.promote import PromoteError, promote, rollback
 
 pytestmark = pytest.mark.slow
 
@@ -404,7 +404,9 @@ def test_broken_versions_are_never_served(server, repo, images):
 
     meta.update(version=3, sha256=sha256_file(d / "3" / "model.onnx"))
     write_json(d / "3" / "metadata.json", meta)
-    promote(repo, "digits", 3, reason="test: broken file")
+    with pytest.raises(PromoteError, match="not a readable ONNX file"):
+        promote(repo, "digits", 3, reason="test: broken file")
+    (d / "latest").write_text("3\n")  # by hand, past promote's checks: the server checks again
     why = _wait_failed(c, 3)
     assert "not a readable ONNX file" in why
     # 4: a real model, but its embedded metadata (version 1) contradicts metadata.json
@@ -412,7 +414,9 @@ def test_broken_versions_are_never_served(server, repo, images):
     meta = read_json(d / "4" / "metadata.json")
     meta["version"] = 4
     write_json(d / "4" / "metadata.json", meta)
-    promote(repo, "digits", 4, reason="test: mismatched metadata")
+    with pytest.raises(PromoteError, match="embedded version 1 differs"):
+        promote(repo, "digits", 4, reason="test: mismatched metadata")
+    (d / "latest").write_text("4\n")
     why = _wait_failed(c, 4)
     assert "embedded version 1 differs" in why
     # 5: intact files, but export's reference logits (re-pinned in metadata.json) are not what it computes
@@ -439,9 +443,8 @@ def test_broken_versions_are_never_served(server, repo, images):
     m = c.get("/metrics").text
     assert _metric(m, 'transferkit_model_load_failures_total{model="digits"}') == 3
     assert _metric(m, 'transferkit_model_version{model="digits"}') == 2
-    for _ in range(3):  # 5 -> 4 -> 3 (pointer history), then back to a good one
-        rollback(repo, "digits")
-    status = c.get("/v1/models/digits").json()
+    rollback(repo, "digits")  # 5 -> 2 (3 and 4 never entered the history)
+    status = _wait_version(c, 2)
     assert status["version"] == 2 and 0 <= status["reference_diff"] <= 1e-4  # the good one replayed its reference
 
 

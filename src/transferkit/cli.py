@@ -33,6 +33,11 @@ SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="override a param: group.key=value (repeatable)")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+ServerOpt = Annotated[Optional[list[str]], typer.Option(
+    "--server", help="base URL of a live `transferkit serve` to wait for (repeatable; default: $TRANSFERKIT_SERVERS, "
+    "comma-separated); a refusal is an error with its reason and latest goes back")]  # fmt: skip
+WaitOpt = Annotated[float, typer.Option(help="seconds to wait for each --server to switch")]
+PromoteTokenOpt = Annotated[Optional[Path], typer.Option(help="the servers' bearer token (default: $TRANSFERKIT_SERVE_TOKEN)")]
 
 
 def _params(path: Optional[Path], overrides: Optional[list[str]]):
@@ -364,12 +369,30 @@ def promote(
     name: Annotated[str, typer.Option(help="model name (folder in the repository)")],
     version: Annotated[Optional[int], typer.Option(help="version to make live (default: the newest)")] = None,
     reason: Annotated[str, typer.Option(help="recorded in REPO/NAME/promotions.jsonl")] = "",
+    server: ServerOpt = None,
+    wait: WaitOpt = 60.0,
+    token_file: PromoteTokenOpt = None,
 ):
-    """Point REPO/NAME/latest at a complete version; servers following it hot-swap."""
+    """Point REPO/NAME/latest at a complete version; servers following it hot-swap (--server: wait for them)."""
     from transferkit.promote import promote as run_promote
 
-    r = run_promote(repo, name, version, reason=reason)
-    typer.echo(f"promote: {name} {r['previous']} -> {r['version']}  ({repo / name / 'latest'})")
+    servers, token = _servers(server, token_file)
+    r = run_promote(repo, name, version, reason=reason, servers=servers, wait=wait, token=token)
+    typer.echo(f"promote: {name} {r['previous']} -> {r['version']}  ({repo / name / 'latest'}){_served(r)}")
+
+
+def _servers(server: Optional[list[str]], token_file: Optional[Path]) -> tuple[list[str], Optional[str]]:
+    import os
+
+    servers = list(server or []) or [u.strip() for u in os.environ.get("TRANSFERKIT_SERVERS", "").split(",") if u.strip()]
+    token = token_file.read_text().strip() if token_file else os.environ.get("TRANSFERKIT_SERVE_TOKEN") or None
+    return servers, token
+
+
+def _served(r: dict) -> str:
+    if not r.get("servers"):
+        return "; no live server checked (--server URL waits for them)"
+    return "; serving on " + ", ".join(s["server"] for s in r["servers"])
 
 
 @app.command()
@@ -378,12 +401,16 @@ def rollback(
     repo: Annotated[Path, typer.Option(help="model repository")],
     name: Annotated[str, typer.Option(help="model name (folder in the repository)")],
     reason: Annotated[str, typer.Option(help="recorded in REPO/NAME/promotions.jsonl")] = "",
+    server: ServerOpt = None,
+    wait: WaitOpt = 60.0,
+    token_file: PromoteTokenOpt = None,
 ):
     """Return REPO/NAME/latest to the version that was live before the current one."""
     from transferkit.promote import rollback as run_rollback
 
-    r = run_rollback(repo, name, reason=reason)
-    typer.echo(f"rollback: {name} {r['previous']} -> {r['version']}  ({repo / name / 'latest'})")
+    servers, token = _servers(server, token_file)
+    r = run_rollback(repo, name, reason=reason, servers=servers, wait=wait, token=token)
+    typer.echo(f"rollback: {name} {r['previous']} -> {r['version']}  ({repo / name / 'latest'}){_served(r)}")
 
 
 @app.command()
@@ -437,6 +464,17 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(help="request body limit")] = 8.0,
     max_image_pixels: Annotated[int, typer.Option(help="width x height limit, checked before decoding")] = 16_000_000,
     max_images: Annotated[int, typer.Option(help="images per request")] = 64,
+    max_request_pixels: Annotated[int, typer.Option(help="width x height summed over a request's images")] = 32_000_000,
+    max_inflight_mb: Annotated[float, typer.Option(help="process budget for bodies + decoding in flight; "
+                                                        "beyond it requests wait --queue-timeout, then 503")] = 1024.0,
+    max_concurrency: Annotated[int, typer.Option(help="requests in flight; beyond it 503 at once")] = 64,
+    max_connections: Annotated[int, typer.Option(help="open connections (uvicorn limit_concurrency)")] = 1024,
+    decode_threads: Annotated[int, typer.Option(help="threads decoding images (0: min(4, CPUs))")] = 0,
+    queue_timeout: Annotated[float, typer.Option(help="seconds a request waits for the in-flight budget")] = 10.0,
+    header_timeout: Annotated[float, typer.Option(help="seconds for the request line + headers")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="seconds for the whole body")] = 30.0,
+    keep_alive: Annotated[int, typer.Option(help="seconds an idle keep-alive connection stays open")] = 5,
+    max_header_kb: Annotated[int, typer.Option(help="request line + headers limit (431 beyond)")] = 64,
     token_file: Annotated[Optional[Path], typer.Option(help="file holding the bearer token (or set $TRANSFERKIT_SERVE_TOKEN)")] = None,
     int8: Annotated[bool, typer.Option(help="serve model.int8.onnx where export kept one")] = False,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: its default)")] = 0,
@@ -446,15 +484,34 @@ def serve(
     """Serve the repository's ONNX models over HTTP with dynamic batching, hot swap, limits and metrics."""
     from transferkit.serve import ServeConfig, serve as run_serve
 
-    token = token_file.read_text().strip() if token_file else None
+    import os
+
+    from pydantic import ValidationError
+
+    from transferkit.serve import TOKEN_ENV
+
+    try:
+        token = token_file.read_text().strip() if token_file else (os.environ.get(TOKEN_ENV) or "").strip() or None
+    except UnicodeDecodeError:
+        _fail(f"{token_file}: the token file is not UTF-8 text")
     if token_file and not token:
         _fail(f"{token_file}: empty token file")
-    cfg = ServeConfig(
-        repo=repo, models=model or None, batching=batching, max_batch_size=max_batch_size,
-        max_queue_delay_ms=max_queue_delay_ms, poll_interval_s=poll_interval, max_body_bytes=int(max_body_mb * (1 << 20)),
-        max_image_pixels=max_image_pixels, max_images=max_images, token=token, int8=int8, threads=threads,
-        monitor_dir=monitor_dir, monitor_size=monitor_size,
-    )  # fmt: skip
+    try:
+        cfg = ServeConfig(
+            repo=repo, models=model or None, batching=batching, max_batch_size=max_batch_size,
+            max_queue_delay_ms=max_queue_delay_ms, poll_interval_s=poll_interval, max_body_bytes=int(max_body_mb * (1 << 20)),
+            max_image_pixels=max_image_pixels, max_images=max_images, max_request_pixels=max_request_pixels,
+            max_inflight_bytes=int(max_inflight_mb * (1 << 20)), max_concurrency=max_concurrency,
+            max_connections=max_connections, decode_threads=decode_threads, queue_timeout_s=queue_timeout,
+            header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_s=keep_alive,
+            max_header_bytes=max_header_kb << 10, token=token, int8=int8, threads=threads,
+            monitor_dir=monitor_dir, monitor_size=monitor_size,
+        )  # fmt: skip
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "serve options"
+        source = f"{token_file or '$' + TOKEN_ENV}: " if where == "token" else f"--{where.replace('_', '-')}: "
+        _fail(source + err["msg"].removeprefix("Value error, "))
     if not repo.is_dir():
         _fail(f"model repository not found: {repo} (run `transferkit export` first)")
     run_serve(cfg, host=host, port=port)

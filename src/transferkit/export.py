@@ -99,14 +99,36 @@ def next_version(model_dir: Path) -> int:
     return max(list_versions(model_dir), default=0) + 1
 
 
-def latest_version(model_dir: Path) -> int | None:
-    """The version REPO/<name>/latest points to, or None if no export has finished yet."""
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
+_LATEST_RE = re.compile(rb"[0-9]{1,18}\n?")
+
+
+def check_model_name(name: str) -> str:
+    """A model name as export makes them ([a-z0-9_-], as sanitize_name), never a path; ValueError otherwise."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"model name {str(name)[:80]!r} is not a name: use 1-128 characters of a-z 0-9 _ - "
+                         "(starting with a letter or digit), never a path")  # fmt: skip
+    return name
+
+
+def read_latest(model_dir: Path) -> int | None:
+    """The version REPO/<name>/latest points to (None: no pointer yet); ValueError if it holds anything but
+    a version number (`1.5`, `true`, ` 2`, ...: strictly ASCII digits and an optional newline)."""
     p = Path(model_dir) / "latest"
-    if not p.is_file():
-        return None
     try:
-        return int(json.loads(p.read_text()))
-    except (ValueError, TypeError):
+        raw = p.read_bytes()[:64]
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    if not _LATEST_RE.fullmatch(raw) or int(raw) < 1:
+        raise ValueError(f"{p}: holds {raw[:20]!r}, not a version number; promote a version to repair it")
+    return int(raw)
+
+
+def latest_version(model_dir: Path) -> int | None:
+    """The version REPO/<name>/latest points to, or None if no export has finished yet (or it is unreadable)."""
+    try:
+        return read_latest(model_dir)
+    except (ValueError, OSError):
         return None
 
 

@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 log = logging.getLogger("transferkit.serve")
 
@@ -61,6 +62,7 @@ ALLOWED_TYPES = {
 }  # fmt: skip
 OCTET = "application/octet-stream"  # a client that does not know: the decoded format must still be allowed
 TOKEN_ENV = "TRANSFERKIT_SERVE_TOKEN"
+TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]{1,4096}=*")
 
 
 class ServeConfig(BaseModel):
@@ -78,6 +80,20 @@ class ServeConfig(BaseModel):
     max_image_pixels: int = Field(16_000_000, ge=1, description="width x height, checked before decoding")
     max_image_side: int = Field(8192, ge=1)
     max_images: int = Field(64, ge=1, description="images per request")
+    max_request_pixels: int = Field(32_000_000, ge=1, description="sum of width x height over a request's images")
+    max_inflight_bytes: int = Field(
+        1 << 30, ge=1 << 20,
+        description="process budget: request bodies (x2, parsed copies) + the decode memory of the image being "
+        "decoded, over all requests in flight; a request that does not fit waits up to queue_timeout_s, then 503",
+    )  # fmt: skip
+    max_concurrency: int = Field(64, ge=1, description="requests in flight at once; beyond: 503 at once")
+    max_connections: int = Field(1024, ge=1, description="open connections (uvicorn's limit_concurrency)")
+    decode_threads: int = Field(0, ge=0, description="threads decoding images (0: min(4, CPUs))")
+    queue_timeout_s: float = Field(10.0, gt=0, description="longest wait for the in-flight budget")
+    header_timeout_s: float = Field(10.0, gt=0, description="request line + headers must arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, description="the whole body must arrive within this")
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="request line + headers (h11's limit)")
     default_top_k: int = Field(5, ge=1)
     token: str | None = Field(None, description=f"bearer token for /v1 (default: ${TOKEN_ENV})", repr=False)
     int8: bool = Field(False, description="serve model.int8.onnx where export kept one")
@@ -87,6 +103,44 @@ class ServeConfig(BaseModel):
     monitor_size: int = Field(200, ge=1, le=100_000)
     monitor_px: int = Field(64, ge=8, le=1024, description="longest side of stored monitor images")
     seed: int = 0
+
+    @field_validator("token")
+    @classmethod
+    def _token_alphabet(cls, v: str | None) -> str | None:
+        # RFC 6750 b64token: what every HTTP client can put in a header (non-ASCII cannot be sent portably)
+        if v is not None and not TOKEN_RE.fullmatch(v):
+            raise ValueError("the bearer token must be 1-4096 characters of A-Z a-z 0-9 - . _ ~ + / "
+                             "(optionally ending in =): the RFC 6750 alphabet every HTTP client can send")  # fmt: skip
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: list[str] | None) -> list[str] | None:
+        from transferkit.export import check_model_name
+
+        for name in v or []:
+            check_model_name(name)
+        return v
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> "ServeConfig":
+        need = 2 * self.max_body_bytes + decode_cost(self.max_image_pixels, "I;16")
+        if self.max_inflight_bytes < need:
+            raise ValueError(f"max_inflight_bytes {self.max_inflight_bytes} cannot hold one request at the limits "
+                             f"(2 x max_body_bytes + the decode cost of max_image_pixels = {need})")  # fmt: skip
+        return self
+
+
+def decode_cost(pixels: int, mode: str) -> int:
+    """Bytes load_rgb holds at once for an image of this size and PIL mode: the decoded planes, the
+    intermediate conversions (16-bit via float64, alpha via RGBA) and the RGB result."""
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        per = 4 + 8 + 1 + 3
+    elif mode in ("RGBA", "LA", "PA", "La", "RGBa", "P"):
+        per = 4 * 3 + 3
+    else:
+        per = len(mode) + 3 if mode.isalpha() and mode.isupper() else 8
+    return int(pixels) * per
 
 
 class RequestError(Exception):
@@ -106,54 +160,73 @@ class LoadError(ValueError):
 _INTERP = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}  # PIL codes
 
 
-def decode_image(data: bytes, cfg: ServeConfig, where: str, content_type: str | None = None):
-    """Bytes -> RGB PIL image, refusing bombs by their header and formats outside ALLOWED_TYPES."""
+def probe_image(data: bytes, cfg: ServeConfig, where: str, content_type: str | None = None) -> tuple[int, int, str, str]:
+    """(width, height, format, mode) from the header alone, refusing bombs and formats outside ALLOWED_TYPES."""
     from PIL import Image, UnidentifiedImageError
-
-    from transferkit.data import load_rgb
 
     if content_type is not None:
         ct = content_type.split(";")[0].strip().lower()
         if ct not in ALLOWED_TYPES and ct != OCTET:
-            raise RequestError(415, f"{where}: content type {ct or 'none'} not accepted "
+            raise RequestError(415, f"{where}: content type {ct[:80] or 'none'} not accepted "
                                     f"(accepted: {', '.join(sorted(ALLOWED_TYPES))})")  # fmt: skip
     if not data:
         raise RequestError(400, f"{where}: empty image")
     formats = sorted(set(ALLOWED_TYPES.values()))
     try:
         with Image.open(io.BytesIO(data), formats=formats) as im:  # reads the header only
-            w, h, fmt = im.size[0], im.size[1], im.format
+            w, h, fmt, mode = im.size[0], im.size[1], im.format, im.mode
     except UnidentifiedImageError:
         raise RequestError(415, f"{where}: not an image in an accepted format ({', '.join(formats)})") from None
     except Image.DecompressionBombError as e:  # PIL's own guard, from the header: far above our limits too
         raise RequestError(413, f"{where}: {e}; limits are {cfg.max_image_side} px a side and "
                                 f"{cfg.max_image_pixels} pixels")  # fmt: skip
-    except (OSError, ValueError, SyntaxError) as e:
-        raise RequestError(400, f"{where}: cannot read image header ({e})") from None
+    except Exception as e:  # any plugin's parse error on hostile bytes is the client's
+        raise RequestError(400, f"{where}: cannot read image header ({type(e).__name__}: {str(e)[:200]})") from None
     if max(w, h) > cfg.max_image_side or w * h > cfg.max_image_pixels:
         raise RequestError(413, f"{where}: image is {w}x{h} px; limits are {cfg.max_image_side} px a side and "
                                 f"{cfg.max_image_pixels} pixels")  # fmt: skip
     if w < 1 or h < 1:
         raise RequestError(400, f"{where}: image has no pixels ({w}x{h})")
+    return w, h, fmt, mode
+
+
+def decode_image(data: bytes, cfg: ServeConfig, where: str, content_type: str | None = None):
+    """Bytes -> (RGB PIL image, format), after probe_image's checks."""
+    from PIL import Image
+
+    from transferkit.data import load_rgb
+
+    _, _, fmt, _ = probe_image(data, cfg, where, content_type)
     try:
         return load_rgb(io.BytesIO(data)), fmt
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise RequestError(400, f"{where}: cannot decode {fmt} image ({type(e).__name__}: {e})") from None
+        raise RequestError(400, f"{where}: cannot decode {fmt} image ({type(e).__name__}: {str(e)[:200]})") from None
+    except Exception as e:  # a decoder bug on hostile bytes: still the input's fault, never a 500
+        raise RequestError(400, f"{where}: cannot decode {fmt} image ({type(e).__name__})") from None
 
 
 def preprocess(img, input_size: list[int], mean: list[float], std: list[float], interpolation: str | None) -> np.ndarray:
-    """zoo.eval_transform (timm eval, crop_pct=1.0) without torch: [3, H, W] float32."""
+    """zoo.eval_transform (timm eval, crop_pct=1.0) without torch: [3, H, W] float32.
+
+    Where the crop would discard most of the resized image (aspect ratio beyond 4:1), only the source region
+    it keeps is resized (PIL's resize `box`: the same filter taps, coefficients within float rounding, so at
+    most one level of 255 apart), so a 1x8192 strip costs a 32x32 resize, not a 32x262144 one.
+    """
     _, th, tw = (int(v) for v in input_size)
     resample = _INTERP.get(str(interpolation or "bilinear").lower(), 2)
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = th, int(th * long / short)  # torchvision's shorter-side rule
     nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (nh, nw) != (h, w):
-        img = img.resize((nw, nh), resample)
-    if (nh, nw) != (th, tw):
-        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
-        img = img.crop((left, top, left + tw, top + th))
+    top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+    if nw * nh > 4 * th * tw:
+        sx, sy = w / nw, h / nh
+        img = img.resize((tw, th), resample, box=(left * sx, top * sy, (left + tw) * sx, (top + th) * sy))
+    else:
+        if (nh, nw) != (h, w):
+            img = img.resize((nw, nh), resample)
+        if (nh, nw) != (th, tw):
+            img = img.crop((left, top, left + tw, top + th))
     x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
@@ -215,18 +288,18 @@ def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> LoadedModel
 
     t0 = time.perf_counter()
     try:
-        meta = check_version(model_dir, version)
+        meta = check_version(model_dir, version, embedded=False)  # every file's sha256, int8 included
     except ValueError as e:
         raise LoadError(str(e)) from None
     vdir = Path(model_dir) / str(version)
     path = vdir / "model.onnx"
-    if cfg.int8 and (meta.get("int8") or {}).get("kept") and (vdir / "model.int8.onnx").is_file():
-        path = vdir / "model.int8.onnx"
+    if cfg.int8 and (meta.get("int8") or {}).get("kept"):
+        path = vdir / "model.int8.onnx"  # check_version pinned it
     try:
         embedded = read_onnx_metadata(path)
     except Exception as e:
         raise LoadError(f"{path}: not a readable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
-    for key in ("classes", "input_size", "mean", "std", "version"):
+    for key in ("name", "classes", "input_size", "mean", "std", "version"):
         if embedded.get(key) != meta.get(key):
             raise LoadError(f"{path}: embedded {key} {embedded.get(key)!r} differs from metadata.json's {meta.get(key)!r}")
     if len(meta["input_size"]) != 3 or meta["input_size"][1] != meta["input_size"][2]:
@@ -421,9 +494,31 @@ class Slot:
 
     name: str
     current: LoadedModel | None = None
-    failed: dict[int, str] = field(default_factory=dict)  # version -> why it is not served
+    # version -> (fingerprint of latest + the version's files when it failed, why it is not served): a
+    # re-promote or a repaired file changes the fingerprint, and the version is tried again
+    failed: dict[int, tuple[tuple, str]] = field(default_factory=dict)
     swaps: list[dict] = field(default_factory=list)
     reservoir: Reservoir | None = None
+    fallback: dict | None = None  # serving an older version from the history because `latest` is broken
+    latest_error: str | None = None  # `latest` unreadable: stays on what serves
+
+
+def _fingerprint(model_dir: Path, version: int) -> tuple:
+    """What a failed load depended on: the pointer file (a re-promote replaces it) and the version's files."""
+
+    def st(p: Path) -> tuple:
+        try:
+            s = p.stat()
+            return (p.name, s.st_ino, s.st_size, s.st_mtime_ns)
+        except OSError:
+            return (p.name, None)
+
+    vdir = model_dir / str(version)
+    try:
+        files = sorted(vdir.iterdir()) if vdir.is_dir() else []
+    except OSError:
+        files = []
+    return (st(model_dir / "latest"), st(vdir), *(st(p) for p in files))
 
 
 class Registry:
@@ -433,69 +528,143 @@ class Registry:
         self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         self.infer_pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="infer")
         self.started = False  # first scan done
+        repo = Path(cfg.repo)
+        self._prefixes = sorted({str(repo) + os.sep, str(repo.absolute()) + os.sep, str(repo.resolve()) + os.sep},
+                                key=len, reverse=True)  # fmt: skip
+
+    def public(self, msg: str) -> str:
+        """A message for public responses: repository paths relative to it, no other absolute path."""
+        for p in self._prefixes:
+            msg = msg.replace(p, "")
+        return _ABS_PATH.sub(lambda m: m.group(1) + ".../" + m.group(2), msg)
 
     def names(self) -> list[str]:
-        from transferkit.export import latest_version
+        from transferkit.export import _NAME_RE
 
         repo = Path(self.cfg.repo)
         if self.cfg.models:
             return list(self.cfg.models)
         if not repo.is_dir():
             return []
-        return sorted(p.name for p in repo.iterdir() if p.is_dir() and latest_version(p) is not None)
+        # only names export could have made, and only folders with a pointer (valid or not: a broken one is
+        # reported, not hidden)
+        return sorted(p.name for p in repo.iterdir()
+                      if _NAME_RE.fullmatch(p.name) and not p.is_symlink() and (p / "latest").is_file())  # fmt: skip
 
     def ready(self) -> tuple[bool, str]:
         if not self.started:
             return False, "loading"
         if not self.slots:
-            return False, f"no model with a `latest` pointer in {self.cfg.repo}"
+            return False, f"no model with a `latest` pointer in the repository"
         missing = [n for n, s in self.slots.items() if s.current is None]
         if missing:
             return False, f"not loaded: {', '.join(missing)} " + "; ".join(
-                f"{n}: {next(iter(self.slots[n].failed.values()), 'pending')}" for n in missing
-            )
-        return True, "ready"
+                f"{n}: {self.slots[n].latest_error or next(iter(r for _, r in self.slots[n].failed.values()), 'pending')}"
+                for n in missing
+            )  # fmt: skip
+        degraded = [f"{n} serves version {s.fallback['version']} from the promotion history: latest "
+                    f"({s.fallback['latest']}) refused" for n, s in self.slots.items() if s.fallback]  # fmt: skip
+        degraded += [f"{n}: {s.latest_error}" for n, s in self.slots.items() if s.latest_error]
+        return True, ("degraded: " + "; ".join(degraded)) if degraded else "ready"
+
+    async def _load(self, model_dir: Path, version: int) -> LoadedModel:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.load_pool, load_version, model_dir, version, self.cfg)
+
+    def _refused(self, slot: Slot, model_dir: Path, version: int, e: Exception) -> None:
+        why = self.public(str(e))
+        slot.failed[version] = (_fingerprint(model_dir, version), why)
+        self.metrics.load_failures.labels(slot.name).inc()
+        log.error("model %s version %s not served: %s", slot.name, version, e)
+        slot.swaps.append({"from": slot.current.version if slot.current else None, "to": version,
+                           "ok": False, "error": why, "time": time.time()})  # fmt: skip
+        del slot.swaps[:-20]
 
     async def refresh(self) -> None:
-        """One poll: load any model whose `latest` moved to a version not yet tried."""
-        from transferkit.export import latest_version
+        """One poll: load any model whose `latest` moved to a version not yet tried (or changed since it failed)."""
+        from transferkit.export import read_latest
 
-        loop = asyncio.get_running_loop()
         for name in self.names():
             slot = self.slots.get(name)
             if slot is None:
                 slot = self.slots[name] = Slot(name)
+                self.metrics.fallback.labels(name).set(0)
                 if self.cfg.monitor_dir:
                     slot.reservoir = Reservoir(Path(self.cfg.monitor_dir) / name, self.cfg.monitor_size,
                                                self.cfg.monitor_px, self.cfg.seed)  # fmt: skip
             model_dir = Path(self.cfg.repo) / name
-            want = latest_version(model_dir)
-            if want is None or (slot.current and slot.current.version == want) or want in slot.failed:
+            try:
+                want = read_latest(model_dir)
+                slot.latest_error = None
+            except (ValueError, OSError) as e:
+                slot.latest_error = self.public(str(e))
+                want = None
+            if want is None:
+                if slot.current is None and slot.latest_error:
+                    await self._fall_back(slot, model_dir, None, slot.latest_error)
+                continue
+            if slot.current and slot.current.version == want:
+                if slot.fallback:  # `latest` was pointed back at what serves
+                    slot.fallback = None
+                    self.metrics.fallback.labels(name).set(0)
+                continue
+            if want in slot.failed and slot.failed[want][0] == _fingerprint(model_dir, want):
                 continue
             t0 = time.perf_counter()
             try:
-                new = await loop.run_in_executor(self.load_pool, load_version, model_dir, want, self.cfg)
+                new = await self._load(model_dir, want)
             except LoadError as e:
-                slot.failed[want] = str(e)
-                self.metrics.load_failures.labels(name).inc()
-                log.error("model %s version %s not served: %s", name, want, e)
-                slot.swaps.append({"from": slot.current.version if slot.current else None, "to": want,
-                                   "ok": False, "error": str(e), "time": time.time()})  # fmt: skip
+                self._refused(slot, model_dir, want, e)
+                if slot.current is None:
+                    await self._fall_back(slot, model_dir, want, slot.failed[want][1])
                 continue
-            if self.cfg.batching:
-                new.batcher = Batcher(new, self.cfg.max_batch_size, self.cfg.max_queue_delay_ms / 1000, self.metrics.batch)
-            old, slot.current = slot.current, new  # the switch: one reference assignment on the event loop
+            self._switch(slot, new, time.perf_counter() - t0)
             slot.failed.pop(want, None)
-            seconds = time.perf_counter() - t0
-            slot.swaps.append({"from": old.version if old else None, "to": want, "ok": True, "seconds": seconds,
-                               "provider": new.provider, "time": time.time()})  # fmt: skip
-            del slot.swaps[:-20]
-            self.metrics.version.labels(name).set(want)
-            self.metrics.swaps.labels(name).inc()
-            self.metrics.swap_seconds.labels(name).set(seconds)
-            log.warning("model %s now serving version %s (%s, loaded in %.2fs)", name, want, new.provider, seconds)
-            if old is not None:
-                loop.create_task(self._retire(old))
+            if slot.fallback:
+                slot.fallback = None
+                self.metrics.fallback.labels(name).set(0)
+
+    async def _fall_back(self, slot: Slot, model_dir: Path, latest: int | None, why: str) -> None:
+        """Nothing serves and `latest` is broken: serve the newest earlier live version (promotion history)
+        that loads, and say so in /readyz, /v1/models/<name> and transferkit_model_fallback."""
+        from transferkit.promote import _stack, read_history
+
+        try:
+            history = _stack(read_history(model_dir))
+        except OSError:
+            history = []
+        tried = 0
+        for v in reversed(history):
+            if v == latest or tried >= 5:
+                continue
+            if v in slot.failed and slot.failed[v][0] == _fingerprint(model_dir, v):
+                continue
+            tried += 1
+            t0 = time.perf_counter()
+            try:
+                new = await self._load(model_dir, v)
+            except LoadError as e:
+                self._refused(slot, model_dir, v, e)
+                continue
+            self._switch(slot, new, time.perf_counter() - t0)
+            slot.fallback = {"version": v, "latest": latest, "reason": why}
+            self.metrics.fallback.labels(slot.name).set(1)
+            log.error("model %s: latest (%s) refused, serving version %s from the promotion history", slot.name, latest, v)
+            return
+
+    def _switch(self, slot: Slot, new: LoadedModel, seconds: float) -> None:
+        if self.cfg.batching:
+            new.batcher = Batcher(new, self.cfg.max_batch_size, self.cfg.max_queue_delay_ms / 1000, self.metrics.batch)
+        old, slot.current = slot.current, new  # the switch: one reference assignment on the event loop
+        slot.swaps.append({"from": old.version if old else None, "to": new.version, "ok": True, "seconds": seconds,
+                           "provider": new.provider, "time": time.time()})  # fmt: skip
+        del slot.swaps[:-20]
+        self.metrics.version.labels(slot.name).set(new.version)
+        self.metrics.swaps.labels(slot.name).inc()
+        self.metrics.swap_seconds.labels(slot.name).set(seconds)
+        log.warning("model %s now serving version %s (%s, loaded in %.2fs)", slot.name, new.version, new.provider, seconds)
+        if old is not None:
+            asyncio.get_running_loop().create_task(self._retire(old))
 
     async def _retire(self, old: LoadedModel) -> None:
         """Drop the old version once the requests that hold it are done (at most 60 s)."""
@@ -530,22 +699,30 @@ class Registry:
             "load_seconds": round(cur.load_seconds, 4) if cur else None,
             "reference_diff": cur.reference_diff if cur else None,
             "batching": self.cfg.batching,
-            "failed_versions": {str(k): v for k, v in s.failed.items()},
+            "failed_versions": {str(k): why for k, (_, why) in s.failed.items()},
+            "fallback": s.fallback,
+            "latest_error": s.latest_error,
             "swaps": s.swaps,
-            "monitor": ({"folder": str(s.reservoir.folder), "seen": s.reservoir.seen,
-                         "stored": len(s.reservoir.slots)} if s.reservoir else None),  # fmt: skip
+            "monitor": ({"seen": s.reservoir.seen, "stored": len(s.reservoir.slots)} if s.reservoir else None),
         }
+
+
+_ABS_PATH = re.compile(r"(^|[\s'\"(=:])/(?:[^\s'\"/]+/)+([^\s'\"/]+)")  # /any/abs/path/file -> .../file
 
 
 # --------------------------------------------------------------------------- metrics
 
 
 class Metrics:
+    """Prometheus metrics whose labels come from fixed sets only: a model label is a served model's name or
+    "" (anything else: unknown names, other routes), a code label an HTTP status this server answered."""
+
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("transferkit_requests", "predict requests", ["model", "code"], registry=r)
+        self.requests = Counter("transferkit_requests", "requests answered (every route but the probes)",
+                                ["model", "code"], registry=r)  # fmt: skip
         self.latency = Histogram("transferkit_request_seconds", "predict latency", ["model"], registry=r,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))  # fmt: skip
         self.batch_sizes = Histogram("transferkit_batch_size", "images per onnxruntime call", ["model"], registry=r,
@@ -557,9 +734,189 @@ class Metrics:
         self.swap_seconds = Gauge("transferkit_model_swap_seconds", "load + warm-up + checks of the last swap",
                                   ["model"], registry=r)  # fmt: skip
         self.load_failures = Counter("transferkit_model_load_failures", "versions refused at load", ["model"], registry=r)
+        self.fallback = Gauge("transferkit_model_fallback", "1: `latest` is broken and an earlier version from "
+                              "the promotion history serves", ["model"], registry=r)  # fmt: skip
+        self.inflight = Gauge("transferkit_inflight_requests", "requests in flight", registry=r)
+        self.inflight_bytes = Gauge("transferkit_inflight_bytes", "bytes of the in-flight budget held", registry=r)
 
     def batch(self, model: LoadedModel, n: int) -> None:
         self.batch_sizes.labels(model.name).observe(n)
+
+
+class Budget:
+    """The process's in-flight byte budget (bodies + decoding), shared by all requests on the event loop."""
+
+    def __init__(self, total: int, gauge=None):
+        self.total, self.used, self.gauge = total, 0, gauge
+        self._cond: asyncio.Condition | None = None
+
+    async def acquire(self, n: int, timeout: float) -> None:
+        if n <= 0:
+            return
+        if n > self.total:
+            raise RequestError(413, f"request needs {n} bytes of the in-flight budget, more than its "
+                                    f"{self.total}")  # fmt: skip
+        self._cond = self._cond or asyncio.Condition()
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.total), timeout)
+            except asyncio.TimeoutError:
+                raise RequestError(503, f"server busy: {self.used} of {self.total} in-flight bytes held for "
+                                        f"{timeout:g} s; retry later") from None  # fmt: skip
+            self.used += n
+            if self.gauge is not None:
+                self.gauge.set(self.used)
+
+    async def release(self, n: int) -> None:
+        if n <= 0:
+            return
+        async with self._cond:
+            self.used -= n
+            if self.gauge is not None:
+                self.gauge.set(self.used)
+            self._cond.notify_all()
+
+
+class _Held:
+    """What one request holds of the budget; released whole when the request ends."""
+
+    def __init__(self, budget: Budget, timeout: float):
+        self.budget, self.timeout, self.n = budget, timeout, 0
+
+    async def take(self, n: int) -> None:
+        await self.budget.acquire(n, self.timeout)
+        self.n += n
+
+    async def give_back(self, n: int | None = None) -> None:
+        n = self.n if n is None else min(n, self.n)
+        self.n -= n
+        await self.budget.release(n)
+
+
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+_MODEL_PATH = re.compile(r"/v1/models/([^/]+)")
+
+
+def _json_response(status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
+    body = json.dumps({"detail": detail}).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    return {"type": "http.response.start", "status": status, "headers": hdrs}, {"type": "http.response.body", "body": body}
+
+
+class Guard:
+    """Outermost ASGI layer: the concurrency limit (503 at once beyond it), one count per answered request
+    with bounded labels, and no traceback for any input: an unexpected exception is a counted, logged 500
+    with the documented {"detail"} shape."""
+
+    def __init__(self, app, cfg: ServeConfig, metrics: Metrics, registry: "Registry"):
+        self.app, self.cfg, self.metrics, self.registry = app, cfg, metrics, registry
+        self.inflight = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        m = _MODEL_PATH.match(path)
+        model = m.group(1) if m and m.group(1) in self.registry.slots else ""
+        probe = path in PROBES
+        status = []
+
+        async def send_counted(msg):
+            if msg["type"] == "http.response.start":
+                status.append(msg["status"])
+            await send(msg)
+
+        if not probe and self.inflight >= self.cfg.max_concurrency:
+            start, body = _json_response(503, f"server busy: {self.inflight} requests in flight (limit "
+                                              f"{self.cfg.max_concurrency}); retry later", [(b"retry-after", b"1")])  # fmt: skip
+            await send_counted(start)
+            await send(body)
+        else:
+            self.inflight += 1
+            self.metrics.inflight.set(self.inflight)
+            try:
+                await self.app(scope, receive, send_counted)
+            except Exception:
+                log.exception("unhandled error on %s %s", scope.get("method"), path[:200])
+                if not status:
+                    start, body = _json_response(500, "internal error (logged on the server)")
+                    await send_counted(start)
+                    await send(body)
+            finally:
+                self.inflight -= 1
+                self.metrics.inflight.set(self.inflight)
+        if not probe:
+            code = str(status[0] if status else 500)
+            self.metrics.requests.labels(model, code).inc()
+            if not code.startswith(("1", "2", "3")):
+                self.metrics.errors.labels(model, code).inc()
+
+
+class PredictJSON(BaseModel):
+    """The JSON form of a predict request."""
+
+    images: list[str] = Field(
+        ..., min_length=1,
+        description="base64 images (PNG, JPEG, WebP, BMP, GIF, TIFF); a data: URL prefix is accepted",
+        json_schema_extra={"items": {"type": "string", "format": "byte", "contentEncoding": "base64"}},
+    )  # fmt: skip
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(..., description="one readable message")
+
+
+class TopK(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class Prediction(BaseModel):
+    top_k: list[TopK]
+    logits: list[float] | None = None
+
+
+class PredictAnswer(BaseModel):
+    model: str
+    version: int
+    provider: str
+    predictions: list[Prediction]
+
+
+# an 8x8 grey PNG: the example a schema-driven fuzzer sends as a real image
+_EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR4nGNgYGD4j4YZGAAyNgT8/pvfSQAAAABJRU5ErkJggg==")
+
+
+def _openapi_predict_body(max_images: int) -> dict:
+    raw = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {
+            "schema": {**PredictJSON.model_json_schema(), "properties": {"images": {
+                "type": "array", "minItems": 1, "maxItems": max_images,
+                "items": {"type": "string", "format": "byte"}}}},
+            "example": {"images": [_EXAMPLE_PNG]},
+        },
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
+                                           "required": ["file"]}},
+        **{ct: raw for ct in sorted(ALLOWED_TYPES)},
+    }}}  # fmt: skip
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": ErrorBody, "description": _ERROR_TEXT[c]} for c in codes}
+
+
+_ERROR_TEXT = {
+    400: "malformed input (JSON, base64, multipart, image data)",
+    401: "missing or wrong bearer token",
+    404: "no such model",
+    408: "the body did not arrive within body_timeout_s",
+    413: "over a limit: body bytes, image pixels or side, pixels per request, images per request",
+    415: "content type or image format not accepted",
+    422: "a query parameter out of range",
+    503: "not ready, or busy (concurrency / in-flight budget): retry later",
+}
 
 
 # --------------------------------------------------------------------------- the app
@@ -569,15 +926,22 @@ def create_app(cfg: ServeConfig):
     """The ASGI app; the model watcher runs in its lifespan."""
     from contextlib import asynccontextmanager
 
+    import anyio
     from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from pydantic import ValidationError
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     if cfg.token is None and os.environ.get(TOKEN_ENV):
-        cfg = cfg.model_copy(update={"token": os.environ[TOKEN_ENV]})
+        cfg = ServeConfig.model_validate({**dict(cfg), "token": os.environ[TOKEN_ENV].strip()})
     metrics = Metrics()
     registry = Registry(cfg, metrics)
+    budget = Budget(cfg.max_inflight_bytes, metrics.inflight_bytes)
+    decode_pool = ThreadPoolExecutor(cfg.decode_threads or min(4, os.cpu_count() or 1), thread_name_prefix="decode")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -587,76 +951,109 @@ def create_app(cfg: ServeConfig):
         for s in registry.slots.values():
             if s.current and s.current.batcher:
                 s.current.batcher.close()
+        decode_pool.shutdown(wait=False)
 
     app = FastAPI(title="transferkit serve", version="1", lifespan=lifespan)
     app.state.registry, app.state.cfg = registry, cfg
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError):
-        name = request.path_params.get("name", "")
-        metrics.errors.labels(name, str(e.status)).inc()
-        metrics.requests.labels(name, str(e.status)).inc()
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        if e.status == 503:
+            headers = {"Retry-After": "1"}
         return JSONResponse({"detail": e.message}, status_code=e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        parts = []
+        for err in e.errors()[:3]:
+            loc = [str(x) for x in err.get("loc", ())]
+            where = f"{loc[0]} parameter {'.'.join(loc[1:])!r}" if len(loc) > 1 else ".".join(loc) or "request"
+            parts.append(f"{where}: {err.get('msg')} (got {str(err.get('input'))[:40]!r})")
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)[:200]
+        if e.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.url.path[:80]!r} (see /docs)"
+        return JSONResponse({"detail": detail}, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     def _auth(request: Request) -> None:
         if not cfg.token:
             return
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), cfg.token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("utf-8", "replace"),
+                                                                 cfg.token.encode()):  # fmt: skip
             raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    def _unknown(name: str) -> RequestError:
+        return RequestError(404, f"no model named {name[:64]!r} (serving: {sorted(registry.slots) or 'none'})")
 
     def _slot(name: str) -> Slot:
         s = registry.slots.get(name)
         if s is None:
-            raise RequestError(404, f"no model named {name!r} (serving: {sorted(registry.slots) or 'none'})")
+            raise _unknown(name)
         if s.current is None:
             raise RequestError(503, f"model {name!r} is not loaded yet ({registry.ready()[1]})")
         return s
 
-    async def _body(request: Request) -> bytes:
+    async def _body(request: Request, held: _Held) -> bytes:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-            raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {cfg.max_body_bytes}")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise RequestError(400, f"Content-Length {declared[:40]!r} is not a number")
+            if int(declared) > cfg.max_body_bytes:
+                raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {cfg.max_body_bytes}")
+            await held.take(2 * int(declared))  # the body and its parsed copies (base64 / multipart parts)
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > cfg.max_body_bytes:
-                raise RequestError(413, f"request body exceeds the limit of {cfg.max_body_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            with anyio.fail_after(cfg.body_timeout_s):
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > cfg.max_body_bytes:
+                        raise RequestError(413, f"request body exceeds the limit of {cfg.max_body_bytes} bytes")
+                    if declared is None:
+                        await held.take(2 * len(chunk))
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(408, f"request body not complete within {cfg.body_timeout_s:g} s "
+                                    f"({total} bytes received)") from None  # fmt: skip
+        except ClientDisconnect:
+            raise RequestError(400, f"client disconnected after {total} bytes of the body") from None
         body = b"".join(chunks)
         request._body = body  # starlette's form parser reads this cached body
         return body
 
-    async def _images(request: Request) -> list[tuple[bytes, str, str | None]]:
+    async def _images(request: Request, held: _Held) -> list[tuple[bytes, str, str | None]]:
         """(bytes, where, content type) of each image in the request, within the count limit."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await _body(request)
+        body = await _body(request, held)
         out: list[tuple[bytes, str, str | None]] = []
         if ctype == "multipart/form-data":
             try:
                 form = await request.form(max_files=cfg.max_images + 1, max_fields=cfg.max_images + 16,
                                           max_part_size=cfg.max_body_bytes)  # fmt: skip
             except Exception as e:
-                raise RequestError(400, f"malformed multipart body ({getattr(e, 'detail', e)})") from None
+                raise RequestError(400, f"malformed multipart body ({str(getattr(e, 'detail', e))[:200]})") from None
             for key, value in form.multi_items():
                 if isinstance(value, str):
                     continue  # plain fields (e.g. top_k from a form) are not images
-                out.append((await value.read(), f"file {value.filename or key!r}", value.content_type or OCTET))
+                where = f"file {(value.filename or key)[:80]!r}"
+                out.append((await value.read(), where, value.content_type or OCTET))
         elif ctype == "application/json":
-            try:
-                doc = json.loads(body)
-            except ValueError as e:
-                raise RequestError(400, f"body is not valid JSON ({e})") from None
-            images = doc.get("images") if isinstance(doc, dict) else None
-            if not isinstance(images, list):
-                raise RequestError(400, 'JSON body must be {"images": ["<base64>", ...]}')
-            if len(images) > cfg.max_images:
-                raise RequestError(413, f"{len(images)} images in one request; the limit is {cfg.max_images}")
-            for i, b64 in enumerate(images):
-                if not isinstance(b64, str):
-                    raise RequestError(400, f"images[{i}]: expected a base64 string, got {type(b64).__name__}")
+            try:  # pydantic-core's parser: bounded nesting depth, no RecursionError
+                doc = PredictJSON.model_validate_json(body)
+            except ValidationError as e:
+                err = e.errors()[0]
+                if err["type"] == "json_invalid":
+                    raise RequestError(400, f"body is not valid JSON ({err['msg'][:200]})") from None
+                loc = ".".join(str(x) for x in err["loc"]) or "body"
+                raise RequestError(400, f'JSON body must be {{"images": ["<base64>", ...]}} ({loc}: {err["msg"]})') from None
+            if len(doc.images) > cfg.max_images:
+                raise RequestError(413, f"{len(doc.images)} images in one request; the limit is {cfg.max_images}")
+            for i, b64 in enumerate(doc.images):
                 if b64.startswith("data:"):  # a data URL from a browser
                     b64 = b64.partition(",")[2]
                 try:
@@ -666,7 +1063,7 @@ def create_app(cfg: ServeConfig):
         elif ctype in ALLOWED_TYPES or ctype == OCTET:
             out.append((body, "request body", ctype))
         else:
-            raise RequestError(415, f"content type {ctype or 'none'} not accepted: send multipart/form-data, "
+            raise RequestError(415, f"content type {ctype[:80] or 'none'} not accepted: send multipart/form-data, "
                                     f"application/json {{\"images\": [base64]}}, or one image/* body")  # fmt: skip
         if not out:
             raise RequestError(400, "no image in the request")
@@ -674,7 +1071,9 @@ def create_app(cfg: ServeConfig):
             raise RequestError(413, f"{len(out)} images in one request; the limit is {cfg.max_images}")
         return out
 
-    @app.post("/v1/models/{name}/predict")
+    @app.post("/v1/models/{name}/predict", response_model=PredictAnswer,
+              openapi_extra=_openapi_predict_body(cfg.max_images),
+              responses=_errors(400, 401, 404, 408, 413, 415, 422, 503))  # fmt: skip
     async def predict(
         name: str,
         request: Request,
@@ -684,26 +1083,47 @@ def create_app(cfg: ServeConfig):
         t0 = time.perf_counter()
         _auth(request)
         slot = _slot(name)
-        images = await _images(request)
-        model = slot.current  # one version for the whole request, even if a swap lands meanwhile
-        model.inflight += 1
+        held = _Held(budget, cfg.queue_timeout_s)
         try:
+            images = await _images(request, held)
+            loop = asyncio.get_running_loop()
+            # sizes from the headers first: nothing is decoded unless the whole request is within the limits
+            probes = [await loop.run_in_executor(decode_pool, probe_image, data, cfg, where, ct)
+                      for data, where, ct in images]  # fmt: skip
+            pixels = sum(w * h for w, h, _, _ in probes)
+            if pixels > cfg.max_request_pixels:
+                raise RequestError(413, f"{len(images)} images of {pixels} pixels in all; the limit is "
+                                        f"{cfg.max_request_pixels} pixels per request")  # fmt: skip
+            # images are decoded one after the other: the peak is the largest one's decode memory
+            await held.take(max(decode_cost(w * h, mode) for w, h, _, mode in probes))
+            model = slot.current  # one version for the whole request, even if a swap lands meanwhile
+            keep = slot.reservoir is not None
 
-            def prep() -> tuple[np.ndarray, list]:
-                decoded = [decode_image(data, cfg, where, ct)[0] for data, where, ct in images]
-                return np.stack([model.preprocess(img) for img in decoded]), decoded
+            def prep(data, where, ct):
+                img = decode_image(data, cfg, where, ct)[0]
+                x = model.preprocess(img)
+                if keep:  # the reservoir stores thumbnails: never hold the full decode longer than this
+                    img.thumbnail((cfg.monitor_px, cfg.monitor_px))
+                    return x, img
+                return x, None
 
-            x, decoded = await run_in_threadpool(prep)
-            if model.batcher is not None:
-                out = await model.batcher.submit(x)
-            else:
-                out = await asyncio.get_running_loop().run_in_executor(registry.infer_pool, model.run, x)
-                metrics.batch(model, len(x))
+            model.inflight += 1
+            try:
+                done = [await loop.run_in_executor(decode_pool, prep, *im) for im in images]
+                x = np.stack([d[0] for d in done])
+                await held.give_back()  # decoded and preprocessed: the rest is a few kB per image
+                if model.batcher is not None:
+                    out = await model.batcher.submit(x)
+                else:
+                    out = await loop.run_in_executor(registry.infer_pool, model.run, x)
+                    metrics.batch(model, len(x))
+            finally:
+                model.inflight -= 1
         finally:
-            model.inflight -= 1
+            await held.give_back()
         if slot.reservoir is not None:
             # only requests that were served: a rejected upload is not traffic the model saw
-            await run_in_threadpool(lambda: [slot.reservoir.offer(img, model.version) for img in decoded])
+            await run_in_threadpool(lambda: [slot.reservoir.offer(d[1], model.version) for d in done])
         k = min(top_k or cfg.default_top_k, len(model.classes))
         probs = softmax(out.astype(np.float64))
         preds = []
@@ -714,33 +1134,34 @@ def create_app(cfg: ServeConfig):
             if logits:
                 pred["logits"] = [float(v) for v in row]
             preds.append(pred)
-        metrics.requests.labels(name, "200").inc()
         metrics.images.labels(name).inc(len(x))
         metrics.latency.labels(name).observe(time.perf_counter() - t0)
         body = {"model": name, "version": model.version, "provider": model.provider, "predictions": preds}
         return JSONResponse(body, headers={"X-Model-Version": str(model.version)})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401))
     async def models(request: Request):
         _auth(request)
         return {"models": [registry.status(n) for n in sorted(registry.slots)]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", responses=_errors(401, 404))
     async def model_status(name: str, request: Request):
         _auth(request)
         if name not in registry.slots:
-            raise RequestError(404, f"no model named {name!r} (serving: {sorted(registry.slots) or 'none'})")
+            raise _unknown(name)
         return registry.status(name)
 
     @app.get("/healthz")
     async def healthz():
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "not ready: no version of some model serves"}})
     async def readyz():
         ok, why = registry.ready()
         versions = {n: (s.current.version if s.current else None) for n, s in registry.slots.items()}
-        return JSONResponse({"ready": ok, "detail": why, "versions": versions}, status_code=200 if ok else 503)
+        fallback = {n: s.fallback for n, s in registry.slots.items() if s.fallback}
+        return JSONResponse({"ready": ok, "detail": why, "versions": versions, "fallback": fallback},
+                            status_code=200 if ok else 503)  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus():
@@ -750,7 +1171,77 @@ def create_app(cfg: ServeConfig):
     async def page():
         return HTMLResponse(PAGE)
 
+    app.add_middleware(Guard, cfg=cfg, metrics=metrics, registry=registry)
     return app
+
+
+def _bounded_h11(cfg: ServeConfig):
+    """uvicorn's h11 protocol with a deadline for the request line + headers (uvicorn has none: a client
+    trickling a header would hold its connection forever) and the h11 size error answered in our shape.
+
+    h11, not httptools: h11_max_incomplete_event_size is the header-size limit, and only h11 applies it.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    def raw(status: int, reason: str, detail: str) -> bytes:
+        body = json.dumps({"detail": detail}).encode()
+        return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                "connection: close\r\n\r\n").encode() + body  # fmt: skip
+
+    class BoundedH11Protocol(H11Protocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(cfg.header_timeout_s, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(raw(408, "Request Timeout", f"request headers not complete within "
+                                                                 f"{cfg.header_timeout_s:g} s"))  # fmt: skip
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:  # an h11.Request: the headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's headers get the same deadline (idle: keep-alive closes first)
+
+        def send_400_response(self, msg: str) -> None:
+            import sys
+
+            exc = sys.exc_info()[1]  # called inside uvicorn's `except h11.RemoteProtocolError`
+            status = getattr(exc, "error_status_hint", 400) if isinstance(exc, h11.RemoteProtocolError) else 400
+            if status == 431:
+                out = raw(431, "Request Header Fields Too Large",
+                          f"request line + headers exceed {cfg.max_header_bytes} bytes")
+            else:
+                out = raw(400, "Bad Request", f"invalid HTTP request ({str(exc)[:120] if exc else msg})")
+            self._disarm()
+            if not self.transport.is_closing():
+                self.transport.write(out)
+                self.transport.close()
+
+    return BoundedH11Protocol
 
 
 def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
@@ -759,7 +1250,8 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=False,
-                h11_max_incomplete_event_size=64 * 1024)  # fmt: skip
+                http=_bounded_h11(cfg), h11_max_incomplete_event_size=cfg.max_header_bytes,
+                limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.keep_alive_s)  # fmt: skip
 
 
 PAGE = """<!doctype html>
