@@ -496,3 +496,321 @@ def test_write_builtin_refuses_to_wipe_a_foreign_folder(tmp_path):
     with pytest.raises(DataError, match="refusing to overwrite"):
         write_builtin("digits", out, per_class=2, size=8, progress=False)
     assert (out / "thesis.txt").read_text() == "not a dataset"
+
+
+# --------------------------------------------------------------------------- clipart (openclipart-png)
+
+_HAS_CLIPART = data.CLIPART_DIR.is_dir()
+
+
+def _rgba_png(path: Path, size=(40, 30), box=(10, 5, 30, 25), colour=(200, 30, 30, 255)) -> Path:
+    """A transparent canvas with one opaque rectangle, like a clipart drawing."""
+    from PIL import ImageDraw
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGBA", size, (0, 0, 0, 0))  # transparent *black*: must come out white
+    ImageDraw.Draw(im).rectangle(box, fill=colour)
+    im.save(path)
+    return path
+
+
+@pytest.fixture
+def mini_clipart(tmp_path, monkeypatch):
+    """A tree laid out like /usr/share/openclipart/png with every kind of file the walker must report."""
+    root = tmp_path / "openclipart" / "png"
+    a, b = root / "animals" / "mammals", root / "food" / "fruit"
+    for i in range(6):
+        _rgba_png(a / f"m{i}.png", colour=(10 * i, 200, 30, 255))
+        _rgba_png(b / "sub" / f"f{i}.png", colour=(200, 10 * i, 30, 255))  # nested folders are read
+    bad = {
+        "truncated": a / "truncated.png",
+        "text": a / "notes.txt",
+        "broken_link": a / "gone.png",
+        "dup_link": a / "m0_link.png",
+        "shared_a": a / "shared.png",
+        "shared_b": b / "shared.png",
+    }
+    raw = _rgba_png(tmp_path / "noise.png", size=(64, 64)).read_bytes()
+    bad["truncated"].write_bytes(raw[: len(raw) // 2])
+    bad["text"].write_text("credits")
+    bad["broken_link"].symlink_to(a / "never-there.png")
+    bad["dup_link"].symlink_to("m0.png")  # as the package does: the same file twice in a folder
+    _rgba_png(bad["shared_a"], colour=(1, 2, 3, 255))
+    shutil.copy(bad["shared_a"], bad["shared_b"])  # the same bytes in two classes: no single label
+    monkeypatch.setattr(data, "CLIPART_DIR", root)
+    monkeypatch.setattr(data, "CLIPART_CLASSES", {"mammal": ("animals/mammals",), "fruit": ("food/fruit",)})
+    return root, bad
+
+
+def test_clipart_reports_every_file_it_leaves_out(mini_clipart, tmp_path):
+    root, bad = mini_clipart
+    info = write_builtin("clipart", tmp_path / "out", size=16, progress=False)
+    reasons = {Path(s["path"]): s["reason"] for s in info["skipped"]}
+    assert set(reasons) == set(bad.values())
+    assert "unreadable image" in reasons[bad["truncated"]]
+    assert reasons[bad["text"]] == "not a PNG file"
+    assert reasons[bad["broken_link"]] == "broken symlink"
+    assert reasons[bad["dup_link"]] == f"duplicate of {root / 'animals/mammals/m0.png'}"
+    assert "classes mammal, fruit" in reasons[bad["shared_a"]] and "classes mammal, fruit" in reasons[bad["shared_b"]]
+    assert info["classes"] == ["mammal", "fruit"] and info["images"] == 12  # the 6 good ones of each class
+    used = set(info["sources"].values())
+    assert used == {f"animals/mammals/m{i}.png" for i in range(6)} | {f"food/fruit/sub/f{i}.png" for i in range(6)}
+    assert load_dataset(tmp_path / "out", split_missing=False).counts() == {"train": {"fruit": 6, "mammal": 6}}
+
+
+def test_clipart_cli_prints_the_skipped_files(mini_clipart, tmp_path):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    root, bad = mini_clipart
+    r = CliRunner().invoke(app, ["data", "builtin", "clipart", "--out", str(tmp_path / "o"), "--size", "16", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 12 images of clipart (2 classes, 16px)" in r.output and "6 source files skipped" in r.output
+    for p in bad.values():
+        assert f"skipped {p}: " in r.output
+
+
+def test_clipart_too_few_usable_images_is_one_error_naming_a_bad_file(mini_clipart, tmp_path):
+    root, bad = mini_clipart
+    with pytest.raises(DataError, match=r"class 'mammal' has 6 images, --per-class asks 7 \(1 more unusable") as e:
+        write_builtin("clipart", tmp_path / "o", per_class=7, size=16, progress=False)
+    assert str(bad["truncated"]) in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_clipart_missing_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CLIPART_DIR", tmp_path / "nope")
+    with pytest.raises(DataError, match=r"apt-get install -y openclipart-png"):
+        write_builtin("clipart", tmp_path / "o", per_class=2, progress=False)
+
+
+def test_clipart_image_is_composited_on_white_trimmed_and_padded(tmp_path):
+    # 40x30 transparent canvas, red box 20x20 at (10,5): trimmed to the box, a square fills the frame
+    p = _rgba_png(tmp_path / "sq.png")
+    arr = np.asarray(data._clipart_image(p, 16))
+    assert arr.shape == (16, 16, 3)
+    np.testing.assert_array_equal(arr[2:14, 2:14], np.full((12, 12, 3), (200, 30, 30)))
+    # a wide drawing keeps its aspect: white padding above and below, never black
+    p = _rgba_png(tmp_path / "wide.png", size=(100, 40), box=(0, 10, 99, 29), colour=(0, 0, 255, 255))
+    arr = np.asarray(data._clipart_image(p, 20)).astype(int)
+    assert (arr[:4] == 255).all() and (arr[-4:] == 255).all()  # 100x20 -> 20x4, centred
+    assert (arr[9:11] == [0, 0, 255]).all()
+    # half-transparent red on white is pink, not dark red (black background)
+    p = _rgba_png(tmp_path / "half.png", size=(8, 8), box=(0, 0, 7, 7), colour=(255, 0, 0, 128))
+    np.testing.assert_allclose(np.asarray(data._clipart_image(p, 8))[4, 4], [255, 127, 127], atol=2)
+
+
+_HUGE = """
+import sys
+from PIL import Image
+from transferkit import data
+data.MAX_IMAGE_PIXELS = 1_000_000  # so the project's guard refuses this file
+try:
+    data.load_rgb(sys.argv[1])
+    sys.exit("load_rgb should have refused it")
+except Image.DecompressionBombError:
+    pass
+def kib(key):  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+before = kib("VmRSS")
+out = data._clipart_image(sys.argv[1], 64)
+grown = kib("VmHWM") - before
+assert Image.MAX_IMAGE_PIXELS == 1_000_000, "the guard is restored"
+out.save(sys.argv[2])
+print(grown * 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from /proc (Linux)")
+def test_clipart_huge_png_is_downscaled_within_memory(tmp_path):
+    """A 13,000 px wide RGBA drawing (over the bomb guard) decodes with a peak near its own decoded size."""
+    import subprocess
+    import sys
+
+    from PIL import ImageDraw
+
+    src, dst = tmp_path / "huge.png", tmp_path / "small.png"
+    w, h = 13000, 2600
+    im = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    ImageDraw.Draw(im).rectangle((1000, 600, 6999, 1999), fill=(255, 0, 0, 255))
+    ImageDraw.Draw(im).rectangle((7000, 600, 11999, 1999), fill=(0, 0, 255, 255))
+    im.save(src, compress_level=1)
+    del im
+    # a fresh process decodes it, so that its peak RSS measures the decode alone
+    r = subprocess.run([sys.executable, "-c", _HUGE, str(src), str(dst)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    decoded = w * h * 4  # bytes of the RGBA source in memory
+    grown = int(r.stdout.split()[-1])
+    print(f"decode peak grew {grown / 2**20:.0f} MiB for {decoded / 2**20:.0f} MiB decoded")
+    assert grown < 1.3 * decoded, f"peak grew {grown / 2**20:.0f} MiB for a {decoded / 2**20:.0f} MiB image"
+    arr = np.asarray(Image.open(dst)).astype(int)
+    assert arr.shape == (64, 64, 3)
+    # trimmed to 11000x1400 -> 64x8, centred: red left, blue right, white above and below (not black)
+    assert (arr[:27] == 255).all() and (arr[-27:] == 255).all()
+    np.testing.assert_allclose(arr[32, 3:31], np.tile([255, 0, 0], (28, 1)), atol=3)
+    np.testing.assert_allclose(arr[32, 38:61], np.tile([0, 0, 255], (23, 1)), atol=3)
+
+
+def test_clipart_over_the_explicit_bound_is_reported_not_decoded(tmp_path, monkeypatch):
+    p = _rgba_png(tmp_path / "big.png", size=(300, 200))
+    monkeypatch.setattr(data, "CLIPART_MAX_PIXELS", 300 * 200 - 1)
+    with pytest.raises(data._Unusable, match=r"300x200 px is over the decoding bound of 59,999 px"):
+        data._clipart_image(p, 16)
+    monkeypatch.setattr(data, "CLIPART_MAX_PIXELS", 300 * 200)
+    assert data._clipart_image(p, 16).size == (16, 16)
+
+
+@pytest.mark.skipif(not _HAS_CLIPART, reason="openclipart-png not installed")
+def test_clipart_classes_have_enough_images():
+    src = data._clipart_source(32)  # walks and hashes the folders, decodes nothing
+    assert len(src.classes) >= 10 and src.classes == list(data.CLIPART_CLASSES)
+    sizes = dict(zip(src.classes, map(len, src.candidates)))
+    assert min(sizes.values()) >= 50, sizes
+    everything = [p for files in src.candidates for p in files]
+    assert len(everything) == len(set(everything))  # no file in two classes
+
+
+@pytest.mark.skipif(not _HAS_CLIPART, reason="openclipart-png not installed")
+def test_clipart_counts_and_identical_bytes(tmp_path):
+    kw = dict(per_class=5, size=32, train_per_class=2, val_per_class=1, unlabelled_per_class=2, progress=False)
+    a = write_builtin("clipart", tmp_path / "a", **kw)
+    b = write_builtin("clipart", tmp_path / "b", **kw)
+    assert a["images"] == 50 and a["unlabelled"] == 20
+    ta = _tree_bytes(tmp_path / "a")
+    assert ta == _tree_bytes(tmp_path / "b") and len(ta) == 70
+    ds = load_dataset(tmp_path / "a")
+    assert ds.classes == sorted(data.CLIPART_CLASSES)
+    assert ds.counts() == {"train": {c: 2 for c in ds.classes}, "val": {c: 1 for c in ds.classes},
+                           "test": {c: 2 for c in ds.classes}}  # fmt: skip
+    assert len(ds.unlabelled) == 20 and ds.md5 == load_dataset(tmp_path / "b").md5
+    with Image.open(sorted((tmp_path / "a" / "train" / "fruit").iterdir())[0]) as im:
+        assert im.mode == "RGB" and im.size == (32, 32) and not im.info  # no metadata chunks
+    # labelled and unlabelled images come from different source files
+    lab = {s for k, s in a["sources"].items() if not k.startswith("unlabelled/")}
+    pool = {s for k, s in a["sources"].items() if k.startswith("unlabelled/")}
+    assert len(lab) == 50 and len(pool) == 20 and not lab & pool
+    c = write_builtin("clipart", tmp_path / "c", **{**kw, "seed": 1})
+    assert set(c["sources"].values()) != set(a["sources"].values())
+
+
+# --------------------------------------------------------------------------- the unlabelled pool
+
+
+def _digit_index(path: Path, images: np.ndarray) -> int:
+    """Which sklearn digit an 8-px PNG is (the 1797 images are all distinct)."""
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    (hit,) = np.flatnonzero((images == arr).all(axis=(1, 2)))
+    return int(hit)
+
+
+def test_unlabelled_pool_is_disjoint_shuffled_and_not_a_class(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.rint(d.images * 255.0 / 16.0), 0, 255).astype(np.uint8)
+    kw = dict(per_class=5, size=8, train_per_class=2, val_per_class=1, progress=False)
+    plain = write_builtin("digits", tmp_path / "plain", **kw)
+    info = write_builtin("digits", tmp_path / "pool", unlabelled_per_class=3, **kw)
+    assert plain["unlabelled"] == 0 and info["unlabelled"] == 30 and info["images"] == plain["images"] == 50
+    pool_dir = tmp_path / "pool" / "unlabelled"
+    assert sorted(p.name for p in pool_dir.iterdir()) == [f"{j:05d}.png" for j in range(30)]
+    labelled = {k: v for k, v in _tree_bytes(tmp_path / "pool").items() if not k.startswith("unlabelled/")}
+    assert labelled == _tree_bytes(tmp_path / "plain")  # a pool never changes the labelled files
+
+    idx = [_digit_index(p, images) for p in sorted(pool_dir.iterdir())]
+    used = {int(p.stem) for p in (tmp_path / "pool").glob("*/*/*.png")}
+    assert len(used) == 50 and not set(idx) & used
+    labels = d.target[idx]
+    assert np.bincount(labels, minlength=10).tolist() == [3] * 10
+    assert (np.diff(labels) < 0).any()  # shuffled across classes: order does not give labels away
+
+    ds = load_dataset(tmp_path / "pool")
+    assert "unlabelled" not in ds.classes and len(ds.classes) == 10
+    assert sorted(ds.unlabelled) == sorted(pool_dir.iterdir())
+    assert ds.summary()["unlabelled"] == 30 and ds.skipped == []
+    assert ds.md5 != load_dataset(tmp_path / "plain").md5  # the pool is part of the data version
+
+
+def test_unlabelled_folder_next_to_class_folders_is_not_a_class(tmp_path):
+    root = _class_tree(tmp_path / "d", {"a": 3, "b": 3})
+    for i in range(4):
+        _png(root / "unlabelled" / f"u{i}.png", seed=100 + i)
+    (root / "unlabelled" / "broken.png").write_bytes(b"nope")
+    (root / "unlabelled" / "nested").mkdir()
+    ds = load_dataset(root)
+    assert ds.classes == ["a", "b"] and len(ds.unlabelled) == 4
+    assert all(p.parent.name == "unlabelled" for p in ds.unlabelled)
+    assert not {p for p, _ in ds.all_samples()} & set(ds.unlabelled)
+    reasons = {Path(s["path"]).name: s["reason"] for s in ds.skipped}
+    assert "unreadable" in reasons["broken.png"] and "flat" in reasons["nested"]
+
+
+def test_write_builtin_pool_needs_images_left(tmp_path):
+    with pytest.raises(DataError, match=r"--per-class asks 179 \+ --unlabelled-per-class 10"):
+        write_builtin("digits", tmp_path / "x", per_class=179, unlabelled_per_class=10, size=8, progress=False)
+    with pytest.raises(DataError, match="unlabelled-per-class must be >= 0"):
+        write_builtin("digits", tmp_path / "x", per_class=2, unlabelled_per_class=-1, size=8, progress=False)
+    # without --per-class the labelled part is everything but the pool
+    info = write_builtin("digits", tmp_path / "all", unlabelled_per_class=170, size=8, progress=False)
+    assert info["unlabelled"] == 1700 and info["images"] == 1797 - 1700
+
+
+# --------------------------------------------------------------------------- EXIF orientation, odd names
+
+
+def _oriented_jpeg(path: Path, orientation: int) -> np.ndarray:
+    """A 24x12 (w x h) JPEG: a red block top-left, blue block bottom-right, grey elsewhere."""
+    a = np.full((12, 24, 3), 128, dtype=np.uint8)
+    a[:6, :8] = (255, 0, 0)
+    a[6:, 16:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(a).save(path, quality=95, subsampling=0, exif=exif.tobytes())
+    return a
+
+
+@pytest.mark.parametrize("orientation", [6, 3, 8])
+def test_load_rgb_applies_exif_orientation(tmp_path, orientation):
+    import io
+
+    p = tmp_path / "phone.jpg"
+    stored = _oriented_jpeg(p, orientation)
+    upright = {6: np.rot90(stored, -1), 3: np.rot90(stored, 2), 8: np.rot90(stored, 1)}[orientation]
+    for source in (p, io.BytesIO(p.read_bytes())):  # a path (training, drift) or bytes (serving)
+        arr = np.asarray(load_rgb(source)).astype(int)
+        assert arr.shape == upright.shape
+        assert np.abs(arr - upright).mean() < 4  # JPEG noise only; unrotated would be off by ~60
+    assert data._check_image(p) is None
+
+
+def test_load_rgb_without_orientation_is_unchanged(tmp_path):
+    p = tmp_path / "plain.jpg"
+    stored = _oriented_jpeg(p, 1)
+    assert np.abs(np.asarray(load_rgb(p)).astype(int) - stored).mean() < 4
+
+
+def test_non_utf8_names_are_skipped_and_listed(tmp_path):
+    import json
+    import os
+
+    root = _class_tree(tmp_path / "d", {"a": 3, "b": 3})
+    bad_file = _png(root / "a" / os.fsdecode(b"bad\xff.png"), seed=50)
+    bad_dir = root / os.fsdecode(b"cls\xfe")
+    _class_tree(bad_dir.parent, {bad_dir.name: 2})
+    ds = load_dataset(root)
+    assert ds.classes == ["a", "b"] and len(ds.all_samples()) == 6
+    shown = {s["path"]: s["reason"] for s in ds.skipped}
+    assert shown == {f"{root}/a/bad\\xff.png": "file name is not valid UTF-8",
+                     f"{root}/cls\\xfe": "folder name is not valid UTF-8 (not used as a class)"}  # fmt: skip
+    json.dumps(ds.summary(), ensure_ascii=False).encode("utf-8")  # printable: no lone surrogates left
+    assert bad_file not in {p for p, _ in ds.all_samples()} and len(ds.md5) == 32
+
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    r = CliRunner().invoke(app, ["data", "check", str(root)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["skipped"] == 2 and "bad\\\\xff.png" in r.output
