@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	  || echo "warning: could not install dataset-fashion-mnist (only the fashion-mnist builtin needs it)"; fi
+	@# Debian's public-domain openclipart PNGs (optional: `data builtin clipart` says how to get it if missing)
+	@if [ ! -d /usr/share/openclipart/png ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq openclipart-png >/dev/null) \
+	  || echo "warning: could not install openclipart-png (only the clipart builtin needs it)"; fi
 	@# Debian's Chromium for the serving page's browser test (playwright drives it; no browser download)
 	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
