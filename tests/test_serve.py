@@ -28,8 +28,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transferkit.export import latest_version
 from transferkit.io import read_json, write_json
-from transferkit.promote import PromoteError, promote, rollback
+from transferkit.promote import PromoteError, promote, read_history, rollback
 
 pytestmark = pytest.mark.slow
 
@@ -492,3 +493,371 @@ def test_upload_page_in_headless_chromium(plain_server, images, offline, tmp_pat
     assert len(labels) == 3 and labels[0] == expected
     assert "version 2" in status
     assert error.startswith("415") and "text/plain" in error
+
+
+# --------------------------------------------------------------------------- hostile traffic (issue 17)
+
+
+def _rss_mb(proc: subprocess.Popen) -> float:
+    import psutil
+
+    return psutil.Process(proc.pid).memory_info().rss / 2**20
+
+
+class _PeakRSS:
+    """Samples the server's RSS every 20 ms in a thread: the peak during a block of requests."""
+
+    def __init__(self, proc):
+        self.proc, self.peak, self.stop = proc, _rss_mb(proc), threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, _rss_mb(self.proc))
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.t.join()
+
+
+@pytest.fixture(scope="module")
+def hostile(repo, tmp_path_factory):
+    """Short timeouts and a small in-flight budget, so that each limit can be reached in a test: 1 MB body,
+    1 Mpx images, 4 Mpx per request, 20 MB in flight (waits 1 s, then 503), 8 requests in flight, headers
+    within 2 s and 16 KB, bodies within 3 s."""
+    tmp = tmp_path_factory.mktemp("server-hostile")
+    proc, url = _start(repo, tmp, "--max-body-mb", "1", "--max-image-pixels", "1000000", "--max-images", "64",
+                       "--max-request-pixels", "4000000", "--max-inflight-mb", "20", "--queue-timeout", "1",
+                       "--max-concurrency", "8", "--header-timeout", "2", "--body-timeout", "3",
+                       "--max-header-kb", "16")  # fmt: skip
+    client = httpx.Client(base_url=url, timeout=30)
+    yield {"url": url, "client": client, "proc": proc, "port": int(url.rsplit(":", 1)[1])}
+    client.close()
+    _stop(proc)
+
+
+def _raw(port: int, data: bytes, timeout: float = 20) -> tuple[bytes, float]:
+    """Send raw bytes, read until the server closes; (what it answered, seconds until it closed)."""
+    t0 = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    return out, time.time() - t0
+
+
+def _status_and_detail(raw: bytes) -> tuple[int, str]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["detail"]
+
+
+def test_metrics_labels_stay_bounded_under_random_paths_and_unauthenticated_requests(server):
+    """1: 404s for 2,000-character model names and 401s without the token grew /metrics to 65 MB; labels now
+    come from the served models and the status codes only."""
+    url, c = server["url"], server["client"]
+    before = len(httpx.get(f"{url}/metrics").text)
+    rss0 = _rss_mb(server["proc"])
+    rng = np.random.default_rng(0)
+    names = ["".join(rng.choice(list("abcdefghij"), 2000)) + str(i) for i in range(300)]
+    with httpx.Client(base_url=url, timeout=30) as anon:
+        for n in names:
+            assert c.get(f"/v1/models/{n}").status_code == 404
+            r = anon.post(f"/v1/models/{n}/predict", content=b"x", headers={"Content-Type": "image/png"})
+            assert r.status_code == 401 and r.json()["detail"].startswith("missing or wrong bearer token")
+    r = c.get(f"/v1/models/{names[0]}")
+    assert len(r.json()["detail"]) < 300  # the name is not echoed whole
+    text = httpx.get(f"{url}/metrics").text
+    assert names[0][:100] not in text
+    assert len(text) - before < 2000, len(text) - before  # a few new (model="", code) series at most
+    assert _metric(text, 'transferkit_errors_total{code="404",model=""}') >= 300
+    assert _metric(text, 'transferkit_errors_total{code="401",model=""}') >= 300
+    assert _rss_mb(server["proc"]) - rss0 < 30
+
+
+def _png_of(size: tuple[int, int], mode: str = "L") -> bytes:
+    return _png(Image.new(mode, size, 7))
+
+
+def test_request_pixel_budget_refuses_many_large_images_before_decoding(hostile):
+    """2: 64 small PNGs that decode to 1000x1000 each (64 Mpx, 0.3 MB of JSON): 413 from the headers, fast,
+    memory flat."""
+    c, proc = hostile["client"], hostile["proc"]
+    one = base64.b64encode(_png_of((1000, 1000))).decode()
+    body = {"images": [one] * 64}
+    assert len(json.dumps(body)) < 1 << 20
+    with _PeakRSS(proc) as rss:
+        base = rss.peak
+        t0 = time.time()
+        r = c.post("/v1/models/digits/predict", json=body)
+        seconds = time.time() - t0
+    assert r.status_code == 413, r.text
+    assert "64000000 pixels in all; the limit is 4000000 pixels per request" in r.json()["detail"]
+    assert seconds < 5 and rss.peak - base < 60, (seconds, rss.peak - base)
+    r = c.post("/v1/models/digits/predict", json={"images": [one] * 3})  # 3 Mpx: within every limit
+    assert r.status_code == 200, r.text
+
+
+def test_thin_strips_cost_little_memory_and_time_under_concurrency(hostile, offline):
+    """2: a 96-byte 1x8192 PNG cost 0.55 s and ~330 MB (the resize before the crop made it 32x262144);
+    8 clients at once gave 3.4 GB. Now only the kept region is resized."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    strip = _png(Image.new("L", (8192, 1), 200))
+    assert len(strip) < 200
+    c, proc = hostile["client"], hostile["proc"]
+
+    def one(_):
+        t0 = time.time()
+        r = c.post("/v1/models/digits/predict", content=strip, params={"logits": True},
+                   headers={"Content-Type": "image/png"})  # fmt: skip
+        return r, time.time() - t0
+
+    with _PeakRSS(proc) as rss:
+        base = rss.peak
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(32)))
+    assert all(r.status_code == 200 for r, _ in results), [r.text for r, _ in results if r.status_code != 200]
+    median = sorted(s for _, s in results)[len(results) // 2]
+    assert median < 1.5 and rss.peak - base < 80, (median, rss.peak - base)
+    ref = offline[2]([Image.open(io.BytesIO(strip))])[0]
+    # the region resize is within one level of 255 of torch's resize-then-crop: logits agree closely
+    np.testing.assert_allclose(results[0][0].json()["predictions"][0]["logits"], ref, atol=0.05)
+
+
+def test_process_budget_makes_requests_wait_then_503(hostile):
+    """2: 14 of the 20 MB in-flight budget held by 7 slow uploads of 1 MB (2 MB each, under the concurrency
+    limit of 8): a 1 Mpx RGBA image needing 15 MB to decode waits --queue-timeout, then gets 503 with Retry-After;
+    once the uploads time out it is served."""
+    port, c = hostile["port"], hostile["client"]
+    head = (b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000000\r\n\r\n" + b"\x89PNG")  # fmt: skip
+    socks = []
+    for _ in range(7):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(head)
+        socks.append(s)
+    try:
+        time.sleep(0.5)
+        big = _png_of((1000, 1000), "RGBA")  # 15 bytes a pixel to decode (RGBA, composited, RGB)
+        r = c.post("/v1/models/digits/predict", content=big, headers={"Content-Type": "image/png"})
+        assert r.status_code == 503, r.text
+        assert "in-flight bytes" in r.json()["detail"] and r.headers["retry-after"] == "1"
+        answers = []
+        for s in socks:  # each slow upload is cut at --body-timeout with a 408
+            s.settimeout(10)
+            out = b""
+            while chunk := s.recv(65536):  # until the server closes
+                out += chunk
+            answers.append(out)
+        assert all(a.startswith(b"HTTP/1.1 408") and b"not complete within 3 s" in a for a in answers), answers[0]
+    finally:
+        for s in socks:
+            s.close()
+    assert c.post("/v1/models/digits/predict", content=big, headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_slow_headers_bodies_and_huge_headers_are_cut(hostile):
+    """3: unfinished headers stayed open past 90 s, a short body past 45 s, a 64 MB header got a 200."""
+    port = hostile["port"]
+    out, seconds = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    assert _status_and_detail(out) == (408, "request headers not complete within 2 s") and seconds < 6
+    out, seconds = _raw(port, b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                              b"Content-Length: 5000\r\n\r\n" + b"x" * 100)  # fmt: skip
+    status, detail = _status_and_detail(out)
+    assert status == 408 and "not complete within 3 s (100 bytes received)" in detail and seconds < 7
+    for size in (20_000, 64 << 20):  # over the 16 KB limit; the 64 MB one is refused long before it is read
+        t0 = time.time()
+        try:
+            r = httpx.get(f"{hostile['url']}/healthz", headers={"X-Big": "a" * size}, timeout=30)
+            status, detail = r.status_code, r.json()["detail"]
+        except httpx.HTTPError:  # the server answered and closed while the client was still sending
+            out, _ = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000)
+            status, detail = _status_and_detail(out)
+        assert status == 431 and "exceed 16384 bytes" in detail and time.time() - t0 < 10
+    # the server is fine afterwards
+    assert httpx.get(f"{hostile['url']}/readyz").status_code == 200
+
+
+def test_concurrency_limit_answers_503_at_once(hostile):
+    """3: 8 requests in flight (chunked uploads that send nothing): the 9th is answered 503 at once."""
+    port, c = hostile["port"], hostile["client"]
+    head = (b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+    try:
+        for s in socks:
+            s.sendall(head)
+        time.sleep(0.5)
+        t0 = time.time()
+        r = c.post("/v1/models/digits/predict", content=_png_of((8, 8)), headers={"Content-Type": "image/png"})
+        assert r.status_code == 503 and "8 requests in flight (limit 8)" in r.json()["detail"], r.text
+        assert time.time() - t0 < 1 and httpx.get(f"{hostile['url']}/healthz").status_code == 200  # probes pass
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.time() + 10
+    while c.post("/v1/models/digits/predict", content=_png_of((8, 8)), headers={"Content-Type": "image/png"}).status_code != 200:
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
+def test_errors_are_counted_4xx_with_a_string_detail(hostile):
+    """7: 100,000 levels of JSON gave a 500 (RecursionError); 422s carried a list and were not counted."""
+    c = hostile["client"]
+    m0 = c.get("/metrics").text
+
+    def count(code: str) -> float:
+        text = c.get("/metrics").text
+        key = f'transferkit_errors_total{{code="{code}",model="digits"}}'
+        return _metric(text, key) if key + " " in text else 0.0
+
+    before = {k: count(k) for k in ("400", "422")}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = c.post("/v1/models/digits/predict", content=deep, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"] and "recursion" in r.json()["detail"]
+    r = c.post("/v1/models/digits/predict", content=b'{"images": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+               headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 400, r.text
+    r = c.post("/v1/models/digits/predict", params={"top_k": "many"}, content=_png_of((8, 8)),
+               headers={"Content-Type": "image/png"})  # fmt: skip
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str) and "top_k" in r.json()["detail"]
+    assert count("400") == before["400"] + 2 and count("422") == before["422"] + 1
+    r = c.get("/no/such/route")
+    assert r.status_code == 404 and isinstance(r.json()["detail"], str)
+    r = c.delete("/v1/models/digits/predict")
+    assert r.status_code == 405 and isinstance(r.json()["detail"], str)
+    assert 'code="405"' in c.get("/metrics").text and "Traceback" not in m0
+
+
+def _bad_reference(d: Path, src: int, dst: int) -> None:
+    """Version `dst`: intact, consistent files whose reference logits (re-pinned) are not what the model
+    computes: promote's file checks pass, the server's replay refuses it."""
+    from conftest import renumber_version
+
+    from transferkit.io import sha256_file
+
+    renumber_version(d, src, dst)
+    with np.load(d / str(dst) / "reference.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["logits"] = arrays["logits"] + 0.01
+    np.savez_compressed(d / str(dst) / "reference.npz", **arrays)
+    meta = read_json(d / str(dst) / "metadata.json")
+    meta["reference"]["sha256"] = sha256_file(d / str(dst) / "reference.npz")
+    write_json(d / str(dst) / "metadata.json", meta)
+
+
+def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_SERVE_TOKEN": TOKEN}
+    return subprocess.run([sys.executable, "-m", "transferkit.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)  # fmt: skip
+
+
+def test_promote_waits_for_the_server_reports_a_refusal_and_retries_a_fixed_version(server, repo):
+    """5: promoting a version the server refused printed success; a re-promote of the fixed version was never
+    tried again. Now `promote --server` fails with the server's reason and moves latest back; the fixed
+    version (same number, new files) is tried and served."""
+    from conftest import renumber_version
+
+    c, d = server["client"], repo / "digits"
+    assert _wait_version(c, 2)["version"] == 2
+    _bad_reference(d, 1, 7)
+    r = _cli("promote", "--repo", str(repo), "--name", "digits", "--version", "7", "--server", server["url"], "--wait", "60")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "refused version 7" in r.stderr and "differ from export's torch logits" in r.stderr, r.stderr
+    assert "latest moved back to 2" in r.stderr and latest_version(d) == 2
+    assert read_history(d)[-1]["action"] == "rollback" and "refused" in read_history(d)[-1]["reason"]
+    shutil.rmtree(d / "7")
+    renumber_version(d, 1, 7)  # fixed: the real files of version 1, numbered 7
+    r = _cli("promote", "--repo", str(repo), "--name", "digits", "--version", "7", "--server", server["url"], "--wait", "60")
+    assert r.returncode == 0, r.stderr
+    assert "2 -> 7" in r.stdout and f"serving on {server['url']}" in r.stdout
+    assert c.get("/v1/models/digits").json()["version"] == 7
+    promote(repo, "digits", 2, reason="test: back to 2")
+    _wait_version(c, 2)
+
+
+def test_strict_latest_keeps_the_live_version_and_says_why(server, repo):
+    """6: `latest` holding 1.5 or true swapped the server to version 1."""
+    c, d = server["client"], repo / "digits"
+    try:
+        for junk in ("1.5\n", "true\n"):
+            (d / "latest").write_text(junk)
+            deadline = time.time() + 30
+            while not c.get("/v1/models/digits").json()["latest_error"]:
+                assert time.time() < deadline
+                time.sleep(0.1)
+            st = c.get("/v1/models/digits").json()
+            assert st["version"] == 2 and "not a version number" in st["latest_error"]
+            ready = httpx.get(f"{server['url']}/readyz").json()
+            assert ready["ready"] and ready["detail"].startswith("degraded") and str(repo) not in json.dumps(ready)
+    finally:
+        promote(repo, "digits", 2, reason="test: repair latest")
+    deadline = time.time() + 30
+    while c.get("/v1/models/digits").json()["latest_error"]:
+        assert time.time() < deadline
+        time.sleep(0.1)
+
+
+def test_server_started_on_a_broken_latest_serves_the_last_good_version(repo, tmp_path, images):
+    """5: a server (re)started while `latest` is broken answered 503 to everything; now it serves the newest
+    earlier version of the promotion history that loads, and says so in /readyz and /metrics. 7: no
+    absolute path in its public answers."""
+    own = tmp_path / "repo"
+    shutil.copytree(repo, own, ignore=shutil.ignore_patterns(".lock"))
+    d = own / "digits"
+    _bad_reference(d, 2, 8)
+    promote(own, "digits", 8, reason="test: broken at restart")
+    proc, url = _start(own, tmp_path)
+    try:
+        ready = httpx.get(f"{url}/readyz").json()
+        assert ready["ready"] and ready["versions"] == {"digits": 2}, ready
+        assert ready["fallback"]["digits"]["version"] == 2 and ready["fallback"]["digits"]["latest"] == 8
+        assert "serves version 2 from the promotion history" in ready["detail"]
+        status = httpx.get(f"{url}/v1/models/digits").json()
+        public = json.dumps(ready) + json.dumps(status)
+        assert "differ from export's torch logits" in public and "digits/8/reference.npz" in public
+        for p in (str(own), str(tmp_path), "/tmp/"):
+            assert p not in public, p
+        assert _metric(httpx.get(f"{url}/metrics").text, 'transferkit_model_fallback{model="digits"}') == 1
+        r = httpx.post(f"{url}/v1/models/digits/predict", files={"file": ("a.png", _png(images[0]), "image/png")})
+        assert r.status_code == 200 and r.headers["x-model-version"] == "2"
+        promote(own, "digits", 1, reason="test: a good one")  # a good latest ends the fallback
+        deadline = time.time() + 30
+        while httpx.get(f"{url}/readyz").json()["versions"] != {"digits": 1}:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/readyz").json()["detail"] == "ready"
+        assert _metric(httpx.get(f"{url}/metrics").text, 'transferkit_model_fallback{model="digits"}') == 0
+    finally:
+        _stop(proc)
+
+
+def test_a_version_linked_or_copied_under_another_number_is_never_served(server, repo):
+    """6: a version folder that is a symlink to another one (or a copy saved under a new number) was served
+    as x-model-version 5 while its metadata said 2."""
+    c, d = server["client"], repo / "digits"
+    (d / "9").symlink_to(d / "2", target_is_directory=True)
+    shutil.copytree(d / "2", d / "10")
+    try:
+        for v, why in ((9, "not a link to another one"), (10, "says version 2 but sits at digits/10")):
+            with pytest.raises(PromoteError, match=why):
+                promote(repo, "digits", v)
+            (d / "latest").write_text(f"{v}\n")  # past promote: the server checks too
+            assert why in _wait_failed(c, v)
+            assert c.get("/v1/models/digits").json()["version"] == 2
+    finally:
+        promote(repo, "digits", 2, reason="test: back to 2")
+        (d / "9").unlink()
+        shutil.rmtree(d / "10")

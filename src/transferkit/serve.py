@@ -1177,9 +1177,12 @@ def create_app(cfg: ServeConfig):
 
 def _bounded_h11(cfg: ServeConfig):
     """uvicorn's h11 protocol with a deadline for the request line + headers (uvicorn has none: a client
-    trickling a header would hold its connection forever) and the h11 size error answered in our shape.
+    trickling a header would hold its connection forever) and a real header-size limit.
 
-    h11, not httptools: h11_max_incomplete_event_size is the header-size limit, and only h11 applies it.
+    Neither parser limits headers that arrive whole: httptools has no limit, and h11's
+    max_incomplete_event_size only bounds a header block still incomplete in its buffer (a 20 KB header
+    in one packet passes a 16 KB setting). So the bytes before the blank line are counted here, as they
+    arrive, and a request past max_header_bytes is answered 431 without being parsed further.
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -1191,6 +1194,29 @@ def _bounded_h11(cfg: ServeConfig):
 
     class BoundedH11Protocol(H11Protocol):
         _header_timer = None
+        _head = 0  # bytes of the current request head seen so far
+        _counting = True  # between requests: counting head bytes until the blank line
+        _tail = b""
+
+        def data_received(self, data: bytes) -> None:
+            if self._counting:
+                seen = self._tail + data
+                end = seen.find(b"\r\n\r\n")
+                self._head += (len(data) if end < 0 else end + 4 - len(self._tail))
+                self._tail = seen[-3:]
+                if self._head > cfg.max_header_bytes:
+                    self._refuse(431, "Request Header Fields Too Large",
+                                 f"request line + headers exceed {cfg.max_header_bytes} bytes")
+                    return
+                if end >= 0:
+                    self._counting, self._head, self._tail = False, 0, b""
+            super().data_received(data)
+
+        def _refuse(self, status: int, reason: str, detail: str) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                self.transport.write(raw(status, reason, detail))
+                self.transport.close()
 
         def _arm(self) -> None:
             self._disarm()
@@ -1202,10 +1228,8 @@ def _bounded_h11(cfg: ServeConfig):
                 self._header_timer = None
 
         def _header_timeout(self) -> None:
-            if not self.transport.is_closing():
-                self.transport.write(raw(408, "Request Timeout", f"request headers not complete within "
-                                                                 f"{cfg.header_timeout_s:g} s"))  # fmt: skip
-                self.transport.close()
+            if self.conn.our_state is h11.IDLE:
+                self._refuse(408, "Request Timeout", f"request headers not complete within {cfg.header_timeout_s:g} s")
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -1223,7 +1247,10 @@ def _bounded_h11(cfg: ServeConfig):
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
+            if self.conn.their_state is h11.SEND_BODY:  # answered before the body came (408, 413): no reuse
+                self.transport.close()
+            elif not self.transport.is_closing():
+                self._counting, self._head, self._tail = True, 0, b""
                 self._arm()  # the next request's headers get the same deadline (idle: keep-alive closes first)
 
         def send_400_response(self, msg: str) -> None:
@@ -1232,14 +1259,10 @@ def _bounded_h11(cfg: ServeConfig):
             exc = sys.exc_info()[1]  # called inside uvicorn's `except h11.RemoteProtocolError`
             status = getattr(exc, "error_status_hint", 400) if isinstance(exc, h11.RemoteProtocolError) else 400
             if status == 431:
-                out = raw(431, "Request Header Fields Too Large",
-                          f"request line + headers exceed {cfg.max_header_bytes} bytes")
+                self._refuse(431, "Request Header Fields Too Large",
+                             f"request line + headers exceed {cfg.max_header_bytes} bytes")
             else:
-                out = raw(400, "Bad Request", f"invalid HTTP request ({str(exc)[:120] if exc else msg})")
-            self._disarm()
-            if not self.transport.is_closing():
-                self.transport.write(out)
-                self.transport.close()
+                self._refuse(400, "Bad Request", f"invalid HTTP request ({str(exc)[:120] if exc else msg})")
 
     return BoundedH11Protocol
 
