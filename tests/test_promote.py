@@ -123,3 +123,120 @@ def test_cli_promote_and_rollback(repo):
                        capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert r.returncode == 1 and "no such version" in r.stderr and "Traceback" not in r.stderr
     assert latest_version(repo / "digits") == 2
+
+
+def _with_int8(repo: Path, src: int, dst: int) -> Path:
+    """Version `dst` with a real int8 model beside model.onnx (onnxruntime static QDQ quantization of the
+    exported graph, as export makes it), pinned in metadata.json as export pins a kept int8 file."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+
+    from transferkit.io import sha256_file
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"input": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)} for _ in range(2)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    v = renumber_version(repo / "digits", src, dst)
+    quantize_static(str(v / "model.onnx"), str(v / "model.int8.onnx"), Reader(), weight_type=QuantType.QInt8)
+    meta = read_json(v / "metadata.json")
+    meta["int8"] = {"kept": True, "sha256": sha256_file(v / "model.int8.onnx")}
+    write_json(v / "metadata.json", meta)
+    return v
+
+
+def _scramble_int8(path: Path) -> None:
+    """Permute the int8 weights: still a valid ONNX file of the same size, answering differently."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    n = 0
+    for t in proto.graph.initializer:
+        if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 16:
+            a = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(a.ravel()).reshape(a.shape), t.name))
+            n += 1
+    assert n
+    onnx.checker.check_model(proto)
+    onnx.save_model(proto, str(path))
+
+
+def test_int8_model_is_verified_by_promote_and_by_the_server_loader(repo, tmp_path):
+    """4: model.int8.onnx was never verified: scrambled int8 weights were promoted and served with --int8."""
+    from transferkit.serve import LoadError, ServeConfig, load_version
+
+    v = _with_int8(repo, 1, 3)
+    assert promote(repo, "digits", 3)["version"] == 3
+    cfg = ServeConfig(repo=repo, int8=True, max_batch_size=4)
+    assert load_version(repo / "digits", 3, cfg).path.name == "model.int8.onnx"
+    _scramble_int8(v / "model.int8.onnx")
+    with pytest.raises(PromoteError, match=r"model.int8.onnx: sha256 .* differs from metadata.json's int8.sha256"):
+        promote(repo, "digits", 3)
+    with pytest.raises(LoadError, match="model.int8.onnx: sha256"):
+        load_version(repo / "digits", 3, cfg)
+    r = subprocess.run([sys.executable, "-m", "transferkit.cli", "promote", "--repo", str(repo), "--name", "digits",
+                        "--version", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "int8" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("case", ["symlink", "copy", "extra-file", "unpinned-int8", "edited-number"])
+def test_version_identity_is_bound_to_where_it_sits(repo, case):
+    """6: a linked or copied version was promoted as 5 while its metadata said 2."""
+    d = repo / "digits"
+    if case == "symlink":
+        (d / "5").symlink_to(d / "2", target_is_directory=True)
+        match = "not a link"
+    elif case == "copy":
+        shutil.copytree(d / "2", d / "5")
+        match = "says version 2 but sits at digits/5"
+    elif case == "extra-file":
+        renumber_version(d, 2, 5)
+        (d / "5" / "notes.txt").write_text("hi")
+        match = "notes.txt: not a file export writes"
+    elif case == "unpinned-int8":
+        renumber_version(d, 2, 5)
+        shutil.copy(d / "5" / "model.onnx", d / "5" / "model.int8.onnx")
+        match = "records no kept int8 model"
+    else:  # metadata.json renumbered by hand: the sha256-pinned ONNX file still says 2
+        shutil.copytree(d / "2", d / "5")
+        meta = read_json(d / "5" / "metadata.json")
+        meta["version"] = 5
+        write_json(d / "5" / "metadata.json", meta)
+        match = "embedded version 2 differs from metadata.json's 5"
+    with pytest.raises(PromoteError, match=match):
+        promote(repo, "digits", 5)
+    assert latest_version(d) == 2
+
+
+def test_model_names_are_never_paths(repo, tmp_path):
+    """6: `promote --name ../otherrepo/target` (or an absolute path) moved another repository's latest."""
+    other = tmp_path / "otherrepo"
+    shutil.copytree(repo, other)
+    before = (other / "digits" / "latest").read_bytes()
+    for name in ("../otherrepo/digits", str(other / "digits"), "Digits", "", "a/b", ".."):
+        r = subprocess.run([sys.executable, "-m", "transferkit.cli", "promote", "--repo", str(repo), "--name", name,
+                            "--version", "1"], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 1 and "is not a name" in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+    assert (other / "digits" / "latest").read_bytes() == before
+    (repo / "linked").symlink_to(other / "digits", target_is_directory=True)
+    with pytest.raises(PromoteError, match="must not be a link"):
+        promote(repo, "linked", 1)
+    assert (other / "digits" / "latest").read_bytes() == before
+
+
+@pytest.mark.parametrize("junk", ["1.5", "true", " 2", "2 ", "0", "-1", "1e0", "", "２"])
+def test_latest_is_parsed_strictly(repo, junk):
+    from transferkit.export import read_latest
+
+    d = repo / "digits"
+    (d / "latest").write_text(junk)
+    with pytest.raises(ValueError, match="not a version number"):
+        read_latest(d)
+    assert latest_version(d) is None
+    assert promote(repo, "digits", 1)["previous"] is None and read_latest(d) == 1
