@@ -148,3 +148,64 @@ def test_adabn_accepts_yaml_on_off(tmp_path):
     assert load_params(None, ["train.adabn=on"]).train.adabn == "on"
     with pytest.raises(ConfigError, match="adabn"):
         load_params(None, ["train.adabn=sometimes"])
+
+
+def test_alias_bomb_is_refused_fast_with_a_short_message(tmp_path):
+    """8: a billion-laughs params.yaml ran to 8.5 GB (the message rendered the expanded value)."""
+    import resource
+    import time
+
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 9):  # 9^9 = 387,420,489 strings once expanded
+        prev, cur = chr(96 + i), chr(97 + i)
+        lines.append(f"{cur}: &{cur} [{', '.join([f'*{prev}'] * 9)}]")
+    lines.append("train:\n  epochs: *i")
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=r"bomb.yaml: expands to more than 100000 values") as e:
+        load_params(tmp_path / "bomb.yaml")
+    assert time.time() - t0 < 2 and len(str(e.value)) < 300
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 100_000  # kB: no expansion happened
+    # small anchors stay usable
+    (tmp_path / "ok.yaml").write_text("train:\n  lr: &lr 0.001\n  head_lr: *lr\n")
+    assert load_params(tmp_path / "ok.yaml").train.head_lr == 0.001
+
+
+def test_deep_and_large_inputs_are_bounded(tmp_path):
+    (tmp_path / "deep.yaml").write_text("train:\n  epochs: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: nested more than 32 levels"):
+        load_params(tmp_path / "deep.yaml")
+    (tmp_path / "big.yaml").write_text("seed: 1\n" + "#" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="big.yaml: .* bytes; a params file may have at most 1048576"):
+        load_params(tmp_path / "big.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8"):
+        load_params(tmp_path / "latin1.yaml")
+    with pytest.raises(ConfigError, match="override 'train.epochs': nested more than 32 levels"):
+        load_params(None, ["train.epochs=" + "[" * 5000 + "]" * 5000])
+
+
+@pytest.mark.parametrize("override, text", [
+    ("train.epochs=[1", "override 'train.epochs': not valid YAML"),
+    ("train.head_lr=.inf", "params field 'train.head_lr': Input should be a finite number"),
+    ("train.lr=.inf", "params field 'train.lr': Input should be a finite number"),
+    ("train.lr=.nan", "params field 'train.lr': Input should be a finite number"),
+    ("export.parity_atol=-.inf", "params field 'export.parity_atol'"),
+])  # fmt: skip
+def test_bad_overrides_are_one_line_naming_the_field(override, text):
+    """8: `--set 'train.epochs=[1'` printed an 84-line YAML traceback; `train.head_lr=.inf` crashed."""
+    with pytest.raises(ConfigError) as e:
+        load_params(None, [override])
+    assert text in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_cli_prints_one_line_for_bad_overrides(tmp_path):
+    import subprocess
+    import sys
+
+    for override in ("train.epochs=[1", "train.head_lr=.inf"):
+        r = subprocess.run([sys.executable, "-m", "transferkit.cli", "data", "check", str(tmp_path), "--set", override],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "train." in r.stderr, r.stderr

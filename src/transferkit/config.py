@@ -17,7 +17,8 @@ Strategy = Literal["auto", "linear-probe", "partial", "full", "lp-ft", "scratch"
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # .inf / .nan are valid YAML floats: refused for every field (an infinite LR passes gt=0)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataParams(_Group):
@@ -178,10 +179,13 @@ def load_params(path: str | Path | None = None, overrides: list[str] | dict[str,
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"params file not found: {p}")
+        if p.stat().st_size > MAX_PARAMS_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size} bytes; a params file may have at most {MAX_PARAMS_BYTES}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            text = p.read_text()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        tree = _bounded_yaml(text, str(p)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in (overrides or [])]
@@ -193,15 +197,86 @@ def load_params(path: str | Path | None = None, overrides: list[str] | dict[str,
         lines = []
         for err in e.errors():
             field = ".".join(str(x) for x in err["loc"])
-            lines.append(f"params field {field!r}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"params field {field!r}: {err['msg']} (got {_short(err.get('input'))})")
         raise ConfigError("; ".join(lines)) from None
+
+
+MAX_PARAMS_BYTES = 1 << 20  # params.yaml is a few kB; a larger file is a mistake or an attack
+MAX_YAML_NODES = 100_000  # scalars + collections after alias expansion (an alias bomb expands to billions)
+MAX_YAML_DEPTH = 32
+MAX_OVERRIDE_CHARS = 10_000
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value for a one-line message, bounded (the value may be large)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 6, 6, 3
+    return r.repr(value)[: limit + 20]
+
+
+def _bounded_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with the expanded size and nesting depth bounded before anything is constructed:
+    PyYAML's composer builds each node once however often aliases reuse it, so the expanded node count is
+    counted over the composed graph (memoised per node) and a billion-laughs file costs microseconds."""
+    try:
+        depth = 0
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader):  # events, iteratively: depth before composing
+            if isinstance(ev, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise ConfigError(f"{where}: nested more than {MAX_YAML_DEPTH} levels (line {ev.start_mark.line + 1})")
+            elif isinstance(ev, yaml.CollectionEndEvent):
+                depth -= 1
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({_one_line(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested more than {MAX_YAML_DEPTH} levels") from None
+    if node is None:
+        return None
+    sizes: dict[int, int] = {}
+
+    def size(n, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: nested more than {MAX_YAML_DEPTH} levels (line {n.start_mark.line + 1})")
+        if id(n) in sizes:
+            return sizes[id(n)]
+        sizes[id(n)] = MAX_YAML_NODES + 1  # a node reached again while being sized is a cycle: too big
+        if isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(v, depth + 1) for v in n.value)
+        else:
+            total = 1
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: expands to more than {MAX_YAML_NODES} values (aliases of aliases?) "
+                              f"at line {n.start_mark.line + 1}")  # fmt: skip
+        sizes[id(n)] = total
+        return total
+
+    size(node, 0)
+    try:
+        return yaml.SafeLoader(text).get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({_one_line(e)})") from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).replace('in "<unicode string>", ', "").split())[:300]
 
 
 def _split(override: str) -> tuple[str, Any]:
     if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like group.key=value")
+        raise ConfigError(f"override {_short(override)} must look like group.key=value")
     key, raw = override.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    key = key.strip()
+    if len(raw) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"override {key!r}: value of {len(raw)} characters; at most {MAX_OVERRIDE_CHARS}")
+    if not raw.strip():
+        return key, None
+    return key, _bounded_yaml(raw, f"override {key!r}")
 
 
 def default_params_path() -> Path | None:
