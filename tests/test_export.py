@@ -514,3 +514,40 @@ def test_names_and_versions(tmp_path):
     (d / "latest").rmdir()
     (d / "latest").write_text(json.dumps(3))
     assert latest_version(d) == 3
+
+
+def test_leftovers_of_killed_exports_are_cleaned_by_the_next_one(exported, run_dir, tmp_path):
+    """9: killed exports left .export-* folders and *.tmp files that nothing cleaned. The next export removes
+    those whose process is gone (its flock died with it) and leaves a live export's folder alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from transferkit.export import _hold
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported["_repo"], repo)
+    d = repo / "digits"
+    killed = d / ".export-killed"
+    (killed / "raw").mkdir(parents=True)
+    (killed / "raw" / "model.onnx").write_bytes(b"\0" * (1 << 20))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(600)", str(killed)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    os.kill(holder.pid, signal.SIGKILL)  # kill -9 mid-export: the OS drops its lock
+    holder.wait()
+    (d / ".latest.abc123.tmp").write_text("3")
+    live = d / ".export-live"
+    live.mkdir()
+    fd = _hold(live)  # an export still running elsewhere
+    try:
+        run = _variant(run_dir, tmp_path, {"passed": True, "reasons": []})
+        run_export(run, repo, params=_params(run, **{"export.opset": 17, "export.int8": False}), progress=False)
+        assert not killed.exists() and not (d / ".latest.abc123.tmp").exists()
+        assert live.is_dir()
+        assert list_versions(d) == [1, 2] and latest_version(d) == 2
+        assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == [".export-live", ".lock"]
+    finally:
+        os.close(fd)

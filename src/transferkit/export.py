@@ -610,7 +610,13 @@ def run_export(
     model_dir = repo / name
     created = [p for p in (model_dir, *model_dir.parents) if not p.exists()]  # to remove on failure
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+    with _repo_lock(model_dir):  # made and locked under the repository lock: a cleaner never sees it unlocked
+        cleaned = clean_stale(model_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+        tmp_lock = _hold(tmp)
+    if cleaned:
+        logging.getLogger("transferkit.export").warning("removed leftovers of killed exports in %s: %s", model_dir,
+                                                        ", ".join(cleaned))
     steps = tqdm(total=4, desc="export", unit="step", disable=not progress)
     try:
         import onnx
@@ -689,7 +695,44 @@ def run_export(
         raise
     finally:
         steps.close()
+        if tmp_lock is not None:
+            os.close(tmp_lock)
     return {**meta, "path": str(final)}
+
+
+def _hold(folder: Path) -> int | None:
+    """A shared flock on an export's temp folder for as long as the export runs (the OS drops it when the
+    process dies, however it dies): what tells clean_stale a live export from a killed one."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def clean_stale(model_dir: Path) -> list[str]:
+    """Remove what killed exports left in REPO/<name>/: `.export-*` folders no live export holds, and the
+    `.*.tmp` files of atomic writes (only ever made under the repository lock, which the caller holds)."""
+    import fcntl
+
+    removed = []
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.name.startswith(".export-") and p.is_dir() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: its export is gone
+            except BlockingIOError:
+                continue
+            finally:
+                os.close(fd)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+        elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
 
 
 def _rgb(path):
