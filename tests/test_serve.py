@@ -861,3 +861,12 @@ def test_a_version_linked_or_copied_under_another_number_is_never_served(server,
         promote(repo, "digits", 2, reason="test: back to 2")
         (d / "9").unlink()
         shutil.rmtree(d / "10")
+
+
+def test_a_token_standard_clients_cannot_send_is_refused_at_start(repo, tmp_path):
+    """9: a non-ASCII token could not be sent by standard clients; `serve` now refuses it, naming the file."""
+    (tmp_path / "token").write_text("pässwörd\n")
+    r = subprocess.run([sys.executable, "-m", "transferkit.cli", "serve", "--repo", str(repo), "--port", str(_free_port()),
+                        "--token-file", str(tmp_path / "token")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(tmp_path / "token") in r.stderr and "RFC 6750" in r.stderr and len(r.stderr.strip().splitlines()) == 1
