@@ -165,11 +165,19 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
         f"| {c['name']} | {c['value']} | {c['threshold']} | {flag[(c['failed'], c['blocking'])]} | {_cell(c['message'])} |"
         for c in r["checks"]
     )
-    base = "\n".join(
-        f"| {b['strategy']} ({b['model']}) | "
-        + (f"{b['test_accuracy']:.3f} | {b['gain']:+.3f} |" if b.get("test_accuracy") is not None else "n/a | n/a |")
-        for b in r["baselines"]
-    )
+    def base_row(b: dict) -> str:
+        if b.get("test_accuracy") is None:
+            return f"| {b['strategy']} ({b['model']}) | n/a | n/a | n/a | n/a | n/a |"
+        iv, pv = b.get("interval"), b.get("p_value")
+        broken = " **broken** (at chance)" if b.get("broken") else ""
+        return (f"| {_cell(b.get('description', b['strategy']))} (`{_cell(b['model'])}`){broken} | "
+                f"{b['val_accuracy']:.3f} | {b['test_accuracy']:.3f} | {b['gain']:+.3f} | "
+                + (f"[{iv[0]:+.3f}, {iv[1]:+.3f}] | {pv:.2g} |" if iv else "- | - |"))
+
+    base = "\n".join(base_row(b) for b in r["baselines"])
+    rec = r.get("recommendation") or {}
+    advice = ("\n\n" + "\n".join(f"- {_cell(x)}" for x in [f"likely reason: {rec['likely_reason']}", *rec["options"]])
+              if rec else "")  # fmt: skip
     per_class = "\n".join(
         f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
         for c, m in rep["per_class"].items()
@@ -180,8 +188,9 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
         f"## Gate: **{'passed' if r['passed'] else 'FAILED'}** ({r['strategy']}, {r['model']})\n\n"
         f"Reasons:\n{reasons}\n\nWarnings:\n{warnings}\n\n"
         f"### Overfitting checks\n\n| check | value | threshold | result | detail |\n|---|---|---|---|---|\n{checks}\n\n"
-        f"### Baselines (same budget)\n\n| baseline | test accuracy | run gain |\n|---|---|---|\n"
-        f"| **this run** | {r['test_accuracy']:.3f} | |\n{base}\n\n"
+        f"### Transfer vs no transfer: **{r.get('verdict')}**\n\n{_cell(r.get('verdict_message', ''))}{advice}\n\n"
+        f"| baseline | val | test | gain of this run | interval | McNemar p |\n|---|---|---|---|---|---|\n"
+        f"| **this run** | {r.get('val_accuracy', float('nan')):.3f} | {r['test_accuracy']:.3f} | | | |\n{base}\n\n"
         f"### Test split: {rep['n']} images, accuracy {rep['accuracy']:.3f}, macro F1 {rep['macro_f1']:.3f}, "
         f"ECE {rep['ece']:.3f} ({rep['ece_bins']} bins)\n\n"
         f"| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n\nPlots: {plots}\n",
@@ -246,7 +255,14 @@ def transfer_pipeline(
         "strategy_reason": metrics["strategy_reason"],
         "test_accuracy": metrics["test_accuracy"],
         "baseline_accuracy": validation["baseline"]["test_accuracy"],
+        "baseline_name": validation["baseline"].get("name"),
         "transfer_gain": validation["transfer_gain"],
+        "gain_interval": validation.get("gain_interval"),
+        "gain_p_value": validation.get("gain_p_value"),
+        "verdict": validation.get("verdict"),
+        "baselines": [{"name": b.get("name", b["strategy"]), "test_accuracy": b["test_accuracy"],
+                       "broken": b.get("broken", False)} for b in validation["baselines"]
+                      if b.get("test_accuracy") is not None],  # fmt: skip
         "passed": validation["passed"],
         "onnx": str(Path(meta["path"]) / "model.onnx"),
         "parity": meta["parity"],

@@ -201,3 +201,16 @@ def renumber_version(model_dir: Path, src: int, dst: int) -> Path:
     meta["version"] = dst
     write_json(d / str(dst) / "metadata.json", meta)
     return d / str(dst)
+
+
+@pytest.fixture(scope="session")
+def tiny_clipart(tmp_path_factory) -> Path:
+    """Debian's openclipart (colour), 64 px: train 6 / val 4 / test 20 images per class, 10 classes. A target
+    where ImageNet features help: raw pixels and a small CNN from scratch stay far below a linear probe."""
+    from transferkit.data import CLIPART_DIR, write_builtin
+
+    if not CLIPART_DIR.is_dir():
+        pytest.skip(f"openclipart-png not installed in {CLIPART_DIR} (make install adds it as root)")
+    out = tmp_path_factory.mktemp("data") / "clipart"
+    write_builtin("clipart", out, per_class=30, size=64, train_per_class=6, val_per_class=4, progress=False)
+    return out

@@ -283,15 +283,29 @@ def validate(
 
 def _report_gate(r: dict) -> None:
     status = "PASSED" if r["passed"] else "FAILED"
-    typer.echo(f"validate: {status}  gap={r['train_val_gap']:.3f}  test={r['test_accuracy']:.3f}  "
-               f"scratch={r['baseline']['test_accuracy']:.3f}  gain={r['transfer_gain']:+.3f}")  # fmt: skip
+    base = r["baseline"]
+    vs = (f"best no-transfer={base['test_accuracy']:.3f} ({base.get('name', base['strategy'])})  "
+          f"gain={r['transfer_gain']:+.3f}" if base.get("test_accuracy") is not None else "no working baseline")  # fmt: skip
+    typer.echo(f"validate: {status}  gap={r['train_val_gap']:.3f}  test={r['test_accuracy']:.3f}  {vs}")
+    if r.get("gain_interval"):
+        lo, hi = r["gain_interval"]
+        typer.echo(f"  verdict: {r['verdict']} (CI [{lo:+.3f}, {hi:+.3f}], McNemar p = {r['gain_p_value']:.2g})")
     for reason in r["reasons"]:
         typer.secho(f"  - {reason}", fg=typer.colors.RED, err=True)
     for warning in r.get("warnings", []):
         typer.secho(f"  ! {warning}", fg=typer.colors.YELLOW, err=True)
-    for b in r.get("baselines", [])[1:]:
+    for b in r.get("baselines", []):
         if b.get("test_accuracy") is not None:
-            typer.echo(f"  {b['strategy']} baseline: test={b['test_accuracy']:.3f} gain={b['gain']:+.3f}")
+            broken = "  BROKEN (at chance, not the bar)" if b.get("broken") else ""
+            typer.echo(f"  {b.get('name', b['strategy']):<14} val={b['val_accuracy']:.3f} test={b['test_accuracy']:.3f} "
+                       f"gain={b['gain']:+.3f}{broken}")  # fmt: skip
+    rec = r.get("recommendation")
+    if rec and not r["passed"]:
+        if rec.get("better_model"):
+            typer.secho(f"  better model here: {rec['better_model']}", err=True)
+        typer.secho(f"  likely reason: {rec['likely_reason']}", err=True)
+        for o in rec["options"]:
+            typer.secho(f"  option: {o}", err=True)
     if "report" in r:
         typer.echo(f"  report: macro_f1={r['report']['macro_f1']:.3f} ece={r['report']['ece']:.3f}")
 
@@ -361,8 +375,16 @@ def _print_summary(s: dict) -> None:
         typer.echo(f"  shift     : detected={d['drift_detected']} severity={d['severity']} ({d['method']}, score {d['score']:.3f})")
     typer.echo(f"  selected  : {s['selected']} ({s['ranking_metric']})")
     typer.echo(f"  strategy  : {s['strategy']} - {s['strategy_reason']}")
-    typer.echo(f"  accuracy  : test {s['test_accuracy']:.3f} vs scratch {s['baseline_accuracy']:.3f} "
-               f"(gain {s['transfer_gain']:+.3f}); gate {'passed' if s['passed'] else 'FORCED'}")  # fmt: skip
+    if s.get("baseline_accuracy") is not None:
+        lo, hi = s["gain_interval"]
+        typer.echo(f"  accuracy  : test {s['test_accuracy']:.3f} vs best no-transfer {s['baseline_accuracy']:.3f} "
+                   f"({s['baseline_name']}): gain {s['transfer_gain']:+.3f}, CI [{lo:+.3f}, {hi:+.3f}], "
+                   f"p = {s['gain_p_value']:.2g}; {s['verdict']}; gate {'passed' if s['passed'] else 'FORCED'}")  # fmt: skip
+    else:
+        typer.echo(f"  accuracy  : test {s['test_accuracy']:.3f} (no working no-transfer baseline); "
+                   f"gate {'passed' if s['passed'] else 'FORCED'}")  # fmt: skip
+    for b in s.get("baselines", []):
+        typer.echo(f"  baseline  : {b['name']:<14} test {b['test_accuracy']:.3f}" + ("  (broken)" if b.get("broken") else ""))
     typer.echo(f"  onnx      : {s['onnx']}")
     typer.echo(f"  parity    : max_abs_diff {s['parity']['max_abs_diff']:.2e}, top1 agreement {s['parity']['top1_agreement']:.4f}")
     typer.echo(f"  seconds   : {s['seconds']:.0f}")

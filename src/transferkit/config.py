@@ -46,6 +46,7 @@ class SelectParams(_Group):
         "tf_efficientnet_lite1",
         "tf_efficientnet_lite2",
         "scratch:mobilenetv2_100",
+        "pixels",
     ]
     # knn: its top 2 held the fine-tuned best most often in bench/results/select.md (what confirm: 2 needs)
     metric: Literal["logme", "leep", "knn", "probe"] = "knn"
@@ -102,10 +103,36 @@ class TrainParams(_Group):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1 reads off as false
 
 
+class PixelGrid(_Group):
+    """Hyper-parameters the raw-pixel baselines try on val (transferkit.baselines)."""
+
+    logreg: list[float] = Field([0.1, 1.0, 10.0], min_length=1, description="logistic regression C")
+    knn: list[int] = Field([1, 3, 5], min_length=1, description="neighbours")
+    svm: list[float] = Field([1.0, 10.0, 100.0], min_length=1, description="RBF SVM C")
+
+
 class ValidateParams(_Group):
     max_gap: float = Field(0.25, ge=0, le=1, description="train-val accuracy gap above this is overfit")
-    require_beat_scratch: bool = True
-    min_gain: float = Field(0.0, ge=-1, le=1, description="test accuracy gain over scratch required")
+    require_gain: bool = Field(
+        True, description="block unless the test gain over the best no-transfer baseline is significant"
+    )
+    min_gain: float = Field(
+        0.0, ge=-1, le=1, description="the gain interval's lower bound must exceed this (test accuracy)"
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of the gain interval (McNemar at 1 - this)")
+    no_transfer: list[Literal["pixels-logreg", "pixels-knn", "pixels-svm", "small-cnn", "scratch"]] = Field(
+        ["pixels-logreg", "pixels-knn", "pixels-svm", "small-cnn"],
+        description="no-transfer baselines trained on the same splits; scratch = the same architecture from random "
+        "init (off by default: minutes per run, and at chance with 10 labels per class)",
+    )
+    pixel_size: int = Field(32, ge=4, le=128, description="raw-pixel baselines: the native side, capped here")
+    pixel_grid: PixelGrid = PixelGrid()
+    cnn_epochs: int = Field(40, ge=1, le=1000, description="small-cnn: epochs per learning rate")
+    cnn_lrs: list[float] = Field([0.01, 0.003], min_length=1, description="small-cnn: the LR sweep (best on val)")
+    cnn_max_steps: int = Field(600, ge=1, description="small-cnn: optimizer steps per LR at most (bounds large targets)")
+    chance_alpha: float = Field(
+        0.01, gt=0, lt=1, description="a baseline whose val accuracy is not above chance at this level is broken"
+    )
     max_loss_gap: float = Field(
         1.0, ge=0, description="val loss - train loss (nats) at the best epoch above this is overfit"
     )

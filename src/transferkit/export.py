@@ -823,6 +823,7 @@ def _metadata(*, name, version, run, metrics, fmeta, cfg, classes, opset, parity
         "onnx_test_accuracy": parity["onnx_test_accuracy"],
         "torch_test_accuracy": parity["torch_test_accuracy"],
         "baseline": baseline if isinstance(baseline, dict) else None,
+        "transfer": _transfer_record(validation),
         "run": str(run),
         "checkpoint_sha256": sha256_file(run / "model.safetensors"),
         "warnings": warn,
@@ -863,6 +864,44 @@ def read_onnx_metadata(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- model card
 
 
+def _transfer_record(validation) -> dict | None:
+    """The gain verdict and every baseline from validation.json (the model card's "Transfer" table)."""
+    if not isinstance(validation, dict) or "verdict" not in validation:
+        return None
+    keep = ("name", "description", "strategy", "model", "val_accuracy", "test_accuracy", "gain", "interval",
+            "p_value", "broken", "broken_reason", "kind")  # fmt: skip
+    return {
+        "verdict": validation.get("verdict"), "message": validation.get("verdict_message"),
+        "gain": validation.get("transfer_gain"), "interval": validation.get("gain_interval"),
+        "p_value": validation.get("gain_p_value"), "recommendation": validation.get("recommendation"),
+        "baselines": [{k: b[k] for k in keep if k in b} for b in validation.get("baselines", [])],
+    }  # fmt: skip
+
+
+def _transfer_lines(transfer: dict | None) -> list[str]:
+    if not transfer:
+        return []
+    lines = ["", "## Transfer vs no transfer (same splits; test accuracy)",
+             f"- Verdict: **{transfer['verdict']}**: {transfer['message']}", "",
+             "| baseline | val | test | gain of this model | interval | McNemar p |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for b in transfer["baselines"]:
+        if b.get("test_accuracy") is None:
+            continue
+        name = b.get("description") or b.get("strategy")
+        name += " (broken: at chance, not the bar)" if b.get("broken") else ""
+        iv = b.get("interval")
+        lines.append(
+            f"| {name} | {_pct(b.get('val_accuracy'))} | {_pct(b['test_accuracy'])} | "
+            f"{100 * b['gain']:+.1f} points | " + (f"[{100 * iv[0]:+.1f}, {100 * iv[1]:+.1f}]" if iv else "-")
+            + " | " + (f"{b['p_value']:.2g}" if b.get("p_value") is not None else "-") + " |"
+        )
+    rec = transfer.get("recommendation")
+    if rec:
+        lines += ["", f"- Likely reason: {rec['likely_reason']}",
+                  *[f"- Option: {o}" for o in rec["options"]]]  # fmt: skip
+    return lines
+
+
 def _pct(x) -> str:
     return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
 
@@ -881,8 +920,9 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
     base_acc = baseline.get("test_accuracy")
     test_acc = meta.get("test_accuracy")
     if isinstance(base_acc, (int, float)) and isinstance(test_acc, (int, float)):
-        vs = f"{_pct(test_acc)} vs {_pct(base_acc)} for the {baseline.get('strategy', 'baseline')} baseline " \
-             f"({100 * (test_acc - base_acc):+.1f} points)"  # fmt: skip
+        what = baseline.get("description") or baseline.get("strategy", "baseline")
+        vs = f"{_pct(test_acc)} vs {_pct(base_acc)} for the best no-transfer baseline ({what}; " \
+             f"{100 * (test_acc - base_acc):+.1f} points)"  # fmt: skip
     else:
         vs = f"{_pct(test_acc)} (no baseline recorded in validation.json)"
     p = meta["parity"]
@@ -916,6 +956,7 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
         f"- Test accuracy of this ONNX file: {_pct(meta.get('onnx_test_accuracy'))} on {p['n_images']} test images",
         f"- Train / validation accuracy: {_pct(metrics.get('train_accuracy'))} / {_pct(metrics.get('val_accuracy'))}"
         f" (best epoch {metrics.get('best_epoch')} of {metrics.get('epochs')})",
+        *_transfer_lines(meta.get("transfer")),
         "",
         "## Parity (onnxruntime vs torch)",
         f"- Max abs logit difference {p['max_abs_diff']:.3g} (allowed {p['atol']:g}), top-1 agreement "

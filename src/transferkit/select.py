@@ -10,8 +10,9 @@ Scores (higher is better), computed on cached penultimate features of the labell
          (only for candidates that keep a source classifier: ImageNet and `zoo:` models).
   knn    leave-one-out k-NN accuracy (cosine) on the same features: the sanity baseline.
   probe  3-fold cross-validated accuracy of a logistic-regression probe on the same features.
-`scratch:` candidates take part as a control; the ranking's pick is the best-scoring pretrained one,
-and a warning is written when the control scores higher than every pretrained candidate.
+Two controls take part and are never selected: `scratch:ARCH` (random-init features) and `pixels` (the raw
+pixels themselves, as the no-transfer baselines of `validate` see them). When a control scores higher than
+every pretrained candidate, ranking.json says so before any training: no source model beats no transfer.
 `select.confirm` K > 0 fine-tunes the top K briefly (train.run_train) and selects by validation
 accuracy: no score ranked candidates reliably enough in bench/results/select.md to trust it alone.
 
@@ -149,6 +150,22 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 3, see
 
 
 SCORES = ("logme", "leep", "knn", "probe")
+PIXELS = "pixels"  # the raw-pixel control: no model at all
+
+
+def _features(spec: str, samples, data_md5: str, params: Params, progress: bool) -> dict[str, np.ndarray]:
+    """Penultimate features of a model (embedding cache), or the raw pixels for the `pixels` control."""
+    if spec == PIXELS:
+        from transferkit.baselines import pixel_arrays
+
+        x, _, _ = pixel_arrays({"train": samples}, params.validate.pixel_size)
+        return {"features": x["train"].reshape(len(samples), -1), "labels": np.array([y for _, y in samples])}
+    from transferkit.embed import compute_embeddings
+
+    return compute_embeddings(
+        spec, samples, data_md5, image_size=params.data.image_size, batch_size=params.data.batch_size,
+        progress=progress,
+    )  # fmt: skip
 
 
 def score_candidate(spec: str, samples, data_md5: str, params: Params, progress: bool = True) -> dict:
@@ -156,13 +173,8 @@ def score_candidate(spec: str, samples, data_md5: str, params: Params, progress:
 
     `seconds` is the whole cost (embedding + every score); `timings` splits it.
     """
-    from transferkit.embed import compute_embeddings
-
     t0 = time.perf_counter()
-    emb = compute_embeddings(
-        spec, samples, data_md5, image_size=params.data.image_size, batch_size=params.data.batch_size,
-        progress=progress,
-    )  # fmt: skip
+    emb = _features(spec, samples, data_md5, params, progress)
     timings = {"embed": time.perf_counter() - t0}
     f, y = emb["features"], emb["labels"]
     row: dict = {"model": spec}
@@ -180,7 +192,7 @@ def score_candidate(spec: str, samples, data_md5: str, params: Params, progress:
         row[name] = fns[name]()
         timings[name] = time.perf_counter() - t
     row["feature_dim"] = int(f.shape[1])
-    row["control"] = spec.startswith("scratch:")
+    row["control"] = spec.startswith("scratch:") or spec == PIXELS
     row["score"] = row[params.select.metric]
     row["seconds"] = round(time.perf_counter() - t0, 3)
     row["timings"] = {k: round(v, 4) for k, v in timings.items()}
@@ -212,6 +224,9 @@ def prepare(target: Path, params: Params, candidates: list[str] | None = None) -
         raise DataError("select: no candidate models given")
     available, unavailable = [], []
     for spec in cands:
+        if spec == PIXELS:
+            available.append(spec)
+            continue
         zoo.parse_spec(spec)  # raises ZooError naming the spec
         ok, detail = zoo.availability(spec)
         (available.append(spec) if ok else unavailable.append({"model": spec, "reason": detail}))
@@ -247,10 +262,15 @@ def rank(rows: list[dict], plan: Plan, metric: str) -> dict:
     }
     controls = [r for r in rows if r["control"] and r["score"] is not None]
     if pretrained and controls and controls[0]["score"] > pretrained[0]["score"]:
+        what = "raw pixels (no model at all)" if controls[0]["model"] == PIXELS else \
+            f"the random-init control {controls[0]['model']}"  # fmt: skip
         result["warning"] = (
-            f"the random-init control {controls[0]['model']} scores higher than every pretrained candidate: "
-            "the source features may not transfer to this task (task mismatch?)"
+            f"{what} score higher than every pretrained candidate ({metric} {controls[0]['score']:.3f} vs "
+            f"{pretrained[0]['score']:.3f} for {pretrained[0]['model']}): no source model beats no transfer before "
+            "training; expect validate to refuse negative transfer (domain shift or task mismatch?)"
         )
+    pix = next((r for r in rows if r["model"] == PIXELS and r["score"] is not None), None)
+    result["beats_pixels"] = None if pix is None or not pretrained else bool(pretrained[0]["score"] > pix["score"])
     return result
 
 

@@ -2,31 +2,39 @@
 
     transferkit validate --run runs/demo/train
 
-Overfitting checks on RUN/metrics.json (thresholds in params.yaml `validate:`), each recorded in
-validation.json `checks` as {name, value, threshold, failed, blocking, message}:
-  accuracy_gap     blocking. train - val accuracy of the shipped (best) epoch > `validate.max_gap`.
-  loss_gap         blocking. val loss - train loss at the best epoch > `validate.max_loss_gap` (nats).
-                   The history's train loss is the training objective (label smoothing, dropout,
-                   augmentation), which inflates it: with regularisation on, the real gap is larger.
+Negative-transfer guard (blocking while `validate.require_gain`). Transfer must beat what a user could do
+without it, on the same splits (transferkit.baselines; every baseline trains on train, tunes on val):
+  pixels-logreg / pixels-knn / pixels-svm   scikit-learn on raw pixels (seconds on CPU)
+  small-cnn                                 a small CNN from random init, LR chosen on val
+  scratch                                   the same architecture from random init, same budget
+                                            (RUN/baseline/, or `--baseline DIR`)
+A baseline whose val accuracy is not above chance is `broken`: listed, never the bar. The bar (`baseline`)
+is the working baseline with the best val accuracy. `transfer_gain` is test accuracy minus the bar's, with
+a paired interval (`gain_interval`, `validate.confidence`) and McNemar's exact p-value on the same test
+images. Verdicts: "transfer helps" (lower bound > `validate.min_gain`), "negative transfer" (upper bound
+< 0), "no clear gain" (in between: within test noise). Only the first passes. On a refusal,
+`recommendation` names the better model, the likely reason from the drift verdict, and the options
+(more labels, a closer source, another strategy, `export --force`).
+  linear-probe     for runs that are not linear probes: the frozen source features with a linear head,
+                   same budget (RUN/baseline_linear_probe/). Losing by more than
+                   `validate.linear_probe_tolerance` blocks while `require_match_linear_probe`.
+The scratch and linear-probe runs are reused when their folder saw the same data md5, seed and params.
+
+Overfitting checks on RUN/metrics.json, each recorded in validation.json `checks` as {name, value,
+threshold, failed, blocking, message}:
+  accuracy_gap     train - val accuracy of the shipped (best) epoch > `validate.max_gap`. Blocking only
+                   with worse generalisation (val accuracy no better than the best no-transfer
+                   baseline's); otherwise a warning. With 10 labels per class a linear probe reaches
+                   train accuracy 1.0 by construction: a 10-shot probe with a 0.26 gap that beat every
+                   baseline by 9 test points is a good model, not an overfit one.
+  loss_gap         val loss - train loss at the best epoch > `validate.max_loss_gap` (nats); blocking on the
+                   same terms. The history's train loss includes label smoothing, dropout, augmentation.
   divergence       blocking. Longest run of consecutive epochs in which val loss sits above its best so
-                   far while train loss is below its value at that best epoch (val rising while train
-                   falls), > `train.patience`. Early stopping ends a run after `patience` such epochs, so
-                   exceeding it means `train.min_epochs` kept a memorising run going.
-  wasted_epochs    warning. Epochs trained after the best epoch > `train.patience`. The best epoch ships,
-                   so this costs compute only; best == last is noted too (still improving: more epochs).
-  test_val_gap     warning. |test - val accuracy| > `validate.max_test_val_gap`: the checkpoint was picked
-                   on a val set that does not represent test (selection bias, or too few val images to
-                   trust: with 40 images one accuracy estimate alone has a standard error of ~0.06).
-                   Not blocking: on scarce data this is mostly sampling noise, and test is not a gate set.
-Negative-transfer guard (blocking), `baselines` lists every comparison:
-  scratch          the same architecture from random init with the same budget (RUN/baseline/, or
-                   `--baseline DIR`): gain <= `validate.min_gain` fails while `require_beat_scratch`.
-                   `baseline` / `transfer_gain` keep describing this one (the DESIGN.md contract).
-  linear-probe     for runs that are not themselves linear probes: the frozen source features with a
-                   linear head, same budget (RUN/baseline_linear_probe/). Losing by more than
-                   `validate.linear_probe_tolerance` fails while `require_match_linear_probe`: fine-tuning
-                   destroyed more than it added.
-Both baselines are reused when their folder saw the same data md5, seed, data and train params.
+                   far while train loss is below its value at that best epoch, > `train.patience`:
+                   `train.min_epochs` kept a memorising run going.
+  wasted_epochs    warning. Epochs trained after the best epoch > `train.patience`.
+  test_val_gap     warning. |test - val accuracy| > `validate.max_test_val_gap` (selection bias, or too
+                   few val images to trust: with 40 images one estimate has a standard error of ~0.06).
 Quality report of the shipped checkpoint on the test split (re-evaluated from model.safetensors):
   RUN/report.json        per-class precision/recall/F1/support, confusion matrix, macro F1, accuracy,
                          expected calibration error (ECE: `validate.calibration_bins` equal-width bins of
@@ -59,20 +67,20 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
         params = load_params(run / "params.yaml") if (run / "params.yaml").is_file() else Params()
     v = params.validate
 
+    probs, y, classes = predict_test(run, metrics, params)
+    correct = probs.argmax(1) == y
     checks = overfitting_checks(metrics, params)
+    rows = no_transfer_rows(run, metrics, params, correct, baseline, progress)
+    best = best_baseline(rows)
+    gain_check = gain_verdict(metrics, best, params)
+    _generalisation_rule(checks, metrics, best)
     reasons = [c["message"] for c in checks if c["failed"] and c["blocking"]]
     overfit = any(c["failed"] for c in checks if c["name"] in _OVERFIT_CHECKS)
     gap = float(metrics["train_accuracy"]) - float(metrics["val_accuracy"])
+    if gain_check["blocking"]:
+        reasons.append(gain_check["message"])
 
-    base, gain = _scratch_baseline(run, metrics, params, baseline, progress)
-    baselines = [{**base, "gain": round(gain, 6)}]
-    if metrics["strategy"] == "scratch":
-        baselines[0]["self"] = True
-    elif v.require_beat_scratch and gain <= v.min_gain:
-        reasons.append(
-            f"negative transfer: test accuracy {metrics['test_accuracy']:.3f} vs scratch baseline "
-            f"{base['test_accuracy']:.3f} (gain {gain:+.3f} <= validate.min_gain {v.min_gain})"
-        )
+    baselines = [{k: val for k, val in r.items() if k != "test_correct"} for r in rows]
     if metrics["strategy"] != "linear-probe":
         lp = _linear_probe_baseline(run, metrics, params, progress)
         baselines.append(lp)
@@ -85,17 +93,26 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
                     "the frozen source features do better; ship the linear probe (--strategy linear-probe)"
                 )
 
-    report = quality_report(run, metrics, params)
+    report = quality_report(run, metrics, params, (probs, y, classes))
+    base = _contract_baseline(best, metrics)
     result = {
         "passed": not reasons,
         "overfit": overfit,
         "train_val_gap": round(gap, 6),
         "baseline": base,
-        "transfer_gain": round(gain, 6),
+        "transfer_gain": gain_check["gain"],
+        "gain_interval": gain_check["interval"],
+        "gain_p_value": gain_check["p_value"],
+        "verdict": gain_check["verdict"],
+        "verdict_message": gain_check["message"],
+        "recommendation": recommendation(gain_check, best, metrics) if gain_check["verdict"] != "transfer helps" else None,
         "reasons": reasons,
-        "warnings": [c["message"] for c in checks if c["failed"] and not c["blocking"]],
+        "warnings": [c["message"] for c in checks if c["failed"] and not c["blocking"]]
+        + ([gain_check["message"]] if gain_check["verdict"] not in ("transfer helps", "not a transfer run")
+           and not gain_check["blocking"] else []),
         "checks": checks,
         "baselines": baselines,
+        "broken_baselines": [r["name"] for r in rows if r.get("broken")],
         "report": {
             "path": "report.json",
             "test_accuracy": report["accuracy"],
@@ -104,12 +121,154 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
             "plots": report["plots"],
         },
         "test_accuracy": metrics["test_accuracy"],
+        "val_accuracy": metrics["val_accuracy"],
+        "n_test": int(len(y)),
         "strategy": metrics["strategy"],
         "model": metrics["model"],
         "thresholds": {**v.model_dump(), "train.patience": params.train.patience},
     }
     write_json(run / "validation.json", result)
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# the negative-transfer guard
+
+
+def no_transfer_rows(run: Path, metrics: dict, params: Params, correct, baseline: Path | None, progress: bool) -> list[dict]:
+    """Every no-transfer baseline of `validate.no_transfer`, each compared with this run on the test images."""
+    from transferkit.baselines import DESCRIPTIONS, chance_check, fit_no_transfer, paired_comparison, test_correct_of
+    from transferkit.data import load_dataset
+
+    v = params.validate
+    ds = load_dataset(Path(metrics["target"]), seed=int(metrics.get("seed", params.seed)),
+                      val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction)  # fmt: skip
+    rows = []
+    if ("scratch" in v.no_transfer or baseline is not None) and metrics["strategy"] != "scratch":
+        bm, folder = _scratch_metrics(run, metrics, params, baseline, progress)
+        val_probs, val_y = _predict_split(folder, bm, params, "val")
+        rows.append({
+            "name": "scratch", "kind": "no-transfer", "description": DESCRIPTIONS["scratch"], "strategy": "scratch",
+            "model": bm["model"], "hyper": {"lr": params.train.scratch_lr, "epochs": bm["epochs"]},
+            "val_accuracy": bm["val_accuracy"], "test_accuracy": bm["test_accuracy"], "epochs": bm["epochs"],
+            "seconds": bm.get("seconds"), **chance_check(val_probs.argmax(1) == val_y, val_y, v.chance_alpha),
+            "test_correct": test_correct_of(folder, params, bm),
+        })  # fmt: skip
+        if rows[-1]["broken"]:
+            r = rows[-1]
+            r["broken_reason"] = (f"val accuracy {r['val_accuracy']:.3f} is not above chance {r['chance']:.3f} "
+                                  f"(binomial p = {r['p_above_chance']:.2g} > validate.chance_alpha {v.chance_alpha})")  # fmt: skip
+    rows = _cached_no_transfer(run, ds, params, progress) + rows
+    for r in rows:
+        r.update(paired_comparison(correct, r["test_correct"], v.confidence))
+    return rows
+
+
+def _cached_no_transfer(run: Path, ds, params: Params, progress: bool) -> list[dict]:
+    """fit_no_transfer, reused from RUN/no_transfer.json when data, seed and baseline settings are the same
+    (re-validating with another gate threshold, e.g. `dvc exp run -S validate.max_gap=0.1`, costs nothing)."""
+    import hashlib
+    import json
+
+    from transferkit.baselines import fit_no_transfer
+    from transferkit.io import read_json, write_json
+
+    v = params.validate
+    settings = {"md5": ds.md5, "seed": params.seed, "batch_size": params.data.batch_size,
+                "weight_decay": params.train.weight_decay, "version": 1,
+                **v.model_dump(mode="json", include={"no_transfer", "pixel_size", "pixel_grid", "cnn_epochs", "cnn_lrs",
+                                                     "cnn_max_steps", "chance_alpha"})}  # fmt: skip
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = run / "no_transfer.json"
+    if path.is_file():
+        saved = read_json(path)
+        if saved.get("key") == key:
+            return [{**r, "test_correct": np.array([c == "1" for c in r["test_correct"]], bool)} for r in saved["rows"]]
+    rows = fit_no_transfer(ds, params, progress)
+    write_json(path, {"key": key, "settings": settings,
+                      "rows": [{**r, "test_correct": "".join("1" if c else "0" for c in r["test_correct"])}
+                               for r in rows]})  # per test image, in split order  # fmt: skip
+    return rows
+
+
+def best_baseline(rows: list[dict]) -> dict | None:
+    """The strongest working no-transfer baseline, chosen on val accuracy (test never chooses); ties: the first."""
+    working = [r for r in rows if not r.get("broken")]
+    return max(working, key=lambda r: r["val_accuracy"]) if working else None
+
+
+def gain_verdict(metrics: dict, best: dict | None, params: Params) -> dict:
+    """The gate's gain rule: the interval of the test gain over the best baseline must clear `validate.min_gain`.
+
+    verdict: "transfer helps" (lower bound > min_gain), "negative transfer" (upper bound < 0), "no clear
+    gain" (the interval straddles: noise is never called a gain), or "not a transfer run" / "no baseline".
+    """
+    v = params.validate
+    out = {"gain": None, "interval": None, "p_value": None, "blocking": False}
+    if metrics["strategy"] == "scratch":
+        return {**out, "gain": 0.0, "verdict": "not a transfer run", "message": "a scratch run is not a transfer"}
+    if best is None:
+        return {**out, "verdict": "no baseline",
+                "message": "no working no-transfer baseline (none configured, or all at chance): the gain is unmeasured"}  # fmt: skip
+    lo, hi = best["interval"]
+    n, pct = best["n"], int(round(v.confidence * 100))
+    stats = (f"{best['description']} {best['test_accuracy']:.3f} vs this model {metrics['test_accuracy']:.3f} on "
+             f"{n:,} test images (gain {best['gain']:+.3f}, {pct}% CI [{lo:+.3f}, {hi:+.3f}], "
+             f"McNemar p = {best['p_value']:.2g})")  # fmt: skip
+    if lo > v.min_gain:
+        verdict, msg = "transfer helps", f"transfer helps: {stats}"
+    elif hi < 0:
+        verdict, msg = "negative transfer", f"negative transfer: transfer does not help here: {stats}"
+    else:
+        verdict = "no clear gain"
+        msg = (f"no clear gain: transfer does not help here beyond test noise: {stats}; the interval does not clear "
+               f"validate.min_gain {v.min_gain}")  # fmt: skip
+    return {**out, "gain": best["gain"], "interval": [lo, hi], "p_value": best["p_value"], "verdict": verdict,
+            "message": msg, "blocking": v.require_gain and verdict != "transfer helps"}  # fmt: skip
+
+
+def recommendation(gain: dict, best: dict | None, metrics: dict) -> dict:
+    """What to do when transfer does not clearly help: the better model, the likely reason, the options."""
+    shift = metrics.get("shift") or {}
+    if shift.get("task_mismatch"):
+        why = "task mismatch: the target's label set differs from the reference's, so source features fit poorly"
+    elif shift.get("severity") == "severe":
+        why = (f"severe domain shift between the reference ({shift.get('reference') or 'source'}) and the target: "
+               "the source features describe other images")  # fmt: skip
+    elif shift.get("severity"):
+        why = f"measured shift {shift['severity']}; the target is simple enough that raw pixels already separate it"
+    else:
+        why = "no shift measured (run with --reference); the target may be simple enough for raw pixels"
+    options = [
+        "add labelled images (the gain is judged again on the next run)",
+        "a source closer to the target: `transferkit pretrain --data REFERENCE` then `--candidates zoo:NAME`",
+        "another strategy or resolution: `--strategy full|lp-ft`, `--set data.image_size=...`",
+        "ship anyway: `transferkit export --force` (recorded as forced in the metadata and model card)",
+    ]
+    better = None if best is None or gain["verdict"] != "negative transfer" else best["description"]
+    return {"better_model": better, "likely_reason": why, "options": options}
+
+
+def _generalisation_rule(checks: list[dict], metrics: dict, best: dict | None) -> None:
+    """Train-val gaps block only with worse generalisation: few labels make a train accuracy of 1.0 the norm,
+    so a gap alone is a warning unless val accuracy is also no better than the best no-transfer baseline's."""
+    val = float(metrics["val_accuracy"])
+    for c in checks:
+        if c["name"] in ("accuracy_gap", "loss_gap") and c["failed"]:
+            worse = best is not None and val <= float(best["val_accuracy"])
+            c["blocking"] = worse
+            c["message"] += (f"; val accuracy {val:.3f} is no better than the best no-transfer baseline's "
+                             f"{best['val_accuracy']:.3f}" if worse else
+                             "; not blocking: val accuracy beats every no-transfer baseline")  # fmt: skip
+
+
+def _contract_baseline(best: dict | None, metrics: dict) -> dict:
+    """`baseline` (the README contract): the best working no-transfer baseline."""
+    if best is None:
+        return {"strategy": "none", "model": None, "test_accuracy": None, "val_accuracy": None}
+    keep = ("name", "strategy", "model", "description", "test_accuracy", "val_accuracy", "hyper", "gain", "interval",
+            "p_value", "epochs")  # fmt: skip
+    return {k: best[k] for k in keep if k in best}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,20 +363,23 @@ def overfitting_checks(metrics: dict, params: Params) -> list[dict]:
 # baselines
 
 
-def _scratch_baseline(run: Path, metrics: dict, params: Params, baseline: Path | None, progress: bool):
+def _scratch_metrics(run: Path, metrics: dict, params: Params, baseline: Path | None, progress: bool):
+    """The same-architecture scratch run's metrics and folder: `--baseline DIR`, or RUN/baseline (reused or trained)."""
     from transferkit.io import read_json
 
-    if metrics["strategy"] == "scratch":
-        return {"strategy": "scratch", "model": metrics["model"], "test_accuracy": metrics["test_accuracy"]}, 0.0
+    folder = Path(baseline) if baseline is not None else run / "baseline"
     if baseline is not None:
-        bm = read_json(Path(baseline) / "metrics.json")
+        bm = read_json(folder / "metrics.json")
     else:
-        bm = _baseline_metrics(run / "baseline", metrics, params, metrics["model"], "scratch", progress)
+        bm = _baseline_metrics(folder, metrics, params, metrics["model"], "scratch", progress)
     if bm.get("data_md5") != metrics.get("data_md5"):
         raise ValueError(f"baseline {baseline} was trained on different data (md5 differs); not comparable")
-    base = {"strategy": bm["strategy"], "model": bm["model"], "test_accuracy": bm["test_accuracy"],
-            "val_accuracy": bm["val_accuracy"], "epochs": bm["epochs"]}  # fmt: skip
-    return base, float(metrics["test_accuracy"]) - float(bm["test_accuracy"])
+    return bm, folder
+
+
+def _predict_split(run: Path, metrics: dict, params: Params, split: str):
+    probs, labels, _ = predict_test(run, metrics, params, split)
+    return probs, labels
 
 
 def _linear_probe_baseline(run: Path, metrics: dict, params: Params, progress: bool) -> dict:
@@ -289,8 +451,8 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
     return float(ece), rows
 
 
-def predict_test(run: Path, metrics: dict, params: Params) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Softmax probabilities [N, C] and labels [N] of the shipped checkpoint on the test split."""
+def predict_test(run: Path, metrics: dict, params: Params, split: str = "test") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Softmax probabilities [N, C] and labels [N] of the checkpoint in RUN on a split (test by default)."""
     import torch
 
     from transferkit import zoo
@@ -303,7 +465,7 @@ def predict_test(run: Path, metrics: dict, params: Params) -> tuple[np.ndarray, 
         raise ValueError(f"{metrics['target']}: data changed since training (md5 differs); re-train before validating")
     torch_threads()
     lm = zoo.create_model(f"file:{run / 'model.safetensors'}")
-    loader = make_loader(ds.splits["test"], zoo.eval_transform(lm.data_config), params.data.batch_size)
+    loader = make_loader(ds.splits[split], zoo.eval_transform(lm.data_config), params.data.batch_size)
     probs, labels = [], []
     with torch.inference_mode():
         for xb, yb in loader:
@@ -312,13 +474,15 @@ def predict_test(run: Path, metrics: dict, params: Params) -> tuple[np.ndarray, 
     return torch.cat(probs).numpy(), torch.cat(labels).numpy(), list(ds.classes)
 
 
-def quality_report(run: Path, metrics: dict, params: Params) -> dict:
-    """Per-class table, confusion matrix, ECE and plots for the shipped checkpoint (module docstring)."""
+def quality_report(run: Path, metrics: dict, params: Params, predictions=None) -> dict:
+    """Per-class table, confusion matrix, ECE and plots for the shipped checkpoint (module docstring).
+
+    `predictions`: (probs, labels, classes) from predict_test, when the caller has them already."""
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
     from transferkit.io import atomic_write_text, write_json
 
-    probs, y, classes = predict_test(run, metrics, params)
+    probs, y, classes = predictions if predictions is not None else predict_test(run, metrics, params)
     labels = list(range(len(classes)))
     pred = probs.argmax(1)
     prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)

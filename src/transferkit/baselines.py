@@ -1,0 +1,294 @@
+"""No-transfer baselines and paired comparisons: what a user could do without any pretrained model.
+
+    from transferkit.baselines import fit_no_transfer, paired_comparison
+
+Transfer is worth shipping only if it beats the strongest cheap alternative on the same splits. Every
+baseline here trains on the train split only and picks its hyper-parameters on val only (test is
+predicted once, at the end, for the comparison):
+  pixels-logreg  multinomial logistic regression on raw pixels, C in `validate.pixel_grid.logreg`
+  pixels-knn     k-nearest neighbours (Euclidean) on raw pixels, k in `validate.pixel_grid.knn`
+  pixels-svm     RBF SVM (gamma = "scale") on raw pixels, C in `validate.pixel_grid.svm`
+  small-cnn      a 3-block CNN (BatchNorm, max-pool, dropout) from random init at the pixel size; each LR
+                 of `validate.cnn_lrs` trains `validate.cnn_epochs` epochs (at most `validate.cnn_max_steps`
+                 optimizer steps) with shift augmentation and keeps its best-val-accuracy epoch; the LR
+                 with the best val accuracy wins
+Raw pixels: every image resized to the same square side, its native side capped at `validate.pixel_size`
+(the digits' 32 px PNGs stay 32 px), one channel when every image is grey, scaled to [0, 1], flattened.
+
+A baseline whose val accuracy is not above chance (the largest class share of val; one-sided exact
+binomial test at `validate.chance_alpha`) is `broken`: reported, never used as the bar.
+
+paired_comparison: the model and a baseline answer the same test images, so their difference is judged
+on the discordant pairs: McNemar's exact test (two-sided binomial on b vs c) and the Wald interval of the
+paired difference in accuracy, (b - c)/n +- z * sqrt(b + c - (b - c)^2/n) / n.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.config import Params
+
+PIXEL_BASELINES = ("pixels-logreg", "pixels-knn", "pixels-svm")
+NO_TRANSFER = (*PIXEL_BASELINES, "small-cnn")
+DESCRIPTIONS = {
+    "pixels-logreg": "raw-pixel logistic regression",
+    "pixels-knn": "raw-pixel k-nearest neighbours",
+    "pixels-svm": "raw-pixel RBF SVM",
+    "small-cnn": "small CNN trained from scratch",
+    "scratch": "the same architecture from random init",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics
+
+
+def paired_comparison(model_correct, base_correct, confidence: float = 0.95) -> dict:
+    """Accuracy difference (model - baseline) on the same images with its interval and McNemar p-value."""
+    from scipy.stats import binomtest, norm
+
+    a, b_ = np.asarray(model_correct, bool), np.asarray(base_correct, bool)
+    if a.shape != b_.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired comparison needs two equal, non-empty prediction vectors; got {a.shape} and {b_.shape}")
+    n = len(a)
+    b = int((a & ~b_).sum())  # model right, baseline wrong
+    c = int((~a & b_).sum())  # model wrong, baseline right
+    gain = (b - c) / n
+    z = float(norm.ppf(0.5 + confidence / 2))
+    half = z * np.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
+    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+    return {"gain": round(gain, 6), "interval": [round(gain - half, 6), round(gain + half, 6)],
+            "confidence": confidence, "p_value": p, "model_only": b, "baseline_only": c, "n": n}  # fmt: skip
+
+
+def chance_check(val_correct, val_labels, alpha: float) -> dict:
+    """Is val accuracy above chance (the majority-class share)? One-sided exact binomial test."""
+    from scipy.stats import binomtest
+
+    y = np.asarray(val_labels)
+    k, n = int(np.asarray(val_correct, bool).sum()), len(y)
+    chance = float(np.bincount(y).max() / n) if n else 1.0
+    p = float(binomtest(k, n, chance, alternative="greater").pvalue) if n and chance < 1 else 1.0
+    return {"chance": round(chance, 6), "p_above_chance": p, "broken": bool(p > alpha)}
+
+
+# --------------------------------------------------------------------------------------------------
+# raw pixels
+
+
+def pixel_side(samples, cap: int) -> int:
+    """The common square side for raw pixels: the largest native side among `samples`, at most `cap`."""
+    from PIL import Image
+
+    side = 1
+    for path, _ in samples:
+        with Image.open(path) as im:
+            side = max(side, *im.size)
+        if side >= cap:
+            return cap
+    return side
+
+
+def pixel_arrays(splits: dict[str, list], cap: int) -> tuple[dict[str, np.ndarray], int, int]:
+    """{split: float32 [N, C, S, S] in [0, 1]}, the side S and channels C (1 when every image is grey)."""
+    from PIL import Image
+
+    from transferkit.data import load_rgb
+
+    side = pixel_side(splits["train"], cap)
+    arrays = {}
+    for name, samples in splits.items():
+        imgs = []
+        for path, _ in samples:
+            im = load_rgb(path)
+            if im.size != (side, side):
+                im = im.resize((side, side), Image.Resampling.BILINEAR)
+            imgs.append(np.asarray(im, dtype=np.uint8))
+        arrays[name] = np.stack(imgs).transpose(0, 3, 1, 2) if imgs else np.zeros((0, 3, side, side), np.uint8)
+    grey = all(bool((a[:, 0] == a[:, 1]).all() and (a[:, 1] == a[:, 2]).all()) for a in arrays.values())
+    out = {k: (a[:, :1] if grey else a).astype(np.float32) / 255.0 for k, a in arrays.items()}
+    return out, side, 1 if grey else 3
+
+
+def _fit_pixel_model(name: str, grid: list, x: dict, y: dict, seed: int):
+    """Train one raw-pixel classifier per grid value on train, keep the best on val (ties: the first)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.svm import SVC
+
+    make = {
+        "pixels-logreg": lambda v: LogisticRegression(C=v, max_iter=200, random_state=seed),
+        "pixels-knn": lambda v: KNeighborsClassifier(n_neighbors=int(v)),
+        "pixels-svm": lambda v: SVC(C=v, kernel="rbf", gamma="scale", random_state=seed),
+    }[name]
+    key = {"pixels-logreg": "C", "pixels-knn": "k", "pixels-svm": "C"}[name]
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    best, sweep = None, []
+    for v in grid:
+        if key == "k" and int(v) > len(y["train"]):
+            continue
+        with warnings.catch_warnings():  # 200 lbfgs steps: within 0.2 points of convergence, 5x cheaper
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = make(v).fit(x["train"], y["train"])
+        acc = float((clf.predict(x["val"]) == y["val"]).mean())
+        sweep.append({key: v, "val_accuracy": round(acc, 6)})
+        if best is None or acc > best[0]:
+            best = (acc, v, clf)
+    return best, key, sweep
+
+
+# --------------------------------------------------------------------------------------------------
+# a CNN from scratch that learns on small images
+
+
+def small_cnn(in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.3):
+    """Three conv-BN-ReLU blocks with max-pooling, global average pooling and a dropout head.
+
+    Few parameters and strong inductive bias: on 100 images a MobileNet from random init stays near
+    chance, this one does not.
+    """
+    import torch.nn as nn
+
+    def block(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
+                             nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
+                             nn.MaxPool2d(2))  # fmt: skip
+
+    return nn.Sequential(block(in_channels, width), block(width, 2 * width), block(2 * width, 4 * width),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                         nn.Linear(4 * width, num_classes))  # fmt: skip
+
+
+def _shift(xb, pad: int, g):
+    """Random translation by up to `pad` pixels per image (edge padding, then a random crop), in one gather."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = xb.shape
+    padded = F.pad(xb, (pad, pad, pad, pad), mode="replicate")
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=g) + torch.arange(h)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=g) + torch.arange(w)
+    return padded[torch.arange(n)[:, None, None], :, dy[:, :, None], dx[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _train_cnn(x: dict, y: dict, n_classes: int, lr: float, epochs: int, seed: int, batch_size: int,
+               weight_decay: float, max_steps: int = 10**9) -> dict:  # fmt: skip
+    """One from-scratch CNN run; returns the best-val-accuracy epoch's predictions on val and test."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    xs = {k: torch.from_numpy(v) for k, v in x.items()}
+    ys = {k: torch.from_numpy(v).long() for k, v in y.items()}
+    mean, std = float(xs["train"].mean()), float(xs["train"].std()) + 1e-6
+    xs = {k: (v - mean) / std for k, v in xs.items()}
+    model = small_cnn(xs["train"].shape[1], n_classes)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    per_epoch = max(1, -(-len(ys["train"]) // batch_size))
+    epochs = max(1, min(epochs, max_steps // per_epoch))  # a step budget bounds the cost on large targets
+    steps = epochs * per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    g = torch.Generator().manual_seed(seed)
+    pad = max(1, xs["train"].shape[-1] // 16)
+    best, history = None, []
+
+    def predict(split):
+        model.eval()
+        with torch.inference_mode():
+            return torch.cat([model(xs[split][i : i + 256]) for i in range(0, len(xs[split]), 256)]).argmax(1)
+
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(ys["train"]), generator=g)
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i : i + batch_size]
+            if len(idx) < 2:  # BatchNorm needs two images
+                continue
+            loss = F.cross_entropy(model(_shift(xs["train"][idx], pad, g)), ys["train"][idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        val_acc = float((predict("val") == ys["val"]).float().mean())
+        history.append(round(val_acc, 4))
+        if best is None or val_acc > best["val_accuracy"]:
+            best = {"val_accuracy": val_acc, "epoch": epoch, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    model.load_state_dict(best["state"])
+    return {"lr": lr, "val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "epochs": epochs,
+            "val_history": history,
+            "val_pred": predict("val").numpy(), "test_pred": predict("test").numpy()}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage-facing entry point
+
+
+def fit_no_transfer(ds, params: Params, progress: bool = True) -> list[dict]:
+    """Train every baseline of `validate.no_transfer` on `ds` (a transferkit.data.Dataset).
+
+    Each row: name, description, hyper (what val chose), sweep, val_accuracy, test_accuracy, seconds,
+    chance/p_above_chance/broken, and `test_correct` (bool per test image, in ds.splits["test"] order;
+    callers strip it before writing JSON).
+    """
+    from tqdm import tqdm
+
+    v = params.validate
+    names = [n for n in NO_TRANSFER if n in v.no_transfer]
+    if not names:
+        return []
+    t0 = time.perf_counter()
+    splits = {s: ds.splits[s] for s in ("train", "val", "test")}
+    x4, side, channels = pixel_arrays(splits, v.pixel_size)
+    y = {s: np.array([lbl for _, lbl in samples], dtype=np.int64) for s, samples in splits.items()}
+    flat = {s: a.reshape(len(a), -1) for s, a in x4.items()}
+    load_seconds = time.perf_counter() - t0
+    rows = []
+    for name in tqdm(names, desc="no-transfer baselines", unit="model", disable=not progress, leave=False):
+        t = time.perf_counter()
+        if name == "small-cnn":
+            from transferkit.embed import torch_threads
+
+            torch_threads()
+            runs = [_train_cnn(x4, y, len(ds.classes), lr, v.cnn_epochs, params.seed, params.data.batch_size,
+                               params.train.weight_decay, v.cnn_max_steps) for lr in v.cnn_lrs]  # fmt: skip
+            run = max(runs, key=lambda r: r["val_accuracy"])  # ties: the first LR
+            val_pred, test_pred = run["val_pred"], run["test_pred"]
+            hyper = {"lr": run["lr"], "epochs": run["epochs"], "best_epoch": run["best_epoch"]}
+            sweep = [{"lr": r["lr"], "val_accuracy": round(r["val_accuracy"], 6), "best_epoch": r["best_epoch"]}
+                     for r in runs]  # fmt: skip
+        else:
+            (_, value, clf), key, sweep = _fit_pixel_model(name, list(getattr(v.pixel_grid, name.split("-")[1])),
+                                                           flat, y, params.seed)  # fmt: skip
+            val_pred, test_pred = clf.predict(flat["val"]), clf.predict(flat["test"])
+            hyper = {key: value}
+        rows.append(_row(name, hyper, sweep, val_pred, test_pred, y, v.chance_alpha,
+                         time.perf_counter() - t + load_seconds / len(names), side, channels))  # fmt: skip
+    return rows
+
+
+def _row(name, hyper, sweep, val_pred, test_pred, y, alpha, seconds, side, channels) -> dict:
+    val_correct, test_correct = np.asarray(val_pred) == y["val"], np.asarray(test_pred) == y["test"]
+    row = {"name": name, "kind": "no-transfer", "description": DESCRIPTIONS[name], "strategy": name,
+           "model": f"{name} @ {side}px x{channels}", "hyper": hyper, "sweep": sweep,
+           "val_accuracy": round(float(val_correct.mean()), 6), "test_accuracy": round(float(test_correct.mean()), 6),
+           "seconds": round(seconds, 3), **chance_check(val_correct, y["val"], alpha),
+           "test_correct": test_correct}  # fmt: skip
+    if row["broken"]:
+        row["broken_reason"] = (f"val accuracy {row['val_accuracy']:.3f} is not above chance {row['chance']:.3f} "
+                                f"(binomial p = {row['p_above_chance']:.2g} > validate.chance_alpha {alpha})")  # fmt: skip
+    return row
+
+
+def test_correct_of(run: Path, params: Params, metrics: dict) -> np.ndarray:
+    """Per-test-image correctness of the checkpoint in RUN (a train run folder), in split order."""
+    from transferkit.validate import predict_test
+
+    probs, labels, _ = predict_test(Path(run), metrics, params)
+    return probs.argmax(1) == labels
