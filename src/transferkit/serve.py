@@ -11,6 +11,7 @@ Endpoints (FastAPI; OpenAPI at /docs):
   GET  /v1/models[/{name}]        what is loaded, swap history, last load failure
   GET  /healthz /readyz /metrics  liveness; readiness (every model loaded and warmed up); Prometheus
   GET  /                          a small upload page
+  /v2/...                         the Open Inference Protocol (KServe V2 / Triton HTTP): oip.py
 
 How a version goes live (the watcher polls `latest` every `poll_interval_s`): promote.check_version
 (complete, sha256 as recorded), the ONNX file's embedded metadata equal to metadata.json, graph input/output
@@ -793,12 +794,17 @@ class _Held:
         await self.budget.release(n)
 
 
-PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
-_MODEL_PATH = re.compile(r"/v1/models/([^/]+)")
+PROBES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+_MODEL_PATH = re.compile(r"/v[12]/models/([^/]+)")
 
 
-def _json_response(status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
-    body = json.dumps({"detail": detail}).encode()
+def error_key(path: str) -> str:
+    """The error object's key: the Open Inference Protocol's "error" under /v2, else {"detail"}."""
+    return "error" if path == "/v2" or path.startswith("/v2/") else "detail"
+
+
+def _json_response(status: int, detail: str, headers: list[tuple[bytes, bytes]] = (), path: str = "") -> tuple[dict, dict]:
+    body = json.dumps({error_key(path): detail}).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
     return {"type": "http.response.start", "status": status, "headers": hdrs}, {"type": "http.response.body", "body": body}
 
@@ -820,26 +826,39 @@ class Guard:
         model = m.group(1) if m and m.group(1) in self.registry.slots else ""
         probe = path in PROBES
         status = []
+        # an answer sent before the body was read (401, 404, 413, 422 on headers, 503) ends the connection:
+        # say so (Connection: close), or a client reuses it and meets the reset of the unread body
+        hdrs = dict(scope.get("headers") or [])
+        body_left = [hdrs.get(b"content-length", b"0").strip() not in (b"", b"0") or b"transfer-encoding" in hdrs]
+
+        async def receive_tracked():
+            msg = await receive()
+            if msg["type"] == "http.request" and not msg.get("more_body", False):
+                body_left[0] = False
+            return msg
 
         async def send_counted(msg):
             if msg["type"] == "http.response.start":
                 status.append(msg["status"])
+                if body_left[0]:
+                    msg = {**msg, "headers": [*msg.get("headers", ()), (b"connection", b"close")]}
             await send(msg)
 
         if not probe and self.inflight >= self.cfg.max_concurrency:
             start, body = _json_response(503, f"server busy: {self.inflight} requests in flight (limit "
-                                              f"{self.cfg.max_concurrency}); retry later", [(b"retry-after", b"1")])  # fmt: skip
+                                              f"{self.cfg.max_concurrency}); retry later", [(b"retry-after", b"1")],
+                                         path)  # fmt: skip
             await send_counted(start)
             await send(body)
         else:
             self.inflight += 1
             self.metrics.inflight.set(self.inflight)
             try:
-                await self.app(scope, receive, send_counted)
+                await self.app(scope, receive_tracked, send_counted)
             except Exception:
                 log.exception("unhandled error on %s %s", scope.get("method"), path[:200])
                 if not status:
-                    start, body = _json_response(500, "internal error (logged on the server)")
+                    start, body = _json_response(500, "internal error (logged on the server)", path=path)
                     await send_counted(start)
                     await send(body)
             finally:
@@ -961,7 +980,7 @@ def create_app(cfg: ServeConfig):
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         if e.status == 503:
             headers = {"Retry-After": "1"}
-        return JSONResponse({"detail": e.message}, status_code=e.status, headers=headers)
+        return JSONResponse({error_key(request.url.path): e.message}, status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -970,14 +989,15 @@ def create_app(cfg: ServeConfig):
             loc = [str(x) for x in err.get("loc", ())]
             where = f"{loc[0]} parameter {'.'.join(loc[1:])!r}" if len(loc) > 1 else ".".join(loc) or "request"
             parts.append(f"{where}: {err.get('msg')} (got {str(err.get('input'))[:40]!r})")
-        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+        return JSONResponse({error_key(request.url.path): "; ".join(parts)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)[:200]
         if e.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.url.path[:80]!r} (see /docs)"
-        return JSONResponse({"detail": detail}, status_code=e.status_code, headers=getattr(e, "headers", None))
+        return JSONResponse({error_key(request.url.path): detail}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))  # fmt: skip
 
     def _auth(request: Request) -> None:
         if not cfg.token:
@@ -1163,7 +1183,9 @@ def create_app(cfg: ServeConfig):
         return JSONResponse({"ready": ok, "detail": why, "versions": versions, "fallback": fallback},
                             status_code=200 if ok else 503)  # fmt: skip
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition format",
+        "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})  # fmt: skip
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -1171,6 +1193,10 @@ def create_app(cfg: ServeConfig):
     async def page():
         return HTMLResponse(PAGE)
 
+    from transferkit.oip import add_routes
+
+    add_routes(app, cfg=cfg, registry=registry, metrics=metrics, budget=budget, decode_pool=decode_pool, auth=_auth,
+               slot=_slot, body=_body, held_factory=lambda: _Held(budget, cfg.queue_timeout_s))  # fmt: skip
     app.add_middleware(Guard, cfg=cfg, metrics=metrics, registry=registry)
     return app
 
