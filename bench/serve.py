@@ -170,13 +170,21 @@ def _ms(text: str) -> float:
 
 def wrk_load(url: str, png_path: Path, concurrency: int, seconds: float, work: Path) -> dict:
     """One wrk cell: CONCURRENCY connections posting the PNG (raw image/png body) for SECONDS."""
+    return wrk_post(f"{url}/v1/models/digits/predict", png_path, {"Content-Type": "image/png"}, concurrency, seconds, work)
+
+
+def wrk_post(url: str, body_path: Path, headers: dict, concurrency: int, seconds: float, work: Path) -> dict:
+    """wrk posting the file's bytes with these headers on CONCURRENCY connections for SECONDS."""
     script = work / "post.lua"
-    script.write_text('local f = io.open(os.getenv("TK_PNG"), "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\n'
-                      'f:close()\nwrk.headers["Content-Type"] = "image/png"\n')  # fmt: skip
-    cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds:g}s", "-s", str(script), "--latency",
-           f"{url}/v1/models/digits/predict"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TK_PNG": str(png_path)},
+    script.write_text('local f = io.open(os.getenv("TK_BODY"), "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\n'
+                      "f:close()\n" + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items()))  # fmt: skip
+    cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds:g}s", "-s", str(script), "--latency", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TK_BODY": str(body_path)},
                          timeout=seconds + 60).stdout  # fmt: skip
+    return _wrk_parse(out, concurrency)
+
+
+def _wrk_parse(out: str, concurrency: int) -> dict:
     lines = [ln.strip() for ln in out.splitlines()]
     pct = {ln.split()[0]: _ms(ln.split()[1]) for ln in lines if ln.split() and ln.split()[0] in ("50%", "99%")}
     total = next(int(ln.split()[0]) for ln in lines if "requests in" in ln)
@@ -298,6 +306,166 @@ def hot_swap(repo: Path, png: bytes, a, logs: Path) -> dict:
     }  # fmt: skip
 
 
+# --------------------------------------------------------------------------- Open Inference Protocol side by side
+
+PEERS_VENV = WORK.parent / "peers-venv"  # kserve + nvidia-pytriton + onnxruntime, apart from the project's venv
+
+
+def v2_request(x: np.ndarray) -> tuple[bytes, int]:
+    """One binary-tensor V2 inference request (JSON header + raw FP32), the same bytes for every server."""
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    return head + x.astype("<f4").tobytes(), len(head)
+
+
+def wrk_v2(url: str, body_path: Path, header_len: int, concurrency: int, seconds: float, work: Path) -> dict:
+    """wrk_load for a V2 infer: the same request body from a file, with Inference-Header-Content-Length."""
+    headers = {"Inference-Header-Content-Length": header_len, "Content-Type": "application/octet-stream"}
+    return wrk_post(f"{url}/v2/models/digits/infer", body_path, headers, concurrency, seconds, work)
+
+
+def start_peer(kind: str, onnx: Path, log: Path, threads: int, timeout: float = 120) -> tuple[subprocess.Popen | None, str, str | None]:
+    """(process, url, None) once /v2/models/digits/ready answers 200, else (None, url, why it did not run)."""
+    import httpx
+
+    py = PEERS_VENV / "bin" / "python"
+    if not py.is_file():
+        return None, "", f"no {PEERS_VENV.relative_to(ROOT)} (python -m venv it; pip install kserve nvidia-pytriton onnxruntime)"
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(py), str(ROOT / "bench" / "serve_peer.py"), kind, "--onnx", str(onnx), "--port", str(port),
+                             "--threads", str(threads)], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = log.read_text(errors="replace")
+        if proc.poll() is not None or "failed to load" in text:
+            stop_peer(proc)
+            errs = re.findall(r"[A-Z][A-Za-z_.]*(?:Error|Exception): [^\\\"\n]{1,200}", text)
+            return None, url, f"did not start: {errs[-1] if errs else text[-300:]}"
+        try:
+            if httpx.get(f"{url}/v2/models/digits/ready", timeout=2).status_code == 200:
+                return proc, url, None
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_peer(proc)
+    return None, url, f"not ready within {timeout:g} s"
+
+
+def stop_peer(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: tritonserver and its stubs go with it
+        proc.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def side_by_side(repo: Path, a, logs: Path) -> dict:
+    """transferkit serve vs KServe's ModelServer vs Triton (PyTriton), same model.onnx, same wrk, same bytes."""
+    import httpx
+    import onnxruntime as ort
+
+    from transferkit.export import latest_version
+
+    version = latest_version(repo / "digits")
+    onnx = repo / "digits" / str(version) / "model.onnx"
+    meta = json.loads((onnx.parent / "metadata.json").read_text())
+    x = np.random.default_rng(0).standard_normal((1, *meta["input_size"])).astype(np.float32)
+    want = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).run(["logits"], {"input": x})[0]
+    body, header_len = v2_request(x)
+    body_path = logs / "v2_body.bin"
+    body_path.write_bytes(body)
+    servers = {}
+    for kind in ("transferkit", "kserve", "pytriton"):
+        log = logs / f"v2-{kind}.log"
+        if kind == "transferkit":
+            proc, url = start_server(repo, log, "--threads", str(a.threads_batching))
+            why, stop_fn = None, stop
+        else:
+            proc, url, why = start_peer(kind, onnx, log, a.threads_batching)
+            stop_fn = stop_peer
+        if proc is None:
+            servers[kind] = {"ran": False, "reason": why}
+            print(f"  {kind}: not run: {why}", flush=True)
+            continue
+        try:
+            r = httpx.post(f"{url}/v2/models/digits/infer", content=body, timeout=30,
+                           headers={"Inference-Header-Content-Length": str(header_len), "Content-Type": "application/octet-stream"})  # fmt: skip
+            if r.status_code != 200:
+                servers[kind] = {"ran": False, "reason": f"answered {r.status_code}: {r.text[:200]}"}
+                print(f"  {kind}: not run: {servers[kind]['reason']}", flush=True)
+                continue
+            out = r.json()["outputs"][0]
+            diff = float(np.max(np.abs(np.asarray(out["data"], np.float32).reshape(out["shape"]) - want)))
+            for _ in range(2):  # warm-up: connections, allocator, caches
+                wrk_v2(url, body_path, header_len, 4, 1, logs)
+            rows = []
+            for conc in (1, 16):
+                row = wrk_v2(url, body_path, header_len, conc, a.seconds, logs)
+                rows.append(row)
+                print(f"  {kind:<11} c={conc:<3} {row['throughput_rps']:>7} req/s  p50 {row['p50_ms']} ms  "
+                      f"p99 {row['p99_ms']} ms  failed {row['failed']}", flush=True)  # fmt: skip
+            servers[kind] = {"ran": True, "max_abs_diff_vs_onnxruntime": diff, "rows": rows}
+        finally:
+            stop_fn(proc)
+    ours = servers["transferkit"]
+    ratios = {}
+    for peer, res in servers.items():
+        if peer == "transferkit" or not res["ran"]:
+            continue
+        ratios[peer] = {str(o["concurrency"]): {
+            "throughput": round(o["throughput_rps"] / p["throughput_rps"], 2) if p["throughput_rps"] else None,
+            "p50": round(o["p50_ms"] / p["p50_ms"], 2) if p["p50_ms"] else None,
+            "p99": round(o["p99_ms"] / p["p99_ms"], 2) if p["p99_ms"] else None,
+        } for o, p in zip(ours["rows"], res["rows"])}  # fmt: skip
+    return {"model": str(onnx.relative_to(ROOT)), "request": f"binary FP32 [1, {', '.join(map(str, meta['input_size']))}] "
+            f"({len(body)} bytes), JSON logits back", "servers": servers, "ratios_ours_over_peer": ratios}  # fmt: skip
+
+
+def write_side_by_side(res: dict, a) -> None:
+    import onnxruntime
+
+    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "onnxruntime": onnxruntime.__version__, "note": "2 cores shared with other jobs; wrk and the server on one host"},
+           "settings": vars(a), **res}  # fmt: skip
+    dest = ROOT / "bench" / "results"
+    (dest / "serve_v2.json").write_text(json.dumps(out, indent=2) + "\n")
+    versions = {}
+    py = PEERS_VENV / "bin" / "python"
+    if py.is_file():
+        versions = json.loads(subprocess.run([str(py), "-c", "import json, importlib.metadata as m; print(json.dumps("
+                                              "{p: m.version(p) for p in ('kserve', 'nvidia-pytriton', 'onnxruntime')}))"],
+                                             capture_output=True, text=True).stdout or "{}")  # fmt: skip
+    md = ["# bench/serve.py --v2: Open Inference Protocol side by side", "",
+          f"Same model.onnx ({res['model']}), same request bytes ({res['request']}), same load generator (wrk, "
+          f"1 thread, {a.seconds:g} s per cell) on loopback, one server process each, onnxruntime CPU with "
+          f"{a.threads_batching} intra-op thread; {os.cpu_count()} CPU cores shared with wrk and with other jobs. "
+          f"Peers: {', '.join(f'{k} {v}' for k, v in versions.items()) or 'n/a'} (bench/serve_peer.py).", "",
+          "| server | concurrency | req/s | p50 ms | p99 ms | failed | max abs diff vs onnxruntime |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for kind, r in res["servers"].items():
+        if not r["ran"]:
+            md.append(f"| {kind} | - | not run: {r['reason']} | | | | |")
+            continue
+        for row in r["rows"]:
+            md.append(f"| {kind} | {row['concurrency']} | {row['throughput_rps']} | {row['p50_ms']} | {row['p99_ms']} | "
+                      f"{row['failed']} | {r['max_abs_diff_vs_onnxruntime']:.2g} |")  # fmt: skip
+    md += ["", "Ratios, transferkit / peer (throughput > 1: we serve more; latency < 1: we answer sooner):", "",
+           "| peer | concurrency | throughput | p50 | p99 |", "|---|---|---|---|---|"]
+    for peer, by in res["ratios_ours_over_peer"].items():
+        for conc, r in by.items():
+            md.append(f"| {peer} | {conc} | {r['throughput']} | {r['p50']} | {r['p99']} |")
+    md.append("")
+    (dest / "serve_v2.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="serving benchmark (see module docstring)")
     ap.add_argument("--seconds", type=float, default=10.0, help="load per throughput cell")
@@ -311,6 +479,8 @@ def main() -> None:
                     help="onnxruntime intra-op threads without batching (4 inference threads run requests side by side)")
     ap.add_argument("--delay-ms", type=float, default=2.0, help="max queue delay of the second batching row")
     ap.add_argument("--httpx", action="store_true", help="load from httpx even when wrk is installed")
+    ap.add_argument("--v2", action="store_true", help="only the Open Inference Protocol side by side with KServe "
+                    "and PyTriton (needs wrk and bench/.work/peers-venv); writes bench/results/serve_v2.{json,md}")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t_start = time.perf_counter()
@@ -321,6 +491,12 @@ def main() -> None:
     png = png_path.read_bytes()
     logs = WORK / "logs"
     logs.mkdir(exist_ok=True)
+    if a.v2:
+        if shutil.which("wrk") is None:
+            raise SystemExit("--v2 needs wrk (Debian package `wrk`): one C load generator for every server")
+        print("Open Inference Protocol: transferkit serve vs KServe ModelServer vs PyTriton", flush=True)
+        write_side_by_side(side_by_side(repo, a, logs), a)
+        return
     print("throughput: batching on vs off", flush=True)
     rows, client = throughput(repo, png, png_path, a, logs)
     infer = inference_only(repo, a)
