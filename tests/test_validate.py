@@ -78,6 +78,13 @@ def test_a_gap_with_worse_generalisation_blocks():
     checks[0].update(blocking=True, message="overfitting: gap 0.4")
     _generalisation_rule(checks, {"val_accuracy": 0.70}, {"val_accuracy": 0.65})
     assert checks[0]["blocking"] is False
+    # a diverging tail after the shipped best epoch follows the same rule; with no working baseline it blocks
+    div = [{"name": "divergence", "failed": True, "blocking": True, "message": "overfitting: val loss rose"}]
+    _generalisation_rule(div, {"val_accuracy": 0.70}, {"val_accuracy": 0.65})
+    assert div[0]["blocking"] is False
+    div[0].update(blocking=True)
+    _generalisation_rule(div, {"val_accuracy": 0.70}, None)
+    assert div[0]["blocking"] is True
 
 
 def test_guard_blocks_a_run_that_does_not_beat_the_baseline(sound_run, tmp_path):

@@ -29,9 +29,11 @@ threshold, failed, blocking, message}:
                    baseline by 9 test points is a good model, not an overfit one.
   loss_gap         val loss - train loss at the best epoch > `validate.max_loss_gap` (nats); blocking on the
                    same terms. The history's train loss includes label smoothing, dropout, augmentation.
-  divergence       blocking. Longest run of consecutive epochs in which val loss sits above its best so
-                   far while train loss is below its value at that best epoch, > `train.patience`:
-                   `train.min_epochs` kept a memorising run going.
+  divergence       Longest run of consecutive epochs in which val loss sits above its best so far while
+                   train loss is below its value at that best epoch, > `train.patience`: `train.min_epochs`
+                   kept a memorising run going. Blocking on the same terms: the checkpoint that ships is
+                   the best-val epoch from before the divergence (clipart-10: a probe whose tail diverged
+                   beat the best no-transfer baseline by +18 points, 95% CI [+12, +24]).
   wasted_epochs    warning. Epochs trained after the best epoch > `train.patience`.
   test_val_gap     warning. |test - val accuracy| > `validate.max_test_val_gap` (selection bias, or too
                    few val images to trust: with 40 images one estimate has a standard error of ~0.06).
@@ -250,12 +252,13 @@ def recommendation(gain: dict, best: dict | None, metrics: dict) -> dict:
 
 
 def _generalisation_rule(checks: list[dict], metrics: dict, best: dict | None) -> None:
-    """Train-val gaps block only with worse generalisation: few labels make a train accuracy of 1.0 the norm,
-    so a gap alone is a warning unless val accuracy is also no better than the best no-transfer baseline's."""
+    """Overfitting signs block only with worse generalisation: few labels make a train accuracy of 1.0 the norm,
+    and the shipped checkpoint is the best-val epoch from before any divergence; so a gap or a diverging tail
+    is a warning unless val accuracy is also no better than the best no-transfer baseline's (or none works)."""
     val = float(metrics["val_accuracy"])
     for c in checks:
-        if c["name"] in ("accuracy_gap", "loss_gap") and c["failed"]:
-            worse = best is not None and val <= float(best["val_accuracy"])
+        if c["name"] in _OVERFIT_CHECKS and c["failed"]:
+            worse = best is None or val <= float(best["val_accuracy"])
             c["blocking"] = worse
             c["message"] += (f"; val accuracy {val:.3f} is no better than the best no-transfer baseline's "
                              f"{best['val_accuracy']:.3f}" if worse else
