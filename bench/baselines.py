@@ -101,7 +101,9 @@ def _best_transfer(transfer: dict, target: str) -> dict | None:
 def markdown(res: dict) -> str:
     lines = ["# bench/baselines: no transfer on the transfer benchmark's splits", "",
              "Raw-pixel classifiers at the native 32 px (one run: deterministic) and a small CNN from scratch "
-             "(mean ± sd over seeds), trained on train and tuned on val only (`transferkit.baselines`).", ""]  # fmt: skip
+             "(mean ± sd over seeds), trained on train and tuned on val only (`transferkit.baselines`). \"Best\" on both "
+             "sides is the row with the best mean test accuracy: the strongest alternative as a reader of both tables "
+             "would compare them (the gate itself picks its bar on val).", ""]  # fmt: skip
     lines += ["## Targets vs no transfer", "",
               "| target | best no transfer (test) | best transfer in bench/results/transfer.md (test) | gain | verdict |",
               "|---|---|---|---|---|"]  # fmt: skip
