@@ -30,7 +30,15 @@ def params_file(tmp_path) -> Path:
 def test_defaults_without_file():
     p = load_params(None)
     assert p == Params()
-    assert p.train.epochs == 30 and p.data.image_size is None and p.seed == 0
+    assert p.train.epochs == 20 and p.data.image_size == 96 and p.seed == 0
+
+
+def test_built_in_defaults_decide_like_the_repositorys_params_yaml():
+    # a user outside the repository (no ./params.yaml) gets the same decisions as `make demo`
+    import pathlib
+
+    repo = load_params(pathlib.Path(__file__).resolve().parents[1] / "params.yaml")
+    assert repo.model_dump() == Params().model_dump()
 
 
 def test_reads_file_and_keeps_defaults_for_the_rest(params_file):

@@ -260,9 +260,13 @@ def _generalisation_rule(checks: list[dict], metrics: dict, best: dict | None) -
         if c["name"] in _OVERFIT_CHECKS and c["failed"]:
             worse = best is None or val <= float(best["val_accuracy"])
             c["blocking"] = worse
-            c["message"] += (f"; val accuracy {val:.3f} is no better than the best no-transfer baseline's "
-                             f"{best['val_accuracy']:.3f}" if worse else
-                             "; not blocking: val accuracy beats every no-transfer baseline")  # fmt: skip
+            if best is None:
+                c["message"] += "; no working no-transfer baseline to show it generalises better"
+            elif worse:
+                c["message"] += (f"; val accuracy {val:.3f} is no better than the best no-transfer baseline's "
+                                 f"{best['val_accuracy']:.3f}")  # fmt: skip
+            else:
+                c["message"] += "; not blocking: val accuracy beats every no-transfer baseline"
 
 
 def _contract_baseline(best: dict | None, metrics: dict) -> dict:
