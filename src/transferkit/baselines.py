@@ -26,7 +26,6 @@ paired difference in accuracy, (b - c)/n +- z * sqrt(b + c - (b - c)^2/n) / n.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -73,7 +72,11 @@ def chance_check(val_correct, val_labels, alpha: float) -> dict:
     k, n = int(np.asarray(val_correct, bool).sum()), len(y)
     chance = float(np.bincount(y).max() / n) if n else 1.0
     p = float(binomtest(k, n, chance, alternative="greater").pvalue) if n and chance < 1 else 1.0
-    return {"chance": round(chance, 6), "p_above_chance": p, "broken": bool(p > alpha)}
+    out = {"chance": round(chance, 6), "p_above_chance": p, "broken": bool(p > alpha)}
+    if out["broken"]:
+        out["broken_reason"] = (f"val accuracy {k / max(n, 1):.3f} is not above chance {chance:.3f} "
+                                f"(binomial p = {p:.2g} > validate.chance_alpha {alpha})")  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,15 +283,4 @@ def _row(name, hyper, sweep, val_pred, test_pred, y, alpha, seconds, side, chann
            "val_accuracy": round(float(val_correct.mean()), 6), "test_accuracy": round(float(test_correct.mean()), 6),
            "seconds": round(seconds, 3), **chance_check(val_correct, y["val"], alpha),
            "test_correct": test_correct}  # fmt: skip
-    if row["broken"]:
-        row["broken_reason"] = (f"val accuracy {row['val_accuracy']:.3f} is not above chance {row['chance']:.3f} "
-                                f"(binomial p = {row['p_above_chance']:.2g} > validate.chance_alpha {alpha})")  # fmt: skip
     return row
-
-
-def test_correct_of(run: Path, params: Params, metrics: dict) -> np.ndarray:
-    """Per-test-image correctness of the checkpoint in RUN (a train run folder), in split order."""
-    from transferkit.validate import predict_test
-
-    probs, labels, _ = predict_test(Path(run), metrics, params)
-    return probs.argmax(1) == labels
