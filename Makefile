@@ -16,10 +16,10 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo data test repro push server clean-runs help
+.PHONY: install demo data test lint format repro push server clean-runs help
 
 help:
-	@echo "make demo | make test | make repro (dvc) | make push (dvc) | make server (prefect) | make install"
+	@echo "make demo | make test | make lint | make format | make repro (dvc) | make push (dvc) | make server (prefect) | make install"
 
 install: $(STAMP)
 
@@ -72,8 +72,18 @@ PORT ?= 4200
 server: install
 	$(TK) server --port $(PORT)
 
-test: install
+test: install lint
 	$(PY) -m pytest -q tests
+
+# ruff's formatter and linter (settings in pyproject.toml); `make format` rewrites in place
+LINTED := src flows tests bench
+lint: install
+	$(VENV)/bin/ruff format --check -q $(LINTED)
+	$(VENV)/bin/ruff check -q $(LINTED)
+
+format: install
+	$(VENV)/bin/ruff format -q $(LINTED)
+	$(VENV)/bin/ruff check -q --fix $(LINTED)
 
 clean-runs:
 	rm -rf runs

@@ -52,8 +52,11 @@ def main() -> None:
             for r in fit_no_transfer(ds, p, progress=False):
                 r.pop("test_correct")
                 rows.append({"target": target, "seed": seed, **r})
-                print(f"{target:10s} seed {seed} {r['name']:14s} val {r['val_accuracy']:.3f} test {r['test_accuracy']:.3f} "
-                      f"{r['hyper']} {r['seconds']:.1f}s", flush=True)
+                print(
+                    f"{target:10s} seed {seed} {r['name']:14s} val {r['val_accuracy']:.3f} test {r['test_accuracy']:.3f} "
+                    f"{r['hyper']} {r['seconds']:.1f}s",
+                    flush=True,
+                )
             print(f"  ({time.perf_counter() - t0:.0f} s)")
     res = {"rows": rows, "targets": summarise(rows)}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -74,9 +77,16 @@ def summarise(rows: list[dict]) -> dict:
         for r in rows:
             if r["target"] == target:
                 per.setdefault(r["name"], []).append(r)
-        base = {n: {"test": _stats([r["test_accuracy"] for r in rs]), "val": _stats([r["val_accuracy"] for r in rs]),
-                    "seeds": len(rs), "hyper": rs[0]["hyper"], "seconds": statistics.mean(r["seconds"] for r in rs)}
-                for n, rs in per.items()}  # fmt: skip
+        base = {
+            n: {
+                "test": _stats([r["test_accuracy"] for r in rs]),
+                "val": _stats([r["val_accuracy"] for r in rs]),
+                "seeds": len(rs),
+                "hyper": rs[0]["hyper"],
+                "seconds": statistics.mean(r["seconds"] for r in rs),
+            }
+            for n, rs in per.items()
+        }
         best_nt = max(base, key=lambda n: base[n]["test"][0])
         tr = _best_transfer(transfer, target)
         entry = {"baselines": base, "best_no_transfer": best_nt, "best_transfer": tr}
@@ -84,8 +94,9 @@ def summarise(rows: list[dict]) -> dict:
             d = tr["mean"] - base[best_nt]["test"][0]
             spread = tr["sd"] + base[best_nt]["test"][1]
             entry["gain"] = round(d, 4)
-            entry["verdict"] = ("transfer wins" if d > spread else "no transfer wins" if -d > spread else
-                                "within the seed spread")  # fmt: skip
+            entry["verdict"] = (
+                "transfer wins" if d > spread else "no transfer wins" if -d > spread else "within the seed spread"
+            )
         out[target] = entry
     return out
 
@@ -99,22 +110,40 @@ def _best_transfer(transfer: dict, target: str) -> dict | None:
 
 
 def markdown(res: dict) -> str:
-    lines = ["# bench/baselines: no transfer on the transfer benchmark's splits", "",
-             "Raw-pixel classifiers at the native 32 px (one run: deterministic) and a small CNN from scratch "
-             "(mean ± sd over seeds), trained on train and tuned on val only (`transferkit.baselines`). \"Best\" on both "
-             "sides is the row with the best mean test accuracy: the strongest alternative as a reader of both tables "
-             "would compare them (the gate itself picks its bar on val).", ""]  # fmt: skip
-    lines += ["## Targets vs no transfer", "",
-              "| target | best no transfer (test) | best transfer in bench/results/transfer.md (test) | gain | verdict |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# bench/baselines: no transfer on the transfer benchmark's splits",
+        "",
+        "Raw-pixel classifiers at the native 32 px (one run: deterministic) and a small CNN from scratch "
+        '(mean ± sd over seeds), trained on train and tuned on val only (`transferkit.baselines`). "Best" on both '
+        "sides is the row with the best mean test accuracy: the strongest alternative as a reader of both tables "
+        "would compare them (the gate itself picks its bar on val).",
+        "",
+    ]
+    lines += [
+        "## Targets vs no transfer",
+        "",
+        "| target | best no transfer (test) | best transfer in bench/results/transfer.md (test) | gain | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for target, e in res["targets"].items():
         b = e["baselines"][e["best_no_transfer"]]
         tr = e["best_transfer"]
-        lines.append(f"| {target} | {e['best_no_transfer']} {b['test'][0]:.3f} ± {b['test'][1]:.3f} | "
-                     + (f"{tr['run']} {tr['mean']:.3f} ± {tr['sd']:.3f} | {100 * e['gain']:+.1f} points | {e['verdict']} |"
-                        if tr else "n/a | | |"))  # fmt: skip
+        lines.append(
+            f"| {target} | {e['best_no_transfer']} {b['test'][0]:.3f} ± {b['test'][1]:.3f} | "
+            + (
+                f"{tr['run']} {tr['mean']:.3f} ± {tr['sd']:.3f} | {100 * e['gain']:+.1f} points | {e['verdict']} |"
+                if tr
+                else "n/a | | |"
+            )
+        )
     for target, e in res["targets"].items():
-        lines += ["", f"## {target}", "", "| baseline | val | test | chosen on val | seconds |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {target}",
+            "",
+            "| baseline | val | test | chosen on val | seconds |",
+            "|---|---|---|---|---|",
+        ]
         for n, b in e["baselines"].items():
             sd = f" ± {b['test'][1]:.3f}" if b["seeds"] > 1 else ""
             lines.append(f"| {n} | {b['val'][0]:.3f} | {b['test'][0]:.3f}{sd} | {b['hyper']} | {b['seconds']:.1f} |")

@@ -46,7 +46,9 @@ def main() -> None:
         ts = timed(cmd, args.repeats)
         med = statistics.median(ts)
         base = base or med
-        rows.append({"case": name, "median_s": round(med, 3), "max_s": round(max(ts), 3), "x_baseline": round(med / base, 2)})
+        rows.append(
+            {"case": name, "median_s": round(med, 3), "max_s": round(max(ts), 3), "x_baseline": round(med / base, 2)}
+        )
     res = {"benchmark": "cli startup", "repeats": args.repeats, "rows": rows, "target": "transferkit --help < 1 s"}
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,6 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def build_pools() -> dict[str, Path]:
-    from PIL import Image, ImageEnhance, ImageFilter
 
     from transferkit.data import FASHION_MNIST_DIR, write_builtin
 
@@ -61,8 +60,9 @@ def pool_arrays(folder: Path, params, timings: dict, name: str) -> dict:
     stats = compute_image_stats(samples, progress=False)
     t_stats = time.perf_counter() - t
     t = time.perf_counter()
-    emb = compute_embeddings(params.drift.model, samples, ds.md5, image_size=params.data.image_size,
-                             batch_size=64, progress=False)  # fmt: skip
+    emb = compute_embeddings(
+        params.drift.model, samples, ds.md5, image_size=params.data.image_size, batch_size=64, progress=False
+    )
     timings[name] = {"n": len(samples), "stats_s": round(t_stats, 2), "embed_s": round(time.perf_counter() - t, 2)}
     return {"stats": stats, "features": emb["features"], "logits": emb.get("logits"), "paths": [p for p, _ in samples]}
 
@@ -138,13 +138,22 @@ def main() -> None:
                 ia = r.choice(idx_a, size=n, replace=False)
                 ic = r.choice(cur_idx, size=n, replace=False)
                 t = time.perf_counter()
-                verdict, _ = compare(take(pools["mnist"], ia), take(pools[pool_name], ic), params,
-                                     embeddings_in_report=False)  # fmt: skip
+                verdict, _ = compare(
+                    take(pools["mnist"], ia), take(pools[pool_name], ic), params, embeddings_in_report=False
+                )
                 secs.append(time.perf_counter() - t)
                 hits += verdict["drift_detected"]
                 severe += verdict["severity"] == "severe"
-            rows.append({"scenario": name, "n": n, "draws": args.draws, "detection_rate": hits / args.draws,
-                         "severe_rate": severe / args.draws, "seconds_per_test": round(float(np.mean(secs)), 3)})  # fmt: skip
+            rows.append(
+                {
+                    "scenario": name,
+                    "n": n,
+                    "draws": args.draws,
+                    "detection_rate": hits / args.draws,
+                    "severe_rate": severe / args.draws,
+                    "seconds_per_test": round(float(np.mean(secs)), 3),
+                }
+            )
             print(f"{name:<32} n={n:<4} detection={hits / args.draws:.2f} severe={severe / args.draws:.2f}", flush=True)
 
     cost = None
@@ -187,8 +196,12 @@ def cost_5000(params) -> dict:
         for label in ("cold", "warm"):
             t = time.perf_counter()
             r = run_drift(WORK / "mnist", WORK / "fashion", WORK / f"cost-{label}", p, progress=False)
-            out[label] = {"seconds": round(time.perf_counter() - t, 1), "n_reference": r["n_reference"],
-                          "n_current": r["n_current"], "severity": r["severity"]}  # fmt: skip
+            out[label] = {
+                "seconds": round(time.perf_counter() - t, 1),
+                "n_reference": r["n_reference"],
+                "n_current": r["n_current"],
+                "severity": r["severity"],
+            }
         out["embedding_seconds"] = round(out["cold"]["seconds"] - out["warm"]["seconds"], 1)
         return out
     finally:
@@ -198,11 +211,15 @@ def cost_5000(params) -> dict:
 
 
 def markdown(r: dict, sizes: list[int]) -> str:
-    lines = ["# drift benchmark", "",
-             f"Detection rate over {r['power'][0].get('draws', '?')} seeded draws per cell (labels withheld); "
-             "reference = MNIST half A.", "",
-             "| scenario | " + " | ".join(f"n={n}" for n in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]  # fmt: skip
+    lines = [
+        "# drift benchmark",
+        "",
+        f"Detection rate over {r['power'][0].get('draws', '?')} seeded draws per cell (labels withheld); "
+        "reference = MNIST half A.",
+        "",
+        "| scenario | " + " | ".join(f"n={n}" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
     by: dict[str, dict] = {}
     for row in r["power"]:
         by.setdefault(row["scenario"], {})[row.get("n")] = row
@@ -211,12 +228,18 @@ def markdown(r: dict, sizes: list[int]) -> str:
             lines.append(f"| {name} | " + " | ".join("n/a" for _ in sizes) + " |")
             continue
         lines.append(f"| {name} | " + " | ".join(f"{cells[n]['detection_rate']:.2f}" for n in sizes) + " |")
-    lines += ["", "Per-pool preprocessing (seconds): " + ", ".join(
-        f"{k} n={v['n']}: stats {v['stats_s']}, embeddings {v['embed_s']}" for k, v in r["pools"].items())]
+    lines += [
+        "",
+        "Per-pool preprocessing (seconds): "
+        + ", ".join(f"{k} n={v['n']}: stats {v['stats_s']}, embeddings {v['embed_s']}" for k, v in r["pools"].items()),
+    ]
     if r["cost_5000_vs_5000"]:
         c = r["cost_5000_vs_5000"]
-        lines += ["", f"5,000 vs 5,000 `drift`: cold cache {c['cold']['seconds']} s, warm cache "
-                      f"{c['warm']['seconds']} s (embeddings {c['embedding_seconds']} s)."]
+        lines += [
+            "",
+            f"5,000 vs 5,000 `drift`: cold cache {c['cold']['seconds']} s, warm cache "
+            f"{c['warm']['seconds']} s (embeddings {c['embedding_seconds']} s).",
+        ]
     lines += ["", f"Total benchmark time {r['seconds']} s on {r['machine']['cpus']} CPUs.", ""]
     return "\n".join(lines)
 

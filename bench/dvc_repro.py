@@ -56,8 +56,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "TRANSFERKIT_CACHE": str(WORK.parent / "dvc_repro-cache")}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TRANSFERKIT_CACHE": str(WORK.parent / "dvc_repro-cache"),
+    }
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     shutil.copytree(ROOT / "src", WORK / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -70,10 +74,33 @@ def main() -> None:
     (WORK / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     tk = BIN / "transferkit"
     sh([tk, "data", "builtin", "mnist", "--out", "data/reference", "--per-class", 50, "--size", 32, "-q"], WORK, env)
-    sh([tk, "data", "builtin", "digits", "--out", "data/target", "--per-class", 100, "--size", 32,
-        "--train-per-class", 10, "--val-per-class", 20, "-q"], WORK, env)  # fmt: skip
-    for cmd in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"], [BIN / "dvc", "config", "core.analytics", "false"],
-                [BIN / "dvc", "add", "-q", "data"]):  # fmt: skip
+    sh(
+        [
+            tk,
+            "data",
+            "builtin",
+            "digits",
+            "--out",
+            "data/target",
+            "--per-class",
+            100,
+            "--size",
+            32,
+            "--train-per-class",
+            10,
+            "--val-per-class",
+            20,
+            "-q",
+        ],
+        WORK,
+        env,
+    )
+    for cmd in (
+        ["git", "init", "-q"],
+        [BIN / "dvc", "init", "-q"],
+        [BIN / "dvc", "config", "core.analytics", "false"],
+        [BIN / "dvc", "add", "-q", "data"],
+    ):
         sh(cmd, WORK, env)
     nfiles = sum(1 for p in (WORK / "data").rglob("*") if p.is_file())
 
@@ -97,23 +124,36 @@ def main() -> None:
 
     best = min(noop)
     res = {
-        "benchmark": "dvc repro", "files": nfiles, "first_repro_s": round(first, 1), "first_stages": first_stages,
-        "noop_s": [round(x, 2) for x in noop], "noop_best_s": round(best, 2), "noop_x_first": round(best / first, 4),
-        "target_noop_s": TARGET_NOOP_S, "noop_within_target": max(noop) <= TARGET_NOOP_S, "param_changes": changes,
-        "cpu_threads": os.environ.get("OMP_NUM_THREADS"), "validate_max_gap": GATE_MAX_GAP,
-    }  # fmt: skip
+        "benchmark": "dvc repro",
+        "files": nfiles,
+        "first_repro_s": round(first, 1),
+        "first_stages": first_stages,
+        "noop_s": [round(x, 2) for x in noop],
+        "noop_best_s": round(best, 2),
+        "noop_x_first": round(best / first, 4),
+        "target_noop_s": TARGET_NOOP_S,
+        "noop_within_target": max(noop) <= TARGET_NOOP_S,
+        "param_changes": changes,
+        "cpu_threads": os.environ.get("OMP_NUM_THREADS"),
+        "validate_max_gap": GATE_MAX_GAP,
+    }
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "dvc_repro.json").write_text(json.dumps(res, indent=2) + "\n")
     md = [
-        "# dvc repro as a cache", "",
-        f"Demo data ({nfiles} files) and params (2 candidates); 2 cores shared with other jobs. Target: no-op repro <= {TARGET_NOOP_S:.0f} s.", "",
-        "| case | wall s | stages run | x first repro |", "|---|---|---|---|",
+        "# dvc repro as a cache",
+        "",
+        f"Demo data ({nfiles} files) and params (2 candidates); 2 cores shared with other jobs. Target: no-op repro <= {TARGET_NOOP_S:.0f} s.",
+        "",
+        "| case | wall s | stages run | x first repro |",
+        "|---|---|---|---|",
         f"| first repro (trains) | {first:.1f} | {', '.join(first_stages)} | 1.00 |",
         f"| no-op repro (best of {len(noop)}; max {max(noop):.2f}) | {best:.2f} | none | {best / first:.4f} |",
-    ]  # fmt: skip
-    md += [f"| change `{c['param']}` | {c['seconds']} | {', '.join(c['stages_run']) or 'none'} | {c['seconds'] / first:.2f} |"
-           for c in changes]  # fmt: skip
+    ]
+    md += [
+        f"| change `{c['param']}` | {c['seconds']} | {', '.join(c['stages_run']) or 'none'} | {c['seconds'] / first:.2f} |"
+        for c in changes
+    ]
     (results / "dvc_repro.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

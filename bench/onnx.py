@@ -117,11 +117,24 @@ def accuracy(run, batches) -> float:
     return correct / total
 
 
-def bench_model(label: str, torch_model, fp32: Path, int8: Path, test_batches, x1, x32, args,
-                int8_info: dict, int8_all: Path | None = None) -> dict:  # fmt: skip
+def bench_model(
+    label: str,
+    torch_model,
+    fp32: Path,
+    int8: Path,
+    test_batches,
+    x1,
+    x32,
+    args,
+    int8_info: dict,
+    int8_all: Path | None = None,
+) -> dict:
     """`int8` is the export recipe; `int8_all` (optional) the same with every Conv quantized, for contrast."""
-    engines = {"torch eager": torch_engine(torch_model), "ORT fp32": ort_engine(fp32, args.threads),
-               "ORT int8": ort_engine(int8, args.threads) if int8 and int8.is_file() else None}  # fmt: skip
+    engines = {
+        "torch eager": torch_engine(torch_model),
+        "ORT fp32": ort_engine(fp32, args.threads),
+        "ORT int8": ort_engine(int8, args.threads) if int8 and int8.is_file() else None,
+    }
     if int8_all is not None and int8_all.is_file():
         engines[INT8_ALL] = ort_engine(int8_all, args.threads)
     live = {name: run for name, run in engines.items() if run is not None}
@@ -135,29 +148,40 @@ def bench_model(label: str, torch_model, fp32: Path, int8: Path, test_batches, x
     rows = {name: rows[name] for name in engines}
     noise = fp32_noise_agreement(engines["ORT fp32"], test_batches)
     t, f, q = rows["torch eager"], rows["ORT fp32"], rows["ORT int8"]
-    ratios = {"fp32_vs_torch_b1": t["p50_ms_b1"] / f["p50_ms_b1"],
-              "fp32_vs_torch_b32": f["throughput_b32"] / t["throughput_b32"]}  # fmt: skip
+    ratios = {
+        "fp32_vs_torch_b1": t["p50_ms_b1"] / f["p50_ms_b1"],
+        "fp32_vs_torch_b32": f["throughput_b32"] / t["throughput_b32"],
+    }
     if "p50_ms_b1" in q:
-        ratios |= {"int8_vs_fp32_b1": f["p50_ms_b1"] / q["p50_ms_b1"],
-                   "int8_vs_fp32_b32": q["throughput_b32"] / f["throughput_b32"],
-                   "int8_vs_torch_b1": t["p50_ms_b1"] / q["p50_ms_b1"],
-                   "int8_accuracy_drop": f["test_accuracy"] - q["test_accuracy"]}  # fmt: skip
+        ratios |= {
+            "int8_vs_fp32_b1": f["p50_ms_b1"] / q["p50_ms_b1"],
+            "int8_vs_fp32_b32": q["throughput_b32"] / f["throughput_b32"],
+            "int8_vs_torch_b1": t["p50_ms_b1"] / q["p50_ms_b1"],
+            "int8_accuracy_drop": f["test_accuracy"] - q["test_accuracy"],
+        }
     if INT8_ALL in rows:
         a = rows[INT8_ALL]
-        ratios |= {"int8_all_vs_fp32_b1": f["p50_ms_b1"] / a["p50_ms_b1"],
-                   "int8_all_accuracy_drop": f["test_accuracy"] - a["test_accuracy"]}  # fmt: skip
+        ratios |= {
+            "int8_all_vs_fp32_b1": f["p50_ms_b1"] / a["p50_ms_b1"],
+            "int8_all_accuracy_drop": f["test_accuracy"] - a["test_accuracy"],
+        }
     targets = {
         "fp32_1.25x_torch_b1": ratios["fp32_vs_torch_b1"] >= FP32_TARGET,
         "int8_1.5x_fp32_b1": ratios.get("int8_vs_fp32_b1", 0) >= INT8_TARGET,
         "int8_drop_le_1pt": "int8_accuracy_drop" in ratios and ratios["int8_accuracy_drop"] <= MAX_DROP + 1e-9,
     }
-    for k, v in rows.items():
+    for v in rows.values():
         for m in ("p50_ms_b1", "p95_ms_b1", "throughput_b32", "test_accuracy"):
             if m in v:
                 v[m] = round(v[m], 4)
-    return {"rows": rows, "ratios": {k: round(v, 4) for k, v in ratios.items()}, "targets": targets,
-            "int8": int8_info, "n_test": sum(len(y) for _, y in test_batches),
-            "fp32_top1_agreement_under_1pct_input_noise": round(noise, 4)}  # fmt: skip
+    return {
+        "rows": rows,
+        "ratios": {k: round(v, 4) for k, v in ratios.items()},
+        "targets": targets,
+        "int8": int8_info,
+        "n_test": sum(len(y) for _, y in test_batches),
+        "fp32_top1_agreement_under_1pct_input_noise": round(noise, 4),
+    }
 
 
 def fp32_noise_agreement(run, batches, rel: float = 0.01) -> float:
@@ -190,8 +214,7 @@ def _inputs(test_batches, batch: int):
     return np.ascontiguousarray(allx[:1]), np.ascontiguousarray(np.concatenate([allx] * reps)[:batch])
 
 
-def _int8(fp32: Path, out: Path, train, test, transform, fp32_acc: float,
-          fp32_resolution: float | None = None) -> dict:  # fmt: skip
+def _int8(fp32: Path, out: Path, train, test, transform, fp32_acc: float, fp32_resolution: float | None = None) -> dict:
     """Quantize exactly as the export stage does, but always write the file (bound 100 points) so it is
     measured; whether `export` would keep it (1 point) is reported separately. `fp32_resolution=0`:
     every Conv int8 (the contrast row)."""
@@ -231,8 +254,12 @@ def demo_model(args, work: Path) -> tuple[dict, list]:
     rp = load_params(run / "params.yaml") if (run / "params.yaml").is_file() else load_params()
     metrics = read_json(run / "metrics.json")
     target = Path(metrics["target"]) if Path(metrics["target"]).is_absolute() else ROOT / metrics["target"]
-    ds = load_dataset(target, seed=int(metrics.get("seed", rp.seed)), val_fraction=rp.data.val_fraction,
-                      test_fraction=rp.data.test_fraction)  # fmt: skip
+    ds = load_dataset(
+        target,
+        seed=int(metrics.get("seed", rp.seed)),
+        val_fraction=rp.data.val_fraction,
+        test_fraction=rp.data.test_fraction,
+    )
     tf = zoo.eval_transform(loaded.data_config)
     test = ds.splits["test"]
     fp32 = model_dir / "model.onnx"
@@ -249,8 +276,9 @@ def demo_model(args, work: Path) -> tuple[dict, list]:
     x1, x32 = _inputs(batches, args.batch)
     label = f"demo: {meta['source_model']} {meta['strategy']} @ {meta['input_size'][-1]} px ({model_dir.name} of {model_dir.parent})"
     torch.manual_seed(0)
-    res = bench_model("demo", loaded.model.eval(), fp32, int8, batches, x1, x32, args, info,
-                      work / "demo.int8-all.onnx")
+    res = bench_model(
+        "demo", loaded.model.eval(), fp32, int8, batches, x1, x32, args, info, work / "demo.int8-all.onnx"
+    )
     return {"label": label, "model_dir": str(model_dir), **res}, ds
 
 
@@ -302,8 +330,9 @@ def full_model(args, work: Path, ds) -> dict:
     print("[full] quantizing ...", flush=True)
     info = _int8(fp32, work / "full.int8.onnx", ds.splits["train"], test, tf, fp32_acc) | {"exporter": how["exporter"]}
     _int8(fp32, work / "full.int8-all.onnx", ds.splits["train"], test, tf, fp32_acc, fp32_resolution=0.0)
-    res = bench_model("full", model, fp32, work / "full.int8.onnx", batches, x1, x32, args, info,
-                      work / "full.int8-all.onnx")
+    res = bench_model(
+        "full", model, fp32, work / "full.int8.onnx", batches, x1, x32, args, info, work / "full.int8-all.onnx"
+    )
     return {"label": "full: mobilenetv2_100 (ImageNet) + 10-class linear probe @ 224 px", **res}
 
 
@@ -316,23 +345,32 @@ def markdown(result: dict) -> str:
         "# ONNX benchmark (bench/onnx.py)",
         "",
         f"CPU: {env['cpu']} ({env['cores']} cores, "
-        + (f"load average {env['load_before']} when the run started" if "load_before" in env
-           else "**shared with other jobs while measured**") + "), "
+        + (
+            f"load average {env['load_before']} when the run started"
+            if "load_before" in env
+            else "**shared with other jobs while measured**"
+        )
+        + "), "
         f"{env['threads']} thread(s) for torch and ORT; torch {env['torch']}, onnxruntime {env['onnxruntime']}; "
         f"{result['created']}. Batch-1 latency over up to {result['args']['iters']} calls, batch-{result['args']['batch']} "
         "throughput; accuracy on the digits test split.",
         "",
     ]
     for m in result["models"]:
-        out += [f"## {m['label']}", "",
-                f"| engine | p50 ms (b1) | p95 ms (b1) | img/s (b{result['args']['batch']}) | test acc ({m['n_test']}) |",
-                "|---|---:|---:|---:|---:|"]  # fmt: skip
+        out += [
+            f"## {m['label']}",
+            "",
+            f"| engine | p50 ms (b1) | p95 ms (b1) | img/s (b{result['args']['batch']}) | test acc ({m['n_test']}) |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, r in m["rows"].items():
             if "p50_ms_b1" not in r:
                 out.append(f"| {name} | n/a | n/a | n/a | n/a ({r.get('error')}) |")
                 continue
-            out.append(f"| {name} | {r['p50_ms_b1']:.2f} | {r['p95_ms_b1']:.2f} | {r['throughput_b32']:.1f} | "
-                       f"{100 * r['test_accuracy']:.1f}% |")  # fmt: skip
+            out.append(
+                f"| {name} | {r['p50_ms_b1']:.2f} | {r['p95_ms_b1']:.2f} | {r['throughput_b32']:.1f} | "
+                f"{100 * r['test_accuracy']:.1f}% |"
+            )
         ra, tg = m["ratios"], m["targets"]
         yes = {True: "met", False: "**MISSED**"}
         out += [
@@ -349,16 +387,22 @@ def markdown(result: dict) -> str:
             ]
         q = m.get("int8") or {}
         if q.get("fp32_nodes") is not None:
-            out.append(f"- int8 recipe: QDQ, {q.get('activation_type')} activations / int8 per-channel weights, "
-                       f"reduce_range={q.get('reduce_range')}, {q.get('calibration')} calibration on "
-                       f"{q.get('calibration_images')} train images; {len(q['fp32_nodes'])} Conv nodes kept float32 "
-                       f"(input map >= {q.get('fp32_resolution')} of the image side)")  # fmt: skip
+            out.append(
+                f"- int8 recipe: QDQ, {q.get('activation_type')} activations / int8 per-channel weights, "
+                f"reduce_range={q.get('reduce_range')}, {q.get('calibration')} calibration on "
+                f"{q.get('calibration_images')} train images; {len(q['fp32_nodes'])} Conv nodes kept float32 "
+                f"(input map >= {q.get('fp32_resolution')} of the image side)"
+            )
         if "int8_all_accuracy_drop" in ra:
-            out.append(f"- Contrast, every Conv int8: {ra['int8_all_vs_fp32_b1']:.2f}x at batch 1, accuracy "
-                       f"{-100 * ra['int8_all_accuracy_drop']:+.1f} points")  # fmt: skip
+            out.append(
+                f"- Contrast, every Conv int8: {ra['int8_all_vs_fp32_b1']:.2f}x at batch 1, accuracy "
+                f"{-100 * ra['int8_all_accuracy_drop']:+.1f} points"
+            )
         if "fp32_top1_agreement_under_1pct_input_noise" in m:
-            out.append(f"- Fragility probe: fp32 with Gaussian input noise of 1% of the input std keeps "
-                       f"{100 * m['fp32_top1_agreement_under_1pct_input_noise']:.1f}% of its top-1 predictions")  # fmt: skip
+            out.append(
+                f"- Fragility probe: fp32 with Gaussian input noise of 1% of the input std keeps "
+                f"{100 * m['fp32_top1_agreement_under_1pct_input_noise']:.1f}% of its top-1 predictions"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -394,10 +438,15 @@ def main() -> None:
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds": round(time.perf_counter() - t0, 1),
         "args": vars(args),
-        "env": {"cpu": names[0] if names else cpu, "cores": os.cpu_count(), "threads": args.threads,
-                "load_before": load0,  # 1-min load average when the run started
-                "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},  # fmt: skip
+        "env": {
+            "cpu": names[0] if names else cpu,
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "load_before": load0,  # 1-min load average when the run started
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        },
         "targets": {"fp32_vs_torch_b1": FP32_TARGET, "int8_vs_fp32_b1": INT8_TARGET, "int8_max_drop": MAX_DROP},
         "models": models,
     }

@@ -46,8 +46,14 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work" / "select"
 RESULTS = ROOT / "bench" / "results"
 SOURCE = "zoo:mobilenetv2_100-mnist"
-CANDIDATES = ["mobilenetv2_100", "tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2",
-              SOURCE, "scratch:mobilenetv2_100"]  # fmt: skip
+CANDIDATES = [
+    "mobilenetv2_100",
+    "tf_efficientnet_lite0",
+    "tf_efficientnet_lite1",
+    "tf_efficientnet_lite2",
+    SOURCE,
+    "scratch:mobilenetv2_100",
+]
 # name: (builtin, per_class, train_per_class, val_per_class, epochs for 32 steps of batch 32)
 TARGETS = {
     "digits-10": ("digits", 60, 10, 10, 8),
@@ -61,11 +67,18 @@ SIZE = 64
 def params(epochs: int = 8):
     from transferkit.config import load_params
 
-    return load_params(None, {
-        "seed": 0, "data.image_size": SIZE, "data.batch_size": 32,
-        "train.epochs": epochs, "train.patience": epochs, "train.min_epochs": 0,
-        "select.probe": True,
-    })  # fmt: skip
+    return load_params(
+        None,
+        {
+            "seed": 0,
+            "data.image_size": SIZE,
+            "data.batch_size": 32,
+            "train.epochs": epochs,
+            "train.patience": epochs,
+            "train.min_epochs": 0,
+            "select.probe": True,
+        },
+    )
 
 
 def build_data() -> dict[str, Path]:
@@ -119,12 +132,20 @@ def measure(target: str, folder: Path, spec: str) -> dict:
     run = WORK / "runs" / target / _slug(spec)
     strategy = "scratch" if spec.startswith("scratch:") else "full"
     m = run_train(folder, run, p, spec, strategy=strategy, progress=False)
-    row.update({
-        "target": target, "finetune_strategy": strategy, "finetune_epochs": m["epochs"],
-        "finetune_best_epoch": m["best_epoch"], "finetune_val_accuracy": m["val_accuracy"],
-        "finetune_test_accuracy": m["test_accuracy"], "finetune_train_accuracy": m["train_accuracy"],
-        "finetune_seconds": m["seconds"], "n_score_images": len(plan.samples), "n_test": m["n_test"],
-    })  # fmt: skip
+    row.update(
+        {
+            "target": target,
+            "finetune_strategy": strategy,
+            "finetune_epochs": m["epochs"],
+            "finetune_best_epoch": m["best_epoch"],
+            "finetune_val_accuracy": m["val_accuracy"],
+            "finetune_test_accuracy": m["test_accuracy"],
+            "finetune_train_accuracy": m["train_accuracy"],
+            "finetune_seconds": m["seconds"],
+            "n_score_images": len(plan.samples),
+            "n_test": m["n_test"],
+        }
+    )
     from transferkit.io import write_json
 
     write_json(row_path, row)
@@ -134,8 +155,10 @@ def measure(target: str, folder: Path, spec: str) -> dict:
 def analyse(rows: dict[str, list[dict]]) -> dict:
     from scipy.stats import kendalltau
 
-    per_target, summary = {}, {s: {"tau": [], "tau_pre": [], "hit1": [], "hit2": [], "regret": [], "cost_ratio": []}
-                               for s in SCORES}  # fmt: skip
+    per_target, summary = (
+        {},
+        {s: {"tau": [], "tau_pre": [], "hit1": [], "hit2": [], "regret": [], "cost_ratio": []} for s in SCORES},
+    )
     for target, rs in rows.items():
         acc = {r["model"]: r["finetune_test_accuracy"] for r in rs}
         brute = sum(r["finetune_seconds"] for r in rs)
@@ -154,16 +177,26 @@ def analyse(rows: dict[str, list[dict]]) -> dict:
             top = ranked[0]["model"]
             cost = sum(r["timings"]["embed"] + r["timings"].get(s, 0.0) for r in have)
             d = {
-                "kendall_tau": round(float(tau), 3), "n": len(have), "top1": top,
-                "kendall_tau_pretrained": round(float(tau_pre), 3), "n_pretrained": len(have_pre),
-                "top1_hit": acc[top] == best_acc, "hit_at_2": any(acc[r["model"]] == best_acc for r in ranked[:2]),
-                "regret": round(best_acc - acc[top], 4), "seconds": round(cost, 1),
+                "kendall_tau": round(float(tau), 3),
+                "n": len(have),
+                "top1": top,
+                "kendall_tau_pretrained": round(float(tau_pre), 3),
+                "n_pretrained": len(have_pre),
+                "top1_hit": acc[top] == best_acc,
+                "hit_at_2": any(acc[r["model"]] == best_acc for r in ranked[:2]),
+                "regret": round(best_acc - acc[top], 4),
+                "seconds": round(cost, 1),
                 "cost_ratio": round(cost / brute, 4),
-            }  # fmt: skip
+            }
             t["scores"][s] = d
-            for k, v in (("tau", d["kendall_tau"]), ("tau_pre", d["kendall_tau_pretrained"]),
-                         ("hit1", d["top1_hit"]), ("hit2", d["hit_at_2"]),
-                         ("regret", d["regret"]), ("cost_ratio", d["cost_ratio"])):  # fmt: skip
+            for k, v in (
+                ("tau", d["kendall_tau"]),
+                ("tau_pre", d["kendall_tau_pretrained"]),
+                ("hit1", d["top1_hit"]),
+                ("hit2", d["hit_at_2"]),
+                ("regret", d["regret"]),
+                ("cost_ratio", d["cost_ratio"]),
+            ):
                 summary[s][k].append(v)
         t["finetune_best"] = [r["model"] for r in pre if acc[r["model"]] == best_acc]
         per_target[target] = t
@@ -172,67 +205,113 @@ def analyse(rows: dict[str, list[dict]]) -> dict:
         if not v["tau"]:
             continue
         agg[s] = {
-            "min_tau": min(v["tau"]), "mean_tau": round(sum(v["tau"]) / len(v["tau"]), 3),
-            "min_tau_pretrained": min(v["tau_pre"]), "mean_tau_pretrained": round(sum(v["tau_pre"]) / len(v["tau_pre"]), 3),
+            "min_tau": min(v["tau"]),
+            "mean_tau": round(sum(v["tau"]) / len(v["tau"]), 3),
+            "min_tau_pretrained": min(v["tau_pre"]),
+            "mean_tau_pretrained": round(sum(v["tau_pre"]) / len(v["tau_pre"]), 3),
             "top1_hit_rate": round(sum(v["hit1"]) / len(v["hit1"]), 3),
             "hit_at_2_rate": round(sum(v["hit2"]) / len(v["hit2"]), 3),
             "mean_regret": round(sum(v["regret"]) / len(v["regret"]), 4),
-            "max_cost_ratio": max(v["cost_ratio"]), "targets": len(v["tau"]),
-        }  # fmt: skip
+            "max_cost_ratio": max(v["cost_ratio"]),
+            "targets": len(v["tau"]),
+        }
     best_tau = max(agg, key=lambda s: (agg[s]["min_tau"], agg[s]["mean_tau"])) if agg else None
-    meets = bool(best_tau and agg[best_tau]["min_tau"] >= 0.6 and agg[best_tau]["max_cost_ratio"] <= 0.1
-                 and agg[best_tau]["targets"] == len(TARGETS))  # fmt: skip
+    meets = bool(
+        best_tau
+        and agg[best_tau]["min_tau"] >= 0.6
+        and agg[best_tau]["max_cost_ratio"] <= 0.1
+        and agg[best_tau]["targets"] == len(TARGETS)
+    )
     # Without a score that ranks reliably, `select.confirm: 2` fine-tunes the score's top 2: the score that
     # should order them is the one whose top 2 most often hold the fine-tuned best (then: least regret).
     rec = max(agg, key=lambda s: (agg[s]["hit_at_2_rate"], -agg[s]["mean_regret"], agg[s]["mean_tau"])) if agg else None
-    return {"per_target": per_target, "scores": agg, "best_tau": best_tau, "meets_target": meets,
-            "recommended": best_tau if meets else rec, "recommended_by": "min tau" if meets else "hit@2 for confirm"}
+    return {
+        "per_target": per_target,
+        "scores": agg,
+        "best_tau": best_tau,
+        "meets_target": meets,
+        "recommended": best_tau if meets else rec,
+        "recommended_by": "min tau" if meets else "hit@2 for confirm",
+    }
 
 
 def markdown(res: dict) -> str:
     lines = ["# select benchmark", "", res["setup"], ""]
     for target, rs in res["rows"].items():
-        lines += [f"## {target}", "", "| candidate | LogME | LEEP | kNN | probe | score s | fine-tuned test acc | fine-tune s |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"## {target}",
+            "",
+            "| candidate | LogME | LEEP | kNN | probe | score s | fine-tuned test acc | fine-tune s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in sorted(rs, key=lambda r: -r["finetune_test_accuracy"]):
             leep = "n/a" if r["leep"] is None else f"{r['leep']:.3f}"
-            lines.append(f"| {r['model']} | {r['logme']:.3f} | {leep} | {r['knn']:.3f} | {r['probe']:.3f} | "
-                         f"{r['seconds']:.1f} | {r['finetune_test_accuracy']:.3f} | {r['finetune_seconds']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {r['model']} | {r['logme']:.3f} | {leep} | {r['knn']:.3f} | {r['probe']:.3f} | "
+                f"{r['seconds']:.1f} | {r['finetune_test_accuracy']:.3f} | {r['finetune_seconds']:.0f} |"
+            )
         t = res["analysis"]["per_target"].get(target)
         if t:
-            lines += ["", "| score | Kendall tau | tau, pretrained only | top-1 pick | top-1 hit | hit@2 | regret | cost ratio |",
-                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "",
+                "| score | Kendall tau | tau, pretrained only | top-1 pick | top-1 hit | hit@2 | regret | cost ratio |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for s, d in t["scores"].items():
-                lines.append(f"| {s} | {d['kendall_tau']:+.3f} (n={d['n']}) | {d['kendall_tau_pretrained']:+.3f} "
-                             f"(n={d['n_pretrained']}) | {d['top1']} | {d['top1_hit']} | "
-                             f"{d['hit_at_2']} | {d['regret']:.3f} | {d['cost_ratio']:.3f} |")  # fmt: skip
+                lines.append(
+                    f"| {s} | {d['kendall_tau']:+.3f} (n={d['n']}) | {d['kendall_tau_pretrained']:+.3f} "
+                    f"(n={d['n_pretrained']}) | {d['top1']} | {d['top1_hit']} | "
+                    f"{d['hit_at_2']} | {d['regret']:.3f} | {d['cost_ratio']:.3f} |"
+                )
             n_test = rs[0]["n_test"]
             se = max((r["finetune_test_accuracy"] * (1 - r["finetune_test_accuracy"]) / n_test) ** 0.5 for r in rs)
-            lines += ["", f"fine-tuned best: {', '.join(t['finetune_best'])}; brute force {t['brute_force_seconds']:.0f} s; "
-                      f"{n_test} test images, so each fine-tuned accuracy carries up to ±{se:.3f} (1 s.e.)", ""]
+            lines += [
+                "",
+                f"fine-tuned best: {', '.join(t['finetune_best'])}; brute force {t['brute_force_seconds']:.0f} s; "
+                f"{n_test} test images, so each fine-tuned accuracy carries up to ±{se:.3f} (1 s.e.)",
+                "",
+            ]
     a = res["analysis"]
-    lines += ["## Summary over targets", "", "| score | min tau | mean tau | mean tau, pretrained only | top-1 hit rate | "
-              "hit@2 rate | mean regret | max cost ratio |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Summary over targets",
+        "",
+        "| score | min tau | mean tau | mean tau, pretrained only | top-1 hit rate | "
+        "hit@2 rate | mean regret | max cost ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s, d in a["scores"].items():
-        lines.append(f"| {s} | {d['min_tau']:+.3f} | {d['mean_tau']:+.3f} | {d['mean_tau_pretrained']:+.3f} | "
-                     f"{d['top1_hit_rate']:.2f} | {d['hit_at_2_rate']:.2f} | {d['mean_regret']:.3f} | "
-                     f"{d['max_cost_ratio']:.3f} |")  # fmt: skip
-    lines += ["", f"Highest minimum tau: **{a['best_tau']}**; target (tau >= 0.6 on every "
-              f"target and scoring <= 1/10 of brute force): **{'met' if a['meets_target'] else 'NOT met'}**"
-              + ("." if a["meets_target"] else
-                 f", so `select.confirm: 2` (fine-tune the top 2 briefly) is the default, and the score that orders "
-                 f"the candidates for it is the one whose top 2 held the fine-tuned best most often (then least "
-                 f"regret): **{a['recommended']}** (`select.metric` in params.yaml). Among the pretrained "
-                 "candidates alone no score ranks reliably: their fine-tuned accuracies differ by about the "
-                 "test-set noise."),
-              "", "Seconds are wall time on a 2-core machine shared with other jobs (load 5-8): a cost ratio is "
-              "only as steady as that load; the ratios compare scoring and fine-tuning measured in the same run.", ""]  # fmt: skip
+        lines.append(
+            f"| {s} | {d['min_tau']:+.3f} | {d['mean_tau']:+.3f} | {d['mean_tau_pretrained']:+.3f} | "
+            f"{d['top1_hit_rate']:.2f} | {d['hit_at_2_rate']:.2f} | {d['mean_regret']:.3f} | "
+            f"{d['max_cost_ratio']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Highest minimum tau: **{a['best_tau']}**; target (tau >= 0.6 on every "
+        f"target and scoring <= 1/10 of brute force): **{'met' if a['meets_target'] else 'NOT met'}**"
+        + (
+            "."
+            if a["meets_target"]
+            else f", so `select.confirm: 2` (fine-tune the top 2 briefly) is the default, and the score that orders "
+            f"the candidates for it is the one whose top 2 held the fine-tuned best most often (then least "
+            f"regret): **{a['recommended']}** (`select.metric` in params.yaml). Among the pretrained "
+            "candidates alone no score ranks reliably: their fine-tuned accuracies differ by about the "
+            "test-set noise."
+        ),
+        "",
+        "Seconds are wall time on a 2-core machine shared with other jobs (load 5-8): a cost ratio is "
+        "only as steady as that load; the ratios compare scoring and fine-tuning measured in the same run.",
+        "",
+    ]
     if res.get("pixels"):
         lines += [pixels_markdown(res)]
     if res.get("source"):
         c = res["source"]
-        lines += [f"Source model `{c['spec']}`: {c['arch']} from ImageNet, {c['epochs']} epochs on {c['trained_on']['n_train']} "
-                  f"MNIST images, test accuracy {c['accuracy']['test']:.3f}, {c['seconds']:.0f} s (one-off, not counted).", ""]  # fmt: skip
+        lines += [
+            f"Source model `{c['spec']}`: {c['arch']} from ImageNet, {c['epochs']} epochs on {c['trained_on']['n_train']} "
+            f"MNIST images, test accuracy {c['accuracy']['test']:.3f}, {c['seconds']:.0f} s (one-off, not counted).",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -247,26 +326,39 @@ def measure_pixels(target: str, folder: Path) -> dict:
     row = score_candidate("pixels", plan.samples, plan.data_md5, p, progress=False)
     base = fit_no_transfer(load_dataset(folder), p, progress=False)
     best = max(base, key=lambda r: r["val_accuracy"])
-    row.update({"target": target, "no_transfer": {r["name"]: {"val": r["val_accuracy"], "test": r["test_accuracy"],
-                                                              "seconds": r["seconds"]} for r in base},
-                "best_no_transfer": best["name"], "best_no_transfer_test": best["test_accuracy"]})  # fmt: skip
+    row.update(
+        {
+            "target": target,
+            "no_transfer": {
+                r["name"]: {"val": r["val_accuracy"], "test": r["test_accuracy"], "seconds": r["seconds"]} for r in base
+            },
+            "best_no_transfer": best["name"],
+            "best_no_transfer_test": best["test_accuracy"],
+        }
+    )
     return row
 
 
 def pixels_markdown(res: dict) -> str:
-    lines = ["## No transfer: the raw-pixel control and the best no-transfer baseline", "",
-             "| target | pixels kNN | best pretrained kNN | any source beats pixels (kNN)? | best no-transfer test "
-             "(chosen on val) | best fine-tuned test | transfer wins after training? |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## No transfer: the raw-pixel control and the best no-transfer baseline",
+        "",
+        "| target | pixels kNN | best pretrained kNN | any source beats pixels (kNN)? | best no-transfer test "
+        "(chosen on val) | best fine-tuned test | transfer wins after training? |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for target, pr in res["pixels"].items():
         rs = [r for r in res["rows"].get(target, []) if not r["control"]]
         if not rs:
             continue
         knn = max(rs, key=lambda r: r["knn"])
         ft = max(rs, key=lambda r: r["finetune_test_accuracy"])
-        lines.append(f"| {target} | {pr['knn']:.3f} | {knn['knn']:.3f} ({knn['model']}) | "
-                     f"{'yes' if knn['knn'] > pr['knn'] else 'no'} | {pr['best_no_transfer_test']:.3f} "
-                     f"({pr['best_no_transfer']}) | {ft['finetune_test_accuracy']:.3f} ({ft['model']}) | "
-                     f"{'yes' if ft['finetune_test_accuracy'] > pr['best_no_transfer_test'] else 'no'} |")  # fmt: skip
+        lines.append(
+            f"| {target} | {pr['knn']:.3f} | {knn['knn']:.3f} ({knn['model']}) | "
+            f"{'yes' if knn['knn'] > pr['knn'] else 'no'} | {pr['best_no_transfer_test']:.3f} "
+            f"({pr['best_no_transfer']}) | {ft['finetune_test_accuracy']:.3f} ({ft['model']}) | "
+            f"{'yes' if ft['finetune_test_accuracy'] > pr['best_no_transfer_test'] else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -309,9 +401,12 @@ def main() -> None:
                 continue
             r = measure(target, folders[target], spec)
             rows[target].append(r)
-            print(f"{target:<12} {spec:<26} logme={r['logme']:+.3f} leep={r['leep'] if r['leep'] is None else round(r['leep'], 3)} "
-                  f"knn={r['knn']:.3f} probe={r['probe']:.3f} ({r['seconds']:.1f}s) "
-                  f"finetuned={r['finetune_test_accuracy']:.3f} ({r['finetune_seconds']:.0f}s)", flush=True)  # fmt: skip
+            print(
+                f"{target:<12} {spec:<26} logme={r['logme']:+.3f} leep={r['leep'] if r['leep'] is None else round(r['leep'], 3)} "
+                f"knn={r['knn']:.3f} probe={r['probe']:.3f} ({r['seconds']:.1f}s) "
+                f"finetuned={r['finetune_test_accuracy']:.3f} ({r['finetune_seconds']:.0f}s)",
+                flush=True,
+            )
         if len(rows[target]) < 3:
             rows.pop(target)
     if card is None:
@@ -324,16 +419,21 @@ def main() -> None:
     import torch
 
     res = {
-        "setup": (f"{len(CANDIDATES)} candidates x {len(rows)} targets at {SIZE} px; fine-tuning budget: 32 steps of "
-                  f"batch 32, every layer (scratch control: scratch LR); threads: OMP_NUM_THREADS="
-                  f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.get_num_threads()}; {platform.processor() or platform.machine()}"),
+        "setup": (
+            f"{len(CANDIDATES)} candidates x {len(rows)} targets at {SIZE} px; fine-tuning budget: 32 steps of "
+            f"batch 32, every layer (scratch control: scratch LR); threads: OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.get_num_threads()}; {platform.processor() or platform.machine()}"
+        ),
         "candidates": CANDIDATES,
-        "targets": {k: dict(zip(("builtin", "per_class", "train_per_class", "val_per_class", "epochs"), v)) for k, v in TARGETS.items()},
+        "targets": {
+            k: dict(zip(("builtin", "per_class", "train_per_class", "val_per_class", "epochs"), v))
+            for k, v in TARGETS.items()
+        },
         "rows": rows,
         "analysis": analyse(rows),
         "source": card,
         "wall_seconds": round(time.perf_counter() - t0, 1),
-    }  # fmt: skip
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     from transferkit.io import atomic_write_text, read_json, write_json
 

@@ -31,7 +31,6 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirn
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import io
 import json
 import os
 import platform
@@ -62,8 +61,18 @@ def build_repo(work: Path, size: int) -> tuple[Path, Path]:
         return repo, data
     shutil.rmtree(work, ignore_errors=True)
     write_builtin("digits", data, per_class=30, size=size, train_per_class=10, val_per_class=10, progress=False)
-    p = load_params(None, {"data.image_size": size, "data.batch_size": 32, "train.epochs": 2, "train.min_epochs": 1,
-                           "export.opset": 17, "export.int8": False, "export.name": "digits"})  # fmt: skip
+    p = load_params(
+        None,
+        {
+            "data.image_size": size,
+            "data.batch_size": 32,
+            "train.epochs": 2,
+            "train.min_epochs": 1,
+            "export.opset": 17,
+            "export.int8": False,
+            "export.name": "digits",
+        },
+    )
     run_train(data, run, p, "mobilenetv2_100", "linear-probe", progress=False)
     for _ in range(2):
         run_export(run, repo, p, force=True, progress=False)
@@ -81,8 +90,24 @@ def start_server(repo: Path, log: Path, *args: str) -> tuple[subprocess.Popen, s
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", "--repo", str(repo), "--port", str(port),
-                             "--poll-interval", "0.2", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "transferkit.cli",
+            "serve",
+            "--repo",
+            str(repo),
+            "--port",
+            str(port),
+            "--poll-interval",
+            "0.2",
+            *args,
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -134,11 +159,16 @@ async def load(url: str, png: bytes, concurrency: int, seconds: float, max_reque
     ok = [r for r in records if r[2] == 200]
     lat = np.array([r[1] for r in ok]) * 1000 if ok else np.array([np.nan])
     return {
-        "concurrency": concurrency, "requests": len(records), "ok": len(ok), "failed": len(records) - len(ok),
-        "seconds": round(elapsed, 2), "throughput_rps": round(len(ok) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "concurrency": concurrency,
+        "requests": len(records),
+        "ok": len(ok),
+        "failed": len(records) - len(ok),
+        "seconds": round(elapsed, 2),
+        "throughput_rps": round(len(ok) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "_records": records,
-    }  # fmt: skip
+    }
 
 
 def mean_batch_counts(url: str) -> tuple[float, float]:
@@ -170,17 +200,22 @@ def _ms(text: str) -> float:
 
 def wrk_load(url: str, png_path: Path, concurrency: int, seconds: float, work: Path) -> dict:
     """One wrk cell: CONCURRENCY connections posting the PNG (raw image/png body) for SECONDS."""
-    return wrk_post(f"{url}/v1/models/digits/predict", png_path, {"Content-Type": "image/png"}, concurrency, seconds, work)
+    return wrk_post(
+        f"{url}/v1/models/digits/predict", png_path, {"Content-Type": "image/png"}, concurrency, seconds, work
+    )
 
 
 def wrk_post(url: str, body_path: Path, headers: dict, concurrency: int, seconds: float, work: Path) -> dict:
     """wrk posting the file's bytes with these headers on CONCURRENCY connections for SECONDS."""
     script = work / "post.lua"
-    script.write_text('local f = io.open(os.getenv("TK_BODY"), "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\n'
-                      "f:close()\n" + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items()))  # fmt: skip
+    script.write_text(
+        'local f = io.open(os.getenv("TK_BODY"), "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\n'
+        "f:close()\n" + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    )
     cmd = ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{seconds:g}s", "-s", str(script), "--latency", url]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TK_BODY": str(body_path)},
-                         timeout=seconds + 60).stdout  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "TK_BODY": str(body_path)}, timeout=seconds + 60
+    ).stdout
     return _wrk_parse(out, concurrency)
 
 
@@ -189,11 +224,25 @@ def _wrk_parse(out: str, concurrency: int) -> dict:
     pct = {ln.split()[0]: _ms(ln.split()[1]) for ln in lines if ln.split() and ln.split()[0] in ("50%", "99%")}
     total = next(int(ln.split()[0]) for ln in lines if "requests in" in ln)
     bad = sum(int(ln.rsplit(None, 1)[1]) for ln in lines if ln.startswith("Non-2xx"))
-    errors = next((sum(int(x) for x in re.findall(r"\d+", ln.split(":", 1)[1])) for ln in lines if ln.startswith("Socket errors")), 0)
+    errors = next(
+        (
+            sum(int(x) for x in re.findall(r"\d+", ln.split(":", 1)[1]))
+            for ln in lines
+            if ln.startswith("Socket errors")
+        ),
+        0,
+    )
     elapsed = float(next(re.search(r"in ([\d.]+)(m?s)", ln).group(1) for ln in lines if "requests in" in ln))
-    return {"concurrency": concurrency, "requests": total, "ok": total - bad, "failed": bad + errors,
-            "seconds": elapsed, "throughput_rps": round((total - bad) / elapsed, 1),
-            "p50_ms": round(pct["50%"], 2), "p99_ms": round(pct["99%"], 2)}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": total,
+        "ok": total - bad,
+        "failed": bad + errors,
+        "seconds": elapsed,
+        "throughput_rps": round((total - bad) / elapsed, 1),
+        "p50_ms": round(pct["50%"], 2),
+        "p99_ms": round(pct["99%"], 2),
+    }
 
 
 def throughput(repo: Path, png: bytes, png_path: Path, a, logs: Path) -> tuple[list[dict], str]:
@@ -214,11 +263,21 @@ def throughput(repo: Path, png: bytes, png_path: Path, a, logs: Path) -> tuple[l
                 else:
                     r = asyncio.run(load(url, png, conc, a.seconds, a.max_requests))
                     r.pop("_records")
-                rows.append({"batching": batching, "delay_ms": delay, "ort_threads": threads, **r,
-                             "mean_batch": mean_batch(url, before) if batching else 1.0})  # fmt: skip
-                print(f"  batching={batching!s:<5} delay={delay} c={conc:<3} {r['throughput_rps']:>7} req/s  "
-                      f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  failed {r['failed']}  "
-                      f"mean batch {rows[-1]['mean_batch']}", flush=True)  # fmt: skip
+                rows.append(
+                    {
+                        "batching": batching,
+                        "delay_ms": delay,
+                        "ort_threads": threads,
+                        **r,
+                        "mean_batch": mean_batch(url, before) if batching else 1.0,
+                    }
+                )
+                print(
+                    f"  batching={batching!s:<5} delay={delay} c={conc:<3} {r['throughput_rps']:>7} req/s  "
+                    f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  failed {r['failed']}  "
+                    f"mean batch {rows[-1]['mean_batch']}",
+                    flush=True,
+                )
         finally:
             stop(proc)
     return rows, client
@@ -271,9 +330,11 @@ def hot_swap(repo: Path, png: bytes, a, logs: Path) -> dict:
 
         async def events(t0):
             step = a.swap_seconds / 4
-            for key, act in (("promote", lambda: promote(repo, "digits", 1, reason="bench: hot swap")),
-                             ("rollback", lambda: rollback(repo, "digits", reason="bench: rollback")),
-                             ("broken", lambda: promote(repo, "digits", 3, reason="bench: broken version"))):  # fmt: skip
+            for key, act in (
+                ("promote", lambda: promote(repo, "digits", 1, reason="bench: hot swap")),
+                ("rollback", lambda: rollback(repo, "digits", reason="bench: rollback")),
+                ("broken", lambda: promote(repo, "digits", 3, reason="bench: broken version")),
+            ):
                 await asyncio.sleep(max(0.0, t0 + step * (len(marks) + 1) - time.perf_counter()))
                 marks[key] = time.perf_counter() - t0
                 await asyncio.to_thread(act)
@@ -294,7 +355,8 @@ def hot_swap(repo: Path, png: bytes, a, logs: Path) -> dict:
     return {
         **r,
         "versions_served": {str(v): sum(1 for *_, st, vv in rec if st == 200 and vv == v) for v in (1, 2, 3)},
-        "promote_at_s": round(marks["promote"], 2), "rollback_at_s": round(marks["rollback"], 2),
+        "promote_at_s": round(marks["promote"], 2),
+        "rollback_at_s": round(marks["rollback"], 2),
         "broken_at_s": round(marks["broken"], 2),
         "switch_to_v1_s": first_from(marks["promote"], 1),
         "switch_back_to_v2_s": first_from(marks["rollback"], 2),
@@ -303,7 +365,7 @@ def hot_swap(repo: Path, png: bytes, a, logs: Path) -> dict:
         "broken_refused": "3" in status["failed_versions"],
         "broken_reason": status["failed_versions"].get("3", "")[:160],
         "failed_during_broken": sum(1 for s, _, st, _ in rec if st != 200 and marks["broken"] <= s <= end_broken),
-    }  # fmt: skip
+    }
 
 
 # --------------------------------------------------------------------------- Open Inference Protocol side by side
@@ -313,8 +375,18 @@ PEERS_VENV = WORK.parent / "peers-venv"  # kserve + nvidia-pytriton + onnxruntim
 
 def v2_request(x: np.ndarray) -> tuple[bytes, int]:
     """One binary-tensor V2 inference request (JSON header + raw FP32), the same bytes for every server."""
-    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
     return head + x.astype("<f4").tobytes(), len(head)
 
 
@@ -324,18 +396,38 @@ def wrk_v2(url: str, body_path: Path, header_len: int, concurrency: int, seconds
     return wrk_post(f"{url}/v2/models/digits/infer", body_path, headers, concurrency, seconds, work)
 
 
-def start_peer(kind: str, onnx: Path, log: Path, threads: int, timeout: float = 120) -> tuple[subprocess.Popen | None, str, str | None]:
+def start_peer(
+    kind: str, onnx: Path, log: Path, threads: int, timeout: float = 120
+) -> tuple[subprocess.Popen | None, str, str | None]:
     """(process, url, None) once /v2/models/digits/ready answers 200, else (None, url, why it did not run)."""
     import httpx
 
     py = PEERS_VENV / "bin" / "python"
     if not py.is_file():
-        return None, "", f"no {PEERS_VENV.relative_to(ROOT)} (python -m venv it; pip install kserve nvidia-pytriton onnxruntime)"
+        return (
+            None,
+            "",
+            f"no {PEERS_VENV.relative_to(ROOT)} (python -m venv it; pip install kserve nvidia-pytriton onnxruntime)",
+        )
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(py), str(ROOT / "bench" / "serve_peer.py"), kind, "--onnx", str(onnx), "--port", str(port),
-                             "--threads", str(threads)], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            str(py),
+            str(ROOT / "bench" / "serve_peer.py"),
+            kind,
+            "--onnx",
+            str(onnx),
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -396,8 +488,15 @@ def side_by_side(repo: Path, a, logs: Path) -> dict:
             print(f"  {kind}: not run: {why}", flush=True)
             continue
         try:
-            r = httpx.post(f"{url}/v2/models/digits/infer", content=body, timeout=30,
-                           headers={"Inference-Header-Content-Length": str(header_len), "Content-Type": "application/octet-stream"})  # fmt: skip
+            r = httpx.post(
+                f"{url}/v2/models/digits/infer",
+                content=body,
+                timeout=30,
+                headers={
+                    "Inference-Header-Content-Length": str(header_len),
+                    "Content-Type": "application/octet-stream",
+                },
+            )
             if r.status_code != 200:
                 servers[kind] = {"ran": False, "reason": f"answered {r.status_code}: {r.text[:200]}"}
                 print(f"  {kind}: not run: {servers[kind]['reason']}", flush=True)
@@ -410,8 +509,11 @@ def side_by_side(repo: Path, a, logs: Path) -> dict:
             for conc in (1, 16):
                 row = wrk_v2(url, body_path, header_len, conc, a.seconds, logs)
                 rows.append(row)
-                print(f"  {kind:<11} c={conc:<3} {row['throughput_rps']:>7} req/s  p50 {row['p50_ms']} ms  "
-                      f"p99 {row['p99_ms']} ms  failed {row['failed']}", flush=True)  # fmt: skip
+                print(
+                    f"  {kind:<11} c={conc:<3} {row['throughput_rps']:>7} req/s  p50 {row['p50_ms']} ms  "
+                    f"p99 {row['p99_ms']} ms  failed {row['failed']}",
+                    flush=True,
+                )
             servers[kind] = {"ran": True, "max_abs_diff_vs_onnxruntime": diff, "rows": rows}
         finally:
             stop_fn(proc)
@@ -420,44 +522,81 @@ def side_by_side(repo: Path, a, logs: Path) -> dict:
     for peer, res in servers.items():
         if peer == "transferkit" or not res["ran"]:
             continue
-        ratios[peer] = {str(o["concurrency"]): {
-            "throughput": round(o["throughput_rps"] / p["throughput_rps"], 2) if p["throughput_rps"] else None,
-            "p50": round(o["p50_ms"] / p["p50_ms"], 2) if p["p50_ms"] else None,
-            "p99": round(o["p99_ms"] / p["p99_ms"], 2) if p["p99_ms"] else None,
-        } for o, p in zip(ours["rows"], res["rows"])}  # fmt: skip
-    return {"model": str(onnx.relative_to(ROOT)), "request": f"binary FP32 [1, {', '.join(map(str, meta['input_size']))}] "
-            f"({len(body)} bytes), JSON logits back", "servers": servers, "ratios_ours_over_peer": ratios}  # fmt: skip
+        ratios[peer] = {
+            str(o["concurrency"]): {
+                "throughput": round(o["throughput_rps"] / p["throughput_rps"], 2) if p["throughput_rps"] else None,
+                "p50": round(o["p50_ms"] / p["p50_ms"], 2) if p["p50_ms"] else None,
+                "p99": round(o["p99_ms"] / p["p99_ms"], 2) if p["p99_ms"] else None,
+            }
+            for o, p in zip(ours["rows"], res["rows"])
+        }
+    return {
+        "model": str(onnx.relative_to(ROOT)),
+        "request": f"binary FP32 [1, {', '.join(map(str, meta['input_size']))}] ({len(body)} bytes), JSON logits back",
+        "servers": servers,
+        "ratios_ours_over_peer": ratios,
+    }
 
 
 def write_side_by_side(res: dict, a) -> None:
     import onnxruntime
 
-    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                       "onnxruntime": onnxruntime.__version__, "note": "2 cores shared with other jobs; wrk and the server on one host"},
-           "settings": vars(a), **res}  # fmt: skip
+    out = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__,
+            "note": "2 cores shared with other jobs; wrk and the server on one host",
+        },
+        "settings": vars(a),
+        **res,
+    }
     dest = ROOT / "bench" / "results"
     (dest / "serve_v2.json").write_text(json.dumps(out, indent=2) + "\n")
     versions = {}
     py = PEERS_VENV / "bin" / "python"
     if py.is_file():
-        versions = json.loads(subprocess.run([str(py), "-c", "import json, importlib.metadata as m; print(json.dumps("
-                                              "{p: m.version(p) for p in ('kserve', 'nvidia-pytriton', 'onnxruntime')}))"],
-                                             capture_output=True, text=True).stdout or "{}")  # fmt: skip
-    md = ["# bench/serve.py --v2: Open Inference Protocol side by side", "",
-          f"Same model.onnx ({res['model']}), same request bytes ({res['request']}), same load generator (wrk, "
-          f"1 thread, {a.seconds:g} s per cell) on loopback, one server process each, onnxruntime CPU with "
-          f"{a.threads_batching} intra-op thread; {os.cpu_count()} CPU cores shared with wrk and with other jobs. "
-          f"Peers: {', '.join(f'{k} {v}' for k, v in versions.items()) or 'n/a'} (bench/serve_peer.py).", "",
-          "| server | concurrency | req/s | p50 ms | p99 ms | failed | max abs diff vs onnxruntime |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        versions = json.loads(
+            subprocess.run(
+                [
+                    str(py),
+                    "-c",
+                    "import json, importlib.metadata as m; print(json.dumps("
+                    "{p: m.version(p) for p in ('kserve', 'nvidia-pytriton', 'onnxruntime')}))",
+                ],
+                capture_output=True,
+                text=True,
+            ).stdout
+            or "{}"
+        )
+    md = [
+        "# bench/serve.py --v2: Open Inference Protocol side by side",
+        "",
+        f"Same model.onnx ({res['model']}), same request bytes ({res['request']}), same load generator (wrk, "
+        f"1 thread, {a.seconds:g} s per cell) on loopback, one server process each, onnxruntime CPU with "
+        f"{a.threads_batching} intra-op thread; {os.cpu_count()} CPU cores shared with wrk and with other jobs. "
+        f"Peers: {', '.join(f'{k} {v}' for k, v in versions.items()) or 'n/a'} (bench/serve_peer.py).",
+        "",
+        "| server | concurrency | req/s | p50 ms | p99 ms | failed | max abs diff vs onnxruntime |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for kind, r in res["servers"].items():
         if not r["ran"]:
             md.append(f"| {kind} | - | not run: {r['reason']} | | | | |")
             continue
         for row in r["rows"]:
-            md.append(f"| {kind} | {row['concurrency']} | {row['throughput_rps']} | {row['p50_ms']} | {row['p99_ms']} | "
-                      f"{row['failed']} | {r['max_abs_diff_vs_onnxruntime']:.2g} |")  # fmt: skip
-    md += ["", "Ratios, transferkit / peer (throughput > 1: we serve more; latency < 1: we answer sooner):", "",
-           "| peer | concurrency | throughput | p50 | p99 |", "|---|---|---|---|---|"]
+            md.append(
+                f"| {kind} | {row['concurrency']} | {row['throughput_rps']} | {row['p50_ms']} | {row['p99_ms']} | "
+                f"{row['failed']} | {r['max_abs_diff_vs_onnxruntime']:.2g} |"
+            )
+    md += [
+        "",
+        "Ratios, transferkit / peer (throughput > 1: we serve more; latency < 1: we answer sooner):",
+        "",
+        "| peer | concurrency | throughput | p50 | p99 |",
+        "|---|---|---|---|---|",
+    ]
     for peer, by in res["ratios_ours_over_peer"].items():
         for conc, r in by.items():
             md.append(f"| {peer} | {conc} | {r['throughput']} | {r['p50']} | {r['p99']} |")
@@ -471,16 +610,30 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="load per throughput cell")
     ap.add_argument("--max-requests", type=int, default=5000, help="cap per throughput cell")
     ap.add_argument("--swap-seconds", type=float, default=30.0, help="load during the hot-swap phase")
-    ap.add_argument("--size", type=int, default=32, help="model input size in px (inference cost grows with its square)")
-    ap.add_argument("--threads-batching", type=int, default=1,
-                    help="onnxruntime intra-op threads with batching (one inference thread runs each batch; more "
-                         "than 1 spins against other jobs on a shared machine: 2.3x slower here)")
-    ap.add_argument("--threads-no-batching", type=int, default=1,
-                    help="onnxruntime intra-op threads without batching (4 inference threads run requests side by side)")
+    ap.add_argument(
+        "--size", type=int, default=32, help="model input size in px (inference cost grows with its square)"
+    )
+    ap.add_argument(
+        "--threads-batching",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads with batching (one inference thread runs each batch; more "
+        "than 1 spins against other jobs on a shared machine: 2.3x slower here)",
+    )
+    ap.add_argument(
+        "--threads-no-batching",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads without batching (4 inference threads run requests side by side)",
+    )
     ap.add_argument("--delay-ms", type=float, default=2.0, help="max queue delay of the second batching row")
     ap.add_argument("--httpx", action="store_true", help="load from httpx even when wrk is installed")
-    ap.add_argument("--v2", action="store_true", help="only the Open Inference Protocol side by side with KServe "
-                    "and PyTriton (needs wrk and bench/.work/peers-venv); writes bench/results/serve_v2.{json,md}")
+    ap.add_argument(
+        "--v2",
+        action="store_true",
+        help="only the Open Inference Protocol side by side with KServe "
+        "and PyTriton (needs wrk and bench/.work/peers-venv); writes bench/results/serve_v2.{json,md}",
+    )
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t_start = time.perf_counter()
@@ -510,9 +663,18 @@ def main() -> None:
     import onnxruntime
 
     out = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "onnxruntime": onnxruntime.__version__, "note": "2 cores shared with other jobs; client and server on one host"},
-        "model": {"repo": str(repo.relative_to(ROOT)), "arch": "mobilenetv2_100 linear probe", "input": f"{a.size} px digit PNG"},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__,
+            "note": "2 cores shared with other jobs; client and server on one host",
+        },
+        "model": {
+            "repo": str(repo.relative_to(ROOT)),
+            "arch": "mobilenetv2_100 linear probe",
+            "input": f"{a.size} px digit PNG",
+        },
         "settings": vars(a),
         "client": client,
         "throughput": rows,
@@ -523,7 +685,7 @@ def main() -> None:
         "hot_swap": swap,
         "hot_swap_target_met": swap["failed"] == 0,
         "seconds_total": round(time.perf_counter() - t_start, 1),
-    }  # fmt: skip
+    }
     res = ROOT / "bench" / "results"
     res.mkdir(exist_ok=True)
     (res / "serve.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -537,9 +699,11 @@ def main() -> None:
         "",
         "| batching | max queue delay ms | ORT threads | concurrency | req/s | p50 ms | p99 ms | mean batch | failed |",
         "|---|---|---|---|---|---|---|---|---|",
-        *[f"| {'on' if r['batching'] else 'off'} | {'-' if r['delay_ms'] is None else r['delay_ms']} | {r['ort_threads']} | "
-          f"{r['concurrency']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} | {r['failed']} |"
-          for r in rows],
+        *[
+            f"| {'on' if r['batching'] else 'off'} | {'-' if r['delay_ms'] is None else r['delay_ms']} | {r['ort_threads']} | "
+            f"{r['concurrency']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} | {r['failed']} |"
+            for r in rows
+        ],
         "",
         f"Batching speed-up at concurrency 16 (best batching row vs off): **{ratio}x** (target >= {TARGET_RATIO}x: "
         f"{'met' if out['target_met'] else 'missed'}).",
@@ -568,7 +732,7 @@ def main() -> None:
         "",
         f"Requests per version: {swap['versions_served']}. Total benchmark time {out['seconds_total']} s.",
         "",
-    ]  # fmt: skip
+    ]
     (res / "serve.md").write_text("\n".join(md))
     print("\n".join(md))
 

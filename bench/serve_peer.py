@@ -50,8 +50,9 @@ def run_kserve(a) -> None:
 
     import logging
 
-    server = ModelServer(http_port=a.port, grpc_port=a.port + 1, workers=1, enable_grpc=False,
-                         enable_latency_logging=False)  # fmt: skip
+    server = ModelServer(
+        http_port=a.port, grpc_port=a.port + 1, workers=1, enable_grpc=False, enable_latency_logging=False
+    )
     for name in ("uvicorn.access", "kserve.trace"):  # as `transferkit serve`: no line per request
         logging.getLogger(name).disabled = True
     server.start([OnnxModel(a.name)])
@@ -64,7 +65,7 @@ def run_pytriton(a) -> None:
     from pytriton.triton import Triton, TritonConfig
 
     sess = session(a.onnx, a.threads)
-    inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
+    inp = sess.get_inputs()[0]
 
     @batch
     def infer(**inputs):
@@ -72,10 +73,14 @@ def run_pytriton(a) -> None:
 
     cfg = TritonConfig(http_port=a.port, grpc_port=a.port + 1, metrics_port=a.port + 2, log_verbose=0)
     with Triton(config=cfg) as triton:
-        triton.bind(model_name=a.name, infer_func=infer,
-                    inputs=[Tensor(name="input", dtype=np.float32, shape=tuple(inp.shape[1:]))],
-                    outputs=[Tensor(name="logits", dtype=np.float32, shape=(-1,))],
-                    config=ModelConfig(max_batch_size=32, batcher=DynamicBatcher()), strict=False)  # fmt: skip
+        triton.bind(
+            model_name=a.name,
+            infer_func=infer,
+            inputs=[Tensor(name="input", dtype=np.float32, shape=tuple(inp.shape[1:]))],
+            outputs=[Tensor(name="logits", dtype=np.float32, shape=(-1,))],
+            config=ModelConfig(max_batch_size=32, batcher=DynamicBatcher()),
+            strict=False,
+        )
         print(json.dumps({"serving": a.name, "port": a.port}), flush=True)
         triton.serve()
 

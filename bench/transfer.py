@@ -83,8 +83,7 @@ def mnist_source(epochs: int) -> str:
     if not ckpt.is_file():
         data = WORK / "data" / "mnist200"
         if not (data / "test").is_dir():
-            write_builtin("mnist", data, per_class=260, size=32, train_per_class=200, val_per_class=30,
-                          progress=False)  # fmt: skip
+            write_builtin("mnist", data, per_class=260, size=32, train_per_class=200, val_per_class=30, progress=False)
         p = load_params(None, {"data.image_size": 48, "train.epochs": epochs, "train.patience": epochs})
         m = run_train(data, WORK / "mnist-pre", p, "mobilenetv2_100", strategy="full", progress=True)
         print(f"mnist-pre: MNIST test accuracy {m['test_accuracy']:.3f} in {m['seconds']:.0f} s")
@@ -111,24 +110,42 @@ def run_cells(targets: list[str], seeds: list[int], epochs_override: int | None)
                 if (target, label, seed) in done:
                     continue
                 spec = mnist_source(4) if source == "mnist-pre" else source
-                over = {"seed": seed, "data.image_size": 48, "train.epochs": epochs, "train.patience": epochs,
-                        "train.min_epochs": 0, **extra}  # fmt: skip
+                over = {
+                    "seed": seed,
+                    "data.image_size": 48,
+                    "train.epochs": epochs,
+                    "train.patience": epochs,
+                    "train.min_epochs": 0,
+                    **extra,
+                }
                 out = WORK / "runs" / target / f"{label.replace(' ', '_')}-s{seed}"
                 t0 = time.perf_counter()
                 m = run_train(data, out, load_params(None, over), spec, strategy=strategy, progress=False)
                 cell = {
-                    "target": target, "epochs": epochs, "run": label, "strategy": strategy, "source": source, "seed": seed,
-                    "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
-                    "best_epoch": m["best_epoch"], "seconds": round(time.perf_counter() - t0, 2),
-                    "n_train": m["n_train"], "n_val": m["n_val"], "n_test": m["n_test"],
-                    "history": [{k: h[k] for k in ("epoch", "val_accuracy", "val_loss", "seconds")}
-                                for h in m["history"]],
+                    "target": target,
+                    "epochs": epochs,
+                    "run": label,
+                    "strategy": strategy,
+                    "source": source,
+                    "seed": seed,
+                    "test_accuracy": m["test_accuracy"],
+                    "val_accuracy": m["val_accuracy"],
+                    "best_epoch": m["best_epoch"],
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "n_train": m["n_train"],
+                    "n_val": m["n_val"],
+                    "n_test": m["n_test"],
+                    "history": [
+                        {k: h[k] for k in ("epoch", "val_accuracy", "val_loss", "seconds")} for h in m["history"]
+                    ],
                     "adabn": m["adabn"]["applied"],
-                }  # fmt: skip
+                }
                 with CELLS.open("a") as f:
                     f.write(json.dumps(cell) + "\n")
-                print(f"{target:10s} seed {seed} {label:24s} test {m['test_accuracy']:.3f} "
-                      f"({cell['seconds']:.0f} s)", flush=True)  # fmt: skip
+                print(
+                    f"{target:10s} seed {seed} {label:24s} test {m['test_accuracy']:.3f} ({cell['seconds']:.0f} s)",
+                    flush=True,
+                )
 
 
 def _reach(history: list[dict], goal: float, lp_seconds: float | None) -> tuple[int | None, float | None]:
@@ -168,19 +185,24 @@ def report() -> dict:
                 "seeds": [c["seed"] for c in cs],
                 "test_accuracy_mean": statistics.fmean(accs),
                 "test_accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "epochs_to_scratch_best": statistics.fmean(reached) if len(reached) == len(reach_e) and reached else None,
+                "epochs_to_scratch_best": statistics.fmean(reached)
+                if len(reached) == len(reach_e) and reached
+                else None,
                 "seconds_to_scratch_best": statistics.fmean([s for s in reach_s if s is not None])
-                if reached and len(reached) == len(reach_e) else None,
+                if reached and len(reached) == len(reach_e)
+                else None,
                 "reached_scratch_best": f"{len(reached)}/{len(reach_e)}",
                 "run_seconds_mean": statistics.fmean(c["seconds"] for c in cs),
-                "n_train": cs[0]["n_train"], "n_test": cs[0]["n_test"],
-            }  # fmt: skip
+                "n_train": cs[0]["n_train"],
+                "n_test": cs[0]["n_test"],
+            }
         sc = rows.get("scratch")
         if sc:
-            sc_epochs = [_reach(s["history"], max(h["val_accuracy"] for h in s["history"]), None)[0]
-                         for s in scratch.values()]  # fmt: skip
+            sc_epochs = [
+                _reach(s["history"], max(h["val_accuracy"] for h in s["history"]), None)[0] for s in scratch.values()
+            ]
             sc["epochs_to_own_best"] = statistics.fmean(sc_epochs)
-            for label, r in rows.items():
+            for r in rows.values():
                 r["gain_vs_scratch"] = r["test_accuracy_mean"] - sc["test_accuracy_mean"]
         out["targets"][target] = rows
     return out
@@ -188,11 +210,16 @@ def report() -> dict:
 
 def verdicts(res: dict) -> list[str]:
     """The issue's two targets per benchmark target, met or missed, from the table's own numbers."""
-    lines = ["## Targets", "",
-             "Accuracy: best transfer >= scratch + 15 points at 10 labels/class. Speed: the best transfer run reaches "
-             "scratch's best validation accuracy in <= 1/3 of the epochs scratch needs for it.", "",
-             "| target | scratch | best transfer | gain | accuracy target | epochs: best transfer / scratch | ratio | "
-             "speed target | fastest transfer (ratio) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Targets",
+        "",
+        "Accuracy: best transfer >= scratch + 15 points at 10 labels/class. Speed: the best transfer run reaches "
+        "scratch's best validation accuracy in <= 1/3 of the epochs scratch needs for it.",
+        "",
+        "| target | scratch | best transfer | gain | accuracy target | epochs: best transfer / scratch | ratio | "
+        "speed target | fastest transfer (ratio) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for target, rows in res["targets"].items():
         sc = rows.get("scratch")
         if not sc:
@@ -200,51 +227,76 @@ def verdicts(res: dict) -> list[str]:
         runs = {k: r for k, r in rows.items() if k != "scratch"}
         best_label, best = max(runs.items(), key=lambda kv: kv[1]["test_accuracy_mean"])
         gain = best["test_accuracy_mean"] - sc["test_accuracy_mean"]
-        acc_t = ("met" if gain >= 0.15 else "**missed**") if "10" in target and "100" not in target else "n/a (100 labels)"
+        acc_t = (
+            ("met" if gain >= 0.15 else "**missed**") if "10" in target and "100" not in target else "n/a (100 labels)"
+        )
         own = sc["epochs_to_own_best"]
         e = best["epochs_to_scratch_best"]
         ratio = None if e is None else e / own
         speed_t = "-" if ratio is None else ("met" if ratio <= 1 / 3 + 1e-9 else "**missed**")
-        fast = min(((k, r["epochs_to_scratch_best"] / own) for k, r in runs.items() if r["epochs_to_scratch_best"]),
-                   key=lambda kv: kv[1], default=(None, None))  # fmt: skip
-        lines.append(f"| {target} | {sc['test_accuracy_mean']:.3f} | {best_label} {best['test_accuracy_mean']:.3f} | "
-                     f"{100 * gain:+.1f} points | {acc_t} | {'-' if e is None else f'{e:.1f}'} / {own:.1f} | "
-                     f"{'-' if ratio is None else f'{ratio:.2f}'} | {speed_t} | {fast[0]} ({fast[1]:.2f}) |")  # fmt: skip
+        fast = min(
+            ((k, r["epochs_to_scratch_best"] / own) for k, r in runs.items() if r["epochs_to_scratch_best"]),
+            key=lambda kv: kv[1],
+            default=(None, None),
+        )
+        lines.append(
+            f"| {target} | {sc['test_accuracy_mean']:.3f} | {best_label} {best['test_accuracy_mean']:.3f} | "
+            f"{100 * gain:+.1f} points | {acc_t} | {'-' if e is None else f'{e:.1f}'} / {own:.1f} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}'} | {speed_t} | {fast[0]} ({fast[1]:.2f}) |"
+        )
     budget = ", ".join(f"{t} {'/'.join(map(str, e))}" for t, e in res["epochs"].items())
-    lines += ["", f"Scratch reaches its best at or near the end of its budget (epochs: {budget}): it was still "
-              "improving, so its 'best' is budget-capped; a longer budget would move both its best and the epochs "
-              "transfer needs to reach it.", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Scratch reaches its best at or near the end of its budget (epochs: {budget}): it was still "
+        "improving, so its 'best' is budget-capped; a longer budget would move both its best and the epochs "
+        "transfer needs to reach it.",
+        "",
+    ]
     return lines
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# bench/transfer: strategies vs scratch ({res['input_px']} px, "
-             f"mobilenetv2_100 ImageNet unless noted, mean ± sd over seeds)", ""]  # fmt: skip
+    lines = [
+        f"# bench/transfer: strategies vs scratch ({res['input_px']} px, "
+        f"mobilenetv2_100 ImageNet unless noted, mean ± sd over seeds)",
+        "",
+    ]
     for target, rows in res["targets"].items():
         sc = rows.get("scratch", {})
-        lines += [f"## {target} (train {next(iter(rows.values()))['n_train']}, "
-                  f"test {next(iter(rows.values()))['n_test']} images, {res['epochs'][target]} epochs)", "",
-                  "| run | test accuracy | gain vs scratch | epochs to scratch's best val acc | seconds to it | run seconds |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"## {target} (train {next(iter(rows.values()))['n_train']}, "
+            f"test {next(iter(rows.values()))['n_test']} images, {res['epochs'][target]} epochs)",
+            "",
+            "| run | test accuracy | gain vs scratch | epochs to scratch's best val acc | seconds to it | run seconds |",
+            "|---|---|---|---|---|---|",
+        ]
         for label, r in rows.items():
             e = "-" if r["epochs_to_scratch_best"] is None else f"{r['epochs_to_scratch_best']:.1f}"
             s = "-" if r["seconds_to_scratch_best"] is None else f"{r['seconds_to_scratch_best']:.1f}"
             if label == "scratch":
                 e = f"{sc.get('epochs_to_own_best', float('nan')):.1f} (its own)"
-            lines.append(f"| {label} | {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} | "
-                         f"{r.get('gain_vs_scratch', 0):+.3f} | {e} ({r['reached_scratch_best']}) | {s} | "
-                         f"{r['run_seconds_mean']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {label} | {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} | "
+                f"{r.get('gain_vs_scratch', 0):+.3f} | {e} ({r['reached_scratch_best']}) | {s} | "
+                f"{r['run_seconds_mean']:.0f} |"
+            )
         lines.append("")
     lines += verdicts(res)
     if "overhead" in res:
         o = res["overhead"]
-        lines += ["## Overhead: `train --strategy full` vs a bare timm/PyTorch loop", "",
-                  f"Same model, data ({o['n_train']} train + {o['n_val']} val images per epoch), {o['input_px']} px, "
-                  f"batch {o['batch_size']}, {o.get('rounds', 1)} alternating rounds of {o['epochs']} epochs each, "
-                  f"{o['threads']} thread(s), {o.get('device', 'cpu')}; fastest epoch of each side.", "",
-                  "| loop | images/s | ratio |", "|---|---|---|",
-                  f"| bare timm/PyTorch | {o['bare_images_per_s']:.1f} | 1.00 |",
-                  f"| transferkit train | {o['transferkit_images_per_s']:.1f} | {o['ratio']:.2f} |", ""]  # fmt: skip
+        lines += [
+            "## Overhead: `train --strategy full` vs a bare timm/PyTorch loop",
+            "",
+            f"Same model, data ({o['n_train']} train + {o['n_val']} val images per epoch), {o['input_px']} px, "
+            f"batch {o['batch_size']}, {o.get('rounds', 1)} alternating rounds of {o['epochs']} epochs each, "
+            f"{o['threads']} thread(s), {o.get('device', 'cpu')}; fastest epoch of each side.",
+            "",
+            "| loop | images/s | ratio |",
+            "|---|---|---|",
+            f"| bare timm/PyTorch | {o['bare_images_per_s']:.1f} | 1.00 |",
+            f"| transferkit train | {o['transferkit_images_per_s']:.1f} | {o['ratio']:.2f} |",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -263,14 +315,20 @@ def overhead(epochs: int = 3, rounds: int = 2) -> dict:
     from transferkit.train import run_train
 
     data = dataset("fashion100")
-    over = {"data.image_size": 48, "train.epochs": epochs, "train.patience": epochs, "train.min_epochs": 0,
-            "train.resume": False}  # fmt: skip
+    over = {
+        "data.image_size": 48,
+        "train.epochs": epochs,
+        "train.patience": epochs,
+        "train.min_epochs": 0,
+        "train.resume": False,
+    }
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def ours() -> tuple[list[float], dict]:
-        m = run_train(data, WORK / "overhead", load_params(None, over), "mobilenetv2_100", strategy="full",
-                      progress=False)  # fmt: skip
+        m = run_train(
+            data, WORK / "overhead", load_params(None, over), "mobilenetv2_100", strategy="full", progress=False
+        )
         return [h["seconds"] for h in m["history"]], m
 
     def bare() -> list[float]:
@@ -280,11 +338,12 @@ def overhead(epochs: int = 3, rounds: int = 2) -> dict:
             model = model.to(memory_format=torch.channels_last)
         cfg = resolve_data_config({"input_size": (3, 48, 48), "crop_pct": 1.0}, model=model)
         # the same augmentation train uses (zoo.train_transform), so only the loops differ
-        tr = create_transform(**cfg, is_training=True, scale=(0.75, 1.0), ratio=(0.9, 1.1), hflip=0.0,
-                              color_jitter=0.2)  # fmt: skip
+        tr = create_transform(**cfg, is_training=True, scale=(0.75, 1.0), ratio=(0.9, 1.1), hflip=0.0, color_jitter=0.2)
         ev = create_transform(**cfg)
         pin = dev.type == "cuda"
-        train = torch.utils.data.DataLoader(ImageFolder(data / "train", tr), batch_size=32, shuffle=True, pin_memory=pin)
+        train = torch.utils.data.DataLoader(
+            ImageFolder(data / "train", tr), batch_size=32, shuffle=True, pin_memory=pin
+        )
         val = torch.utils.data.DataLoader(ImageFolder(data / "val", ev), batch_size=32, pin_memory=pin)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
         times = []
@@ -300,7 +359,7 @@ def overhead(epochs: int = 3, rounds: int = 2) -> dict:
                 opt.step()
             model.eval()
             with torch.inference_mode(), amp:
-                for x, y in val:
+                for x, _y in val:
                     model(x.to(dev)).float().cpu()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -309,7 +368,7 @@ def overhead(epochs: int = 3, rounds: int = 2) -> dict:
 
     ours_t, bare_t, m = [], [], None
     for r in range(rounds):
-        for side in (("ours", "bare") if r % 2 == 0 else ("bare", "ours")):
+        for side in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
             if side == "ours":
                 t, m = ours()
                 ours_t += t
@@ -317,11 +376,21 @@ def overhead(epochs: int = 3, rounds: int = 2) -> dict:
                 bare_t += bare()
     best_ours, best_bare = min(ours_t), min(bare_t)
     n = m["n_train"] + m["n_val"]
-    return {"n_train": m["n_train"], "n_val": m["n_val"], "input_px": 48, "batch_size": 32, "epochs": epochs,
-            "rounds": rounds, "threads": torch.get_num_threads(), "device": dev.type,
-            "bare_epoch_seconds": bare_t, "transferkit_epoch_seconds": ours_t,
-            "bare_images_per_s": n / best_bare, "transferkit_images_per_s": n / best_ours,
-            "ratio": best_bare / best_ours}  # fmt: skip
+    return {
+        "n_train": m["n_train"],
+        "n_val": m["n_val"],
+        "input_px": 48,
+        "batch_size": 32,
+        "epochs": epochs,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "device": dev.type,
+        "bare_epoch_seconds": bare_t,
+        "transferkit_epoch_seconds": ours_t,
+        "bare_images_per_s": n / best_bare,
+        "transferkit_images_per_s": n / best_ours,
+        "ratio": best_bare / best_ours,
+    }
 
 
 def main() -> None:
@@ -350,8 +419,11 @@ def main() -> None:
     res = report()
     if (WORK / "overhead.json").is_file():
         res["overhead"] = json.loads((WORK / "overhead.json").read_text())
-    res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
+    res["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
     (RESULTS / "transfer.json").write_text(json.dumps(res, indent=2) + "\n")
     (RESULTS / "transfer.md").write_text(markdown(res))
     print(markdown(res))

@@ -90,16 +90,22 @@ def build(
     out = [nightly, new_data]
     if monitor_cron:
         monitor = Flow.from_source(source=str(Path(root).resolve()), entrypoint=MONITOR_FLOW)
-        mparams = {"repo": params.get("repo", "models"), "name": model, "monitor_dir": "monitor",
-                   **(monitor_parameters or {})}  # fmt: skip
-        out.append(monitor.to_deployment(
-            name="served-drift",
-            schedules=[Cron(monitor_cron, timezone=timezone, slug="served-drift")],
-            parameters=mparams,
-            description=f"Drift of {model}'s served inputs vs its training data; on drift emits "
-                        f"{EVENT_DRIFT_DETECTED}, which starts transferkit-retrain/nightly.",
-            tags=["transferkit", "monitor", "schedule"],
-        ))  # fmt: skip
+        mparams = {
+            "repo": params.get("repo", "models"),
+            "name": model,
+            "monitor_dir": "monitor",
+            **(monitor_parameters or {}),
+        }
+        out.append(
+            monitor.to_deployment(
+                name="served-drift",
+                schedules=[Cron(monitor_cron, timezone=timezone, slug="served-drift")],
+                parameters=mparams,
+                description=f"Drift of {model}'s served inputs vs its training data; on drift emits "
+                f"{EVENT_DRIFT_DETECTED}, which starts transferkit-retrain/nightly.",
+                tags=["transferkit", "monitor", "schedule"],
+            )
+        )
     return out
 
 
@@ -107,8 +113,9 @@ def register(deployments: list, pool: str) -> list[str]:
     """Register (create or update) the deployments on POOL; returns their ids."""
     from prefect import deploy
 
-    ids = deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
-                 ignore_warnings=True)  # fmt: skip
+    ids = deploy(
+        *deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False, ignore_warnings=True
+    )
     return [str(i) for i in ids]
 
 
@@ -121,17 +128,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="target", help="model name in the repository (drift events name it)")
     ap.add_argument("--repo", default="models")
     ap.add_argument("--cron", default=DEFAULT_CRON)
-    ap.add_argument("--monitor-cron", default=DEFAULT_MONITOR_CRON, help="schedule of the served-drift monitor; '' = none")
+    ap.add_argument(
+        "--monitor-cron", default=DEFAULT_MONITOR_CRON, help="schedule of the served-drift monitor; '' = none"
+    )
     ap.add_argument("--monitor-dir", default="monitor", help="`transferkit serve --monitor-dir` of the model server")
-    ap.add_argument("--monitor-parameters", default="{}", help='more monitor flow defaults as JSON, e.g. \'{"params": {"drift": {"min_samples": 50}}}\'')
+    ap.add_argument(
+        "--monitor-parameters",
+        default="{}",
+        help='more monitor flow defaults as JSON, e.g. \'{"params": {"drift": {"min_samples": 50}}}\'',
+    )
     ap.add_argument("--push", action="store_true", help="dvc push after each gated run")
-    ap.add_argument("--parameters", default="{}", help='more flow defaults as JSON, e.g. \'{"overrides": {"train.epochs": 40}}\'')
+    ap.add_argument(
+        "--parameters", default="{}", help='more flow defaults as JSON, e.g. \'{"overrides": {"train.epochs": 40}}\''
+    )
     a = ap.parse_args(argv)
-    params = {"target": a.target, "reference": a.reference or None, "repo": a.repo, "push": a.push,
-              **json.loads(a.parameters)}  # fmt: skip
-    deps = build(ROOT, a.dataset, model=a.model, parameters=params, cron=a.cron, monitor_cron=a.monitor_cron or None,
-                 monitor_parameters={"repo": params["repo"], "monitor_dir": a.monitor_dir,
-                                     **json.loads(a.monitor_parameters)})  # fmt: skip
+    params = {
+        "target": a.target,
+        "reference": a.reference or None,
+        "repo": a.repo,
+        "push": a.push,
+        **json.loads(a.parameters),
+    }
+    deps = build(
+        ROOT,
+        a.dataset,
+        model=a.model,
+        parameters=params,
+        cron=a.cron,
+        monitor_cron=a.monitor_cron or None,
+        monitor_parameters={"repo": params["repo"], "monitor_dir": a.monitor_dir, **json.loads(a.monitor_parameters)},
+    )
     for d, i in zip(deps, register(deps, a.pool)):
         print(f"deployment {d.flow_name}/{d.name} ({i}) on pool {a.pool}")
 

@@ -44,8 +44,10 @@ def training_reference(repo: Path, name: str) -> Path:
     metrics = read_json(run / "metrics.json") if run.name else {}
     target = metrics.get("target")
     if not target or not Path(target).is_dir():
-        raise FileNotFoundError(f"training data of {name} v{version} not found (run {run or '?'}, target {target!r}); "
-                                "pass the `reference` parameter")  # fmt: skip
+        raise FileNotFoundError(
+            f"training data of {name} v{version} not found (run {run or '?'}, target {target!r}); "
+            "pass the `reference` parameter"
+        )
     return Path(target)
 
 
@@ -53,11 +55,19 @@ def drift_event(name: str, version: int | None, drift: dict[str, Any], report: s
     """Keyword arguments of prefect.events.emit_event for a drift verdict."""
     return {
         "event": EVENT_DRIFT_DETECTED,
-        "resource": {"prefect.resource.id": f"transferkit.model.{name}", "prefect.resource.name": name,
-                     "transferkit.model.version": str(version)},  # fmt: skip
-        "payload": {**{k: drift.get(k) for k in SUMMARY_KEYS}, "model": name, "version": version, "report": report,
-                    "views": {k: v.get("drifted") for k, v in (drift.get("views") or {}).items() if isinstance(v, dict)}},
-    }  # fmt: skip
+        "resource": {
+            "prefect.resource.id": f"transferkit.model.{name}",
+            "prefect.resource.name": name,
+            "transferkit.model.version": str(version),
+        },
+        "payload": {
+            **{k: drift.get(k) for k in SUMMARY_KEYS},
+            "model": name,
+            "version": version,
+            "report": report,
+            "views": {k: v.get("drifted") for k, v in (drift.get("views") or {}).items() if isinstance(v, dict)},
+        },
+    }
 
 
 @flow(name="transferkit-monitor", log_prints=True)
@@ -79,19 +89,30 @@ def monitor_flow(
     n = len(list(current.glob("*.png"))) if current.is_dir() else 0
     version = latest_version(Path(repo) / name)
     if n < p.drift.min_samples:
-        logger.info("only %d served images of %s in %s (drift.min_samples %d): skipped", n, name, current, p.drift.min_samples)
+        logger.info(
+            "only %d served images of %s in %s (drift.min_samples %d): skipped", n, name, current, p.drift.min_samples
+        )
         return {"status": "skipped", "model": name, "version": version, "n_current": n, "event": None}
     ref = Path(reference) if reference else training_reference(Path(repo), name)
     run_out = Path(out) / name / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     drift = drift_task(str(ref), str(current), str(run_out), p.model_dump(mode="json"), False)
-    summary = {"status": "drift" if drift["drift_detected"] else "ok", "model": name, "version": version,
-               "reference": str(ref), "out": str(run_out), **{k: drift[k] for k in SUMMARY_KEYS}, "event": None}  # fmt: skip
+    summary = {
+        "status": "drift" if drift["drift_detected"] else "ok",
+        "model": name,
+        "version": version,
+        "reference": str(ref),
+        "out": str(run_out),
+        **{k: drift[k] for k in SUMMARY_KEYS},
+        "event": None,
+    }
     if drift["drift_detected"]:
         from prefect.events import emit_event
 
         ev = emit_event(**drift_event(name, version, drift, str(run_out / "drift.html")))
         summary["event"] = str(ev.id) if ev else None
-        logger.warning("drift on served inputs of %s v%s (%s): emitted %s", name, version, drift["severity"], EVENT_DRIFT_DETECTED)
+        logger.warning(
+            "drift on served inputs of %s v%s (%s): emitted %s", name, version, drift["severity"], EVENT_DRIFT_DETECTED
+        )
     return summary
 
 
@@ -102,10 +123,16 @@ def main() -> None:
     ap.add_argument("--monitor-dir", default="monitor")
     ap.add_argument("--reference")
     ap.add_argument("--out", default="runs/monitor")
-    ap.add_argument("--params", help="JSON object of param overrides, e.g. '{\"drift\": {\"min_samples\": 5}}'")
+    ap.add_argument("--params", help='JSON object of param overrides, e.g. \'{"drift": {"min_samples": 5}}\'')
     a = ap.parse_args()
-    r = monitor_flow(repo=a.repo, name=a.name, monitor_dir=a.monitor_dir, reference=a.reference, out=a.out,
-                     params=json.loads(a.params) if a.params else None)  # fmt: skip
+    r = monitor_flow(
+        repo=a.repo,
+        name=a.name,
+        monitor_dir=a.monitor_dir,
+        reference=a.reference,
+        out=a.out,
+        params=json.loads(a.params) if a.params else None,
+    )
     print(json.dumps(r, indent=2, default=str))
 
 

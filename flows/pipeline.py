@@ -99,8 +99,12 @@ def drift_task(reference: str, target: str, out: str, params: dict, progress: bo
     from prefect.artifacts import create_link_artifact
 
     html = (Path(out) / "drift.html").resolve()
-    create_link_artifact(key="drift-report", link=html.as_uri(), link_text="Evidently drift report (HTML)",
-                         description="Open on the machine that ran the flow")  # fmt: skip
+    create_link_artifact(
+        key="drift-report",
+        link=html.as_uri(),
+        link_text="Evidently drift report (HTML)",
+        description="Open on the machine that ran the flow",
+    )
     return r
 
 
@@ -147,8 +151,9 @@ def _select_artifact(r: dict) -> None:
 def train_task(target: str, out: str, params: dict, model: str, drift: str | None, progress: bool) -> dict:
     from transferkit.train import run_train
 
-    return run_train(Path(target), Path(out), _params(params), model, drift=Path(drift) if drift else None,
-                     progress=progress)  # fmt: skip
+    return run_train(
+        Path(target), Path(out), _params(params), model, drift=Path(drift) if drift else None, progress=progress
+    )
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -165,19 +170,25 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
         f"| {c['name']} | {c['value']} | {c['threshold']} | {flag[(c['failed'], c['blocking'])]} | {_cell(c['message'])} |"
         for c in r["checks"]
     )
+
     def base_row(b: dict) -> str:
         if b.get("test_accuracy") is None:
             return f"| {b['strategy']} ({b['model']}) | n/a | n/a | n/a | n/a | n/a |"
         iv, pv = b.get("interval"), b.get("p_value")
         broken = " **broken** (at chance)" if b.get("broken") else ""
-        return (f"| {_cell(b.get('description', b['strategy']))} (`{_cell(b['model'])}`){broken} | "
-                f"{b['val_accuracy']:.3f} | {b['test_accuracy']:.3f} | {b['gain']:+.3f} | "
-                + (f"[{iv[0]:+.3f}, {iv[1]:+.3f}] | {pv:.2g} |" if iv else "- | - |"))
+        return (
+            f"| {_cell(b.get('description', b['strategy']))} (`{_cell(b['model'])}`){broken} | "
+            f"{b['val_accuracy']:.3f} | {b['test_accuracy']:.3f} | {b['gain']:+.3f} | "
+            + (f"[{iv[0]:+.3f}, {iv[1]:+.3f}] | {pv:.2g} |" if iv else "- | - |")
+        )
 
     base = "\n".join(base_row(b) for b in r["baselines"])
     rec = r.get("recommendation") or {}
-    advice = ("\n\n" + "\n".join(f"- {_cell(x)}" for x in [f"likely reason: {rec['likely_reason']}", *rec["options"]])
-              if rec else "")  # fmt: skip
+    advice = (
+        "\n\n" + "\n".join(f"- {_cell(x)}" for x in [f"likely reason: {rec['likely_reason']}", *rec["options"]])
+        if rec
+        else ""
+    )
     per_class = "\n".join(
         f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
         for c, m in rep["per_class"].items()
@@ -241,8 +252,14 @@ def transfer_pipeline(
     if reference:
         drift = drift_task(reference, target, str(run / "drift"), pj, progress)
     ranking = _select(target, str(run / "select"), p, candidates, progress)
-    metrics = train_task(target, str(run / "train"), pj, ranking["selected"],
-                         str(run / "drift" / "drift.json") if drift else None, progress)  # fmt: skip
+    metrics = train_task(
+        target,
+        str(run / "train"),
+        pj,
+        ranking["selected"],
+        str(run / "drift" / "drift.json") if drift else None,
+        progress,
+    )
     validation = validate_task(str(run / "train"), pj, progress)
     if not validation["passed"] and not force:
         raise GateFailed(validation)
@@ -260,9 +277,15 @@ def transfer_pipeline(
         "gain_interval": validation.get("gain_interval"),
         "gain_p_value": validation.get("gain_p_value"),
         "verdict": validation.get("verdict"),
-        "baselines": [{"name": b.get("name", b["strategy"]), "test_accuracy": b["test_accuracy"],
-                       "broken": b.get("broken", False)} for b in validation["baselines"]
-                      if b.get("test_accuracy") is not None],  # fmt: skip
+        "baselines": [
+            {
+                "name": b.get("name", b["strategy"]),
+                "test_accuracy": b["test_accuracy"],
+                "broken": b.get("broken", False),
+            }
+            for b in validation["baselines"]
+            if b.get("test_accuracy") is not None
+        ],
         "passed": validation["passed"],
         "onnx": str(Path(meta["path"]) / "model.onnx"),
         "parity": meta["parity"],
@@ -281,8 +304,10 @@ def check_data_task(dataset: str, data_md5: str | None) -> dict:
 
     out = dvc_md5(Path(dataset))
     if data_md5 and out["md5"] != data_md5:
-        raise StaleData(f"{out['dvc_file']} now records md5 {out['md5']}, this run was started for {data_md5}: "
-                        "the data changed again, and that change starts its own run")  # fmt: skip
+        raise StaleData(
+            f"{out['dvc_file']} now records md5 {out['md5']}, this run was started for {data_md5}: "
+            "the data changed again, and that change starts its own run"
+        )
     return out
 
 
@@ -348,12 +373,20 @@ def _unchanged(repo: Path, name: str, target: str, params: dict) -> dict | None:
         return None
     meta = read_json(repo / name / str(live) / "metadata.json")
     try:
-        ds = load_dataset(target, seed=params["seed"], val_fraction=params["data"]["val_fraction"],
-                          test_fraction=params["data"]["test_fraction"])  # fmt: skip
+        ds = load_dataset(
+            target,
+            seed=params["seed"],
+            val_fraction=params["data"]["val_fraction"],
+            test_fraction=params["data"]["test_fraction"],
+        )
     except DataError:
         return None  # let the pipeline report it
     code = git_rev(Path(__file__).resolve().parent)
-    same = meta.get("data_md5") == ds.md5 and meta.get("params") == params and (code is None or meta.get("git_rev") == code)
+    same = (
+        meta.get("data_md5") == ds.md5
+        and meta.get("params") == params
+        and (code is None or meta.get("git_rev") == code)
+    )
     return {**meta, "version": live} if same else None
 
 
@@ -404,18 +437,36 @@ def retrain(
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     run = Path(out_root) / (f"{stamp}-{md5[:8]}" if md5 else stamp)
     dump_params(p, run / "params.yaml")  # the resolved config, saved per run
-    record = {"flow_run_id": str(flow_run.id), "deployment": deployment.name,
-              "dataset": dataset, "data_md5": md5, "requested_md5": data_md5, "target": target,
-              "reference": reference, "overrides": overrides or {}, "reason": reason}  # fmt: skip
+    record = {
+        "flow_run_id": str(flow_run.id),
+        "deployment": deployment.name,
+        "dataset": dataset,
+        "data_md5": md5,
+        "requested_md5": data_md5,
+        "target": target,
+        "reference": reference,
+        "overrides": overrides or {},
+        "reason": reason,
+    }
     if skip_unchanged and (live := _unchanged(Path(repo), name, target, pj)):
-        msg = (f"{name} v{live['version']} is live and was built from this data, params and code: retraining would "
-               "rebuild the same model; new labelled data (`transferkit data add`), other params or code start a new one")  # fmt: skip
+        msg = (
+            f"{name} v{live['version']} is live and was built from this data, params and code: retraining would "
+            "rebuild the same model; new labelled data (`transferkit data add`), other params or code start a new one"
+        )
         print(msg)
         write_json(run / "retrain.json", {**record, "skipped": True, "skip_reason": msg, "version": live["version"]})
         _artifact("retrain", f"## Skipped\n\n{msg} (data md5 `{md5}`)\n", "Retrain decision")
         return {**record, "skipped": True, "version": live["version"], "run": str(run)}
-    summary = transfer_pipeline(target=target, out=str(run), reference=reference, candidates=None, repo=repo,
-                                params=pj, force=force, progress=False)  # fmt: skip
+    summary = transfer_pipeline(
+        target=target,
+        out=str(run),
+        reference=reference,
+        candidates=None,
+        repo=repo,
+        params=pj,
+        force=force,
+        progress=False,
+    )
     why = reason or (f"data {md5}" if md5 else "scheduled retrain")
     promoted = promote_task(repo, name, summary["version"], f"retrain {flow_run.name}: {why}")
     pushed = None
@@ -423,8 +474,16 @@ def retrain(
         from transferkit.watch import dvc_root
 
         pushed = push_task(str(dvc_root(Path(dataset or "."))))
-    result = {**record, "skipped": False, "run": str(run), "name": name, "version": summary["version"],
-              "live": promoted["live"], "pushed": pushed is not None, "summary": summary}  # fmt: skip
+    result = {
+        **record,
+        "skipped": False,
+        "run": str(run),
+        "name": name,
+        "version": summary["version"],
+        "live": promoted["live"],
+        "pushed": pushed is not None,
+        "summary": summary,
+    }
     write_json(run / "retrain.json", result)
     return result
 

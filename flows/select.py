@@ -44,9 +44,15 @@ def task_runner(kind: str, workers: int = 2, address: str | None = None):
         if address:
             return DaskTaskRunner(address=address)
         # one thread per worker process: torch already parallelises inside a forward pass
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": ":0"})  # fmt: skip
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": ":0",
+            },
+        )
     raise ValueError(f"select.runner must be thread or dask for the flow; got {kind!r}")
 
 
@@ -65,16 +71,25 @@ def select_flow(
     p = _params(params)
     plan = prepare(Path(target), p, candidates)
     samples = [(str(path), int(y)) for path, y in plan.samples]
-    futures = score_task.map(plan.available, unmapped(samples), unmapped(plan.data_md5),
-                             unmapped(p.model_dump(mode="json")), unmapped(progress))  # fmt: skip
+    futures = score_task.map(
+        plan.available,
+        unmapped(samples),
+        unmapped(plan.data_md5),
+        unmapped(p.model_dump(mode="json")),
+        unmapped(progress),
+    )
     rows = [f.result() for f in futures]
     return finish(rows, plan, Path(out), p, confirm, progress=progress)
 
 
 def run_select_flow(
-    target: Path, out: Path, params, candidates: list[str] | None = None, confirm: int | None = None,
+    target: Path,
+    out: Path,
+    params,
+    candidates: list[str] | None = None,
+    confirm: int | None = None,
     progress: bool = False,
-) -> dict:  # fmt: skip
+) -> dict:
     """Run `select_flow` with the task runner named by `params.select.runner` (thread or dask)."""
     import os
 
@@ -83,9 +98,13 @@ def run_select_flow(
     shared = s.runner == "dask" and not s.dask_address and _share_ephemeral_api()
     try:
         return select_flow.with_options(task_runner=runner)(
-            target=str(target), out=str(out), params=params.model_dump(mode="json"), candidates=candidates,
-            confirm=confirm, progress=progress,
-        )  # fmt: skip
+            target=str(target),
+            out=str(out),
+            params=params.model_dump(mode="json"),
+            candidates=candidates,
+            confirm=confirm,
+            progress=progress,
+        )
     finally:
         if shared:
             os.environ.pop("PREFECT_API_URL", None)

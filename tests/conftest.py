@@ -93,20 +93,55 @@ def _tiny_run(run: Path, target: Path, seed: int) -> Path:
         head.weight.add_(0.2 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)))
     model.eval()
     zoo.save_checkpoint(
-        model, run / "model.safetensors",
-        meta={"arch": "mobilenetv2_100", "num_classes": len(ds.classes), "classes": ds.classes, "data_config": cfg,
-              "source_model": "scratch:mobilenetv2_100", "source_sha256": "", "strategy": "scratch"},
-    )  # fmt: skip
-    write_json(run / "metrics.json", {
-        "model": "scratch:mobilenetv2_100", "strategy": "scratch", "strategy_reason": "test fixture",
-        "train_accuracy": 0.2, "val_accuracy": 0.15, "test_accuracy": 0.15, "best_epoch": 1, "epochs": 1,
-        "seconds": 1.0, "history": [], "target": str(target), "data_md5": ds.md5,
-        "classes": ds.classes, "image_size": 32, "seed": seed,
-    })  # fmt: skip
-    dump_params(load_params(None, {"data.image_size": 32, "data.batch_size": 32, "export.opset": 17,
-                                   "export.int8": False, "export.name": "digits"}), run / "params.yaml")  # fmt: skip
-    write_json(run / "validation.json", {"passed": True, "reasons": [],
-                                         "baseline": {"strategy": "scratch", "test_accuracy": 0.1}})  # fmt: skip
+        model,
+        run / "model.safetensors",
+        meta={
+            "arch": "mobilenetv2_100",
+            "num_classes": len(ds.classes),
+            "classes": ds.classes,
+            "data_config": cfg,
+            "source_model": "scratch:mobilenetv2_100",
+            "source_sha256": "",
+            "strategy": "scratch",
+        },
+    )
+    write_json(
+        run / "metrics.json",
+        {
+            "model": "scratch:mobilenetv2_100",
+            "strategy": "scratch",
+            "strategy_reason": "test fixture",
+            "train_accuracy": 0.2,
+            "val_accuracy": 0.15,
+            "test_accuracy": 0.15,
+            "best_epoch": 1,
+            "epochs": 1,
+            "seconds": 1.0,
+            "history": [],
+            "target": str(target),
+            "data_md5": ds.md5,
+            "classes": ds.classes,
+            "image_size": 32,
+            "seed": seed,
+        },
+    )
+    dump_params(
+        load_params(
+            None,
+            {
+                "data.image_size": 32,
+                "data.batch_size": 32,
+                "export.opset": 17,
+                "export.int8": False,
+                "export.name": "digits",
+            },
+        ),
+        run / "params.yaml",
+    )
+    write_json(
+        run / "validation.json",
+        {"passed": True, "reasons": [], "baseline": {"strategy": "scratch", "test_accuracy": 0.1}},
+    )
     return run
 
 
@@ -163,11 +198,18 @@ def browser():
 
     with sync_playwright() as p:
         b = p.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True,
+            executable_path="/usr/bin/chromium",
+            headless=True,
             # without the background-networking flags Chromium keeps dialling out of this closed network
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
-        )  # fmt: skip
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+            ],
+        )
         try:
             yield b
         finally:

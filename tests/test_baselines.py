@@ -49,7 +49,9 @@ def test_chance_check_flags_a_baseline_at_chance():
 def test_pixel_arrays_keep_native_size_and_grey(tiny_target, tiny_clipart):
     ds = load_dataset(tiny_target)
     x, side, ch = pixel_arrays({"train": ds.splits["train"][:5]}, 32)
-    assert (side, ch) == (32, 1) and x["train"].shape == (5, 1, 32, 32) and 0 <= x["train"].min() <= x["train"].max() <= 1
+    assert (
+        (side, ch) == (32, 1) and x["train"].shape == (5, 1, 32, 32) and 0 <= x["train"].min() <= x["train"].max() <= 1
+    )
     assert pixel_arrays({"train": ds.splits["train"][:5]}, 16)[1] == 16  # capped
     colour = load_dataset(tiny_clipart)
     assert pixel_arrays({"train": colour.splits["train"][:5]}, 32)[2] == 3

@@ -72,11 +72,14 @@ def test_data_builtin_and_check(tmp_path):
 
 
 def test_errors_are_one_readable_line_and_nonzero(tmp_path):
-    r = runner.invoke(app, ["train", "--target", str(tmp_path / "nope"), "--model", "mobilenetv2_100",
-                            "--out", str(tmp_path / "o")])  # fmt: skip
+    r = runner.invoke(
+        app, ["train", "--target", str(tmp_path / "nope"), "--model", "mobilenetv2_100", "--out", str(tmp_path / "o")]
+    )
     assert r.exit_code == 1
     assert "does not exist" in r.output and "nope" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, ["select", "--target", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "train.epochs=abc"])
+    r = runner.invoke(
+        app, ["select", "--target", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "train.epochs=abc"]
+    )
     assert r.exit_code == 1 and "train.epochs" in r.output
     r = runner.invoke(app, ["data", "builtin", "cifar", "--out", str(tmp_path / "c")])
     assert r.exit_code == 1 and "unknown built-in dataset" in r.output
@@ -93,18 +96,48 @@ def test_stage_verbs_chain_on_real_data(tiny_target, tiny_reference, tmp_path, m
     """drift -> select -> train -> validate -> export, through the CLI, file contracts between them."""
     monkeypatch.chdir(tmp_path)  # no ./params.yaml: defaults + the overrides below
     run = tmp_path / "run"
-    r = tk("drift", "--reference", str(tiny_reference), "--current", str(tiny_target), "--out", str(run / "drift"), "-q", *TINY)
+    r = tk(
+        "drift",
+        "--reference",
+        str(tiny_reference),
+        "--current",
+        str(tiny_target),
+        "--out",
+        str(run / "drift"),
+        "-q",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     d = json.loads((run / "drift" / "drift.json").read_text())
     assert d["drift_detected"] is True and (run / "drift" / "drift.html").is_file()
 
-    r = tk("select", "--target", str(tiny_target), "--candidates", "mobilenetv2_100,scratch:mobilenetv2_100",
-           "--out", str(run / "select"), "-q", *TINY)  # fmt: skip
+    r = tk(
+        "select",
+        "--target",
+        str(tiny_target),
+        "--candidates",
+        "mobilenetv2_100,scratch:mobilenetv2_100",
+        "--out",
+        str(run / "select"),
+        "-q",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     assert "selected: mobilenetv2_100" in r.output
 
-    r = tk("train", "--target", str(tiny_target), "--ranking", str(run / "select" / "ranking.json"),
-           "--drift", str(run / "drift" / "drift.json"), "--out", str(run / "train"), "-q", *TINY)  # fmt: skip
+    r = tk(
+        "train",
+        "--target",
+        str(tiny_target),
+        "--ranking",
+        str(run / "select" / "ranking.json"),
+        "--drift",
+        str(run / "drift" / "drift.json"),
+        "--out",
+        str(run / "train"),
+        "-q",
+        *TINY,
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((run / "train" / "metrics.json").read_text())
     assert m["model"] == "mobilenetv2_100" and m["strategy"] == "linear-probe"

@@ -1,6 +1,6 @@
 """Unit tests for transferkit.config: params.yaml, overrides, validation errors, round trip.
 
-    .venv/bin/pytest -q tests/test_config.py
+.venv/bin/pytest -q tests/test_config.py
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def test_reads_file_and_keeps_defaults_for_the_rest(params_file):
 
 
 def test_string_overrides_are_yaml_typed(params_file):
-    p = load_params(params_file, ["train.epochs=3", "data.image_size=null", "train.augment=false",
-                                  "select.candidates=[a, b]", "seed=9"])  # fmt: skip
+    p = load_params(
+        params_file,
+        ["train.epochs=3", "data.image_size=null", "train.augment=false", "select.candidates=[a, b]", "seed=9"],
+    )
     assert p.train.epochs == 3 and isinstance(p.train.epochs, int)
     assert p.data.image_size is None
     assert p.train.augment is False
@@ -194,13 +196,16 @@ def test_deep_and_large_inputs_are_bounded(tmp_path):
         load_params(None, ["train.epochs=" + "[" * 5000 + "]" * 5000])
 
 
-@pytest.mark.parametrize("override, text", [
-    ("train.epochs=[1", "override 'train.epochs': not valid YAML"),
-    ("train.head_lr=.inf", "params field 'train.head_lr': Input should be a finite number"),
-    ("train.lr=.inf", "params field 'train.lr': Input should be a finite number"),
-    ("train.lr=.nan", "params field 'train.lr': Input should be a finite number"),
-    ("export.parity_atol=-.inf", "params field 'export.parity_atol'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, text",
+    [
+        ("train.epochs=[1", "override 'train.epochs': not valid YAML"),
+        ("train.head_lr=.inf", "params field 'train.head_lr': Input should be a finite number"),
+        ("train.lr=.inf", "params field 'train.lr': Input should be a finite number"),
+        ("train.lr=.nan", "params field 'train.lr': Input should be a finite number"),
+        ("export.parity_atol=-.inf", "params field 'export.parity_atol'"),
+    ],
+)
 def test_bad_overrides_are_one_line_naming_the_field(override, text):
     """8: `--set 'train.epochs=[1'` printed an 84-line YAML traceback; `train.head_lr=.inf` crashed."""
     with pytest.raises(ConfigError) as e:
@@ -213,7 +218,11 @@ def test_cli_prints_one_line_for_bad_overrides(tmp_path):
     import sys
 
     for override in ("train.epochs=[1", "train.head_lr=.inf"):
-        r = subprocess.run([sys.executable, "-m", "transferkit.cli", "data", "check", str(tmp_path), "--set", override],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "transferkit.cli", "data", "check", str(tmp_path), "--set", override],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "train." in r.stderr, r.stderr

@@ -1,6 +1,6 @@
 """Unit tests for transferkit.data: built-in datasets, the validating folder reader, RGB decoding.
 
-    .venv/bin/pytest -q tests/test_data.py
+.venv/bin/pytest -q tests/test_data.py
 """
 
 from __future__ import annotations
@@ -402,10 +402,12 @@ def test_load_rgb_grayscale(tmp_path):
 def test_load_rgb_rgba_composites_on_black(tmp_path):
     p = tmp_path / "rgba.png"
     a = np.array(
-        [[[255, 255, 255, 0], [255, 0, 0, 255], [200, 100, 50, 128]],
-         [[10, 20, 30, 255], [255, 255, 255, 0], [0, 0, 0, 0]]],
+        [
+            [[255, 255, 255, 0], [255, 0, 0, 255], [200, 100, 50, 128]],
+            [[10, 20, 30, 255], [255, 255, 255, 0], [0, 0, 0, 0]],
+        ],
         dtype=np.uint8,
-    )  # fmt: skip
+    )
     Image.fromarray(a, mode="RGBA").save(p)
     arr = _assert_rgb(load_rgb(p), (3, 2)).astype(int)
     assert arr[0, 0].tolist() == [0, 0, 0]  # fully transparent white -> black, not white
@@ -675,14 +677,17 @@ def test_clipart_classes_have_enough_images():
 def test_clipart_counts_and_identical_bytes(tmp_path):
     kw = dict(per_class=5, size=32, train_per_class=2, val_per_class=1, unlabelled_per_class=2, progress=False)
     a = write_builtin("clipart", tmp_path / "a", **kw)
-    b = write_builtin("clipart", tmp_path / "b", **kw)
+    write_builtin("clipart", tmp_path / "b", **kw)
     assert a["images"] == 50 and a["unlabelled"] == 20
     ta = _tree_bytes(tmp_path / "a")
     assert ta == _tree_bytes(tmp_path / "b") and len(ta) == 70
     ds = load_dataset(tmp_path / "a")
     assert ds.classes == sorted(data.CLIPART_CLASSES)
-    assert ds.counts() == {"train": {c: 2 for c in ds.classes}, "val": {c: 1 for c in ds.classes},
-                           "test": {c: 2 for c in ds.classes}}  # fmt: skip
+    assert ds.counts() == {
+        "train": {c: 2 for c in ds.classes},
+        "val": {c: 1 for c in ds.classes},
+        "test": {c: 2 for c in ds.classes},
+    }
     assert len(ds.unlabelled) == 20 and ds.md5 == load_dataset(tmp_path / "b").md5
     with Image.open(sorted((tmp_path / "a" / "train" / "fruit").iterdir())[0]) as im:
         assert im.mode == "RGB" and im.size == (32, 32) and not im.info  # no metadata chunks
@@ -802,8 +807,10 @@ def test_non_utf8_names_are_skipped_and_listed(tmp_path):
     ds = load_dataset(root)
     assert ds.classes == ["a", "b"] and len(ds.all_samples()) == 6
     shown = {s["path"]: s["reason"] for s in ds.skipped}
-    assert shown == {f"{root}/a/bad\\xff.png": "file name is not valid UTF-8",
-                     f"{root}/cls\\xfe": "folder name is not valid UTF-8 (not used as a class)"}  # fmt: skip
+    assert shown == {
+        f"{root}/a/bad\\xff.png": "file name is not valid UTF-8",
+        f"{root}/cls\\xfe": "folder name is not valid UTF-8 (not used as a class)",
+    }
     json.dumps(ds.summary(), ensure_ascii=False).encode("utf-8")  # printable: no lone surrogates left
     assert bad_file not in {p for p, _ in ds.all_samples()} and len(ds.md5) == 32
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferkit.data import DataError, write_builtin
 from transferkit import drift as drift_module
+from transferkit.data import DataError, write_builtin
 from transferkit.drift import STAT_COLUMNS, image_stats, run_drift
 
 REQUIRED = {"drift_detected", "severity", "method", "score", "threshold", "n_reference", "n_current"}

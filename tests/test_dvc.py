@@ -94,8 +94,12 @@ def test_dvc_push_and_pull_through_a_local_s3_compatible_server(tiny_target, tmp
         bin_dir = Path(sys.executable).parent
         env = {**os.environ, **creds, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
         endpoint = f"http://127.0.0.1:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in creds.items() if "KEY" in k},
-                          region_name="us-east-1")  # fmt: skip
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            **{k.lower(): v for k, v in creds.items() if "KEY" in k},
+            region_name="us-east-1",
+        )
         s3.create_bucket(Bucket="transferkit")
 
         ws = tmp_path / "ws"
@@ -103,13 +107,21 @@ def test_dvc_push_and_pull_through_a_local_s3_compatible_server(tiny_target, tmp
         originals = {p.relative_to(ws): hashlib.md5(p.read_bytes()).hexdigest() for p in ws.rglob("*") if p.is_file()}
         dvc = str(bin_dir / "dvc")
         _sh(["git", "init", "-q"], ws, env)
-        for cmd in (["init", "-q"], ["config", "core.analytics", "false"], ["add", "-q", "data"],
-                    ["remote", "add", "-d", "s3", "s3://transferkit/dvc"],
-                    ["remote", "modify", "s3", "endpointurl", endpoint], ["push"]):  # fmt: skip
+        for cmd in (
+            ["init", "-q"],
+            ["config", "core.analytics", "false"],
+            ["add", "-q", "data"],
+            ["remote", "add", "-d", "s3", "s3://transferkit/dvc"],
+            ["remote", "modify", "s3", "endpointurl", endpoint],
+            ["push"],
+        ):
             _sh([dvc, *cmd], ws, env)
 
-        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="transferkit")
-                for o in page.get("Contents", [])]  # fmt: skip
+        keys = [
+            o["Key"]
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket="transferkit")
+            for o in page.get("Contents", [])
+        ]
         # content-addressed: one object per distinct file (files/md5/xx/yyyy...) plus the folder's .dir listing
         stored = {k.split("/files/md5/")[1].replace("/", "") for k in keys if "/files/md5/" in k}
         assert set(originals.values()) <= stored
@@ -118,8 +130,9 @@ def test_dvc_push_and_pull_through_a_local_s3_compatible_server(tiny_target, tmp
         shutil.rmtree(ws / "data")
         shutil.rmtree(ws / ".dvc" / "cache")
         _sh([dvc, "pull"], ws, env)
-        pulled = {p.relative_to(ws): hashlib.md5(p.read_bytes()).hexdigest() for p in (ws / "data").rglob("*")
-                  if p.is_file()}  # fmt: skip
+        pulled = {
+            p.relative_to(ws): hashlib.md5(p.read_bytes()).hexdigest() for p in (ws / "data").rglob("*") if p.is_file()
+        }
         assert pulled == originals
         assert "in sync" in _sh([dvc, "status", "-c"], ws, env).stdout
     finally:

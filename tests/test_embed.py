@@ -31,7 +31,7 @@ def test_cache_embeds_only_missing_images_and_serves_subsets(tiny_target, tmp_pa
     assert calls == [len(train), len(test)]  # the third call is served from the cache
     assert len(list((tmp_path / "embeddings").glob("*.npz"))) == 1
     np.testing.assert_array_equal(b["features"][: len(train)], a["features"])
-    np.testing.assert_array_equal(c["features"], b["features"][len(train):][::-1])
+    np.testing.assert_array_equal(c["features"], b["features"][len(train) :][::-1])
     assert a["logits"].shape == (len(train), 1000)  # ImageNet head kept for LEEP / output drift
     np.testing.assert_array_equal(c["labels"], [y for _, y in test[::-1]])
 

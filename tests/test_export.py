@@ -105,19 +105,43 @@ def run_dir(tiny_target, tmp_path_factory) -> Path:
     opt.step()  # one gentle step: big ones inflate logits, and float32 error grows with them
     model.eval()
     zoo.save_checkpoint(
-        model, run / "model.safetensors",
-        meta={"arch": "mobilenetv2_100", "num_classes": 10, "classes": ds.classes, "data_config": cfg,
-              "source_model": "scratch:mobilenetv2_100", "source_sha256": "", "strategy": "scratch"},
-    )  # fmt: skip
-    write_json(run / "metrics.json", {
-        "model": "scratch:mobilenetv2_100", "strategy": "scratch", "strategy_reason": "test fixture",
-        "train_accuracy": 0.2, "val_accuracy": 0.15, "test_accuracy": 0.15, "best_epoch": 1, "epochs": 1,
-        "seconds": 1.0, "history": [], "target": str(tiny_target), "data_md5": ds.md5,
-        "classes": ds.classes, "image_size": 32, "seed": 0,
-    })  # fmt: skip
+        model,
+        run / "model.safetensors",
+        meta={
+            "arch": "mobilenetv2_100",
+            "num_classes": 10,
+            "classes": ds.classes,
+            "data_config": cfg,
+            "source_model": "scratch:mobilenetv2_100",
+            "source_sha256": "",
+            "strategy": "scratch",
+        },
+    )
+    write_json(
+        run / "metrics.json",
+        {
+            "model": "scratch:mobilenetv2_100",
+            "strategy": "scratch",
+            "strategy_reason": "test fixture",
+            "train_accuracy": 0.2,
+            "val_accuracy": 0.15,
+            "test_accuracy": 0.15,
+            "best_epoch": 1,
+            "epochs": 1,
+            "seconds": 1.0,
+            "history": [],
+            "target": str(tiny_target),
+            "data_md5": ds.md5,
+            "classes": ds.classes,
+            "image_size": 32,
+            "seed": 0,
+        },
+    )
     dump_params(_params(), run / "params.yaml")
-    write_json(run / "validation.json", {"passed": True, "reasons": [],
-                                         "baseline": {"strategy": "scratch", "test_accuracy": 0.1}})  # fmt: skip
+    write_json(
+        run / "validation.json",
+        {"passed": True, "reasons": [], "baseline": {"strategy": "scratch", "test_accuracy": 0.1}},
+    )
     return run
 
 
@@ -151,9 +175,16 @@ def test_export_writes_a_complete_version_folder(exported):
     repo, path = exported["_repo"], Path(exported["path"])
     assert path == repo / "digits" / "1"
     int8 = [INT8_FILE] if exported["int8"]["kept"] else []
-    assert sorted(p.name for p in path.iterdir()) == sorted(["metadata.json", "model.onnx", "model_card.md",
-                                                             "reference.npz", *int8])  # fmt: skip
-    assert sorted(p.name for p in (repo / "digits").iterdir()) == [".lock", "1", "config.pbtxt", "latest", "promotions.jsonl"]  # promote.py's audit trail
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        ["metadata.json", "model.onnx", "model_card.md", "reference.npz", *int8]
+    )
+    assert sorted(p.name for p in (repo / "digits").iterdir()) == [
+        ".lock",
+        "1",
+        "config.pbtxt",
+        "latest",
+        "promotions.jsonl",
+    ]  # promote.py's audit trail
     assert (repo / "digits" / "latest").read_text().strip() == "1"
     assert latest_version(repo / "digits") == 1
     # self-contained: no external-data files, no temp folders left
@@ -234,8 +265,14 @@ def test_metadata_in_json_and_inside_onnx(exported, run_dir, tiny_target):
 def test_model_card(exported):
     card = (Path(exported["path"]) / "model_card.md").read_text()
     assert card.startswith("# digits v1")
-    for text in ("scratch:mobilenetv2_100", exported["data_md5"], "Parity", "Limitations", "baseline",
-                 exported["sha256"]):  # fmt: skip
+    for text in (
+        "scratch:mobilenetv2_100",
+        exported["data_md5"],
+        "Parity",
+        "Limitations",
+        "baseline",
+        exported["sha256"],
+    ):
         assert text in card, text
     assert exported["shift"] is None and "Domain shift: not measured" in card  # trained without a drift.json
 
@@ -328,8 +365,15 @@ def test_int8_keeps_high_resolution_convs_float(exported, run_dir, tiny_target, 
     ds = load_dataset(tiny_target)
     tf = zoo.eval_transform(zoo.create_model(f"file:{run_dir / 'model.safetensors'}").data_config)
     ep = _params(**{"export.int8_max_drop": 1.0, "export.int8_fp32_resolution": 0.0}).export
-    info = quantize_int8(fp32, tmp_path / "all.onnx", ds.splits["train"][:20], ds.splits["test"], tf,
-                         fp32_accuracy=exported["onnx_test_accuracy"], ep=ep)  # fmt: skip
+    info = quantize_int8(
+        fp32,
+        tmp_path / "all.onnx",
+        ds.splits["train"][:20],
+        ds.splits["test"],
+        tf,
+        fp32_accuracy=exported["onnx_test_accuracy"],
+        ep=ep,
+    )
     assert info["kept"] and info["fp32_nodes"] == [] and info["fp32_resolution"] == 0.0
     float_convs, int8_convs = _conv_precision(tmp_path / "all.onnx")
     assert float_convs == set() and len(int8_convs) == len(convs)
@@ -345,18 +389,30 @@ def test_quantization_failure_keeps_fp32_and_says_why(run_dir, tmp_path, monkeyp
     meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.opset": 17}), progress=False)
     assert meta["int8"]["kept"] is False and "simulated quantizer crash" in meta["int8"]["reason"]
     assert meta["int8"]["reason"].startswith("quantization failed")
-    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md",
-                                                                    "reference.npz"]  # fmt: skip
+    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == [
+        "metadata.json",
+        "model.onnx",
+        "model_card.md",
+        "reference.npz",
+    ]
     assert latest_version(tmp_path / "repo" / "digits") == 1
 
 
 def test_triton_config(exported):
     text = (exported["_repo"] / "digits" / "config.pbtxt").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    for expected in ('name: "digits"', 'backend: "onnxruntime"', "max_batch_size: 32", 'name: "input"',
-                     "data_type: TYPE_FP32", "dims: [ 3, 32, 32 ]", 'name: "logits"', "dims: [ 10 ]",
-                     "max_queue_delay_microseconds: 100",
-                     "version_policy: { specific: { versions: [ 1 ] } }"):  # fmt: skip
+    for expected in (
+        'name: "digits"',
+        'backend: "onnxruntime"',
+        "max_batch_size: 32",
+        'name: "input"',
+        "data_type: TYPE_FP32",
+        "dims: [ 3, 32, 32 ]",
+        'name: "logits"',
+        "dims: [ 10 ]",
+        "max_queue_delay_microseconds: 100",
+        "version_policy: { specific: { versions: [ 1 ] } }",
+    ):
         assert expected in lines, expected
     assert lines.count("dynamic_batching {") == 1 and text.count("{") == text.count("}")
     assert text.count("[") == text.count("]")
@@ -391,8 +447,9 @@ def test_force_exports_next_version_and_moves_latest(exported, run_dir, tmp_path
     shutil.copytree(exported["_repo"], repo)
     v1 = _tree(repo / "digits" / "1")
     run = _variant(run_dir, tmp_path, {"passed": False, "reasons": ["did not beat scratch"]})
-    meta = run_export(run, repo, params=_params(run, **{"export.opset": 17, "export.int8": False}), force=True,
-                      progress=False)  # fmt: skip
+    meta = run_export(
+        run, repo, params=_params(run, **{"export.opset": 17, "export.int8": False}), force=True, progress=False
+    )
     assert Path(meta["path"]) == repo / "digits" / "2"
     assert meta["int8"]["kept"] is False and meta["int8"]["reason"].startswith("disabled")
     assert not (repo / "digits" / "2" / INT8_FILE).exists()
@@ -438,8 +495,9 @@ def test_parity_failure_publishes_nothing(exported, run_dir, tmp_path):
     assert _tree(repo) == before and latest_version(repo / "digits") == 1
 
 
-def test_tampered_onnx_weights_are_refused_and_the_previous_version_stays_latest(exported, run_dir, tmp_path,
-                                                                                monkeypatch):
+def test_tampered_onnx_weights_are_refused_and_the_previous_version_stays_latest(
+    exported, run_dir, tmp_path, monkeypatch
+):
     """The exporter's file differs from the torch model (one classifier weight nudged): the gate refuses it."""
     import onnx
 
@@ -470,9 +528,13 @@ def test_opset_below_18_uses_the_torchscript_exporter(run_dir, tmp_path, tiny_ta
     import onnxruntime as ort
     import torch
 
-    meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.opset": 17, "export.int8": False,
-                                                                              "export.name": "Digits v2!"}),
-                      force=True, progress=False)  # fmt: skip
+    meta = run_export(
+        run_dir,
+        tmp_path / "repo",
+        params=_params(run_dir, **{"export.opset": 17, "export.int8": False, "export.name": "Digits v2!"}),
+        force=True,
+        progress=False,
+    )
     assert meta["forced"] is False  # force only counts when it overrides a closed gate
     assert meta["name"] == "digits_v2" and Path(meta["path"]) == tmp_path / "repo" / "digits_v2" / "1"
     assert meta["exporter"] == "torchscript" and "18" in meta["fallback_reason"]
@@ -494,10 +556,17 @@ def test_dynamo_failure_falls_back_and_says_why(run_dir, tmp_path, monkeypatch, 
     meta = run_export(run_dir, tmp_path / "repo", params=_params(run_dir, **{"export.int8": False}), progress=False)
     assert meta["exporter"] == "torchscript" and meta["opset"] == 18
     assert "simulated torch.export failure" in meta["fallback_reason"]
-    assert any("TorchScript exporter" in r.getMessage() and "simulated torch.export failure" in r.getMessage()
-               for r in caplog.records if r.name == "transferkit.export")  # logged, not only recorded
-    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == ["metadata.json", "model.onnx", "model_card.md",
-                                                                    "reference.npz"]  # fmt: skip
+    assert any(
+        "TorchScript exporter" in r.getMessage() and "simulated torch.export failure" in r.getMessage()
+        for r in caplog.records
+        if r.name == "transferkit.export"
+    )  # logged, not only recorded
+    assert sorted(p.name for p in Path(meta["path"]).iterdir()) == [
+        "metadata.json",
+        "model.onnx",
+        "model_card.md",
+        "reference.npz",
+    ]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -532,9 +601,17 @@ def test_leftovers_of_killed_exports_are_cleaned_by_the_next_one(exported, run_d
     killed = d / ".export-killed"
     (killed / "raw").mkdir(parents=True)
     (killed / "raw" / "model.onnx").write_bytes(b"\0" * (1 << 20))
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-                               "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(600)", str(killed)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(600)",
+            str(killed),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     os.kill(holder.pid, signal.SIGKILL)  # kill -9 mid-export: the OS drops its lock
     holder.wait()

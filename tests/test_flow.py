@@ -11,12 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ARGS = ["--candidates", "mobilenetv2_100,scratch:mobilenetv2_100", "-q",
-        "--set", "data.image_size=64", "--set", "train.epochs=8", "--set", "train.patience=8",
-        "--set", "drift.min_samples=5",
-        # flow mechanics, not the gate: raw pixels beat a 6-label probe on tiny digits, so the negative-transfer
-        # verdict is recorded as a warning here instead of blocking (tests/test_validate.py tests the gate)
-        "--set", "validate.require_gain=false"]  # fmt: skip
+ARGS = [
+    "--candidates",
+    "mobilenetv2_100,scratch:mobilenetv2_100",
+    "-q",
+    "--set",
+    "data.image_size=64",
+    "--set",
+    "train.epochs=8",
+    "--set",
+    "train.patience=8",
+    "--set",
+    "drift.min_samples=5",
+    # flow mechanics, not the gate: raw pixels beat a 6-label probe on tiny digits, so the negative-transfer
+    # verdict is recorded as a warning here instead of blocking (tests/test_validate.py tests the gate)
+    "--set",
+    "validate.require_gain=false",
+]
 
 
 def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -31,8 +42,18 @@ def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def flow_run(tiny_target, tiny_reference, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flow")
-    p = _run(tmp, "--reference", str(tiny_reference), "--target", str(tiny_target), "--out", str(tmp / "run"),
-             "--repo", str(tmp / "models"), *ARGS)  # fmt: skip
+    p = _run(
+        tmp,
+        "--reference",
+        str(tiny_reference),
+        "--target",
+        str(tiny_target),
+        "--out",
+        str(tmp / "run"),
+        "--repo",
+        str(tmp / "models"),
+        *ARGS,
+    )
     return tmp, p
 
 
@@ -40,13 +61,23 @@ def test_flow_runs_every_stage_and_ships_a_matching_onnx(flow_run, tiny_target):
     tmp, p = flow_run
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     run = tmp / "run"
-    for f in ("params.yaml", "drift/drift.json", "drift/drift.html", "select/ranking.json", "train/metrics.json",
-              "train/model.safetensors", "train/validation.json", "train/no_transfer.json"):  # fmt: skip
+    for f in (
+        "params.yaml",
+        "drift/drift.json",
+        "drift/drift.html",
+        "select/ranking.json",
+        "train/metrics.json",
+        "train/model.safetensors",
+        "train/validation.json",
+        "train/no_transfer.json",
+    ):
         assert (run / f).is_file(), f
     metrics = json.loads((run / "train" / "metrics.json").read_text())
     validation = json.loads((run / "train" / "validation.json").read_text())
     assert validation["passed"] is True
-    assert validation["transfer_gain"] == pytest.approx(metrics["test_accuracy"] - validation["baseline"]["test_accuracy"], abs=1e-6)
+    assert validation["transfer_gain"] == pytest.approx(
+        metrics["test_accuracy"] - validation["baseline"]["test_accuracy"], abs=1e-6
+    )
     if validation["verdict"] != "transfer helps":  # recorded, not blocking with require_gain=false
         assert validation["verdict_message"] in validation["warnings"]
     assert f"; {validation['verdict']}; gate passed" in p.stdout
@@ -88,9 +119,24 @@ def test_flow_stops_at_a_failed_gate_and_exports_nothing(flow_run, tiny_target, 
     import sqlite3
 
     tmp, _ = flow_run
-    p = _run(tmp, "--reference", str(tiny_reference), "--target", str(tiny_target), "--out", str(tmp / "run2"),
-             "--repo", str(tmp / "models2"), *ARGS, "--set", "validate.min_gain=1.0",
-             "--set", "validate.require_gain=true", "--set", "select.runner=thread")  # fmt: skip
+    p = _run(
+        tmp,
+        "--reference",
+        str(tiny_reference),
+        "--target",
+        str(tiny_target),
+        "--out",
+        str(tmp / "run2"),
+        "--repo",
+        str(tmp / "models2"),
+        *ARGS,
+        "--set",
+        "validate.min_gain=1.0",
+        "--set",
+        "validate.require_gain=true",
+        "--set",
+        "select.runner=thread",
+    )
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert "transfer does not help here" in p.stderr and "nothing exported" in p.stderr
     assert not list((tmp / "models2").rglob("model.onnx")) if (tmp / "models2").exists() else True
@@ -103,4 +149,5 @@ def test_flow_stops_at_a_failed_gate_and_exports_nothing(flow_run, tiny_target, 
     first, second = (json.loads((tmp / r / "select" / "ranking.json").read_text()) for r in ("run", "run2"))
     assert second["selected"] == first["selected"]
     assert [(c["model"], c["logme"]) for c in second["candidates"]] == [
-        (c["model"], c["logme"]) for c in first["candidates"]]
+        (c["model"], c["logme"]) for c in first["candidates"]
+    ]

@@ -27,9 +27,21 @@ pytestmark = pytest.mark.slow
 
 def test_training_reference_and_event_shape(model_repo, tiny_target):
     assert training_reference(model_repo, "digits") == tiny_target
-    ev = drift_event("digits", 2, {"drift_detected": True, "severity": "severe", "method": "m", "score": 0.9,
-                                   "threshold": 0.5, "n_reference": 10, "n_current": 12,
-                                   "views": {"embeddings": {"drifted": True}}}, "r.html")  # fmt: skip
+    ev = drift_event(
+        "digits",
+        2,
+        {
+            "drift_detected": True,
+            "severity": "severe",
+            "method": "m",
+            "score": 0.9,
+            "threshold": 0.5,
+            "n_reference": 10,
+            "n_current": 12,
+            "views": {"embeddings": {"drifted": True}},
+        },
+        "r.html",
+    )
     assert ev["event"] == EVENT_DRIFT_DETECTED == "transferkit.drift.detected"
     assert ev["resource"]["prefect.resource.id"] == "transferkit.model.digits"
     assert ev["payload"]["severity"] == "severe" and ev["payload"]["views"] == {"embeddings": True}
@@ -51,11 +63,22 @@ def test_drift_on_served_inputs_emits_the_event_to_a_real_server(prefect_server,
         "import json, sys; from flows.monitor import monitor_flow; a = json.loads(sys.argv[1]); "
         "print('RESULT', json.dumps([monitor_flow(monitor_dir=m, **a) for m in a.pop('dirs')]))"
     )
-    args = {"repo": str(model_repo), "name": "digits", "out": str(tmp_path / "out"), "params": params,
-            "dirs": [str(few), str(monitor)]}  # fmt: skip
+    args = {
+        "repo": str(model_repo),
+        "name": "digits",
+        "out": str(tmp_path / "out"),
+        "params": params,
+        "dirs": [str(few), str(monitor)],
+    }
     env = prefect_env(prefect_server, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True, env=env,
-                       timeout=400, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     skipped, drifted = json.loads(r.stdout.split("RESULT", 1)[1])
     assert skipped["status"] == "skipped" and skipped["n_current"] == 3 and skipped["event"] is None
@@ -66,9 +89,14 @@ def test_drift_on_served_inputs_emits_the_event_to_a_real_server(prefect_server,
     found = []
     deadline = time.time() + 60
     while not found and time.time() < deadline:  # the server persists events asynchronously
-        resp = httpx.post(f"{prefect_server}/events/filter", timeout=10,
-                          json={"filter": {"event": {"name": [EVENT_DRIFT_DETECTED]},
-                                           "resource": {"id": ["transferkit.model.digits"]}}, "limit": 50})  # fmt: skip
+        resp = httpx.post(
+            f"{prefect_server}/events/filter",
+            timeout=10,
+            json={
+                "filter": {"event": {"name": [EVENT_DRIFT_DETECTED]}, "resource": {"id": ["transferkit.model.digits"]}},
+                "limit": 50,
+            },
+        )
         assert resp.status_code == 200, resp.text
         # this test's events (the server is shared): the skipped run must have emitted nothing
         found = [e for e in resp.json()["events"] if str(e["payload"].get("report", "")).startswith(str(tmp_path))]

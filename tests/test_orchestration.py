@@ -34,8 +34,14 @@ BIN = Path(sys.executable).parent
 POOL = "tk-test-pool"
 MONITOR = {"params": {"drift": {"min_samples": 5, "max_samples": 60}, "data": {"image_size": 32}}}
 # flow mechanics, not the gate: the negative-transfer verdict is recorded, not blocking (raw pixels win on tiny digits)
-OVERRIDES = {"data.image_size": 64, "train.epochs": 3, "train.patience": 3, "export.int8": False, "export.opset": 17,
-             "validate.require_gain": False}
+OVERRIDES = {
+    "data.image_size": 64,
+    "train.epochs": 3,
+    "train.patience": 3,
+    "export.int8": False,
+    "export.opset": 17,
+    "validate.require_gain": False,
+}
 
 
 def _sh(cmd: list, cwd: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
@@ -48,9 +54,12 @@ def _sh(cmd: list, cwd: Path, env: dict, ok: bool = True) -> subprocess.Complete
 def _api(url: str, path: str, body: dict | None = None):
     """One REST call. A 503 (SQLite busy while the worker writes) is retried, as Prefect's own client does."""
     for attempt in range(6):
-        req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"},
-                                     method="POST" if body is not None else "GET")  # fmt: skip
+        req = urllib.request.Request(
+            url + path,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json"},
+            method="POST" if body is not None else "GET",
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return json.loads(r.read())
@@ -67,12 +76,16 @@ def _runs(url: str, deployment_id: str, since: datetime | None = None) -> list[d
     if since is None:
         return runs
     soon = datetime.now(timezone.utc) + timedelta(hours=1)
-    return [r for r in runs if datetime.fromisoformat(r["created"]) >= since
-            and datetime.fromisoformat(r["expected_start_time"]) < soon]  # fmt: skip
+    return [
+        r
+        for r in runs
+        if datetime.fromisoformat(r["created"]) >= since and datetime.fromisoformat(r["expected_start_time"]) < soon
+    ]
 
 
-def _wait_terminal(url: str, deployment_id: str, n: int, timeout: float, log: Path,
-                   since: datetime | None = None) -> list[dict]:  # fmt: skip
+def _wait_terminal(
+    url: str, deployment_id: str, n: int, timeout: float, log: Path, since: datetime | None = None
+) -> list[dict]:
     """Wait until the deployment has N flow runs and all are in a terminal state."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -80,8 +93,10 @@ def _wait_terminal(url: str, deployment_id: str, n: int, timeout: float, log: Pa
         if len(runs) >= n and all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
             return sorted(runs, key=lambda r: r["created"])
         time.sleep(2)
-    raise AssertionError(f"no {n} finished runs after {timeout:.0f} s: {[(r['name'], r['state_type']) for r in runs]}\n"
-                         f"worker log:\n{log.read_text()[-4000:] if log.exists() else ''}")  # fmt: skip
+    raise AssertionError(
+        f"no {n} finished runs after {timeout:.0f} s: {[(r['name'], r['state_type']) for r in runs]}\n"
+        f"worker log:\n{log.read_text()[-4000:] if log.exists() else ''}"
+    )
 
 
 def _ws(tmp: Path, target: Path, env: dict) -> Path:
@@ -103,12 +118,37 @@ def deployed(prefect_server, tiny_target, tiny_reference, tmp_path_factory):
     env["PATH"] = f"{BIN}:{env['PATH']}"
     ws = _ws(tmp, tiny_target, env)
     ensure_pool(env, POOL)
-    params = {"target": str(ws / "digits"), "reference": None, "out_root": str(ws / "runs"), "repo": str(ws / "models"),
-              "candidates": ["mobilenetv2_100"], "params_file": None, "overrides": OVERRIDES}  # fmt: skip
+    params = {
+        "target": str(ws / "digits"),
+        "reference": None,
+        "out_root": str(ws / "runs"),
+        "repo": str(ws / "models"),
+        "candidates": ["mobilenetv2_100"],
+        "params_file": None,
+        "overrides": OVERRIDES,
+    }
     monitor = {**MONITOR, "out": str(ws / "runs" / "monitor")}
-    _sh([sys.executable, "-m", "flows.deployments", "--pool", POOL, "--dataset", ws / "digits", "--model", "digits",
-         "--parameters", json.dumps(params), "--monitor-dir", ws / "monitor",
-         "--monitor-parameters", json.dumps(monitor)], ROOT, env)  # fmt: skip
+    _sh(
+        [
+            sys.executable,
+            "-m",
+            "flows.deployments",
+            "--pool",
+            POOL,
+            "--dataset",
+            ws / "digits",
+            "--model",
+            "digits",
+            "--parameters",
+            json.dumps(params),
+            "--monitor-dir",
+            ws / "monitor",
+            "--monitor-parameters",
+            json.dumps(monitor),
+        ],
+        ROOT,
+        env,
+    )
     log = tmp / "worker.log"
     worker = start_worker(env, POOL, log=log, poll_seconds=2, cwd=ws)
     try:
@@ -202,8 +242,11 @@ def test_new_data_event_triggers_a_retrain_that_ships_a_model_for_that_md5(deplo
     (drift_run,) = _wait_terminal(url, nightly["id"], 1, 180, log, since=since)
     assert drift_run["state_type"] == "COMPLETED", drift_run["state"]
     assert drift_run["parameters"]["reason"].startswith("drift detected on served inputs of transferkit.model.digits")
-    rec = next(json.loads(f.read_text()) for f in (ws / "runs").glob("*/retrain.json")
-               if json.loads(f.read_text())["flow_run_id"] == drift_run["id"])  # fmt: skip
+    rec = next(
+        json.loads(f.read_text())
+        for f in (ws / "runs").glob("*/retrain.json")
+        if json.loads(f.read_text())["flow_run_id"] == drift_run["id"]
+    )
     assert rec["deployment"] == "nightly" and rec["skipped"] is True and rec["version"] == 1
     assert "would rebuild the same model" in rec["skip_reason"] and "data add" in rec["skip_reason"]
     assert rec["data_md5"] == md5 and not (ws / "models" / "digits" / "2").exists()
@@ -336,8 +379,9 @@ def test_transferkit_server_starts_registers_serves_the_ui_and_stops(tmp_path):
     env = {k: v for k, v in prefect_env(home=home).items() if k != "PREFECT_API_URL"}
     env["PATH"] = f"{BIN}:{env['PATH']}"
     cmd = [str(BIN / "transferkit"), "server", "--port", str(port), "--home", str(home), "--pool", "tk-server-test"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     api = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 400

@@ -71,8 +71,9 @@ def test_registered_model_is_listed_loaded_and_has_a_source_head(pretrained):
 def test_select_scores_the_registered_model_with_leep(pretrained, tiny_target, tiny_params, tmp_path):
     from transferkit.select import run_select
 
-    r = run_select(tiny_target, tmp_path, tiny_params, ["zoo:mobilenetv2_100-mnist", "scratch:mobilenetv2_100"],
-                   progress=False)  # fmt: skip
+    r = run_select(
+        tiny_target, tmp_path, tiny_params, ["zoo:mobilenetv2_100-mnist", "scratch:mobilenetv2_100"], progress=False
+    )
     by = {c["model"]: c for c in r["candidates"]}
     assert by["zoo:mobilenetv2_100-mnist"]["leep"] is not None and by["scratch:mobilenetv2_100"]["leep"] is None
     assert r["selected"] == "zoo:mobilenetv2_100-mnist"
@@ -108,9 +109,11 @@ def test_name_clash_needs_force_and_bad_inputs_fail_before_training(pretrained, 
     assert r.exit_code == 1 and "already registered" in r.output and "--force" in r.output
     r = runner.invoke(app, ["pretrain", "--data", str(tiny_reference), "--model", "resnet18", "--name", "x", "-q"])
     assert r.exit_code == 1 and "resnet18" in r.output and "not available" in r.output
-    r = runner.invoke(app, ["pretrain", "--data", str(tmp_path / "absent"), "--model", "mobilenetv2_100",
-                            "--name", "y", "-q"])  # fmt: skip
+    r = runner.invoke(
+        app, ["pretrain", "--data", str(tmp_path / "absent"), "--model", "mobilenetv2_100", "--name", "y", "-q"]
+    )
     assert r.exit_code == 1 and str(tmp_path / "absent") in r.output
-    r = runner.invoke(app, ["pretrain", "--data", str(tiny_reference), "--model", "mobilenetv2_100",
-                            "--name", "../evil", "-q"])  # fmt: skip
+    r = runner.invoke(
+        app, ["pretrain", "--data", str(tiny_reference), "--model", "mobilenetv2_100", "--name", "../evil", "-q"]
+    )
     assert r.exit_code == 1 and "zoo name" in r.output

@@ -63,16 +63,19 @@ def test_promote_specific_and_newest_and_rollback_stack(repo):
     assert len(lines) == 2 + 2 + 3 and json.loads(lines[-1])["action"] == "rollback"
 
 
-@pytest.mark.parametrize("damage, match", [
-    ("no-onnx", "model.onnx not found"),
-    ("no-parity", "no parity record"),
-    ("tampered", "sha256"),
-    ("bad-json", "not valid JSON"),
-    ("no-keys", "missing keys \\['classes'\\]"),
-    ("missing", "no such version"),
-    ("no-reference", "reference file metadata.json names is missing"),
-    ("tampered-reference", "reference.npz: sha256 .* differs"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("no-onnx", "model.onnx not found"),
+        ("no-parity", "no parity record"),
+        ("tampered", "sha256"),
+        ("bad-json", "not valid JSON"),
+        ("no-keys", "missing keys \\['classes'\\]"),
+        ("missing", "no such version"),
+        ("no-reference", "reference file metadata.json names is missing"),
+        ("tampered-reference", "reference.npz: sha256 .* differs"),
+    ],
+)
 def test_incomplete_or_tampered_versions_are_refused_and_latest_stays(repo, damage, match):
     d = repo / "digits"
     v = _add_version(repo, 1, 3)
@@ -112,15 +115,26 @@ def test_unknown_model_is_named(repo):
 def test_cli_promote_and_rollback(repo):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     tk = [sys.executable, "-m", "transferkit.cli"]
-    r = subprocess.run([*tk, "promote", "--repo", str(repo), "--name", "digits", "--version", "1"],
-                       capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [*tk, "promote", "--repo", str(repo), "--name", "digits", "--version", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "2 -> 1" in r.stdout and latest_version(repo / "digits") == 1
-    r = subprocess.run([*tk, "rollback", "--repo", str(repo), "--name", "digits"],
-                       capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [*tk, "rollback", "--repo", str(repo), "--name", "digits"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 0 and "1 -> 2" in r.stdout
-    r = subprocess.run([*tk, "promote", "--repo", str(repo), "--name", "digits", "--version", "9"],
-                       capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [*tk, "promote", "--repo", str(repo), "--name", "digits", "--version", "9"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 1 and "no such version" in r.stderr and "Traceback" not in r.stderr
     assert latest_version(repo / "digits") == 2
 
@@ -160,7 +174,9 @@ def _scramble_int8(path: Path) -> None:
     for t in proto.graph.initializer:
         if t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) > 16:
             a = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(a.ravel()).reshape(a.shape), t.name))
+            t.CopyFrom(
+                numpy_helper.from_array(np.random.default_rng(0).permutation(a.ravel()).reshape(a.shape), t.name)
+            )
             n += 1
     assert n
     onnx.checker.check_model(proto)
@@ -180,8 +196,12 @@ def test_int8_model_is_verified_by_promote_and_by_the_server_loader(repo, tmp_pa
         promote(repo, "digits", 3)
     with pytest.raises(LoadError, match="model.int8.onnx: sha256"):
         load_version(repo / "digits", 3, cfg)
-    r = subprocess.run([sys.executable, "-m", "transferkit.cli", "promote", "--repo", str(repo), "--name", "digits",
-                        "--version", "3"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "transferkit.cli", "promote", "--repo", str(repo), "--name", "digits", "--version", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "int8" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -220,8 +240,12 @@ def test_model_names_are_never_paths(repo, tmp_path):
     shutil.copytree(repo, other)
     before = (other / "digits" / "latest").read_bytes()
     for name in ("../otherrepo/digits", str(other / "digits"), "Digits", "", "a/b", ".."):
-        r = subprocess.run([sys.executable, "-m", "transferkit.cli", "promote", "--repo", str(repo), "--name", name,
-                            "--version", "1"], capture_output=True, text=True, timeout=120)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "transferkit.cli", "promote", "--repo", str(repo), "--name", name, "--version", "1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 1 and "is not a name" in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
     assert (other / "digits" / "latest").read_bytes() == before
     (repo / "linked").symlink_to(other / "digits", target_is_directory=True)

@@ -37,7 +37,9 @@ def test_logme_evidence_equals_direct_gaussian_marginal(n, d):
     for alpha, beta in [(0.7, 3.0), (25.0, 0.4), logme_fixed_point(f, t)]:
         assert logme_evidence(f, t, alpha, beta) == pytest.approx(_direct_log_evidence(f, t, alpha, beta), rel=1e-9)
     # LogME = mean over classes of the evidence at each class's fixed point
-    per_class = [logme_evidence(f, (y == c).astype(float), *logme_fixed_point(f, (y == c).astype(float))) for c in range(3)]
+    per_class = [
+        logme_evidence(f, (y == c).astype(float), *logme_fixed_point(f, (y == c).astype(float))) for c in range(3)
+    ]
     assert logme(f, y) == pytest.approx(np.mean(per_class), rel=1e-12)
 
 
@@ -79,10 +81,19 @@ def test_leep_matches_a_hand_calculation():
     y = np.array([0, 0, 1, 1])
     # joint P(z, y) = 1/4 sum_i theta_iz [y_i = y]: z0: (0.35, 0.10), z1: (0.15, 0.40)
     # P(y | z0) = (7/9, 2/9), P(y | z1) = (3/11, 8/11)
-    eep = [0.8 * 7 / 9 + 0.2 * 3 / 11, 0.6 * 7 / 9 + 0.4 * 3 / 11, 0.3 * 2 / 9 + 0.7 * 8 / 11, 0.1 * 2 / 9 + 0.9 * 8 / 11]
+    eep = [
+        0.8 * 7 / 9 + 0.2 * 3 / 11,
+        0.6 * 7 / 9 + 0.4 * 3 / 11,
+        0.3 * 2 / 9 + 0.7 * 8 / 11,
+        0.1 * 2 / 9 + 0.9 * 8 / 11,
+    ]
     expected = np.mean(np.log(eep))
-    assert leep(np.log(theta) + 5.0, y) == pytest.approx(expected, rel=1e-12)  # logits: any shift gives the same softmax
-    assert leep(np.log(theta), np.array([3, 3, 7, 7])) == pytest.approx(expected, rel=1e-12)  # label values don't matter
+    assert leep(np.log(theta) + 5.0, y) == pytest.approx(
+        expected, rel=1e-12
+    )  # logits: any shift gives the same softmax
+    assert leep(np.log(theta), np.array([3, 3, 7, 7])) == pytest.approx(
+        expected, rel=1e-12
+    )  # label values don't matter
 
 
 def test_probe_accuracy_separable_and_random():
@@ -198,8 +209,19 @@ def test_cli_unknown_candidate_exits_1_with_one_line(tiny_target, tmp_path, monk
     from transferkit.cli import app
 
     monkeypatch.chdir(tmp_path)  # no ./params.yaml: defaults
-    r = CliRunner().invoke(app, ["select", "--target", str(tiny_target), "--out", str(tmp_path / "o"),
-                                 "--candidates", "file:/nonexistent/model.safetensors", "-q"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "select",
+            "--target",
+            str(tiny_target),
+            "--out",
+            str(tmp_path / "o"),
+            "--candidates",
+            "file:/nonexistent/model.safetensors",
+            "-q",
+        ],
+    )
     assert r.exit_code == 1
     assert "/nonexistent/model.safetensors" in r.output and "Traceback" not in r.output
 
@@ -208,24 +230,41 @@ def test_cli_unknown_candidate_exits_1_with_one_line(tiny_target, tmp_path, monk
 def test_confirm_fine_tunes_the_top_k_and_picks_by_validation(tiny_target, tiny_params, tmp_path):
     tiny_params.select.confirm_epochs = 1
     tiny_params.select.confirm_strategy = "full"
-    r = run_select(tiny_target, tmp_path, tiny_params, ["mobilenetv2_100", "tf_efficientnet_lite0",
-                                                        "scratch:mobilenetv2_100"], progress=False, confirm=2)  # fmt: skip
+    r = run_select(
+        tiny_target,
+        tmp_path,
+        tiny_params,
+        ["mobilenetv2_100", "tf_efficientnet_lite0", "scratch:mobilenetv2_100"],
+        progress=False,
+        confirm=2,
+    )
     saved = json.loads((tmp_path / "ranking.json").read_text())
     assert saved == json.loads(json.dumps(r))
     assert {"metric", "selected", "candidates"} <= saved.keys()
     c = saved["confirm"]
-    assert c["k"] == 2 and [x["model"] for x in c["runs"]] == [x["model"] for x in saved["candidates"]
-                                                               if not x["control"]][:2]  # fmt: skip
+    assert (
+        c["k"] == 2
+        and [x["model"] for x in c["runs"]] == [x["model"] for x in saved["candidates"] if not x["control"]][:2]
+    )
     best = max(x["val_accuracy"] for x in c["runs"])
     assert saved["selected"] == c["selected"] and saved["selected_by"] == "confirm"
     assert next(x for x in c["runs"] if x["model"] == saved["selected"])["val_accuracy"] == best
     for x in c["runs"]:
         assert x["strategy"] == "full" and x["epochs"] == 1
-        assert json.loads((tmp_path / "confirm" / x["run"].split("/")[-1] / "metrics.json").read_text())["model"] == x["model"]
+        assert (
+            json.loads((tmp_path / "confirm" / x["run"].split("/")[-1] / "metrics.json").read_text())["model"]
+            == x["model"]
+        )
     # default `auto`: 6 labels per class -> train would ship a linear probe, so confirm compares linear probes
     tiny_params.select.confirm_strategy = "auto"
-    auto = run_select(tiny_target, tmp_path / "auto", tiny_params, ["mobilenetv2_100", "tf_efficientnet_lite0"],
-                      progress=False, confirm=2)  # fmt: skip
+    auto = run_select(
+        tiny_target,
+        tmp_path / "auto",
+        tiny_params,
+        ["mobilenetv2_100", "tf_efficientnet_lite0"],
+        progress=False,
+        confirm=2,
+    )
     assert auto["confirm"]["strategy"] == "linear-probe" and auto["confirm"]["epochs"] == tiny_params.train.epochs
     assert all(x["strategy"] == "linear-probe" for x in auto["confirm"]["runs"])
 
@@ -239,12 +278,31 @@ def test_dask_runner_ranks_like_the_sequential_path(tiny_target, tiny_params, tm
     from pathlib import Path
 
     seq = run_select(tiny_target, tmp_path / "seq", tiny_params, progress=False)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "TRANSFERKIT_CACHE": str(tmp_path / "cold"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
-    cmd = [str(Path(sys.executable).parent / "transferkit"), "select", "--target", str(tiny_target),
-           "--out", str(tmp_path / "dask"), "--runner", "dask", "-q",
-           "--candidates", ",".join(tiny_params.select.candidates),
-           "--set", "data.image_size=32", "--set", "data.batch_size=32", "--set", "select.workers=2"]  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "TRANSFERKIT_CACHE": str(tmp_path / "cold"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "transferkit"),
+        "select",
+        "--target",
+        str(tiny_target),
+        "--out",
+        str(tmp_path / "dask"),
+        "--runner",
+        "dask",
+        "-q",
+        "--candidates",
+        ",".join(tiny_params.select.candidates),
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "data.batch_size=32",
+        "--set",
+        "select.workers=2",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)  # no params.yaml
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     par = json.loads((tmp_path / "dask" / "ranking.json").read_text())

@@ -50,10 +50,25 @@ def _start(repo: Path, tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
     env.pop("TRANSFERKIT_SERVE_TOKEN", None)
     log = open(tmp / f"server-{port}.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "transferkit.cli", "serve", "--repo", str(repo), "--port", str(port),
-         "--poll-interval", "0.2", "--threads", "1", *args],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "transferkit.cli",
+            "serve",
+            "--repo",
+            str(repo),
+            "--port",
+            str(port),
+            "--poll-interval",
+            "0.2",
+            "--threads",
+            "1",
+            *args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -90,9 +105,24 @@ def server(repo, tmp_path_factory):
     images, 4 images per request, an 8-image reservoir."""
     tmp = tmp_path_factory.mktemp("server")
     (tmp / "token").write_text(TOKEN + "\n")
-    proc, url = _start(repo, tmp, "--token-file", str(tmp / "token"), "--max-body-mb", "1", "--max-queue-delay-ms", "20",
-                       "--max-image-pixels", "1000000", "--max-images", "4",
-                       "--monitor-dir", str(tmp / "monitor"), "--monitor-size", str(MONITOR_SIZE))  # fmt: skip
+    proc, url = _start(
+        repo,
+        tmp,
+        "--token-file",
+        str(tmp / "token"),
+        "--max-body-mb",
+        "1",
+        "--max-queue-delay-ms",
+        "20",
+        "--max-image-pixels",
+        "1000000",
+        "--max-images",
+        "4",
+        "--monitor-dir",
+        str(tmp / "monitor"),
+        "--monitor-size",
+        str(MONITOR_SIZE),
+    )
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     yield {"url": url, "client": client, "monitor": tmp / "monitor", "proc": proc}
     client.close()
@@ -169,7 +199,12 @@ def test_numpy_preprocessing_equals_the_torch_eval_transform(images):
     from transferkit.serve import preprocess
 
     for interp in ("bicubic", "bilinear"):
-        cfg = {"input_size": (3, 32, 32), "interpolation": interp, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        cfg = {
+            "input_size": (3, 32, 32),
+            "interpolation": interp,
+            "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225),
+        }
         tf = zoo.eval_transform(cfg)
         for im in images:
             ref = tf(im).numpy()
@@ -195,8 +230,12 @@ def test_multipart_json_and_raw_predictions_match_offline_onnxruntime(server, of
     _check(r.json(), 2, offline, [images[4], images[0]], 5)
 
     jpeg = _png(images[2], "JPEG")
-    r = c.post("/v1/models/digits/predict", params={"top_k": 10, "logits": True}, content=jpeg,
-               headers={"Content-Type": "image/jpeg"})  # fmt: skip
+    r = c.post(
+        "/v1/models/digits/predict",
+        params={"top_k": 10, "logits": True},
+        content=jpeg,
+        headers={"Content-Type": "image/jpeg"},
+    )
     assert r.status_code == 200, r.text
     _check(r.json(), 2, offline, [Image.open(io.BytesIO(jpeg))], 10)
 
@@ -216,7 +255,9 @@ def test_concurrent_requests_are_batched(server, offline, images):
     data = _png(images[0])
 
     def one(_):
-        return c.post("/v1/models/digits/predict", params={"logits": True}, files={"file": ("a.png", data, "image/png")})
+        return c.post(
+            "/v1/models/digits/predict", params={"logits": True}, files={"file": ("a.png", data, "image/png")}
+        )
 
     with ThreadPoolExecutor(8) as pool:
         rs = list(pool.map(one, range(24)))
@@ -252,32 +293,52 @@ def _bad_cases(images):
     big = _png(Image.new("L", (1200, 1000), 3))  # 1.2 Mpx, a few kB compressed: refused from its header
     return {
         "no token": (dict(files={"file": ("a.png", png, "image/png")}), 401, "bearer token", {"Authorization": ""}),
-        "wrong token": (dict(files={"file": ("a.png", png, "image/png")}), 401, "bearer token",
-                        {"Authorization": "Bearer nope"}),
+        "wrong token": (
+            dict(files={"file": ("a.png", png, "image/png")}),
+            401,
+            "bearer token",
+            {"Authorization": "Bearer nope"},
+        ),
         "text body": (dict(content=b"hello", headers={"Content-Type": "text/plain"}), 415, "text/plain", None),
         "svg part": (dict(files={"file": ("a.svg", b"<svg/>", "image/svg+xml")}), 415, "image/svg+xml", None),
-        "not an image": (dict(files={"file": ("a.png", b"GIF87a-nope" * 3, "application/octet-stream")}), 415,
-                         "not an image", None),
+        "not an image": (
+            dict(files={"file": ("a.png", b"GIF87a-nope" * 3, "application/octet-stream")}),
+            415,
+            "not an image",
+            None,
+        ),
         "truncated png": (dict(files={"file": ("cut.png", png[: len(png) // 2], "image/png")}), 400, "'cut.png'", None),
         # a good image before the bad one: the request fails whole, and the monitor never samples it
-        "good then truncated": (dict(files=[("file", ("ok.png", png, "image/png")),
-                                            ("file", ("cut.png", png[: len(png) // 2], "image/png"))]),
-                                400, "'cut.png'", None),
+        "good then truncated": (
+            dict(
+                files=[("file", ("ok.png", png, "image/png")), ("file", ("cut.png", png[: len(png) // 2], "image/png"))]
+            ),
+            400,
+            "'cut.png'",
+            None,
+        ),
         "bad json": (dict(content=b"{", headers={"Content-Type": "application/json"}), 400, "not valid JSON", None),
         "json shape": (dict(json=["x"]), 400, '{"images"', None),
         "bad base64": (dict(json={"images": ["***"]}), 400, "images[0]: not valid base64", None),
         "no image": (dict(files={"note": (None, "hi")}), 400, "no image", None),
-        "body size": (dict(content=os.urandom(1_200_000), headers={"Content-Type": "image/png"}), 413,
-                      "limit is 1048576", None),
+        "body size": (
+            dict(content=os.urandom(1_200_000), headers={"Content-Type": "image/png"}),
+            413,
+            "limit is 1048576",
+            None,
+        ),
         "pixels": (dict(files={"file": ("big.png", big, "image/png")}), 413, "1200x1000", None),
         "side": (dict(files={"file": ("wide.png", _png(Image.new("L", (9000, 1))), "image/png")}), 413, "9000x1", None),
         # a decompression bomb: 256 Mpx that compress to a few kB; refused from the header, never decoded
         "bomb": (dict(files={"file": ("bomb.png", _bomb(), "image/png")}), 413, "256000000 pixels", None),
         # no Content-Length (chunked upload): the limit is enforced while streaming
-        "chunked body": (dict(content=(b"x" * 65536 for _ in range(20)), headers={"Content-Type": "image/png"}), 413,
-                         "exceeds the limit of 1048576", None),
-        "batch size": (dict(files=[("file", (f"{i}.png", png, "image/png")) for i in range(5)]), 413,
-                       "5 images", None),
+        "chunked body": (
+            dict(content=(b"x" * 65536 for _ in range(20)), headers={"Content-Type": "image/png"}),
+            413,
+            "exceeds the limit of 1048576",
+            None,
+        ),
+        "batch size": (dict(files=[("file", (f"{i}.png", png, "image/png")) for i in range(5)]), 413, "5 images", None),
         "top_k": (dict(files={"file": ("a.png", png, "image/png")}, params={"top_k": 0}), 422, "top_k", None),
     }
 
@@ -300,7 +361,9 @@ def test_unknown_model_and_good_requests_still_work(server, images):
     c = server["client"]
     r = c.post("/v1/models/cats/predict", files={"file": ("a.png", _png(images[0]), "image/png")})
     assert r.status_code == 404 and "cats" in r.json()["detail"]
-    assert c.post("/v1/models/digits/predict", files={"file": ("a.png", _png(images[0]), "image/png")}).status_code == 200
+    assert (
+        c.post("/v1/models/digits/predict", files={"file": ("a.png", _png(images[0]), "image/png")}).status_code == 200
+    )
     assert httpx.get(f"{server['url']}/v1/models").status_code == 401  # listing needs the token too
 
 
@@ -309,12 +372,15 @@ def test_health_ready_and_metrics(server, images):
     assert httpx.get(f"{server['url']}/healthz").json() == {"status": "alive"}
     ready = httpx.get(f"{server['url']}/readyz")
     assert ready.status_code == 200 and ready.json()["versions"] == {"digits": 2}
+
     def errors_415() -> float:
         text = httpx.get(f"{server['url']}/metrics").text
         key = 'transferkit_errors_total{code="415",model="digits"}'
         return _metric(text, key) if key + " " in text else 0.0
 
-    assert c.post("/v1/models/digits/predict", files={"file": ("a.png", _png(images[0]), "image/png")}).status_code == 200
+    assert (
+        c.post("/v1/models/digits/predict", files={"file": ("a.png", _png(images[0]), "image/png")}).status_code == 200
+    )
     before = errors_415()
     assert c.post("/v1/models/digits/predict", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
     assert errors_415() == before + 1  # errors are counted by code
@@ -360,8 +426,9 @@ class _Load:
 
     def _run(self):
         while not self.stop.is_set():
-            r = self.c.post("/v1/models/digits/predict", params={"logits": True},
-                            files={"file": ("a.png", self.data, "image/png")})  # fmt: skip
+            r = self.c.post(
+                "/v1/models/digits/predict", params={"logits": True}, files={"file": ("a.png", self.data, "image/png")}
+            )
             self.results.append((r.status_code, r.json()))
 
     def finish(self):
@@ -531,10 +598,30 @@ def hostile(repo, tmp_path_factory):
     1 Mpx images, 4 Mpx per request, 20 MB in flight (waits 1 s, then 503), 8 requests in flight, headers
     within 2 s and 16 KB, bodies within 3 s."""
     tmp = tmp_path_factory.mktemp("server-hostile")
-    proc, url = _start(repo, tmp, "--max-body-mb", "1", "--max-image-pixels", "1000000", "--max-images", "64",
-                       "--max-request-pixels", "4000000", "--max-inflight-mb", "20", "--queue-timeout", "1",
-                       "--max-concurrency", "8", "--header-timeout", "2", "--body-timeout", "3",
-                       "--max-header-kb", "16")  # fmt: skip
+    proc, url = _start(
+        repo,
+        tmp,
+        "--max-body-mb",
+        "1",
+        "--max-image-pixels",
+        "1000000",
+        "--max-images",
+        "64",
+        "--max-request-pixels",
+        "4000000",
+        "--max-inflight-mb",
+        "20",
+        "--queue-timeout",
+        "1",
+        "--max-concurrency",
+        "8",
+        "--header-timeout",
+        "2",
+        "--body-timeout",
+        "3",
+        "--max-header-kb",
+        "16",
+    )
     client = httpx.Client(base_url=url, timeout=30)
     yield {"url": url, "client": client, "proc": proc, "port": int(url.rsplit(":", 1)[1])}
     client.close()
@@ -553,7 +640,7 @@ def _raw(port: int, data: bytes, timeout: float = 20) -> tuple[bytes, float]:
         try:
             while chunk := s.recv(65536):
                 out += chunk
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
     return out, time.time() - t0
 
@@ -620,8 +707,9 @@ def test_thin_strips_cost_little_memory_and_time_under_concurrency(hostile, offl
 
     def one(_):
         t0 = time.time()
-        r = c.post("/v1/models/digits/predict", content=strip, params={"logits": True},
-                   headers={"Content-Type": "image/png"})  # fmt: skip
+        r = c.post(
+            "/v1/models/digits/predict", content=strip, params={"logits": True}, headers={"Content-Type": "image/png"}
+        )
         return r, time.time() - t0
 
     with _PeakRSS(proc) as rss:
@@ -641,8 +729,10 @@ def test_process_budget_makes_requests_wait_then_503(hostile):
     limit of 8): a 1 Mpx RGBA image needing 15 MB to decode waits --queue-timeout, then gets 503 with Retry-After;
     once the uploads time out it is served."""
     port, c = hostile["port"], hostile["client"]
-    head = (b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            b"Content-Length: 1000000\r\n\r\n" + b"\x89PNG")  # fmt: skip
+    head = (
+        b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 1000000\r\n\r\n" + b"\x89PNG"
+    )
     socks = []
     for _ in range(7):
         s = socket.create_connection(("127.0.0.1", port))
@@ -673,8 +763,11 @@ def test_slow_headers_bodies_and_huge_headers_are_cut(hostile):
     port = hostile["port"]
     out, seconds = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     assert _status_and_detail(out) == (408, "request headers not complete within 2 s") and seconds < 6
-    out, seconds = _raw(port, b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                              b"Content-Length: 5000\r\n\r\n" + b"x" * 100)  # fmt: skip
+    out, seconds = _raw(
+        port,
+        b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 5000\r\n\r\n" + b"x" * 100,
+    )
     status, detail = _status_and_detail(out)
     assert status == 408 and "not complete within 3 s (100 bytes received)" in detail and seconds < 7
     for size in (20_000, 64 << 20):  # over the 16 KB limit; the 64 MB one is refused long before it is read
@@ -693,8 +786,10 @@ def test_slow_headers_bodies_and_huge_headers_are_cut(hostile):
 def test_concurrency_limit_answers_503_at_once(hostile):
     """3: 8 requests in flight (chunked uploads that send nothing): the 9th is answered 503 at once."""
     port, c = hostile["port"], hostile["client"]
-    head = (b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+    head = (
+        b"POST /v1/models/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
     try:
         for s in socks:
@@ -708,7 +803,10 @@ def test_concurrency_limit_answers_503_at_once(hostile):
         for s in socks:
             s.close()
     deadline = time.time() + 10
-    while c.post("/v1/models/digits/predict", content=_png_of((8, 8)), headers={"Content-Type": "image/png"}).status_code != 200:
+    while (
+        c.post("/v1/models/digits/predict", content=_png_of((8, 8)), headers={"Content-Type": "image/png"}).status_code
+        != 200
+    ):
         assert time.time() < deadline
         time.sleep(0.2)
 
@@ -727,11 +825,18 @@ def test_errors_are_counted_4xx_with_a_string_detail(hostile):
     deep = b"[" * 100_000 + b"]" * 100_000
     r = c.post("/v1/models/digits/predict", content=deep, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["detail"] and "recursion" in r.json()["detail"]
-    r = c.post("/v1/models/digits/predict", content=b'{"images": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-               headers={"Content-Type": "application/json"})  # fmt: skip
+    r = c.post(
+        "/v1/models/digits/predict",
+        content=b'{"images": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400, r.text
-    r = c.post("/v1/models/digits/predict", params={"top_k": "many"}, content=_png_of((8, 8)),
-               headers={"Content-Type": "image/png"})  # fmt: skip
+    r = c.post(
+        "/v1/models/digits/predict",
+        params={"top_k": "many"},
+        content=_png_of((8, 8)),
+        headers={"Content-Type": "image/png"},
+    )
     assert r.status_code == 422 and isinstance(r.json()["detail"], str) and "top_k" in r.json()["detail"]
     assert count("400") == before["400"] + 2 and count("422") == before["422"] + 1
     r = c.get("/no/such/route")
@@ -760,8 +865,9 @@ def _bad_reference(d: Path, src: int, dst: int) -> None:
 
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_SERVE_TOKEN": TOKEN}
-    return subprocess.run([sys.executable, "-m", "transferkit.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "transferkit.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def test_promote_waits_for_the_server_reports_a_refusal_and_retries_a_fixed_version(server, repo):
@@ -773,14 +879,18 @@ def test_promote_waits_for_the_server_reports_a_refusal_and_retries_a_fixed_vers
     c, d = server["client"], repo / "digits"
     assert _wait_version(c, 2)["version"] == 2
     _bad_reference(d, 1, 7)
-    r = _cli("promote", "--repo", str(repo), "--name", "digits", "--version", "7", "--server", server["url"], "--wait", "60")
+    r = _cli(
+        "promote", "--repo", str(repo), "--name", "digits", "--version", "7", "--server", server["url"], "--wait", "60"
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "refused version 7" in r.stderr and "differ from export's torch logits" in r.stderr, r.stderr
     assert "latest moved back to 2" in r.stderr and latest_version(d) == 2
     assert read_history(d)[-1]["action"] == "rollback" and "refused" in read_history(d)[-1]["reason"]
     shutil.rmtree(d / "7")
     renumber_version(d, 1, 7)  # fixed: the real files of version 1, numbered 7
-    r = _cli("promote", "--repo", str(repo), "--name", "digits", "--version", "7", "--server", server["url"], "--wait", "60")
+    r = _cli(
+        "promote", "--repo", str(repo), "--name", "digits", "--version", "7", "--server", server["url"], "--wait", "60"
+    )
     assert r.returncode == 0, r.stderr
     assert "2 -> 7" in r.stdout and f"serving on {server['url']}" in r.stdout
     assert c.get("/v1/models/digits").json()["version"] == 7
@@ -866,8 +976,23 @@ def test_a_version_linked_or_copied_under_another_number_is_never_served(server,
 def test_a_token_standard_clients_cannot_send_is_refused_at_start(repo, tmp_path):
     """9: a non-ASCII token could not be sent by standard clients; `serve` now refuses it, naming the file."""
     (tmp_path / "token").write_text("pässwörd\n")
-    r = subprocess.run([sys.executable, "-m", "transferkit.cli", "serve", "--repo", str(repo), "--port", str(_free_port()),
-                        "--token-file", str(tmp_path / "token")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transferkit.cli",
+            "serve",
+            "--repo",
+            str(repo),
+            "--port",
+            str(_free_port()),
+            "--token-file",
+            str(tmp_path / "token"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert str(tmp_path / "token") in r.stderr and "RFC 6750" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -895,8 +1020,14 @@ def test_schema_driven_fuzzing_finds_no_5xx_and_no_schema_violation(server):
             names = {"name": "digits"} if "{name}" in op.path and mode is GenerationMode.POSITIVE else None
             codes = seen.setdefault(f"{op.method.upper()} {op.path}", {})
 
-            @settings(max_examples=40, deadline=None, database=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
-                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @settings(
+                max_examples=40,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=op.as_strategy(generation_mode=mode, path_parameters=names))
             def run(case):
                 try:

@@ -36,8 +36,18 @@ def server(repo, tmp_path_factory):
     """Batching on (20 ms for batch-mates), a token, batches of at most 8, 1 MB bodies."""
     tmp = tmp_path_factory.mktemp("server-v2")
     (tmp / "token").write_text(TOKEN + "\n")
-    proc, url = _start(repo, tmp, "--token-file", str(tmp / "token"), "--max-queue-delay-ms", "20",
-                       "--max-batch-size", str(MAX_BATCH), "--max-body-mb", "1")  # fmt: skip
+    proc, url = _start(
+        repo,
+        tmp,
+        "--token-file",
+        str(tmp / "token"),
+        "--max-queue-delay-ms",
+        "20",
+        "--max-batch-size",
+        str(MAX_BATCH),
+        "--max-body-mb",
+        "1",
+    )
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     yield {"url": url, "client": client, "proc": proc}
     client.close()
@@ -56,8 +66,10 @@ def offline(repo):
     """version -> f(x) -> logits: a fresh onnxruntime session on the same model.onnx, no server code."""
     import onnxruntime as ort
 
-    sessions = {v: ort.InferenceSession(str(repo / "digits" / str(v) / "model.onnx"), providers=["CPUExecutionProvider"])
-                for v in (1, 2)}  # fmt: skip
+    sessions = {
+        v: ort.InferenceSession(str(repo / "digits" / str(v) / "model.onnx"), providers=["CPUExecutionProvider"])
+        for v in (1, 2)
+    }
     return {v: (lambda x, s=s: s.run(["logits"], {"input": x})[0]) for v, s in sessions.items()}
 
 
@@ -94,9 +106,13 @@ def test_health_and_metadata_through_tritonclient(server, repo):
     g = onnx.load(str(repo / "digits" / "2" / "model.onnx")).graph
     dims = lambda vi: [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]  # noqa: E731
     assert g.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert md == {"name": "digits", "versions": ["2"], "platform": "onnxruntime_onnx",
-                  "inputs": [{"name": g.input[0].name, "datatype": "FP32", "shape": dims(g.input[0])}],
-                  "outputs": [{"name": g.output[0].name, "datatype": "FP32", "shape": dims(g.output[0])}]}  # fmt: skip
+    assert md == {
+        "name": "digits",
+        "versions": ["2"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": g.input[0].name, "datatype": "FP32", "shape": dims(g.input[0])}],
+        "outputs": [{"name": g.output[0].name, "datatype": "FP32", "shape": dims(g.output[0])}],
+    }
     assert md["inputs"][0]["shape"] == [-1, 3, 32, 32] and md["outputs"][0]["shape"] == [-1, 10]
     assert c.get_model_metadata("digits", "2", headers=h) == md
     for name, version, want in (("digits", "1", "version '1' is not loaded"), ("nope", "", "no model named 'nope'")):
@@ -165,8 +181,15 @@ def test_v2_on_a_preprocessed_image_equals_v1_on_the_image(server, repo, tiny_ta
     x = tf(Image.open(png).convert("RGB")).numpy()[None]
     c, h = _triton(server)
     v2 = _infer(c, h, x, binary_in=True).as_numpy("logits")[0]
-    v1 = server["client"].post("/v1/models/digits/predict", params={"logits": True},
-                               files={"file": ("d.png", png.read_bytes(), "image/png")}).json()  # fmt: skip
+    v1 = (
+        server["client"]
+        .post(
+            "/v1/models/digits/predict",
+            params={"logits": True},
+            files={"file": ("d.png", png.read_bytes(), "image/png")},
+        )
+        .json()
+    )
     np.testing.assert_allclose(v2, v1["predictions"][0]["logits"], atol=1e-4, rtol=0)
 
 
@@ -190,7 +213,11 @@ def test_concurrent_requests_are_batched_and_counted(server, offline):
     assert images == 24 and calls < 24, (images, calls)  # 8 in flight, 20 ms for batch-mates: batches formed
     key = 'transferkit_requests_total{code="200",model="digits"}'
     assert _metric(text, key) - _metric(text0, key) >= 24
-    assert _metric(text, 'transferkit_images_total{model="digits"}') - _metric(text0, 'transferkit_images_total{model="digits"}') == 24
+    assert (
+        _metric(text, 'transferkit_images_total{model="digits"}')
+        - _metric(text0, 'transferkit_images_total{model="digits"}')
+        == 24
+    )
 
 
 # --------------------------------------------------------------------------- errors, limits, auth
@@ -239,16 +266,33 @@ def test_wrong_shape_datatype_model_and_version_are_protocol_errors(server):
         (_tensor([1, 3, 32, 32], data=[1e39] * n), b"", 400, f"{n} values are not finite FP32 numbers"),
         (_tensor([1, 3, 32, 32], name="pixels", data=[0.0] * n), b"", 400, "takes one input 'input'"),
         (_tensor([0, 3, 32, 32], data=[]), b"", 400, "batch size 0"),
-        (_tensor([1, 3, 32, 32], parameters={"binary_data_size": 4 * n}), b"\0" * (4 * n - 4), 400,
-         f"binary_data_size {4 * n}, but {4 * n - 4} bytes follow"),
-        (_tensor([1, 3, 32, 32], parameters={"binary_data_size": 12}), b"\0" * 12, 400, "binary_data_size 12 for shape"),
-        ({**_tensor([1, 3, 32, 32], data=[0.0] * n), "outputs": [{"name": "probs"}]}, b"", 400,
-         "requested output 'probs': the model's output is 'logits'"),
+        (
+            _tensor([1, 3, 32, 32], parameters={"binary_data_size": 4 * n}),
+            b"\0" * (4 * n - 4),
+            400,
+            f"binary_data_size {4 * n}, but {4 * n - 4} bytes follow",
+        ),
+        (
+            _tensor([1, 3, 32, 32], parameters={"binary_data_size": 12}),
+            b"\0" * 12,
+            400,
+            "binary_data_size 12 for shape",
+        ),
+        (
+            {**_tensor([1, 3, 32, 32], data=[0.0] * n), "outputs": [{"name": "probs"}]},
+            b"",
+            400,
+            "requested output 'probs': the model's output is 'logits'",
+        ),
         (b'{"inputs": [' * 3, b"", 400, "inference request is not valid JSON"),
         (b"[" * 100_000 + b"]" * 100_000, b"", 400, "not valid JSON (Invalid JSON: recursion limit exceeded"),
         ({"inputs": []}, b"", 400, "inference request inputs: List should have at least 1 item"),
-        (_tensor([MAX_BATCH, 3, 32, 32], parameters={"binary_data_size": 4 * n * MAX_BATCH}),
-         b"\0" * (1 << 20), 413, "request body is"),
+        (
+            _tensor([MAX_BATCH, 3, 32, 32], parameters={"binary_data_size": 4 * n * MAX_BATCH}),
+            b"\0" * (1 << 20),
+            413,
+            "request body is",
+        ),
     ]
     text0 = server["client"].get("/metrics").text
     for doc, binary, status, part in raw_cases:
@@ -256,15 +300,21 @@ def test_wrong_shape_datatype_model_and_version_are_protocol_errors(server):
         assert r.status_code == status, (part, r.status_code, r.text[:300])
         body = r.json()
         assert list(body) == ["error"] and isinstance(body["error"], str) and part in body["error"], (part, body)
-    r = server["client"].post("/v2/models/digits/infer", content=b"{}", headers={"Inference-Header-Content-Length": "5"})
+    r = server["client"].post(
+        "/v2/models/digits/infer", content=b"{}", headers={"Inference-Header-Content-Length": "5"}
+    )
     assert r.status_code == 400 and "exceeds the body's 2 bytes" in r.json()["error"]
-    r = server["client"].post("/v2/models/digits/infer", content=b"{}", headers={"Inference-Header-Content-Length": "x"})
+    r = server["client"].post(
+        "/v2/models/digits/infer", content=b"{}", headers={"Inference-Header-Content-Length": "x"}
+    )
     assert r.status_code == 422 and "Inference-Header-Content-Length" in r.json()["error"]
     r = server["client"].get("/v2/models/digits/stats")
     assert r.status_code == 404 and list(r.json()) == ["error"]
     text = server["client"].get("/metrics").text
     key = 'transferkit_errors_total{code="400",model="digits"}'
-    assert _metric(text, key) - (_metric(text0, key) if key in text0 else 0) >= len(raw_cases) - 1  # every error counted
+    assert (
+        _metric(text, key) - (_metric(text0, key) if key in text0 else 0) >= len(raw_cases) - 1
+    )  # every error counted
 
 
 def test_bearer_token_applies_to_v2_and_probes_stay_open(server):
@@ -273,8 +323,11 @@ def test_bearer_token_applies_to_v2_and_probes_stay_open(server):
     for token in (None, "wrong-token"):
         c, h = _triton(server, token=token)
         assert c.is_server_live(headers=h) and c.is_server_ready(headers=h)  # probes, as /healthz /readyz
-        for call in (lambda: c.get_model_metadata("digits", headers=h), lambda: c.get_server_metadata(headers=h),
-                     lambda: _infer(c, h, _x(1), binary_in=True)):  # fmt: skip
+        for call in (
+            lambda: c.get_model_metadata("digits", headers=h),
+            lambda: c.get_server_metadata(headers=h),
+            lambda: _infer(c, h, _x(1), binary_in=True),
+        ):
             with pytest.raises(InferenceServerException) as e:
                 call()
             assert e.value.status() == "401" and "bearer token" in e.value.message()

@@ -36,8 +36,18 @@ def test_auto_picks_linear_probe_for_few_labels_and_explains(lp_run):
     out, m, _ = lp_run
     assert m["strategy"] == "linear-probe"
     assert "6 labels per class" in m["strategy_reason"]
-    for key in ("model", "strategy", "strategy_reason", "train_accuracy", "val_accuracy", "test_accuracy",
-                "best_epoch", "epochs", "seconds", "history"):  # fmt: skip
+    for key in (
+        "model",
+        "strategy",
+        "strategy_reason",
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "best_epoch",
+        "epochs",
+        "seconds",
+        "history",
+    ):
         assert key in m
     assert json.loads((out / "metrics.json").read_text())["test_accuracy"] == m["test_accuracy"]
     assert 1 <= m["best_epoch"] <= m["epochs"] == len(m["history"])
@@ -118,7 +128,8 @@ def test_layer_decay_param_groups():
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(lm.model.parameters()))  # every parameter exactly once
     assert groups[-1]["lr"] == 1e-2 and {id(p) for p in groups[-1]["params"]} == {
-        id(p) for p in lm.model.get_classifier().parameters()}  # fmt: skip
+        id(p) for p in lm.model.get_classifier().parameters()
+    }
     stem = next(g for g in groups if any(p is lm.model.conv_stem.weight for p in g["params"]))
     top = next(g for g in groups if any(p is lm.model.conv_head.weight for p in g["params"]))
     assert stem["lr"] < top["lr"] <= 1e-3  # deeper from the top, smaller LR
@@ -163,8 +174,9 @@ def test_early_stopping_stops_at_patience():
 
 
 def test_linear_probe_stops_early_on_real_data(tiny_target, tmp_path):
-    params = load_params(None, {"data.image_size": 32, "train.epochs": 300, "train.patience": 3,
-                                "train.min_epochs": 0})  # stopping as soon as patience allows
+    params = load_params(
+        None, {"data.image_size": 32, "train.epochs": 300, "train.patience": 3, "train.min_epochs": 0}
+    )  # stopping as soon as patience allows
     m = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", strategy="linear-probe", progress=False)
     assert m["epochs"] < 300 and m["epochs"] == m["best_epoch"] + 3
 
@@ -255,8 +267,14 @@ def test_adabn_auto_under_detected_shift(lp_run, tiny_target, tmp_path):
     ref = zoo.create_model("mobilenetv2_100", image_size=32).model.state_dict()
     assert torch.equal(got["conv_stem.weight"], ref["conv_stem.weight"])
     assert not torch.allclose(got["bn1.running_mean"], ref["bn1.running_mean"])
-    off = run_train(tiny_target, tmp_path / "off", load_params(None, {"data.image_size": 32, "train.epochs": 5,
-                    "train.adabn": "off"}), "mobilenetv2_100", drift=drift, progress=False)  # fmt: skip
+    off = run_train(
+        tiny_target,
+        tmp_path / "off",
+        load_params(None, {"data.image_size": 32, "train.epochs": 5, "train.adabn": "off"}),
+        "mobilenetv2_100",
+        drift=drift,
+        progress=False,
+    )
     assert off["adabn"]["applied"] is False
 
 
@@ -264,9 +282,27 @@ def _train_cmd(target, out):
     import sys
 
     exe = Path(sys.executable).parent / "transferkit"
-    return [str(exe), "train", "--target", str(target), "--out", str(out), "--model", "mobilenetv2_100",
-            "--strategy", "full", "-q", "--set", "data.image_size=32", "--set", "train.epochs=8",
-            "--set", "train.min_epochs=8", "--set", "train.patience=8"]  # fmt: skip
+    return [
+        str(exe),
+        "train",
+        "--target",
+        str(target),
+        "--out",
+        str(out),
+        "--model",
+        "mobilenetv2_100",
+        "--strategy",
+        "full",
+        "-q",
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "train.epochs=8",
+        "--set",
+        "train.min_epochs=8",
+        "--set",
+        "train.patience=8",
+    ]
 
 
 @pytest.mark.slow
@@ -335,5 +371,7 @@ def test_same_seed_same_result_whatever_ran_before(lp_run, tiny_target, tmp_path
     _, first, params = lp_run
     embed._source_model.cache_clear()  # cold: the model is built again, consuming the global RNG
     again = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", progress=False)
-    assert [h["val_loss"] for h in again["history"]] == pytest.approx([h["val_loss"] for h in first["history"]], rel=1e-6)
+    assert [h["val_loss"] for h in again["history"]] == pytest.approx(
+        [h["val_loss"] for h in first["history"]], rel=1e-6
+    )
     assert again["test_accuracy"] == first["test_accuracy"]

@@ -6,22 +6,21 @@ import csv
 import json
 
 import numpy as np
-
 import pytest
 
 from transferkit.config import load_params
 from transferkit.train import run_train
 from transferkit.validate import divergence_streak, expected_calibration_error, run_validate
 
-NO_REGULARISATION = {"train.weight_decay": 0, "train.drop_rate": 0, "train.label_smoothing": 0,
-                     "train.augment": False}  # fmt: skip
+NO_REGULARISATION = {"train.weight_decay": 0, "train.drop_rate": 0, "train.label_smoothing": 0, "train.augment": False}
 
 
 @pytest.fixture(scope="module")
 def sound_run(tiny_clipart, tmp_path_factory):
     # colour clipart at 160 px: ImageNet features beat raw pixels and a small CNN from scratch by far
-    params = load_params(None, {"data.image_size": 160, "train.epochs": 15, "train.patience": 15,
-                                "validate.cnn_epochs": 15})  # fmt: skip
+    params = load_params(
+        None, {"data.image_size": 160, "train.epochs": 15, "train.patience": 15, "validate.cnn_epochs": 15}
+    )
     out = tmp_path_factory.mktemp("run")
     run_train(tiny_clipart, out, params, "mobilenetv2_100", strategy="linear-probe", progress=False)
     return out, params
@@ -36,8 +35,18 @@ def sound_validated(sound_run):
 def test_sound_transfer_passes_with_a_gain_whose_interval_excludes_zero(sound_validated):
     out, params, r = sound_validated
     saved = json.loads((out / "validation.json").read_text())
-    for key in ("passed", "overfit", "train_val_gap", "baseline", "transfer_gain", "reasons", "gain_interval",
-                "gain_p_value", "verdict", "baselines"):  # fmt: skip
+    for key in (
+        "passed",
+        "overfit",
+        "train_val_gap",
+        "baseline",
+        "transfer_gain",
+        "reasons",
+        "gain_interval",
+        "gain_p_value",
+        "verdict",
+        "baselines",
+    ):
         assert key in saved
     rows = {b["name"]: b for b in r["baselines"]}
     assert set(rows) == {"pixels-logreg", "pixels-knn", "pixels-svm", "small-cnn"}
@@ -70,10 +79,14 @@ def test_a_train_val_gap_alone_does_not_block_a_probe_that_beats_every_baseline(
 def test_a_gap_with_worse_generalisation_blocks():
     from transferkit.validate import _generalisation_rule
 
-    checks = [{"name": "accuracy_gap", "failed": True, "blocking": True, "message": "overfitting: gap 0.4"},
-              {"name": "loss_gap", "failed": False, "blocking": True, "message": "ok"}]  # fmt: skip
+    checks = [
+        {"name": "accuracy_gap", "failed": True, "blocking": True, "message": "overfitting: gap 0.4"},
+        {"name": "loss_gap", "failed": False, "blocking": True, "message": "ok"},
+    ]
     _generalisation_rule(checks, {"val_accuracy": 0.60}, {"val_accuracy": 0.65})
-    assert checks[0]["blocking"] is True and "no better than the best no-transfer baseline's 0.650" in checks[0]["message"]
+    assert (
+        checks[0]["blocking"] is True and "no better than the best no-transfer baseline's 0.650" in checks[0]["message"]
+    )
     assert checks[1]["blocking"] is True  # a check that did not fail is left alone
     checks[0].update(blocking=True, message="overfitting: gap 0.4")
     _generalisation_rule(checks, {"val_accuracy": 0.70}, {"val_accuracy": 0.65})
@@ -92,8 +105,14 @@ def test_guard_blocks_a_run_that_does_not_beat_the_baseline(sound_run, tmp_path)
     # the scratch baseline here is the run itself trained again as a linear probe: zero gain, an interval
     # [0, 0] that does not clear min_gain, so noise (here: nothing) is not called a gain
     twin = tmp_path / "twin"
-    run_train(json.loads((out / "metrics.json").read_text())["target"], twin, params, "mobilenetv2_100",
-              strategy="linear-probe", progress=False)  # fmt: skip
+    run_train(
+        json.loads((out / "metrics.json").read_text())["target"],
+        twin,
+        params,
+        "mobilenetv2_100",
+        strategy="linear-probe",
+        progress=False,
+    )
     r = run_validate(out, params, baseline=twin, progress=False)
     assert r["baseline"]["name"] == "scratch"  # best on val: it ties the run itself
     assert r["transfer_gain"] == pytest.approx(0.0, abs=1e-9) and r["gain_interval"] == [0.0, 0.0]
@@ -114,8 +133,15 @@ def digits10(tmp_path_factory):
 def test_the_old_demo_model_is_refused_as_negative_transfer_on_digits(digits10, tmp_path):
     # the model `make demo` shipped before: tf_efficientnet_lite1, linear probe at 96 px (0.823 test)
     # the raw-pixel baselines suffice to refuse it (the small CNN is stronger still: tests/test_baselines.py)
-    params = load_params(None, {"data.image_size": 96, "train.epochs": 20, "train.min_epochs": 10,
-                                "validate.no_transfer": ["pixels-logreg", "pixels-knn", "pixels-svm"]})  # fmt: skip
+    params = load_params(
+        None,
+        {
+            "data.image_size": 96,
+            "train.epochs": 20,
+            "train.min_epochs": 10,
+            "validate.no_transfer": ["pixels-logreg", "pixels-knn", "pixels-svm"],
+        },
+    )
     out = tmp_path / "lp"
     m = run_train(digits10, out, params, "tf_efficientnet_lite1", strategy="linear-probe", progress=False)
     r = run_validate(out, params, progress=False)
@@ -137,9 +163,16 @@ def test_a_useless_source_is_refused_and_a_broken_scratch_is_never_the_bar(tiny_
     lm = zoo.create_model("scratch:mobilenetv2_100", image_size=32, seed=0)
     src = tmp_path / "random.safetensors"
     zoo.save_checkpoint(lm.model, src, {"arch": "mobilenetv2_100", "num_classes": 1000})
-    params = load_params(None, {"data.image_size": 32, "train.epochs": 1, "train.patience": 1,
-                                "validate.cnn_epochs": 15,
-                                "validate.no_transfer": ["pixels-knn", "pixels-svm", "small-cnn", "scratch"]})  # fmt: skip
+    params = load_params(
+        None,
+        {
+            "data.image_size": 32,
+            "train.epochs": 1,
+            "train.patience": 1,
+            "validate.cnn_epochs": 15,
+            "validate.no_transfer": ["pixels-knn", "pixels-svm", "small-cnn", "scratch"],
+        },
+    )
     out = tmp_path / "useless"
     run_train(tiny_target, out, params, f"file:{src}", strategy="linear-probe", progress=False)
     r = run_validate(out, params, progress=False)
@@ -226,8 +259,16 @@ def test_expected_calibration_error_by_hand():
 
 def test_divergence_streak_counts_val_rising_while_train_falls():
     h = lambda e, tl, vl: {"epoch": e, "train_loss": tl, "val_loss": vl}  # noqa: E731
-    hist = [h(1, 2.0, 2.0), h(2, 1.0, 1.0), h(3, 0.8, 1.1), h(4, 0.6, 1.2), h(5, 0.7, 1.3),  # train up at 5:
-            h(6, 0.5, 1.4), h(7, 0.4, 1.5), h(8, 0.3, 1.6)]  # still below epoch 2's train loss  # fmt: skip
+    hist = [
+        h(1, 2.0, 2.0),
+        h(2, 1.0, 1.0),
+        h(3, 0.8, 1.1),
+        h(4, 0.6, 1.2),
+        h(5, 0.7, 1.3),  # train up at 5:
+        h(6, 0.5, 1.4),
+        h(7, 0.4, 1.5),
+        h(8, 0.3, 1.6),
+    ]  # still below epoch 2's train loss
     assert divergence_streak(hist) == (6, 3, 8)
     hist[4] = h(5, 1.5, 1.3)  # train loss back above its value at the best epoch: the streak breaks
     assert divergence_streak(hist) == (3, 6, 8)
@@ -237,13 +278,25 @@ def test_divergence_streak_counts_val_rising_while_train_falls():
 def test_overfitting_configuration_is_flagged(tiny_target, tmp_path):
     # no regularisation, an aggressive head LR and min_epochs = epochs (early stopping disabled) on 6
     # labels per class: the head memorises the training set while validation loss climbs
-    params = load_params(None, {**NO_REGULARISATION, "data.image_size": 32, "train.epochs": 60,
-                                "train.min_epochs": 60, "train.patience": 3, "train.head_lr": 0.1})  # fmt: skip
+    params = load_params(
+        None,
+        {
+            **NO_REGULARISATION,
+            "data.image_size": 32,
+            "train.epochs": 60,
+            "train.min_epochs": 60,
+            "train.patience": 3,
+            "train.head_lr": 0.1,
+        },
+    )
     out = tmp_path / "overfit"
     m = run_train(tiny_target, out, params, "mobilenetv2_100", strategy="linear-probe", progress=False)
     assert m["epochs"] == 60 and m["history"][-1]["train_accuracy"] == 1.0
-    r = run_validate(out, params.model_copy(update={"validate": params.validate.model_copy(
-        update={"cnn_epochs": 15})}), progress=False)  # fmt: skip
+    r = run_validate(
+        out,
+        params.model_copy(update={"validate": params.validate.model_copy(update={"cnn_epochs": 15})}),
+        progress=False,
+    )
     checks = {c["name"]: c for c in r["checks"]}
     assert checks["divergence"]["failed"] is True and checks["divergence"]["value"] > params.train.patience
     assert checks["divergence"]["threshold"] == params.train.patience
@@ -270,8 +323,9 @@ def test_test_val_gap_is_a_warning_not_a_failure(sound_validated):
 
 def test_non_linear_probe_run_is_compared_with_a_linear_probe(tiny_target, tmp_path):
     # 2 epochs from random init: the linear probe with the same budget must beat it, and the guard blocks it
-    params = load_params(None, {"data.image_size": 32, "train.epochs": 2, "train.patience": 2,
-                                "validate.no_transfer": ["pixels-knn"]})  # fmt: skip
+    params = load_params(
+        None, {"data.image_size": 32, "train.epochs": 2, "train.patience": 2, "validate.no_transfer": ["pixels-knn"]}
+    )
     out = tmp_path / "scratch"
     run_train(tiny_target, out, params, "mobilenetv2_100", strategy="scratch", progress=False)
     r = run_validate(out, params, progress=False)

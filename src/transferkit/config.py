@@ -55,7 +55,9 @@ class SelectParams(_Group):
     knn_k: int = Field(5, ge=1, le=100, description="neighbours of the leave-one-out kNN score")
     probe: bool = Field(True, description="also score a 3-fold cross-validated linear probe (logistic regression)")
     confirm: int = Field(
-        2, ge=0, le=20,
+        2,
+        ge=0,
+        le=20,
         description="fine-tune the top K briefly, pick the best by val accuracy (0 = trust the score; "
         "on by default: no score reached Kendall tau >= 0.6 on every target in bench/results/select.md)",
     )
@@ -81,7 +83,9 @@ class TrainParams(_Group):
     drop_rate: float = Field(0.2, ge=0, lt=1)
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth in the residual blocks (fine-tuning)")
     patience: int = Field(5, ge=1, description="early stopping on validation loss")
-    min_epochs: int = Field(10, ge=0, description="never stop before this epoch: val loss is noisy while the LR is high")
+    min_epochs: int = Field(
+        10, ge=0, description="never stop before this epoch: val loss is noisy while the LR is high"
+    )
     augment: bool = True
     linear_probe_max_per_class: int = Field(
         50, ge=1, description="auto: at or below this many labels per class, fine-tuning overfits"
@@ -131,7 +135,9 @@ class ValidateParams(_Group):
     pixel_grid: PixelGrid = PixelGrid()
     cnn_epochs: int = Field(40, ge=1, le=1000, description="small-cnn: epochs per learning rate")
     cnn_lrs: list[float] = Field([0.01, 0.003], min_length=1, description="small-cnn: the LR sweep (best on val)")
-    cnn_max_steps: int = Field(600, ge=1, description="small-cnn: optimizer steps per LR at most (bounds large targets)")
+    cnn_max_steps: int = Field(
+        600, ge=1, description="small-cnn: optimizer steps per LR at most (bounds large targets)"
+    )
     chance_alpha: float = Field(
         0.01, gt=0, lt=1, description="a baseline whose val accuracy is not above chance at this level is broken"
     )
@@ -156,8 +162,12 @@ class ExportParams(_Group):
     parity_atol: float = Field(1e-4, gt=0)
     min_top1_agreement: float = Field(0.999, ge=0, le=1)
     int8: bool = Field(True, description="also write model.int8.onnx (static QDQ), kept only within int8_max_drop")
-    int8_max_drop: float = Field(0.01, ge=0, le=1, description="largest test-accuracy loss int8 may cost (0.01 = 1 point)")
-    int8_calibration_images: int = Field(300, ge=1, le=100_000, description="training images used to calibrate (seeded subsample)")
+    int8_max_drop: float = Field(
+        0.01, ge=0, le=1, description="largest test-accuracy loss int8 may cost (0.01 = 1 point)"
+    )
+    int8_calibration_images: int = Field(
+        300, ge=1, le=100_000, description="training images used to calibrate (seeded subsample)"
+    )
     int8_activation: Literal["uint8", "int8"] = Field(
         "uint8", description="activation type; U8S8 is the fast path on x86 CPUs without VNNI, S8S8 is ORT's default"
     )
@@ -165,10 +175,12 @@ class ExportParams(_Group):
         True, description="7-bit weights: avoids VPMADDUBSW saturation on x86 CPUs without VNNI (AVX2)"
     )
     int8_fp32_resolution: float = Field(
-        0.5, ge=0, le=1,
+        0.5,
+        ge=0,
+        le=1,
         description="Conv nodes whose input feature map is at least this fraction of the image side stay float32 "
         "(0 = quantize every Conv); high-resolution int8 rounding noise dominates the accuracy loss",
-    )  # fmt: skip
+    )
     triton_max_batch_size: int = Field(32, ge=1, le=4096, description="config.pbtxt max_batch_size")
     triton_max_queue_delay_us: int = Field(100, ge=0, description="config.pbtxt dynamic_batching delay")
 
@@ -255,7 +267,9 @@ def _bounded_yaml(text: str, where: str) -> Any:
             if isinstance(ev, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_YAML_DEPTH:
-                    raise ConfigError(f"{where}: nested more than {MAX_YAML_DEPTH} levels (line {ev.start_mark.line + 1})")
+                    raise ConfigError(
+                        f"{where}: nested more than {MAX_YAML_DEPTH} levels (line {ev.start_mark.line + 1})"
+                    )
             elif isinstance(ev, yaml.CollectionEndEvent):
                 depth -= 1
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -280,8 +294,10 @@ def _bounded_yaml(text: str, where: str) -> Any:
         else:
             total = 1
         if total > MAX_YAML_NODES:
-            raise ConfigError(f"{where}: expands to more than {MAX_YAML_NODES} values (aliases of aliases?) "
-                              f"at line {n.start_mark.line + 1}")  # fmt: skip
+            raise ConfigError(
+                f"{where}: expands to more than {MAX_YAML_NODES} values (aliases of aliases?) "
+                f"at line {n.start_mark.line + 1}"
+            )
         sizes[id(n)] = total
         return total
 

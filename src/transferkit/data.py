@@ -26,9 +26,9 @@ import gzip
 import hashlib
 import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -38,9 +38,17 @@ MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs early (PIL raises ab
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "tshirt_top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
-]  # fmt: skip
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
 # Debian's openclipart-png (public domain). Each class is a subcategory folder, read recursively; an image
 # (same bytes) found in the folders of two classes is ambiguous and left out of both.
 CLIPART_DIR = Path("/usr/share/openclipart/png")
@@ -200,7 +208,7 @@ def _clipart_source(size: int) -> _Source:
                 continue
             owners.setdefault(digest[p], set()).add(c)
     candidates: list[list[Path]] = []
-    for c, files in enumerate(found):
+    for files in found:
         first: dict[str, Path] = {}
         for p in files:
             h = digest[p]
@@ -214,9 +222,14 @@ def _clipart_source(size: int) -> _Source:
         candidates.append(list(first.values()))
     index = {p: i for files in candidates for i, p in enumerate(files)}
     return _Source(
-        classes, candidates, encode=lambda p: _png_bytes(_clipart_image(p, size)), stem=lambda p: f"{index[p]:05d}",
-        from_files=True, skipped=skipped, describe=lambda p: p.relative_to(root).as_posix(),
-    )  # fmt: skip
+        classes,
+        candidates,
+        encode=lambda p: _png_bytes(_clipart_image(p, size)),
+        stem=lambda p: f"{index[p]:05d}",
+        from_files=True,
+        skipped=skipped,
+        describe=lambda p: p.relative_to(root).as_posix(),
+    )
 
 
 def _on_white(im):
@@ -350,8 +363,11 @@ def write_builtin(
                 f"{name}: class {cname!r}: {len(labelled)} images cannot give {train_per_class} train + "
                 f"{n_val} val and a non-empty test split"
             )
-        parts = {"train": labelled[:train_per_class], "val": labelled[train_per_class : train_per_class + n_val],
-                 "test": labelled[train_per_class + n_val :]}  # fmt: skip
+        parts = {
+            "train": labelled[:train_per_class],
+            "val": labelled[train_per_class : train_per_class + n_val],
+            "test": labelled[train_per_class + n_val :],
+        }
         for split, keys in parts.items():
             plan += [(out / split / cname / f"{src.stem(k)}.png", k) for k in keys]
     n_labelled = len(plan)
@@ -363,16 +379,27 @@ def write_builtin(
         # but only a tree that looks like ours (PNGs in class or split/class folders) is removed.
         import shutil
 
-        foreign = [p for p in out.rglob("*") if p.is_file() and (p.suffix != ".png" or len(p.relative_to(out).parts) > 3)]
+        foreign = [
+            p for p in out.rglob("*") if p.is_file() and (p.suffix != ".png" or len(p.relative_to(out).parts) > 3)
+        ]
         if foreign or not out.is_dir():
-            raise DataError(f"refusing to overwrite {out}: it holds files that are not a built-in dataset "
-                            f"(e.g. {foreign[0] if foreign else out}); choose an empty or new --out")
+            raise DataError(
+                f"refusing to overwrite {out}: it holds files that are not a built-in dataset "
+                f"(e.g. {foreign[0] if foreign else out}); choose an empty or new --out"
+            )
         shutil.rmtree(out)
     for path, key in tqdm(plan, desc=f"writing {name}", unit="img", disable=not progress):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(ready.pop(key) if key in ready else src.encode(key))
-    info = {"dataset": name, "out": str(out), "images": n_labelled, "unlabelled": len(pool),
-            "classes": src.classes, "size": size, "skipped": src.skipped}  # fmt: skip
+    info = {
+        "dataset": name,
+        "out": str(out),
+        "images": n_labelled,
+        "unlabelled": len(pool),
+        "classes": src.classes,
+        "size": size,
+        "skipped": src.skipped,
+    }
     if src.from_files:
         info["sources"] = {p.relative_to(out).as_posix(): src.describe(k) for p, k in plan}
     return info
@@ -444,9 +471,7 @@ def _shown(p: Path) -> str:
 
 def _check_image(path: Path) -> str | None:
     """None if PIL can fully decode the file, else a short reason."""
-    from PIL import Image
-
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
@@ -548,11 +573,16 @@ def load_dataset(
         if not imgs:
             raise DataError(f"no readable images in {root} ({len(skipped)} files skipped)")
         if require_labels:
-            raise DataError(
-                f"{root} holds images but no class folders: labelled data must be DIR/<class>/<image>"
-            )
-        ds = Dataset(root, [], {"train": [(p, -1) for p in imgs]}, skipped, labelled=False,
-                     split_source={"train": "folder"}, unlabelled=pool)  # fmt: skip
+            raise DataError(f"{root} holds images but no class folders: labelled data must be DIR/<class>/<image>")
+        ds = Dataset(
+            root,
+            [],
+            {"train": [(p, -1) for p in imgs]},
+            skipped,
+            labelled=False,
+            split_source={"train": "folder"},
+            unlabelled=pool,
+        )
         ds.md5 = dataset_md5(imgs + pool, root)
         return ds
 

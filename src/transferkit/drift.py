@@ -64,9 +64,17 @@ from transferkit.data import DataError, load_dataset, load_rgb, subsample
 from transferkit.io import atomic_write_text, write_json
 
 STAT_COLUMNS = [
-    "brightness", "contrast", "sharpness", "saturated_fraction", "black_fraction",
-    "colourfulness", "entropy", "width", "height", "aspect",
-]  # fmt: skip
+    "brightness",
+    "contrast",
+    "sharpness",
+    "saturated_fraction",
+    "black_fraction",
+    "colourfulness",
+    "entropy",
+    "width",
+    "height",
+    "aspect",
+]
 SATURATED_LEVEL = 250  # a pixel at or above this (0-255 luma) counts as near-white
 BLACK_LEVEL = 5  # a pixel at or below this counts as near-black
 MAX_STATS_SIDE = 1024  # larger images are box-downscaled before pixel statistics (speed; sizes kept)
@@ -371,7 +379,8 @@ def compare(ref: Side, cur: Side, params: Params, embeddings_in_report: bool = T
         "severe_share": float(dp.severe_share),
         "stattest_threshold": float(dp.stattest_threshold),
         "per_view_threshold": float(thr),
-        "views_checked": ["image-stats", "embeddings"] + (["outputs"] if out_rows else [])
+        "views_checked": ["image-stats", "embeddings"]
+        + (["outputs"] if out_rows else [])
         + (["labels"] if label_check else []),
         "per_feature": stats_rows + out_rows + label_rows,
         "embeddings": {
@@ -400,7 +409,6 @@ def compare(ref: Side, cur: Side, params: Params, embeddings_in_report: bool = T
     return result, snap
 
 
-
 def run_drift(reference: Path, current: Path, out: Path, params: Params, progress: bool = True) -> dict:
     """Compare `current` with `reference`, write out/drift.json + out/drift.html, return the verdict."""
     t0 = time.perf_counter()
@@ -417,23 +425,37 @@ def run_drift(reference: Path, current: Path, out: Path, params: Params, progres
     emb = {}
     for role, ds, samples in (("reference", ref_ds, ref_samples), ("current", cur_ds, cur_samples)):
         emb[role] = compute_embeddings(
-            dp.model, samples, ds.md5, image_size=params.data.image_size,
-            batch_size=params.data.batch_size, progress=progress,
-        )  # fmt: skip
-    ref_side = Side(ref_stats, emb["reference"]["features"], emb["reference"].get("logits"),
-                    [ref_ds.classes[y] for _, y in ref_samples] if ref_ds.labelled else None,
-                    ref_ds.classes if ref_ds.labelled else None)  # fmt: skip
-    cur_side = Side(cur_stats, emb["current"]["features"], emb["current"].get("logits"),
-                    [cur_ds.classes[y] for _, y in cur_samples] if cur_ds.labelled else None,
-                    cur_ds.classes if cur_ds.labelled else None)  # fmt: skip
+            dp.model,
+            samples,
+            ds.md5,
+            image_size=params.data.image_size,
+            batch_size=params.data.batch_size,
+            progress=progress,
+        )
+    ref_side = Side(
+        ref_stats,
+        emb["reference"]["features"],
+        emb["reference"].get("logits"),
+        [ref_ds.classes[y] for _, y in ref_samples] if ref_ds.labelled else None,
+        ref_ds.classes if ref_ds.labelled else None,
+    )
+    cur_side = Side(
+        cur_stats,
+        emb["current"]["features"],
+        emb["current"].get("logits"),
+        [cur_ds.classes[y] for _, y in cur_samples] if cur_ds.labelled else None,
+        cur_ds.classes if cur_ds.labelled else None,
+    )
     result, snap = compare(ref_side, cur_side, params)
-    result.update({
-        "reference": str(reference),
-        "current": str(current),
-        "reference_md5": ref_ds.md5,
-        "current_md5": cur_ds.md5,
-        "skipped": {"reference": len(ref_ds.skipped), "current": len(cur_ds.skipped)},
-    })  # fmt: skip
+    result.update(
+        {
+            "reference": str(reference),
+            "current": str(current),
+            "reference_md5": ref_ds.md5,
+            "current_md5": cur_ds.md5,
+            "skipped": {"reference": len(ref_ds.skipped), "current": len(cur_ds.skipped)},
+        }
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "drift.html", snap.get_html_str(as_iframe=False))

@@ -48,10 +48,11 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from transferkit.config import ConfigError, Params, load_params
 from transferkit.io import atomic_write_text, git_rev, read_json, sha256_file, write_json
@@ -63,9 +64,18 @@ class ExportError(ValueError):
 
 # Keys of the public contract (DESIGN.md); metadata.json always has them, extras may be added.
 REQUIRED_KEYS = (
-    "classes", "input_size", "mean", "std", "opset", "sha256", "parity",
-    "source_model", "data_md5", "git_rev", "params",
-)  # fmt: skip
+    "classes",
+    "input_size",
+    "mean",
+    "std",
+    "opset",
+    "sha256",
+    "parity",
+    "source_model",
+    "data_md5",
+    "git_rev",
+    "params",
+)
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter cannot emit anything older (see the module note)
@@ -106,8 +116,10 @@ _LATEST_RE = re.compile(rb"[0-9]{1,18}\n?")
 def check_model_name(name: str) -> str:
     """A model name as export makes them ([a-z0-9_-], as sanitize_name), never a path; ValueError otherwise."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(f"model name {str(name)[:80]!r} is not a name: use 1-128 characters of a-z 0-9 _ - "
-                         "(starting with a letter or digit), never a path")  # fmt: skip
+        raise ValueError(
+            f"model name {str(name)[:80]!r} is not a name: use 1-128 characters of a-z 0-9 _ - "
+            "(starting with a letter or digit), never a path"
+        )
     return name
 
 
@@ -223,11 +235,18 @@ def _export_dynamo(model, example, path: Path, opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, (example,), None, dynamo=True, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model,
+            (example,),
+            None,
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: batch},),  # positional: independent of forward()'s argument name
-            optimize=True, verbose=False, report=False,
-        )  # fmt: skip
+            optimize=True,
+            verbose=False,
+            report=False,
+        )
     program.save(str(path), external_data=False)
 
 
@@ -237,11 +256,16 @@ def _export_torchscript(model, example, path: Path, opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its DeprecationWarning says what the module note says
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             do_constant_folding=True,
-        )  # fmt: skip
+        )
 
 
 def _check_graph(proto, opset: int, num_classes: int) -> int:
@@ -425,8 +449,9 @@ def high_resolution_convs(model_path: Path, fraction: float) -> list[str]:
     return out
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: list, test: list, transform,
-                  fp32_accuracy: float, ep, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def quantize_int8(
+    fp32_path: Path, out_path: Path, calibration: list, test: list, transform, fp32_accuracy: float, ep, seed: int = 0
+) -> dict[str, Any]:
     """Static QDQ int8 from `fp32_path`; writes `out_path` only if it keeps accuracy. Never raises.
 
     Returns the metadata "int8" object: kept, test_accuracy, fp32_test_accuracy, drop, reason, sha256
@@ -438,12 +463,25 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: list, test: list
     from transferkit.data import subsample
 
     info: dict[str, Any] = {
-        "kept": False, "test_accuracy": None, "fp32_test_accuracy": fp32_accuracy, "drop": None,
-        "reason": None, "sha256": None, "max_drop": ep.int8_max_drop, "format": "QDQ", "per_channel": True,
-        "activation_type": ep.int8_activation, "weight_type": "int8", "reduce_range": ep.int8_reduce_range,
-        "calibration": "minmax", "fp32_resolution": ep.int8_fp32_resolution, "fp32_nodes": [],
-        "calibration_images": 0, "provider": None, "seconds": None,
-    }  # fmt: skip
+        "kept": False,
+        "test_accuracy": None,
+        "fp32_test_accuracy": fp32_accuracy,
+        "drop": None,
+        "reason": None,
+        "sha256": None,
+        "max_drop": ep.int8_max_drop,
+        "format": "QDQ",
+        "per_channel": True,
+        "activation_type": ep.int8_activation,
+        "weight_type": "int8",
+        "reduce_range": ep.int8_reduce_range,
+        "calibration": "minmax",
+        "fp32_resolution": ep.int8_fp32_resolution,
+        "fp32_nodes": [],
+        "calibration_images": 0,
+        "provider": None,
+        "seconds": None,
+    }
     if not ep.int8:
         info["reason"] = "disabled (export.int8 = false)"
         return info
@@ -472,14 +510,19 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: list, test: list
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_static(
-                str(src), str(work / INT8_FILE), _CalibrationReader(calib, transform),
-                quant_format=QuantFormat.QDQ, per_channel=True, activation_type=act, weight_type=QuantType.QInt8,
+                str(src),
+                str(work / INT8_FILE),
+                _CalibrationReader(calib, transform),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=act,
+                weight_type=QuantType.QInt8,
                 reduce_range=ep.int8_reduce_range,  # without it: 85% -> 62% on mobilenetv2 (AVX2, no VNNI)
                 nodes_to_exclude=keep,
                 # MinMax: Percentile and Entropy were no better here (bench notes), and their histogram
                 # collection fails on a short last batch in onnxruntime 1.31
                 calibrate_method=CalibrationMethod.MinMax,
-            )  # fmt: skip
+            )
         import onnx
 
         onnx.checker.check_model(str(work / INT8_FILE), full_check=True)
@@ -496,12 +539,16 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: list, test: list
     # 1e-9: accuracies are ratios of counts; an exact 1-point drop must count as within 1 point
     if drop <= ep.int8_max_drop + 1e-9:
         info["kept"] = True
-        info["reason"] = (f"kept: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32_accuracy:.1f}% "
-                          f"({100 * drop:+.2f} points lost, allowed {100 * ep.int8_max_drop:g})")  # fmt: skip
+        info["reason"] = (
+            f"kept: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32_accuracy:.1f}% "
+            f"({100 * drop:+.2f} points lost, allowed {100 * ep.int8_max_drop:g})"
+        )
         os.replace(work / INT8_FILE, out_path)
     else:
-        info["reason"] = (f"dropped: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32_accuracy:.1f}% "
-                          f"loses {100 * drop:.2f} points (allowed {100 * ep.int8_max_drop:g})")  # fmt: skip
+        info["reason"] = (
+            f"dropped: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32_accuracy:.1f}% "
+            f"loses {100 * drop:.2f} points (allowed {100 * ep.int8_max_drop:g})"
+        )
     shutil.rmtree(work, ignore_errors=True)
     return info
 
@@ -590,9 +637,11 @@ def run_export(
         raise ExportError(f"{run / 'metrics.json'} lacks 'target' (the dataset folder parity runs on)")
     try:
         ds = load_dataset(
-            target, seed=int(metrics.get("seed", split.seed)),
-            val_fraction=split.data.val_fraction, test_fraction=split.data.test_fraction,
-        )  # fmt: skip
+            target,
+            seed=int(metrics.get("seed", split.seed)),
+            val_fraction=split.data.val_fraction,
+            test_fraction=split.data.test_fraction,
+        )
     except DataError as e:
         raise ExportError(f"parity needs the run's real test images: {e}") from None
     if ds.classes != classes:
@@ -615,8 +664,9 @@ def run_export(
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
         tmp_lock = _hold(tmp)
     if cleaned:
-        logging.getLogger("transferkit.export").warning("removed leftovers of killed exports in %s: %s", model_dir,
-                                                        ", ".join(cleaned))
+        logging.getLogger("transferkit.export").warning(
+            "removed leftovers of killed exports in %s: %s", model_dir, ", ".join(cleaned)
+        )
     steps = tqdm(total=4, desc="export", unit="step", disable=not progress)
     try:
         import onnx
@@ -644,19 +694,40 @@ def run_export(
 
         steps.set_postfix_str("int8")
         int8 = quantize_int8(
-            raw_dir / "model.onnx", raw_dir / INT8_FILE, ds.splits.get("train") or [], test, transform,
-            parity["onnx_test_accuracy"], params.export, seed=int(metrics.get("seed", split.seed)),
-        )  # fmt: skip
+            raw_dir / "model.onnx",
+            raw_dir / INT8_FILE,
+            ds.splits.get("train") or [],
+            test,
+            transform,
+            parity["onnx_test_accuracy"],
+            params.export,
+            seed=int(metrics.get("seed", split.seed)),
+        )
         steps.update()
 
         steps.set_postfix_str("publish")
         with _repo_lock(model_dir):
             version = next_version(model_dir)
             meta = _metadata(
-                name=name, version=version, run=run, metrics=metrics, fmeta=fmeta, cfg=cfg, classes=classes,
-                opset=actual_opset, parity=parity, params=params, how=how, force=force, closed=closed,
-                validation=validation, warn=warn, atol=atol, min_agree=min_agree, int8=int8,
-            )  # fmt: skip
+                name=name,
+                version=version,
+                run=run,
+                metrics=metrics,
+                fmeta=fmeta,
+                cfg=cfg,
+                classes=classes,
+                opset=actual_opset,
+                parity=parity,
+                params=params,
+                how=how,
+                force=force,
+                closed=closed,
+                validation=validation,
+                warn=warn,
+                atol=atol,
+                min_agree=min_agree,
+                int8=int8,
+            )
             onnx_path = tmp / "model.onnx"
             _embed_metadata(proto, meta)
             onnx.save_model(proto, str(onnx_path), save_as_external_data=False)
@@ -679,8 +750,9 @@ def run_export(
             final = model_dir / str(version)
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
             os.rename(tmp, final)
-            atomic_write_text(model_dir / TRITON_CONFIG,
-                              triton_config(name, version, meta["input_size"], num_classes, params.export))  # fmt: skip
+            atomic_write_text(
+                model_dir / TRITON_CONFIG, triton_config(name, version, meta["input_size"], num_classes, params.export)
+            )
             # the promotion: last, after everything (we already hold the repository lock)
             promote(model_dir.parent, name, version, reason=f"export of {run}", lock=False)
         steps.update()
@@ -758,8 +830,27 @@ def write_reference(model, samples: list, transform, path: Path) -> dict[str, An
     return {"file": REFERENCE_FILE, "n": len(imgs), "sha256": sha256_file(path)}
 
 
-def _metadata(*, name, version, run, metrics, fmeta, cfg, classes, opset, parity, params, how, force, closed,
-              validation, warn, atol, min_agree, int8) -> dict[str, Any]:  # fmt: skip
+def _metadata(
+    *,
+    name,
+    version,
+    run,
+    metrics,
+    fmeta,
+    cfg,
+    classes,
+    opset,
+    parity,
+    params,
+    how,
+    force,
+    closed,
+    validation,
+    warn,
+    atol,
+    min_agree,
+    int8,
+) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import torch
@@ -806,8 +897,11 @@ def _metadata(*, name, version, run, metrics, fmeta, cfg, classes, opset, parity
         "provider": parity["provider"],  # the one that actually ran the parity check
         "providers": [p if isinstance(p, str) else p[0] for p in execution_providers()],  # requested, in order
         "int8": int8,
-        "triton": {"config": f"../{TRITON_CONFIG}", "backend": "onnxruntime",
-                   "max_batch_size": params.export.triton_max_batch_size},
+        "triton": {
+            "config": f"../{TRITON_CONFIG}",
+            "backend": "onnxruntime",
+            "max_batch_size": params.export.triton_max_batch_size,
+        },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "forced": bool(force and closed),
         "validation": {
@@ -868,22 +962,42 @@ def _transfer_record(validation) -> dict | None:
     """The gain verdict and every baseline from validation.json (the model card's "Transfer" table)."""
     if not isinstance(validation, dict) or "verdict" not in validation:
         return None
-    keep = ("name", "description", "strategy", "model", "val_accuracy", "test_accuracy", "gain", "interval",
-            "p_value", "broken", "broken_reason", "kind")  # fmt: skip
+    keep = (
+        "name",
+        "description",
+        "strategy",
+        "model",
+        "val_accuracy",
+        "test_accuracy",
+        "gain",
+        "interval",
+        "p_value",
+        "broken",
+        "broken_reason",
+        "kind",
+    )
     return {
-        "verdict": validation.get("verdict"), "message": validation.get("verdict_message"),
-        "gain": validation.get("transfer_gain"), "interval": validation.get("gain_interval"),
-        "p_value": validation.get("gain_p_value"), "recommendation": validation.get("recommendation"),
+        "verdict": validation.get("verdict"),
+        "message": validation.get("verdict_message"),
+        "gain": validation.get("transfer_gain"),
+        "interval": validation.get("gain_interval"),
+        "p_value": validation.get("gain_p_value"),
+        "recommendation": validation.get("recommendation"),
         "baselines": [{k: b[k] for k in keep if k in b} for b in validation.get("baselines", [])],
-    }  # fmt: skip
+    }
 
 
 def _transfer_lines(transfer: dict | None) -> list[str]:
     if not transfer:
         return []
-    lines = ["", "## Transfer vs no transfer (same splits; test accuracy)",
-             f"- Verdict: **{transfer['verdict']}**: {transfer['message']}", "",
-             "| baseline | val | test | gain of this model | interval | McNemar p |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "## Transfer vs no transfer (same splits; test accuracy)",
+        f"- Verdict: **{transfer['verdict']}**: {transfer['message']}",
+        "",
+        "| baseline | val | test | gain of this model | interval | McNemar p |",
+        "|---|---|---|---|---|---|",
+    ]
     for b in transfer["baselines"]:
         if b.get("test_accuracy") is None:
             continue
@@ -892,13 +1006,15 @@ def _transfer_lines(transfer: dict | None) -> list[str]:
         iv = b.get("interval")
         lines.append(
             f"| {name} | {_pct(b.get('val_accuracy'))} | {_pct(b['test_accuracy'])} | "
-            f"{100 * b['gain']:+.1f} points | " + (f"[{100 * iv[0]:+.1f}, {100 * iv[1]:+.1f}]" if iv else "-")
-            + " | " + (f"{b['p_value']:.2g}" if b.get("p_value") is not None else "-") + " |"
+            f"{100 * b['gain']:+.1f} points | "
+            + (f"[{100 * iv[0]:+.1f}, {100 * iv[1]:+.1f}]" if iv else "-")
+            + " | "
+            + (f"{b['p_value']:.2g}" if b.get("p_value") is not None else "-")
+            + " |"
         )
     rec = transfer.get("recommendation")
     if rec:
-        lines += ["", f"- Likely reason: {rec['likely_reason']}",
-                  *[f"- Option: {o}" for o in rec["options"]]]  # fmt: skip
+        lines += ["", f"- Likely reason: {rec['likely_reason']}", *[f"- Option: {o}" for o in rec["options"]]]
     return lines
 
 
@@ -909,10 +1025,14 @@ def _pct(x) -> str:
 def _shift_line(shift: dict | None) -> str:
     if not shift:
         return "not measured (train ran without a drift.json; run `transferkit drift` against the source data)"
-    what = "task mismatch (the label sets differ)" if shift.get("task_mismatch") else f"views fired: {shift.get('method')}"
+    what = (
+        "task mismatch (the label sets differ)" if shift.get("task_mismatch") else f"views fired: {shift.get('method')}"
+    )
     report = f"; report `{shift['report']}`" if shift.get("report") else ""
-    return (f"**{shift.get('severity')}** (detected: {shift.get('drift_detected')}) between `{shift.get('reference')}` "
-            f"and `{shift.get('current')}` ({shift.get('n_reference')} / {shift.get('n_current')} images); {what}{report}")
+    return (
+        f"**{shift.get('severity')}** (detected: {shift.get('drift_detected')}) between `{shift.get('reference')}` "
+        f"and `{shift.get('current')}` ({shift.get('n_reference')} / {shift.get('n_current')} images); {what}{report}"
+    )
 
 
 def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
@@ -921,8 +1041,10 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
     test_acc = meta.get("test_accuracy")
     if isinstance(base_acc, (int, float)) and isinstance(test_acc, (int, float)):
         what = baseline.get("description") or baseline.get("strategy", "baseline")
-        vs = f"{_pct(test_acc)} vs {_pct(base_acc)} for the best no-transfer baseline ({what}; " \
-             f"{100 * (test_acc - base_acc):+.1f} points)"  # fmt: skip
+        vs = (
+            f"{_pct(test_acc)} vs {_pct(base_acc)} for the best no-transfer baseline ({what}; "
+            f"{100 * (test_acc - base_acc):+.1f} points)"
+        )
     else:
         vs = f"{_pct(test_acc)} (no baseline recorded in validation.json)"
     p = meta["parity"]

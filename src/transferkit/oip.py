@@ -31,11 +31,19 @@ from transferkit.serve import RequestError
 
 # onnxruntime's element types -> the protocol's datatypes (and the little-endian numpy dtype of their bytes)
 _DATATYPES = {
-    "tensor(float)": ("FP32", "<f4"), "tensor(float16)": ("FP16", "<f2"), "tensor(double)": ("FP64", "<f8"),
-    "tensor(int8)": ("INT8", "i1"), "tensor(int16)": ("INT16", "<i2"), "tensor(int32)": ("INT32", "<i4"),
-    "tensor(int64)": ("INT64", "<i8"), "tensor(uint8)": ("UINT8", "u1"), "tensor(uint16)": ("UINT16", "<u2"),
-    "tensor(uint32)": ("UINT32", "<u4"), "tensor(uint64)": ("UINT64", "<u8"), "tensor(bool)": ("BOOL", "?"),
-}  # fmt: skip
+    "tensor(float)": ("FP32", "<f4"),
+    "tensor(float16)": ("FP16", "<f2"),
+    "tensor(double)": ("FP64", "<f8"),
+    "tensor(int8)": ("INT8", "i1"),
+    "tensor(int16)": ("INT16", "<i2"),
+    "tensor(int32)": ("INT32", "<i4"),
+    "tensor(int64)": ("INT64", "<i8"),
+    "tensor(uint8)": ("UINT8", "u1"),
+    "tensor(uint16)": ("UINT16", "<u2"),
+    "tensor(uint32)": ("UINT32", "<u4"),
+    "tensor(uint64)": ("UINT64", "<u8"),
+    "tensor(bool)": ("BOOL", "?"),
+}
 JSON_PARSE_FACTOR = 16  # budget held per byte of JSON header while it is parsed into Python objects
 _INLINE_JSON = 256 << 10  # larger JSON headers are parsed on the decode pool, not the event loop
 
@@ -119,12 +127,21 @@ def _errors(*codes: int) -> dict:
 
 
 def _infer_body() -> dict:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                     "description": "a JSON inference request of Inference-Header-Content-Length "
-                                                    "bytes, then each binary input's bytes in input order"},
-    }}}  # fmt: skip
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+                },
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "a JSON inference request of Inference-Header-Content-Length "
+                    "bytes, then each binary input's bytes in input order",
+                },
+            },
+        }
+    }
 
 
 # --------------------------------------------------------------------------- tensors
@@ -139,11 +156,17 @@ def tensor_metadata(model) -> tuple[list[dict], list[dict]]:
 
     def one(node) -> dict:
         dt = _DATATYPES.get(node.type, (node.type, None))[0]
-        return {"name": node.name, "datatype": dt, "shape": [d if isinstance(d, int) and d >= 0 else -1 for d in node.shape]}
+        return {
+            "name": node.name,
+            "datatype": dt,
+            "shape": [d if isinstance(d, int) and d >= 0 else -1 for d in node.shape],
+        }
 
     out_name = model.meta.get("output_name", "logits")
-    model._oip_metadata = ([one(i) for i in model.sess.get_inputs()],
-                           [one(o) for o in model.sess.get_outputs() if o.name == out_name])  # fmt: skip
+    model._oip_metadata = (
+        [one(i) for i in model.sess.get_inputs()],
+        [one(o) for o in model.sess.get_outputs() if o.name == out_name],
+    )
     return model._oip_metadata
 
 
@@ -184,17 +207,21 @@ def input_tensor(req: InferenceRequest, binary: memoryview, model, max_batch: in
         if t.data is not None:
             raise RequestError(400, f"input {name!r}: both binary_data_size and data")
         if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize:
-            raise RequestError(400, f"input {name!r}: binary_data_size {str(size)[:32]} for shape {shape} "
-                                    f"({count} x {dtype.itemsize} bytes = {count * dtype.itemsize})")  # fmt: skip
+            raise RequestError(
+                400,
+                f"input {name!r}: binary_data_size {str(size)[:32]} for shape {shape} "
+                f"({count} x {dtype.itemsize} bytes = {count * dtype.itemsize})",
+            )
         if len(binary) != size:
-            raise RequestError(400, f"input {name!r}: binary_data_size {size}, but {len(binary)} bytes follow the "
-                                    f"JSON header")  # fmt: skip
+            raise RequestError(
+                400, f"input {name!r}: binary_data_size {size}, but {len(binary)} bytes follow the JSON header"
+            )
         x = np.frombuffer(binary, dtype=dtype).reshape(shape)
     else:
         if len(binary):
             raise RequestError(400, f"{len(binary)} bytes after the JSON header, but no input has binary_data_size")
         if t.data is None:
-            raise RequestError(400, f"input {name!r}: no data (JSON \"data\" or binary_data_size)")
+            raise RequestError(400, f'input {name!r}: no data (JSON "data" or binary_data_size)')
         try:
             a = np.asarray(t.data)
         except (ValueError, TypeError):
@@ -239,15 +266,23 @@ def add_routes(app, *, cfg, registry, metrics, budget, decode_pool, auth, slot, 
         s = slot(name)
         model = s.current
         if version is not None and version != str(model.version):
-            raise RequestError(404, f"model {name!r} version {version[:32]!r} is not loaded (serving version "
-                                    f"{model.version}; a version serves once `latest` names it)")  # fmt: skip
+            raise RequestError(
+                404,
+                f"model {name!r} version {version[:32]!r} is not loaded (serving version "
+                f"{model.version}; a version serves once `latest` names it)",
+            )
         return model
 
     def metadata(name: str, version: str | None) -> dict:
         model = served(name, version)
         inputs, outputs = tensor_metadata(model)
-        return {"name": name, "versions": [str(model.version)], "platform": "onnxruntime_onnx",
-                "inputs": inputs, "outputs": outputs}  # fmt: skip
+        return {
+            "name": name,
+            "versions": [str(model.version)],
+            "platform": "onnxruntime_onnx",
+            "inputs": inputs,
+            "outputs": outputs,
+        }
 
     def ready(name: str, version: str | None) -> Response:
         if name not in registry.slots:
@@ -268,8 +303,9 @@ def add_routes(app, *, cfg, registry, metrics, budget, decode_pool, auth, slot, 
             if header_len is None:
                 header_len = len(raw)
             if header_len > len(raw):
-                raise RequestError(400, f"Inference-Header-Content-Length {header_len} exceeds the body's "
-                                        f"{len(raw)} bytes")  # fmt: skip
+                raise RequestError(
+                    400, f"Inference-Header-Content-Length {header_len} exceeds the body's {len(raw)} bytes"
+                )
             head, binary = raw[:header_len], memoryview(raw)[header_len:]
             await held.take((JSON_PARSE_FACTOR - 2) * len(head))
             if len(head) > _INLINE_JSON:
@@ -308,18 +344,28 @@ def add_routes(app, *, cfg, registry, metrics, budget, decode_pool, auth, slot, 
         data = out.tobytes()
         tensor["parameters"] = {"binary_data_size": len(data)}
         head_out = json.dumps(answer, separators=(",", ":")).encode()
-        return Response(head_out + data, media_type="application/octet-stream",
-                        headers={**headers, "Inference-Header-Content-Length": str(len(head_out))})  # fmt: skip
+        return Response(
+            head_out + data,
+            media_type="application/octet-stream",
+            headers={**headers, "Inference-Header-Content-Length": str(len(head_out))},
+        )
 
-    hcl = Header(None, alias="Inference-Header-Content-Length", ge=0,
-                 description="bytes of JSON before the binary tensors (binary tensor data extension)")  # fmt: skip
+    hcl = Header(
+        None,
+        alias="Inference-Header-Content-Length",
+        ge=0,
+        description="bytes of JSON before the binary tensors (binary tensor data extension)",
+    )
 
     @app.get("/v2/health/live", status_code=200, response_class=Response, responses={200: {"description": "live"}})
     async def v2_live():
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready", response_class=Response,
-             responses={200: {"description": "every model loaded, checked and warmed up"}, **_errors(400)})  # fmt: skip
+    @app.get(
+        "/v2/health/ready",
+        response_class=Response,
+        responses={200: {"description": "every model loaded, checked and warmed up"}, **_errors(400)},
+    )
     async def v2_ready():
         ok, why = registry.ready()
         if not ok:
@@ -353,17 +399,25 @@ def add_routes(app, *, cfg, registry, metrics, budget, decode_pool, auth, slot, 
         auth(request)
         return ready(name, version)
 
-    infer_doc = dict(response_model=InferenceResponse, openapi_extra=_infer_body(),
-                     responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-                                      "description": "JSON, or with binary outputs a JSON header of "
-                                                     "Inference-Header-Content-Length bytes + the outputs' bytes"},
-                                **_errors(400, 401, 404, 408, 413, 422, 503)})  # fmt: skip
+    infer_doc = dict(
+        response_model=InferenceResponse,
+        openapi_extra=_infer_body(),
+        responses={
+            200: {
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "JSON, or with binary outputs a JSON header of "
+                "Inference-Header-Content-Length bytes + the outputs' bytes",
+            },
+            **_errors(400, 401, 404, 408, 413, 422, 503),
+        },
+    )
 
     @app.post("/v2/models/{name}/infer", **infer_doc)
     async def v2_infer(name: str, request: Request, inference_header_content_length: int | None = hcl):
         return await infer(name, None, request, inference_header_content_length)
 
     @app.post("/v2/models/{name}/versions/{version}/infer", **infer_doc)
-    async def v2_infer_version(name: str, version: str, request: Request,
-                               inference_header_content_length: int | None = hcl):  # fmt: skip
+    async def v2_infer_version(
+        name: str, version: str, request: Request, inference_header_content_length: int | None = hcl
+    ):
         return await infer(name, version, request, inference_header_content_length)

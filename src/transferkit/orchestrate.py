@@ -76,22 +76,45 @@ def wait_healthy(api_url: str, timeout: float, proc: subprocess.Popen | None = N
 
 def ensure_pool(env: dict[str, str], pool: str = DEFAULT_POOL) -> None:
     """Create the process work pool on env's PREFECT_API_URL if it does not exist (idempotent)."""
-    p = subprocess.run([_prefect_bin(), "work-pool", "create", pool, "--type", "process", "--overwrite"],
-                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [_prefect_bin(), "work-pool", "create", pool, "--type", "process", "--overwrite"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"could not create work pool {pool!r}: {p.stdout[-1500:]}{p.stderr[-1500:]}")
 
 
-def start_worker(env: dict[str, str], pool: str = DEFAULT_POOL, log: str | Path | None = None, limit: int = 1,
-                 poll_seconds: float | None = None, cwd: str | Path | None = None) -> subprocess.Popen:  # fmt: skip
+def start_worker(
+    env: dict[str, str],
+    pool: str = DEFAULT_POOL,
+    log: str | Path | None = None,
+    limit: int = 1,
+    poll_seconds: float | None = None,
+    cwd: str | Path | None = None,
+) -> subprocess.Popen:
     """One process worker on POOL in its own process group (stop it with `stop`). limit=1: SQLite
     serialises writers, so one flow run at a time is the safe default for the bundled database."""
     extra = {"PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds)} if poll_seconds else {}
     out = open(log, "ab") if log else subprocess.DEVNULL
-    cmd = [_prefect_bin(), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(limit),
-           "--install-policy", "never"]  # fmt: skip
-    return subprocess.Popen(cmd, env={**env, **extra}, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=cwd)  # fmt: skip
+    cmd = [
+        _prefect_bin(),
+        "worker",
+        "start",
+        "--pool",
+        pool,
+        "--type",
+        "process",
+        "--limit",
+        str(limit),
+        "--install-policy",
+        "never",
+    ]
+    return subprocess.Popen(
+        cmd, env={**env, **extra}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+    )
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 20) -> None:
@@ -115,8 +138,15 @@ class PrefectServer:
     `home` is PREFECT_HOME (its SQLite database); None keeps the user's (~/.prefect).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, home: str | Path | None = None,
-                 log: str | Path | None = None, startup_timeout: float = 240, env: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        home: str | Path | None = None,
+        log: str | Path | None = None,
+        startup_timeout: float = 240,
+        env: dict | None = None,
+    ):
         self.host, self.port = host, port or free_port(host)
         self.home = Path(home) if home else None
         self.log = Path(log) if log else None
@@ -137,7 +167,7 @@ class PrefectServer:
     def env(self, **extra: str) -> dict[str, str]:
         return prefect_env(self.api_url, self.home, **{**self.extra_env, **extra})
 
-    def start(self) -> "PrefectServer":
+    def start(self) -> PrefectServer:
         # a server already on the port would answer the health check and be taken for ours. SO_REUSEADDR as
         # uvicorn binds: connections of a server stopped a moment ago (TIME_WAIT) do not block a restart
         with socket.socket() as s:
@@ -145,8 +175,10 @@ class PrefectServer:
             try:
                 s.bind((self.host, self.port))
             except OSError:
-                raise RuntimeError(f"{self.host}:{self.port} is already in use (another Prefect server?): stop it "
-                                   "or choose another --port") from None  # fmt: skip
+                raise RuntimeError(
+                    f"{self.host}:{self.port} is already in use (another Prefect server?): stop it "
+                    "or choose another --port"
+                ) from None
         if self.home:
             self.home.mkdir(parents=True, exist_ok=True)
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
@@ -176,16 +208,18 @@ class PrefectServer:
         stop(self.worker)
         stop(self.proc)
 
-    def __enter__(self) -> "PrefectServer":
+    def __enter__(self) -> PrefectServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def serve_forever(host: str, port: int, pool: str, deploy: bool, root: Path, home: str | None = None,
-                  echo=print) -> None:  # fmt: skip
+def serve_forever(
+    host: str, port: int, pool: str, deploy: bool, root: Path, home: str | None = None, echo=print
+) -> None:
     """`transferkit server`: server + pool + deployments + worker until Ctrl-C or one of them exits."""
+
     def _term(signum, frame):  # `docker stop`/systemd send SIGTERM: stop the children like Ctrl-C does
         raise KeyboardInterrupt
 
@@ -198,8 +232,14 @@ def serve_forever(host: str, port: int, pool: str, deploy: bool, root: Path, hom
         echo(f"server up after {srv.startup_seconds:.0f} s; UI {srv.ui_url}, API {srv.api_url}")
         srv.ensure_pool(pool)
         if deploy:
-            p = subprocess.run([sys.executable, "-m", "flows.deployments", "--pool", pool], cwd=root,
-                               env=srv.env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+            p = subprocess.run(
+                [sys.executable, "-m", "flows.deployments", "--pool", pool],
+                cwd=root,
+                env=srv.env(),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             if p.returncode != 0:
                 raise RuntimeError(f"registering deployments failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
             echo(p.stdout.rstrip())

@@ -48,8 +48,9 @@ def run_pretrain(
 
     name = zoo.check_name(name or default_name(model, data))
     if (zoo.registry_dir() / name / "card.json").is_file() and not force:  # fail before training, not after
-        raise zoo.ZooError(f"zoo:{name} is already registered in {zoo.registry_dir() / name}; "
-                           "choose another --name or pass --force")  # fmt: skip
+        raise zoo.ZooError(
+            f"zoo:{name} is already registered in {zoo.registry_dir() / name}; choose another --name or pass --force"
+        )
     init = zoo.parse_spec(model)
     if init.kind == "zoo":
         raise zoo.ZooError(f"--model {model!r}: start from an ImageNet model, a timm name or scratch:ARCH")
@@ -82,8 +83,11 @@ def run_pretrain(
             "epochs": m["epochs"],
             "best_epoch": m["best_epoch"],
             "seconds": m["seconds"],
-            "params": {"seed": params.seed, "data": params.data.model_dump(mode="json"),
-                       "train": params.train.model_dump(mode="json")},  # fmt: skip
+            "params": {
+                "seed": params.seed,
+                "data": params.data.model_dump(mode="json"),
+                "train": params.train.model_dump(mode="json"),
+            },
             "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             "git_rev": _git_rev(),
             "run": str(run) if out is not None else None,

@@ -63,8 +63,9 @@ def check_version(model_dir: Path, version: int, *, embedded: bool = True) -> di
         raise PromoteError(f"{vdir}: no such version (versions of {model_dir.name}: {have or 'none'})")
     for p in vdir.iterdir():
         if p.is_symlink() or not p.is_file() or p.name not in MODEL_FILES:
-            raise PromoteError(f"{p}: not a file export writes ({', '.join(MODEL_FILES)}); version {version} "
-                               "was changed after export")  # fmt: skip
+            raise PromoteError(
+                f"{p}: not a file export writes ({', '.join(MODEL_FILES)}); version {version} was changed after export"
+            )
     onnx_path, meta_path = vdir / "model.onnx", vdir / "metadata.json"
     if not onnx_path.is_file():
         raise PromoteError(f"{onnx_path} not found: version {version} is incomplete")
@@ -80,17 +81,23 @@ def check_version(model_dir: Path, version: int, *, embedded: bool = True) -> di
     for key, want in (("name", model_dir.name), ("version", int(version))):
         got = meta.get(key)
         if got != want or isinstance(got, bool):
-            raise PromoteError(f"{meta_path}: says {key} {got!r} but sits at {model_dir.name}/{version}: "
-                               "a version copied or linked under another name or number is refused")  # fmt: skip
+            raise PromoteError(
+                f"{meta_path}: says {key} {got!r} but sits at {model_dir.name}/{version}: "
+                "a version copied or linked under another name or number is refused"
+            )
     parity = meta.get("parity")
     if not isinstance(parity, dict) or "max_abs_diff" not in parity:
-        raise PromoteError(f"{meta_path}: no parity record; only versions that passed export's parity gate can be promoted")
+        raise PromoteError(
+            f"{meta_path}: no parity record; only versions that passed export's parity gate can be promoted"
+        )
     _check_sha(onnx_path, meta.get("sha256"), "metadata.json's sha256")
     int8 = meta.get("int8")
     if isinstance(int8, dict) and int8.get("kept"):
         _check_sha(vdir / INT8_FILE, int8.get("sha256"), "metadata.json's int8.sha256")
     elif (vdir / INT8_FILE).exists():
-        raise PromoteError(f"{vdir / INT8_FILE}: metadata.json records no kept int8 model; the file was added after export")
+        raise PromoteError(
+            f"{vdir / INT8_FILE}: metadata.json records no kept int8 model; the file was added after export"
+        )
     ref = meta.get("reference")  # export's reference images + torch logits (versions before it have none)
     if ref is not None:
         ref_path = vdir / REFERENCE_FILE
@@ -106,8 +113,9 @@ def check_version(model_dir: Path, version: int, *, embedded: bool = True) -> di
             raise PromoteError(f"{onnx_path}: not a readable ONNX file ({type(e).__name__})") from None
         for key in ("name", "version"):
             if inside.get(key) != meta.get(key):
-                raise PromoteError(f"{onnx_path}: embedded {key} {inside.get(key)!r} differs from metadata.json's "
-                                   f"{meta.get(key)!r}")  # fmt: skip
+                raise PromoteError(
+                    f"{onnx_path}: embedded {key} {inside.get(key)!r} differs from metadata.json's {meta.get(key)!r}"
+                )
     return meta
 
 
@@ -116,8 +124,10 @@ def _check_sha(path: Path, want: Any, what: str) -> None:
         raise PromoteError(f"{path} not found: the version is incomplete")
     digest = sha256_file(path)
     if not isinstance(want, str) or digest != want:
-        raise PromoteError(f"{path}: sha256 {digest[:16]}... differs from {what} {str(want)[:16]}...; "
-                           "the file was changed after export")  # fmt: skip
+        raise PromoteError(
+            f"{path}: sha256 {digest[:16]}... differs from {what} {str(want)[:16]}...; "
+            "the file was changed after export"
+        )
 
 
 def read_history(model_dir: Path) -> list[dict[str, Any]]:
@@ -195,8 +205,9 @@ def _write_triton(model_dir: Path, version: int, meta: dict) -> None:
         ep = ExportParams.model_validate((meta.get("params") or {}).get("export") or {})
     except ValueError:
         ep = ExportParams()
-    atomic_write_text(model_dir / TRITON_CONFIG,
-                      triton_config(model_dir.name, version, meta["input_size"], len(meta["classes"]), ep))  # fmt: skip
+    atomic_write_text(
+        model_dir / TRITON_CONFIG, triton_config(model_dir.name, version, meta["input_size"], len(meta["classes"]), ep)
+    )
 
 
 def _user() -> str | None:
@@ -211,8 +222,9 @@ def _server_status(url: str, name: str, token: str | None, timeout: float = 5.0)
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(f"{url.rstrip('/')}/v1/models/{name}",
-                                 headers={"Authorization": f"Bearer {token}"} if token else {})  # fmt: skip
+    req = urllib.request.Request(
+        f"{url.rstrip('/')}/v1/models/{name}", headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read(1 << 20))
@@ -230,8 +242,9 @@ def _last_swap_time(status: dict[str, Any]) -> float:
     return max((float(s.get("time") or 0) for s in status.get("swaps") or []), default=0.0)
 
 
-def _wait_servers(servers: list[str], name: str, version: int, baseline: dict[str, float], timeout: float,
-                  token: str | None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+def _wait_servers(
+    servers: list[str], name: str, version: int, baseline: dict[str, float], timeout: float, token: str | None
+) -> tuple[list[dict], list[dict]]:
     """Poll each server until it serves `version` or records a new refusal of it (a swap entry newer than
     `baseline`, its own clock); returns (answers, problems), one dict per server."""
     import time
@@ -245,12 +258,18 @@ def _wait_servers(servers: list[str], name: str, version: int, baseline: dict[st
             except PromoteError as e:
                 st, err = None, str(e)
             if st is not None:
-                new = [s for s in st.get("swaps") or [] if s.get("to") == version and float(s.get("time") or 0) > baseline[url]]
+                new = [
+                    s
+                    for s in st.get("swaps") or []
+                    if s.get("to") == version and float(s.get("time") or 0) > baseline[url]
+                ]
                 if st.get("version") == version:
                     done.append({"server": url, "ok": True, "version": version})
                     pending.remove(url)
                 elif new and not new[-1].get("ok"):
-                    problems.append({"server": url, "ok": False, "detail": f"refused version {version}: {new[-1].get('error')}"})
+                    problems.append(
+                        {"server": url, "ok": False, "detail": f"refused version {version}: {new[-1].get('error')}"}
+                    )
                     pending.remove(url)
                 else:
                     err = f"still serves version {st.get('version')}"
@@ -262,8 +281,17 @@ def _wait_servers(servers: list[str], name: str, version: int, baseline: dict[st
     return done, problems
 
 
-def _checked_move(model_dir: Path, version: int | None, action: str, reason, servers: list[str] | None,
-                  wait: float, token: str | None, lock: bool, check=None) -> dict[str, Any]:  # fmt: skip
+def _checked_move(
+    model_dir: Path,
+    version: int | None,
+    action: str,
+    reason,
+    servers: list[str] | None,
+    wait: float,
+    token: str | None,
+    lock: bool,
+    check=None,
+) -> dict[str, Any]:
     """Move `latest` (under the lock), then wait for the live servers; a server that refused the version is an
     error with its reason, and `latest` goes back to where it was (action rollback, reason recorded)."""
     from contextlib import nullcontext
@@ -289,8 +317,17 @@ def _checked_move(model_dir: Path, version: int | None, action: str, reason, ser
     return {**rec, "servers": done}
 
 
-def promote(repo: Path, name: str, version: int | None = None, reason: str = "", *, lock: bool = True,
-            servers: list[str] | None = None, wait: float = 60.0, token: str | None = None) -> dict[str, Any]:  # fmt: skip
+def promote(
+    repo: Path,
+    name: str,
+    version: int | None = None,
+    reason: str = "",
+    *,
+    lock: bool = True,
+    servers: list[str] | None = None,
+    wait: float = 60.0,
+    token: str | None = None,
+) -> dict[str, Any]:
     """Point REPO/<name>/latest at `version` (None: the newest) after checking it is complete.
 
     Returns the history record (+ "servers": what each live server did). `servers`: base URLs of live
@@ -311,8 +348,15 @@ def promote(repo: Path, name: str, version: int | None = None, reason: str = "",
     return _checked_move(model_dir, version, "promote", reason, servers, wait, token, lock, check=pick)
 
 
-def rollback(repo: Path, name: str, reason: str = "", *, servers: list[str] | None = None, wait: float = 60.0,
-             token: str | None = None) -> dict[str, Any]:  # fmt: skip
+def rollback(
+    repo: Path,
+    name: str,
+    reason: str = "",
+    *,
+    servers: list[str] | None = None,
+    wait: float = 60.0,
+    token: str | None = None,
+) -> dict[str, Any]:
     """Return `latest` to the version that was live before the current one, per promotions.jsonl."""
     model_dir = _model_dir(repo, name)
     state: dict[str, Any] = {}
@@ -323,11 +367,22 @@ def rollback(repo: Path, name: str, reason: str = "", *, servers: list[str] | No
         if current is not None and (not stack or stack[-1] != current):
             stack.append(current)  # latest was moved by hand: roll back from where it really is
         if len(stack) < 2:
-            raise PromoteError(f"{model_dir / HISTORY}: no earlier promoted version to roll back to "
-                               f"(current: {current}, history: {stack or 'empty'})")  # fmt: skip
+            raise PromoteError(
+                f"{model_dir / HISTORY}: no earlier promoted version to roll back to "
+                f"(current: {current}, history: {stack or 'empty'})"
+            )
         state["current"] = current
         return stack[-2]
 
     # the reason names the version rolled back from, known only under the lock
-    return _checked_move(model_dir, None, "rollback", lambda: reason or f"rollback from {state.get('current')}",
-                         servers, wait, token, True, check=pick)  # fmt: skip
+    return _checked_move(
+        model_dir,
+        None,
+        "rollback",
+        lambda: reason or f"rollback from {state.get('current')}",
+        servers,
+        wait,
+        token,
+        True,
+        check=pick,
+    )

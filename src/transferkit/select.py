@@ -163,9 +163,13 @@ def _features(spec: str, samples, data_md5: str, params: Params, progress: bool)
     from transferkit.embed import compute_embeddings
 
     return compute_embeddings(
-        spec, samples, data_md5, image_size=params.data.image_size, batch_size=params.data.batch_size,
+        spec,
+        samples,
+        data_md5,
+        image_size=params.data.image_size,
+        batch_size=params.data.batch_size,
         progress=progress,
-    )  # fmt: skip
+    )
 
 
 def score_candidate(spec: str, samples, data_md5: str, params: Params, progress: bool = True) -> dict:
@@ -233,8 +237,9 @@ def prepare(target: Path, params: Params, candidates: list[str] | None = None) -
     if not available:
         reasons = "; ".join(f"{u['model']}: {u['reason']}" for u in unavailable)
         raise zoo.ZooError(f"select: none of the candidates can be loaded here ({reasons})")
-    ds = load_dataset(target, seed=params.seed, val_fraction=params.data.val_fraction,
-                      test_fraction=params.data.test_fraction)  # fmt: skip
+    ds = load_dataset(
+        target, seed=params.seed, val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction
+    )
     samples = ds.splits["train"] + ds.splits["val"]
     return Plan(str(target), samples, ds.md5, available, unavailable)
 
@@ -262,8 +267,11 @@ def rank(rows: list[dict], plan: Plan, metric: str) -> dict:
     }
     controls = [r for r in rows if r["control"] and r["score"] is not None]
     if pretrained and controls and controls[0]["score"] > pretrained[0]["score"]:
-        what = "raw pixels (no model at all)" if controls[0]["model"] == PIXELS else \
-            f"the random-init control {controls[0]['model']}"  # fmt: skip
+        what = (
+            "raw pixels (no model at all)"
+            if controls[0]["model"] == PIXELS
+            else f"the random-init control {controls[0]['model']}"
+        )
         result["warning"] = (
             f"{what} score higher than every pretrained candidate ({metric} {controls[0]['score']:.3f} vs "
             f"{pretrained[0]['score']:.3f} for {pretrained[0]['model']}): no source model beats no transfer before "
@@ -287,8 +295,9 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
     top = [r["model"] for r in result["candidates"] if not r["control"]][:k]
     strategy = params.select.confirm_strategy
     if strategy == "auto":  # what the train stage will do with these labels, so the shipped kind is compared
-        ds = load_dataset(target, seed=params.seed, val_fraction=params.data.val_fraction,
-                          test_fraction=params.data.test_fraction)  # fmt: skip
+        ds = load_dataset(
+            target, seed=params.seed, val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction
+        )
         strategy = choose_strategy(params, ds.min_per_class("train"), None)[0]
     p = params.model_copy(deep=True)
     if strategy != "linear-probe":  # a linear probe takes seconds on cached features: give it the full budget
@@ -299,22 +308,34 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
         folder = Path(out) / "confirm" / _slug(spec)
         m = run_train(Path(target), folder, p, spec, strategy=strategy, progress=progress)
         best = m["history"][m["best_epoch"] - 1] if m["history"] and m["best_epoch"] else {}
-        runs.append({
-            "model": spec, "strategy": m["strategy"], "val_accuracy": m["val_accuracy"],
-            "val_loss": best.get("val_loss"), "train_accuracy": m["train_accuracy"], "epochs": m["epochs"],
-            "seconds": m["seconds"], "run": str(folder), "score_rank": order + 1,
-        })  # fmt: skip
+        runs.append(
+            {
+                "model": spec,
+                "strategy": m["strategy"],
+                "val_accuracy": m["val_accuracy"],
+                "val_loss": best.get("val_loss"),
+                "train_accuracy": m["train_accuracy"],
+                "epochs": m["epochs"],
+                "seconds": m["seconds"],
+                "run": str(folder),
+                "score_rank": order + 1,
+            }
+        )
     best = max(runs, key=lambda r: (r["val_accuracy"], -(r["val_loss"] or 0.0), -r["score_rank"]))
     return {
         **result,
         "selected": best["model"],
         "selected_by": "confirm",
         "confirm": {
-            "k": k, "strategy": strategy, "epochs": p.train.epochs,
-            "selected": best["model"], "score_selected": result["selected"], "runs": runs,
+            "k": k,
+            "strategy": strategy,
+            "epochs": p.train.epochs,
+            "selected": best["model"],
+            "score_selected": result["selected"],
+            "runs": runs,
             "seconds": round(time.perf_counter() - t0, 2),
         },
-    }  # fmt: skip
+    }
 
 
 def _slug(spec: str) -> str:
@@ -323,8 +344,9 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")
 
 
-def finish(rows: list[dict], plan: Plan, out: Path, params: Params, confirm: int | None = None,
-           progress: bool = True) -> dict:  # fmt: skip
+def finish(
+    rows: list[dict], plan: Plan, out: Path, params: Params, confirm: int | None = None, progress: bool = True
+) -> dict:
     """Rank, optionally confirm by brief fine-tuning, and write OUT/ranking.json (atomically)."""
     from transferkit.config import dump_params
     from transferkit.io import write_json

