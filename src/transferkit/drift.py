@@ -157,10 +157,7 @@ def _softmax_columns(ref_logits: np.ndarray, cur_logits: np.ndarray, n_pcs: int)
     """Black-box-shift columns from source-head logits: max prob, entropy, top PCs of the softmax."""
     from sklearn.decomposition import PCA
 
-    def softmax(z):
-        z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+    from transferkit.numeric import softmax
 
     pr, pc = softmax(ref_logits), softmax(cur_logits)
 

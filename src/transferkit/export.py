@@ -56,6 +56,7 @@ from typing import Any
 
 from transferkit.config import ConfigError, Params, load_params
 from transferkit.io import atomic_write_text, git_rev, read_json, sha256_file, write_json
+from transferkit.runtime import execution_providers, ort_session
 
 
 class ExportError(ValueError):
@@ -288,58 +289,6 @@ def _check_graph(proto, opset: int, num_classes: int) -> int:
 
 
 # --------------------------------------------------------------------------- parity
-
-
-def execution_providers(available: list[str] | None = None, cuda: bool | None = None) -> list:
-    """The explicit provider list, best first: TensorRT, CUDA (only with a usable GPU), then CPU.
-
-    onnxruntime-gpu lists TensorRT and CUDA even on a CPU-only machine, so a GPU must also be visible to
-    torch. Precision stays fp32 (no TRT fp16/int8, no TF32 on CUDA) so that the parity gate compares
-    like with like.
-    """
-    if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-    cuda = _cuda_usable() if cuda is None else cuda
-    out: list = []
-    if cuda and "TensorrtExecutionProvider" in available:
-        out.append(("TensorrtExecutionProvider", {"trt_fp16_enable": "False", "trt_int8_enable": "False"}))
-    if cuda and "CUDAExecutionProvider" in available:
-        out.append(("CUDAExecutionProvider", {"use_tf32": "0"}))
-    out.append("CPUExecutionProvider")
-    return out
-
-
-def ort_session(path: Path, providers: list | None = None):
-    """An onnxruntime session with explicit providers (default: execution_providers()).
-
-    A provider that cannot start (e.g. TensorRT libraries missing) is skipped by onnxruntime, and a
-    session that fails on the GPU list is retried on CPU alone, so the second value, the provider that
-    actually runs (sess.get_providers()[0]), is what gets recorded.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if providers is None:
-        providers = execution_providers()
-    try:
-        sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-    except Exception:
-        if providers == ["CPUExecutionProvider"]:
-            raise
-        sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    return sess, sess.get_providers()[0]
-
-
-def _cuda_usable() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
 
 
 def parity_check(model, onnx_path: Path, samples: list, transform, progress: bool = False) -> dict[str, Any]:

@@ -54,6 +54,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from transferkit.numeric import softmax
+
 log = logging.getLogger("transferkit.serve")
 
 ALLOWED_TYPES = {
@@ -252,12 +254,6 @@ def preprocess(
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 # --------------------------------------------------------------------------- a loaded version
 
 
@@ -286,25 +282,11 @@ class LoadedModel:
         return self.sess.run([self.meta.get("output_name", "logits")], {self.meta.get("input_name", "input"): x})[0]
 
 
-def serve_providers() -> list:
-    """export.execution_providers, also in a serving image without torch (which it asks about the GPU).
-
-    Without torch, CUDA is requested whenever onnxruntime lists it: onnxruntime falls back to CPU when no
-    GPU or CUDA library is there, and the provider that really runs is what /v1/models reports.
-    """
-    import importlib.util
-
-    from transferkit.export import execution_providers
-
-    if importlib.util.find_spec("torch") is None:
-        return execution_providers(cuda=True)
-    return execution_providers()
-
-
 def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> LoadedModel:
     """Load, check against metadata.json, warm up and parity-check one version; LoadError if it must not serve."""
-    from transferkit.export import REFERENCE_FILE, ort_session, read_onnx_metadata
+    from transferkit.export import REFERENCE_FILE, read_onnx_metadata
     from transferkit.promote import check_version
+    from transferkit.runtime import ort_session
 
     t0 = time.perf_counter()
     try:
@@ -329,17 +311,7 @@ def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> LoadedModel
             f"{vdir / 'metadata.json'}: input_size {meta['input_size']}: only square [3, S, S] inputs are served"
         )
     try:
-        import onnxruntime as ort
-
-        providers = serve_providers()
-        if cfg.threads:
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = cfg.threads
-            so.log_severity_level = 3
-            sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-            provider = sess.get_providers()[0]
-        else:
-            sess, provider = ort_session(path, providers)
+        sess, provider = ort_session(path, threads=cfg.threads)
     except Exception as e:
         raise LoadError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e)[:300]})") from None
     lm = LoadedModel(model_dir.name, version, path, meta, sess, provider)
@@ -1265,7 +1237,7 @@ def create_app(cfg: ServeConfig):
             # only requests that were served: a rejected upload is not traffic the model saw
             await run_in_threadpool(lambda: [slot.reservoir.offer(d[1], model.version) for d in done])
         k = min(top_k or cfg.default_top_k, len(model.classes))
-        probs = softmax(out.astype(np.float64))
+        probs = softmax(out)
         preds = []
         for row, p in zip(out, probs):
             idx = np.argsort(-p, kind="stable")[:k]
