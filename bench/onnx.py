@@ -236,8 +236,9 @@ def demo_model(args, work: Path) -> tuple[dict, list]:
     from transferkit import zoo
     from transferkit.config import load_params
     from transferkit.data import load_dataset
-    from transferkit.export import INT8_FILE, latest_version, onnx_accuracy
+    from transferkit.export import onnx_accuracy
     from transferkit.io import read_json, sha256_file
+    from transferkit.repository import INT8_FILE, latest_version
 
     model_dir = Path(args.model_dir) if args.model_dir else None
     if model_dir is None:

@@ -53,7 +53,8 @@ def build_repo(work: Path, size: int) -> tuple[Path, Path]:
     """digits data, a short linear-probe training, two exports; reused when already there."""
     from transferkit.config import load_params
     from transferkit.data import write_builtin
-    from transferkit.export import list_versions, run_export
+    from transferkit.export import run_export
+    from transferkit.repository import list_versions
     from transferkit.train import run_train
 
     data, run, repo = work / "digits", work / "run", work / "repo"
@@ -464,7 +465,7 @@ def side_by_side(repo: Path, a, logs: Path) -> dict:
     import httpx
     import onnxruntime as ort
 
-    from transferkit.export import latest_version
+    from transferkit.repository import latest_version
 
     version = latest_version(repo / "digits")
     onnx = repo / "digits" / str(version) / "model.onnx"

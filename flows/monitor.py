@@ -32,8 +32,8 @@ SUMMARY_KEYS = ("drift_detected", "severity", "method", "score", "threshold", "n
 
 def training_reference(repo: Path, name: str) -> Path:
     """The dataset the promoted version was trained on, from its metadata and train run."""
-    from transferkit.export import latest_version
     from transferkit.io import read_json
+    from transferkit.repository import latest_version
 
     model_dir = Path(repo) / name
     version = latest_version(model_dir)
@@ -81,7 +81,7 @@ def monitor_flow(
 ) -> dict[str, Any]:
     """Drift of MONITOR/<name>/images vs the training data; emits transferkit.drift.detected on drift."""
     from transferkit.config import Params
-    from transferkit.export import latest_version
+    from transferkit.repository import latest_version
 
     logger = get_run_logger()
     p = Params.model_validate(params or {})

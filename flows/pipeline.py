@@ -315,8 +315,8 @@ def check_data_task(dataset: str, data_md5: str | None) -> dict:
 def promote_task(repo: str, name: str, version: int, reason: str) -> dict:
     """Make VERSION live. `export` already promotes what it publishes; this task promotes only if it did not
     (an export that leaves `latest` alone), and never demotes a newer version that went live meanwhile."""
-    from transferkit.export import latest_version
     from transferkit.promote import promote, read_history
+    from transferkit.repository import latest_version
 
     model_dir = Path(repo) / name
     live = latest_version(model_dir)
@@ -365,8 +365,8 @@ def _resolve(params_file: str | None, overrides: dict | None):
 def _unchanged(repo: Path, name: str, target: str, params: dict) -> dict | None:
     """metadata.json of the live version if it was built from this target's content, these params, this code."""
     from transferkit.data import DataError, load_dataset
-    from transferkit.export import latest_version
     from transferkit.io import git_rev, read_json
+    from transferkit.repository import latest_version
 
     live = latest_version(repo / name)
     if live is None:
@@ -424,8 +424,8 @@ def retrain(
     from prefect.runtime import deployment, flow_run
 
     from transferkit.config import dump_params
-    from transferkit.export import sanitize_name
     from transferkit.io import write_json
+    from transferkit.repository import sanitize_name
 
     data = check_data_task(dataset, data_md5) if dataset else None
     md5 = data["md5"] if data else data_md5

@@ -19,21 +19,17 @@ import numpy as np
 import pytest
 
 from transferkit.config import dump_params, load_params
-from transferkit.export import (
+from transferkit.export import ExportError, execution_providers, onnx_accuracy, quantize_int8, run_export
+from transferkit.io import read_json, sha256_file, write_json
+from transferkit.repository import (
     INT8_FILE,
     REQUIRED_KEYS,
-    ExportError,
-    execution_providers,
     latest_version,
     list_versions,
     next_version,
-    onnx_accuracy,
-    quantize_int8,
     read_onnx_metadata,
-    run_export,
     sanitize_name,
 )
-from transferkit.io import read_json, sha256_file, write_json
 
 pytestmark = pytest.mark.slow
 
@@ -593,7 +589,7 @@ def test_leftovers_of_killed_exports_are_cleaned_by_the_next_one(exported, run_d
     import subprocess
     import sys
 
-    from transferkit.export import _hold
+    from transferkit.repository import hold
 
     repo = tmp_path / "repo"
     shutil.copytree(exported["_repo"], repo)
@@ -618,7 +614,7 @@ def test_leftovers_of_killed_exports_are_cleaned_by_the_next_one(exported, run_d
     (d / ".latest.abc123.tmp").write_text("3")
     live = d / ".export-live"
     live.mkdir()
-    fd = _hold(live)  # an export still running elsewhere
+    fd = hold(live)  # an export still running elsewhere
     try:
         run = _variant(run_dir, tmp_path, {"passed": True, "reasons": []})
         run_export(run, repo, params=_params(run, **{"export.opset": 17, "export.int8": False}), progress=False)

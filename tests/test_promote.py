@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import renumber_version
 
-from transferkit.export import latest_version
 from transferkit.io import read_json, write_json
 from transferkit.promote import HISTORY, PromoteError, promote, read_history, rollback
+from transferkit.repository import latest_version
 
 pytestmark = pytest.mark.slow  # the shared fixture exports two models
 
@@ -256,7 +256,7 @@ def test_model_names_are_never_paths(repo, tmp_path):
 
 @pytest.mark.parametrize("junk", ["1.5", "true", " 2", "2 ", "0", "-1", "1e0", "", "２"])
 def test_latest_is_parsed_strictly(repo, junk):
-    from transferkit.export import read_latest
+    from transferkit.repository import read_latest
 
     d = repo / "digits"
     (d / "latest").write_text(junk)

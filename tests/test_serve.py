@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.export import latest_version
 from transferkit.io import read_json, write_json
 from transferkit.promote import PromoteError, promote, read_history, rollback
+from transferkit.repository import latest_version
 
 pytestmark = pytest.mark.slow
 

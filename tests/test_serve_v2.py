@@ -126,7 +126,7 @@ def test_every_exported_triton_config_parses_with_tritons_model_config_proto(rep
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from transferkit.export import latest_version
+    from transferkit.repository import latest_version
 
     configs = sorted(repo.glob("*/config.pbtxt"))
     assert configs

@@ -44,121 +44,51 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from transferkit import repository
 from transferkit.config import ConfigError, Params, load_params
 from transferkit.io import atomic_write_text, git_rev, read_json, sha256_file, write_json
+from transferkit.promote import promote
+from transferkit.repository import (
+    INPUT_NAME,
+    INT8_FILE,
+    OUTPUT_NAME,
+    REFERENCE_FILE,
+    TRITON_CONFIG,
+    list_versions,
+    next_version,
+    open_staging,
+    publish,
+    repo_lock,
+    sanitize_name,
+    write_triton_config,
+)
 from transferkit.runtime import execution_providers, ort_session
+
+log = logging.getLogger("transferkit.export")
+
+# kept for serve.py until it moves to repository
+_NAME_RE = repository.NAME_RE
+check_model_name = repository.check_model_name
+read_latest = repository.read_latest
+read_onnx_metadata = repository.read_onnx_metadata
 
 
 class ExportError(ValueError):
     """An export that must not ship: failed gate, unloadable checkpoint, exporter or parity failure."""
 
 
-# Keys of the public contract (DESIGN.md); metadata.json always has them, extras may be added.
-REQUIRED_KEYS = (
-    "classes",
-    "input_size",
-    "mean",
-    "std",
-    "opset",
-    "sha256",
-    "parity",
-    "source_model",
-    "data_md5",
-    "git_rev",
-    "params",
-)
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter cannot emit anything older (see the module note)
 PARITY_BATCH = 32
 PARITY_SINGLES = 8  # images also compared one at a time (batch 1)
-REFERENCE_FILE = "reference.npz"  # test images + torch logits: servers replay them before a version serves
 REFERENCE_IMAGES = 4
-MODEL_FILES = ("model.onnx", "metadata.json", "model_card.md", "model.int8.onnx", REFERENCE_FILE)  # int8 optional
-INT8_FILE = "model.int8.onnx"
-TRITON_CONFIG = "config.pbtxt"
-_VERSION_RE = re.compile(r"[0-9]+")
-
-
-# --------------------------------------------------------------------------- repository helpers
-
-
-def sanitize_name(raw: str) -> str:
-    """A model name safe as a folder and URL part: lower case [a-z0-9_-], never empty."""
-    name = re.sub(r"[^a-z0-9_-]+", "_", str(raw).strip().lower()).strip("_-")
-    return name or "model"
-
-
-def list_versions(model_dir: Path) -> list[int]:
-    """Published versions of one model, ascending (hidden temp folders and `latest` are ignored)."""
-    if not Path(model_dir).is_dir():
-        return []
-    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and _VERSION_RE.fullmatch(p.name))
-
-
-def next_version(model_dir: Path) -> int:
-    return max(list_versions(model_dir), default=0) + 1
-
-
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
-_LATEST_RE = re.compile(rb"[0-9]{1,18}\n?")
-
-
-def check_model_name(name: str) -> str:
-    """A model name as export makes them ([a-z0-9_-], as sanitize_name), never a path; ValueError otherwise."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"model name {str(name)[:80]!r} is not a name: use 1-128 characters of a-z 0-9 _ - "
-            "(starting with a letter or digit), never a path"
-        )
-    return name
-
-
-def read_latest(model_dir: Path) -> int | None:
-    """The version REPO/<name>/latest points to (None: no pointer yet); ValueError if it holds anything but
-    a version number (`1.5`, `true`, ` 2`, ...: strictly ASCII digits and an optional newline)."""
-    p = Path(model_dir) / "latest"
-    try:
-        raw = p.read_bytes()[:64]
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-    if not _LATEST_RE.fullmatch(raw) or int(raw) < 1:
-        raise ValueError(f"{p}: holds {raw[:20]!r}, not a version number; promote a version to repair it")
-    return int(raw)
-
-
-def latest_version(model_dir: Path) -> int | None:
-    """The version REPO/<name>/latest points to, or None if no export has finished yet (or it is unreadable)."""
-    try:
-        return read_latest(model_dir)
-    except (ValueError, OSError):
-        return None
-
-
-@contextmanager
-def _repo_lock(model_dir: Path) -> Iterator[None]:
-    """Serialise the version-number-and-rename step of concurrent exports of one model name."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, the rename still refuses to overwrite a version
-        yield
-        return
-    with open(model_dir / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- reading the run
@@ -225,7 +155,7 @@ def export_onnx(model, example, path: Path, opset: int) -> dict[str, Any]:
             f"ONNX export failed with both exporters ({reason}; torchscript exporter: "
             f"{type(e).__name__}: {str(e)[:500]})"
         ) from e
-    logging.getLogger("transferkit.export").warning("exported with the TorchScript exporter: %s", reason)
+    log.warning("exported with the TorchScript exporter: %s", reason)
     return {"exporter": "torchscript", "fallback_reason": reason}
 
 
@@ -502,39 +432,42 @@ def quantize_int8(
     return info
 
 
-# --------------------------------------------------------------------------- Triton
-
-
-def triton_config(name: str, version: int, input_size: list[int], num_classes: int, ep) -> str:
-    """config.pbtxt for Triton's onnxruntime backend; dims exclude the batch dim (max_batch_size > 0)."""
-    c, h, w = (int(v) for v in input_size)
-    return f"""# Triton Inference Server config for REPO/{name}/<version>/model.onnx, written by `transferkit export`.
-# Rewritten with every export; version_policy pins the promoted version (REPO/{name}/latest).
-name: "{name}"
-backend: "onnxruntime"
-max_batch_size: {ep.triton_max_batch_size}
-input [
-  {{
-    name: "{INPUT_NAME}"
-    data_type: TYPE_FP32
-    dims: [ {c}, {h}, {w} ]
-  }}
-]
-output [
-  {{
-    name: "{OUTPUT_NAME}"
-    data_type: TYPE_FP32
-    dims: [ {num_classes} ]
-  }}
-]
-dynamic_batching {{
-  max_queue_delay_microseconds: {ep.triton_max_queue_delay_us}
-}}
-version_policy: {{ specific: {{ versions: [ {version} ] }} }}
-"""
-
-
 # --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Inputs:
+    """Everything export reads before it writes anything: the run, its gate, the model and its test images."""
+
+    run: Path
+    metrics: dict
+    params: Params
+    validation: dict | None
+    closed: str | None  # why the validation gate is closed (None: it passed)
+    force: bool
+    ckpt: Path
+    model: Any
+    fmeta: dict
+    cfg: dict
+    classes: list[str]
+    target: str
+    seed: int
+    train: list
+    test: list
+    transform: Any
+    example: Any  # batch 2 of test images: keeps N symbolic in the exported graph
+    warn: list[str]
+
+
+@dataclass
+class _Built:
+    """What the export, parity and int8 steps made in the staging folder."""
+
+    proto: Any  # the fp32 graph, metadata not yet embedded
+    opset: int
+    how: dict
+    parity: dict
+    int8: dict
 
 
 def run_export(
@@ -550,19 +483,76 @@ def run_export(
     parity tolerances. The test split is rebuilt with the run's own seed and fractions, so parity is
     measured on exactly the images the run was tested on.
     """
-    import torch
     from tqdm import tqdm
 
-    from transferkit import zoo
-    from transferkit.data import DataError, load_dataset
-    from transferkit.promote import promote  # promote imports this module: import here, not at the top
+    src = _read_inputs(Path(run), params, force)
+    name = sanitize_name(src.params.export.name or Path(src.target).name)
+    model_dir = Path(repo) / name
+    created = [p for p in (model_dir, *model_dir.parents) if not p.exists()]  # to remove on failure
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging, held, cleaned = open_staging(model_dir)
+    if cleaned:
+        log.warning("removed leftovers of killed exports in %s: %s", model_dir, ", ".join(cleaned))
+    steps = tqdm(total=4, desc="export", unit="step", disable=not progress)
+    try:
+        built = _build(src, staging, steps, progress)
+        steps.set_postfix_str("publish")
+        meta = _publish(src, built, staging, model_dir)
+        steps.update()
+    except BaseException:
+        _undo(staging, model_dir, created)
+        raise
+    finally:
+        steps.close()
+        if held is not None:
+            os.close(held)
+    return {**meta, "path": str(model_dir / str(meta["version"]))}
 
-    run, repo = Path(run), Path(repo)
+
+def _read_inputs(run: Path, params: Params | None, force: bool) -> _Inputs:
+    """Read and check the run, its gate, checkpoint and test split; nothing is written yet."""
+    import torch
+
+    from transferkit import zoo
+
     metrics, ckpt, run_params = _read_run(run)
     params = params or run_params or Params()
     validation, closed = _gate(run)
     if closed and not force:
         raise ExportError(f"refusing to export: {closed}. Fix the run, or export anyway with force=True (--force)")
+    model, fmeta, cfg, classes = _load_checkpoint(ckpt, metrics)
+    split = run_params or params
+    seed = int(metrics.get("seed", split.seed))
+    ds, test = _test_split(run, metrics, split, seed, classes, ckpt)
+    transform = zoo.eval_transform(cfg)
+    warn = []
+    if metrics.get("data_md5") and metrics["data_md5"] != ds.md5:
+        warn.append(f"target data changed since training (md5 {ds.md5} != {metrics['data_md5']}); parity ran on it")
+    return _Inputs(
+        run=run,
+        metrics=metrics,
+        params=params,
+        validation=validation,
+        closed=closed,
+        force=force,
+        ckpt=ckpt,
+        model=model,
+        fmeta=fmeta,
+        cfg=cfg,
+        classes=classes,
+        target=str(metrics["target"]),
+        seed=seed,
+        train=ds.splits.get("train") or [],
+        test=test,
+        transform=transform,
+        example=torch.stack([transform(_rgb(p)) for p, _ in test[:2]]),
+        warn=warn,
+    )
+
+
+def _load_checkpoint(ckpt: Path, metrics: dict) -> tuple[Any, dict, dict, list[str]]:
+    """(model in eval mode on CPU, file header, data config, class names), the names checked against its head."""
+    from transferkit import zoo
 
     try:
         loaded = zoo.create_model(f"file:{ckpt}")
@@ -571,7 +561,7 @@ def run_export(
     except Exception as e:  # safetensors/torch errors on damaged files
         raise ExportError(f"checkpoint {ckpt}: cannot load ({type(e).__name__}: {e})") from None
     model = loaded.model.eval().to("cpu")
-    fmeta, cfg = loaded.file_meta, loaded.data_config
+    fmeta = loaded.file_meta
     try:
         classes = json.loads(fmeta["classes"]) if fmeta.get("classes") else list(metrics.get("classes") or [])
     except ValueError:
@@ -579,17 +569,19 @@ def run_export(
     num_classes = int(getattr(model, "num_classes", len(classes)))
     if len(classes) != num_classes:
         raise ExportError(f"checkpoint {ckpt}: {len(classes)} class names for a {num_classes}-way head")
+    return model, fmeta, loaded.data_config, classes
 
-    split = run_params or params
+
+def _test_split(run: Path, metrics: dict, split: Params, seed: int, classes: list[str], ckpt: Path) -> tuple[Any, list]:
+    """(the run's target with its own seed and fractions, the test split it was tested on: >= 2 images)."""
+    from transferkit.data import DataError, load_dataset
+
     target = metrics.get("target")
     if not target:
         raise ExportError(f"{run / 'metrics.json'} lacks 'target' (the dataset folder parity runs on)")
     try:
         ds = load_dataset(
-            target,
-            seed=int(metrics.get("seed", split.seed)),
-            val_fraction=split.data.val_fraction,
-            test_fraction=split.data.test_fraction,
+            target, seed=seed, val_fraction=split.data.val_fraction, test_fraction=split.data.test_fraction
         )
     except DataError as e:
         raise ExportError(f"parity needs the run's real test images: {e}") from None
@@ -598,162 +590,104 @@ def run_export(
     test = ds.splits.get("test") or []
     if len(test) < 2:
         raise ExportError(f"target {target}: the test split has {len(test)} image(s); parity needs at least 2")
-    transform = zoo.eval_transform(cfg)
-    example = torch.stack([transform(_rgb(p)) for p, _ in test[:2]])  # batch 2: keeps N symbolic
-    warn = []
-    if metrics.get("data_md5") and metrics["data_md5"] != ds.md5:
-        warn.append(f"target data changed since training (md5 {ds.md5} != {metrics['data_md5']}); parity ran on it")
+    return ds, test
 
-    name = sanitize_name(params.export.name or Path(str(target)).name)
-    model_dir = repo / name
-    created = [p for p in (model_dir, *model_dir.parents) if not p.exists()]  # to remove on failure
-    model_dir.mkdir(parents=True, exist_ok=True)
-    with _repo_lock(model_dir):  # made and locked under the repository lock: a cleaner never sees it unlocked
-        cleaned = clean_stale(model_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
-        tmp_lock = _hold(tmp)
-    if cleaned:
-        logging.getLogger("transferkit.export").warning(
-            "removed leftovers of killed exports in %s: %s", model_dir, ", ".join(cleaned)
+
+def _build(src: _Inputs, staging: Path, steps, progress: bool) -> _Built:
+    """ONNX export, parity gate, int8: all inside STAGING/raw, the exporter's own folder (anything it writes
+    beside the file dies with it)."""
+    raw = staging / "raw"
+    raw.mkdir()
+    steps.set_postfix_str("onnx export")
+    how, proto, opset = _to_onnx(src, raw / "model.onnx")
+    steps.update()
+    steps.set_postfix_str("parity")
+    parity = _parity_gate(src, raw / "model.onnx", progress)
+    steps.update()
+    steps.set_postfix_str("int8")
+    int8 = quantize_int8(
+        raw / "model.onnx",
+        raw / INT8_FILE,
+        src.train,
+        src.test,
+        src.transform,
+        parity["onnx_test_accuracy"],
+        src.params.export,
+        seed=src.seed,
+    )
+    steps.update()
+    return _Built(proto=proto, opset=opset, how=how, parity=parity, int8=int8)
+
+
+def _to_onnx(src: _Inputs, path: Path) -> tuple[dict, Any, int]:
+    """(how it was exported, the loaded graph, its real opset), after the graph and full checker checks."""
+    import onnx
+
+    opset = src.params.export.opset
+    how = export_onnx(src.model, src.example, path, opset)
+    proto = onnx.load(str(path), load_external_data=True)
+    actual = _check_graph(proto, opset, len(src.classes))
+    onnx.checker.check_model(str(path), full_check=True)
+    return how, proto, actual
+
+
+def _parity_gate(src: _Inputs, path: Path, progress: bool) -> dict[str, Any]:
+    """parity_check on the test split; ExportError unless it is within export.parity_atol and agreement."""
+    parity = parity_check(src.model, path, src.test, src.transform, progress=progress)
+    atol, min_agree = src.params.export.parity_atol, src.params.export.min_top1_agreement
+    if not parity["max_abs_diff"] <= atol or parity["top1_agreement"] < min_agree:
+        raise ExportError(
+            f"ONNX parity failed on {parity['n_images']} test images of {src.target}: max abs logit diff "
+            f"{parity['max_abs_diff']:.3g} (allowed {atol:g}, largest |logit| {parity['max_abs_logit']:.3g}), "
+            f"top-1 agreement {parity['top1_agreement']:.4f} (required {min_agree:g}); nothing was published"
         )
-    steps = tqdm(total=4, desc="export", unit="step", disable=not progress)
-    try:
-        import onnx
-
-        steps.set_postfix_str("onnx export")
-        opset = params.export.opset
-        raw_dir = tmp / "raw"  # the exporter's own output; anything it writes beside the file dies with it
-        raw_dir.mkdir()
-        how = export_onnx(model, example, raw_dir / "model.onnx", opset)
-        proto = onnx.load(str(raw_dir / "model.onnx"), load_external_data=True)
-        actual_opset = _check_graph(proto, opset, num_classes)
-        onnx.checker.check_model(str(raw_dir / "model.onnx"), full_check=True)
-        steps.update()
-
-        steps.set_postfix_str("parity")
-        parity = parity_check(model, raw_dir / "model.onnx", test, transform, progress=progress)
-        atol, min_agree = params.export.parity_atol, params.export.min_top1_agreement
-        if not parity["max_abs_diff"] <= atol or parity["top1_agreement"] < min_agree:
-            raise ExportError(
-                f"ONNX parity failed on {parity['n_images']} test images of {target}: max abs logit diff "
-                f"{parity['max_abs_diff']:.3g} (allowed {atol:g}, largest |logit| {parity['max_abs_logit']:.3g}), "
-                f"top-1 agreement {parity['top1_agreement']:.4f} (required {min_agree:g}); nothing was published"
-            )
-        steps.update()
-
-        steps.set_postfix_str("int8")
-        int8 = quantize_int8(
-            raw_dir / "model.onnx",
-            raw_dir / INT8_FILE,
-            ds.splits.get("train") or [],
-            test,
-            transform,
-            parity["onnx_test_accuracy"],
-            params.export,
-            seed=int(metrics.get("seed", split.seed)),
-        )
-        steps.update()
-
-        steps.set_postfix_str("publish")
-        with _repo_lock(model_dir):
-            version = next_version(model_dir)
-            meta = _metadata(
-                name=name,
-                version=version,
-                run=run,
-                metrics=metrics,
-                fmeta=fmeta,
-                cfg=cfg,
-                classes=classes,
-                opset=actual_opset,
-                parity=parity,
-                params=params,
-                how=how,
-                force=force,
-                closed=closed,
-                validation=validation,
-                warn=warn,
-                atol=atol,
-                min_agree=min_agree,
-                int8=int8,
-            )
-            onnx_path = tmp / "model.onnx"
-            _embed_metadata(proto, meta)
-            onnx.save_model(proto, str(onnx_path), save_as_external_data=False)
-            if int8["kept"]:
-                proto8 = onnx.load(str(raw_dir / INT8_FILE))
-                _embed_metadata(proto8, {**meta, "precision": "int8"})
-                onnx.save_model(proto8, str(tmp / INT8_FILE), save_as_external_data=False)
-                onnx.checker.check_model(str(tmp / INT8_FILE))
-            shutil.rmtree(raw_dir)
-            onnx.checker.check_model(str(onnx_path), full_check=True)
-            meta["sha256"] = sha256_file(onnx_path)
-            if int8["kept"]:
-                meta["int8"]["sha256"] = sha256_file(tmp / INT8_FILE)
-            meta["reference"] = write_reference(model, test, transform, tmp / REFERENCE_FILE)
-            write_json(tmp / "metadata.json", meta)
-            atomic_write_text(tmp / "model_card.md", model_card(meta, metrics, validation))
-            leftovers = sorted(p.name for p in tmp.iterdir() if p.name not in MODEL_FILES)
-            if leftovers:
-                raise ExportError(f"unexpected files beside model.onnx: {leftovers}")
-            final = model_dir / str(version)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-            os.rename(tmp, final)
-            atomic_write_text(
-                model_dir / TRITON_CONFIG, triton_config(name, version, meta["input_size"], num_classes, params.export)
-            )
-            # the promotion: last, after everything (we already hold the repository lock)
-            promote(model_dir.parent, name, version, reason=f"export of {run}", lock=False)
-        steps.update()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not list_versions(model_dir):
-            with suppress(OSError):
-                (model_dir / ".lock").unlink()
-        for p in created:  # deepest first; only folders this call made, and only if empty
-            with suppress(OSError):
-                p.rmdir()
-        raise
-    finally:
-        steps.close()
-        if tmp_lock is not None:
-            os.close(tmp_lock)
-    return {**meta, "path": str(final)}
+    return parity
 
 
-def _hold(folder: Path) -> int | None:
-    """A shared flock on an export's temp folder for as long as the export runs (the OS drops it when the
-    process dies, however it dies): what tells clean_stale a live export from a killed one."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    fd = os.open(folder, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
+def _publish(src: _Inputs, built: _Built, staging: Path, model_dir: Path) -> dict[str, Any]:
+    """Number, write, rename and promote the version, all under the repository lock; returns its metadata."""
+    with repo_lock(model_dir):
+        version = next_version(model_dir)
+        meta = _metadata(src, built, model_dir.name, version)
+        _write_version(src, built, meta, staging)
+        publish(staging, model_dir, version)
+        write_triton_config(model_dir, version, meta, create=True)
+        # the promotion: last, after everything (we already hold the repository lock)
+        promote(model_dir.parent, model_dir.name, version, reason=f"export of {src.run}", lock=False)
+    return meta
 
 
-def clean_stale(model_dir: Path) -> list[str]:
-    """Remove what killed exports left in REPO/<name>/: `.export-*` folders no live export holds, and the
-    `.*.tmp` files of atomic writes (only ever made under the repository lock, which the caller holds)."""
-    import fcntl
+def _write_version(src: _Inputs, built: _Built, meta: dict, staging: Path) -> None:
+    """The version's files in STAGING, metadata embedded and each artifact's sha256 in metadata.json."""
+    import onnx
 
-    removed = []
-    for p in sorted(Path(model_dir).iterdir()):
-        if p.name.startswith(".export-") and p.is_dir() and not p.is_symlink():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: its export is gone
-            except BlockingIOError:
-                continue
-            finally:
-                os.close(fd)
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-        elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p.name)
-    return removed
+    raw, onnx_path = staging / "raw", staging / "model.onnx"
+    _embed_metadata(built.proto, meta)
+    onnx.save_model(built.proto, str(onnx_path), save_as_external_data=False)
+    if built.int8["kept"]:
+        proto8 = onnx.load(str(raw / INT8_FILE))
+        _embed_metadata(proto8, {**meta, "precision": "int8"})
+        onnx.save_model(proto8, str(staging / INT8_FILE), save_as_external_data=False)
+        onnx.checker.check_model(str(staging / INT8_FILE))
+    shutil.rmtree(raw)
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    meta["sha256"] = sha256_file(onnx_path)
+    if built.int8["kept"]:
+        meta["int8"]["sha256"] = sha256_file(staging / INT8_FILE)
+    meta["reference"] = write_reference(src.model, src.test, src.transform, staging / REFERENCE_FILE)
+    write_json(staging / "metadata.json", meta)
+    atomic_write_text(staging / "model_card.md", model_card(meta, src.metrics, src.validation))
+
+
+def _undo(staging: Path, model_dir: Path, created: list[Path]) -> None:
+    """A failed export leaves the repository as it was: its staging folder and any folder it made go."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if created and not list_versions(model_dir):
+        with suppress(OSError):
+            (model_dir / ".lock").unlink()
+    for p in created:  # deepest first; only folders this call made, and only if empty
+        with suppress(OSError):
+            p.rmdir()
 
 
 def _rgb(path):
@@ -779,61 +713,50 @@ def write_reference(model, samples: list, transform, path: Path) -> dict[str, An
     return {"file": REFERENCE_FILE, "n": len(imgs), "sha256": sha256_file(path)}
 
 
-def _metadata(
-    *,
-    name,
-    version,
-    run,
-    metrics,
-    fmeta,
-    cfg,
-    classes,
-    opset,
-    parity,
-    params,
-    how,
-    force,
-    closed,
-    validation,
-    warn,
-    atol,
-    min_agree,
-    int8,
-) -> dict[str, Any]:
+def _metadata(src: _Inputs, built: _Built, name: str, version: int) -> dict[str, Any]:
+    """metadata.json: the contract keys (REQUIRED_KEYS) first, then the extras a reader and a server use."""
+    return {**_contract(src, built), **_extras(src, built, name, version)}
+
+
+def _contract(src: _Inputs, built: _Built) -> dict[str, Any]:
+    cfg, parity, ep = src.cfg, built.parity, src.params.export
+    return {
+        "classes": src.classes,
+        "input_size": [int(v) for v in cfg["input_size"]],
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "opset": int(built.opset),
+        "sha256": None,  # of model.onnx, filled in once the file is final
+        "parity": {
+            **{
+                k: parity[k]
+                for k in ("max_abs_diff", "top1_agreement", "n_images", "batch_sizes", "n_compared", "max_abs_logit")
+            },
+            "atol": ep.parity_atol,
+            "min_top1_agreement": ep.min_top1_agreement,
+        },
+        "source_model": src.fmeta.get("source_model") or src.metrics.get("model"),
+        "data_md5": src.metrics.get("data_md5"),
+        "git_rev": git_rev(Path(__file__).resolve().parent),
+        "params": src.params.model_dump(mode="json"),
+    }
+
+
+def _extras(src: _Inputs, built: _Built, name: str, version: int) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import torch
 
-    baseline = (validation or {}).get("baseline") if isinstance(validation, dict) else None
+    cfg, metrics, parity, validation = src.cfg, src.metrics, built.parity, src.validation
+    side = (int(cfg["input_size"][1]), int(cfg["input_size"][2]))
+    baseline = (validation or {}).get("baseline")
     return {
-        # the contract (DESIGN.md)
-        "classes": classes,
-        "input_size": [int(v) for v in cfg["input_size"]],
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
-        "opset": int(opset),
-        "sha256": None,  # of model.onnx, filled in once the file is final
-        "parity": {
-            "max_abs_diff": parity["max_abs_diff"],
-            "top1_agreement": parity["top1_agreement"],
-            "n_images": parity["n_images"],
-            "batch_sizes": parity["batch_sizes"],
-            "n_compared": parity["n_compared"],
-            "max_abs_logit": parity["max_abs_logit"],
-            "atol": atol,
-            "min_top1_agreement": min_agree,
-        },
-        "source_model": fmeta.get("source_model") or metrics.get("model"),
-        "data_md5": metrics.get("data_md5"),
-        "git_rev": git_rev(Path(__file__).resolve().parent),
-        "params": params.model_dump(mode="json"),
-        # extras
         "name": name,
         "version": version,
         "interpolation": cfg.get("interpolation"),
         "preprocess": {  # what zoo.eval_transform does; serving must do the same
-            "resize_shorter_side": int(cfg["input_size"][1]),
-            "center_crop": [int(cfg["input_size"][1]), int(cfg["input_size"][2])],
+            "resize_shorter_side": side[0],
+            "center_crop": list(side),
             "interpolation": cfg.get("interpolation"),
             "scale": "pixel / 255",
             "normalize": "(x - mean) / std",
@@ -841,25 +764,25 @@ def _metadata(
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "layout": "NCHW float32 RGB, pixel/255 then (x - mean) / std; batch dim dynamic",
-        "exporter": how["exporter"],
-        "fallback_reason": how["fallback_reason"],
+        "exporter": built.how["exporter"],
+        "fallback_reason": built.how["fallback_reason"],
         "provider": parity["provider"],  # the one that actually ran the parity check
         "providers": [p if isinstance(p, str) else p[0] for p in execution_providers()],  # requested, in order
-        "int8": int8,
+        "int8": built.int8,
         "triton": {
             "config": f"../{TRITON_CONFIG}",
             "backend": "onnxruntime",
-            "max_batch_size": params.export.triton_max_batch_size,
+            "max_batch_size": src.params.export.triton_max_batch_size,
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "forced": bool(force and closed),
+        "forced": bool(src.force and src.closed),
         "validation": {
-            "passed": (validation or {}).get("passed") if isinstance(validation, dict) else None,
-            "reasons": (validation or {}).get("reasons", []) if isinstance(validation, dict) else [],
-            "gate": closed or "passed",
+            "passed": (validation or {}).get("passed"),
+            "reasons": (validation or {}).get("reasons", []),
+            "gate": src.closed or "passed",
         },
-        "source_sha256": fmeta.get("source_sha256") or None,
-        "strategy": fmeta.get("strategy") or metrics.get("strategy"),
+        "source_sha256": src.fmeta.get("source_sha256") or None,
+        "strategy": src.fmeta.get("strategy") or metrics.get("strategy"),
         "strategy_reason": metrics.get("strategy_reason"),
         "shift": metrics.get("shift"),  # train's record of drift.json (None: not measured)
         "test_accuracy": metrics.get("test_accuracy"),
@@ -867,9 +790,9 @@ def _metadata(
         "torch_test_accuracy": parity["torch_test_accuracy"],
         "baseline": baseline if isinstance(baseline, dict) else None,
         "transfer": _transfer_record(validation),
-        "run": str(run),
-        "checkpoint_sha256": sha256_file(run / "model.safetensors"),
-        "warnings": warn,
+        "run": str(src.run),
+        "checkpoint_sha256": sha256_file(src.ckpt),
+        "warnings": src.warn,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
 
@@ -888,20 +811,6 @@ def _embed_metadata(proto, meta: dict) -> None:
         proto.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
     proto.model_version = int(meta["version"])
     proto.doc_string = f"transferkit {meta['name']} v{meta['version']}: {len(meta['classes'])}-class image classifier"
-
-
-def read_onnx_metadata(path: Path) -> dict[str, Any]:
-    """metadata_props of an exported file, JSON values decoded (the inverse of the export)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    out: dict[str, Any] = {}
-    for p in proto.metadata_props:
-        try:
-            out[p.key] = json.loads(p.value)
-        except ValueError:
-            out[p.key] = p.value
-    return out
 
 
 # --------------------------------------------------------------------------- model card
