@@ -109,7 +109,9 @@ def pretrain_source(src: Path) -> dict:
 
 
 def _slug(spec: str) -> str:
-    return spec.replace(":", "_").replace("/", "_")
+    from transferkit.repository import sanitize_name
+
+    return sanitize_name(spec, lower=False, default="source")
 
 
 def measure(target: str, folder: Path, spec: str) -> dict:

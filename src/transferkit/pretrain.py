@@ -14,7 +14,6 @@ architecture, init weights, dataset path + md5 + classes, accuracies, train/data
 from __future__ import annotations
 
 import datetime as _dt
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +24,9 @@ from transferkit.config import Params
 def default_name(model: str, data: Path) -> str:
     """`<arch>-<dataset folder>`, e.g. mobilenetv2_100-mnist (scratch inits get a `-scratch` suffix)."""
     arch = model.split(":", 1)[1] if model.startswith("scratch:") else model
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data).resolve().name).strip("-._") or "data"
+    from transferkit.repository import sanitize_name
+
+    stem = sanitize_name(Path(data).resolve().name, lower=False, sep="-", default="data")
     return f"{arch}-{stem}" + ("-scratch" if model.startswith("scratch:") else "")
 
 

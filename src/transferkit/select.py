@@ -289,6 +289,7 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
     loss at the best epoch, then to the better score. Test accuracy is never used to choose.
     """
     from transferkit.data import load_dataset
+    from transferkit.repository import sanitize_name
     from transferkit.train import choose_strategy, run_train
 
     t0 = time.perf_counter()
@@ -305,7 +306,7 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
         p.train.min_epochs = min(p.train.min_epochs, p.train.epochs)
     runs = []
     for order, spec in enumerate(top):
-        folder = Path(out) / "confirm" / _slug(spec)
+        folder = Path(out) / "confirm" / sanitize_name(spec, lower=False, default="source")
         m = run_train(Path(target), folder, p, spec, strategy=strategy, progress=progress)
         best = m["history"][m["best_epoch"] - 1] if m["history"] and m["best_epoch"] else {}
         runs.append(
@@ -336,12 +337,6 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
             "seconds": round(time.perf_counter() - t0, 2),
         },
     }
-
-
-def _slug(spec: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")
 
 
 def finish(
