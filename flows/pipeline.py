@@ -315,8 +315,8 @@ def check_data_task(dataset: str, data_md5: str | None) -> dict:
 def promote_task(repo: str, name: str, version: int, reason: str) -> dict:
     """Make VERSION live. `export` already promotes what it publishes; this task promotes only if it did not
     (an export that leaves `latest` alone), and never demotes a newer version that went live meanwhile."""
-    from transferkit.promote import promote, read_history
-    from transferkit.repository import latest_version
+    from transferkit.promote import promote
+    from transferkit.repository import latest_version, read_history
 
     model_dir = Path(repo) / name
     live = latest_version(model_dir)

@@ -339,9 +339,36 @@ def quantize_int8(
     """
     import time
 
-    from transferkit.data import subsample
+    info = _int8_record(fp32_accuracy, ep)
+    if not ep.int8:
+        info["reason"] = "disabled (export.int8 = false)"
+        return info
+    t0 = time.perf_counter()
+    work = out_path.parent / "int8-work"
+    try:
+        if not calibration:
+            raise ExportError("the target has no training images to calibrate on")
+        if fp32_accuracy is None:
+            raise ExportError("no fp32 test accuracy to compare with")
+        work.mkdir()
+        int8_path = _quantize_static(fp32_path, work, calibration, transform, ep, seed, info)
+        acc, provider = onnx_accuracy(int8_path, test, transform, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        info["reason"] = f"quantization failed, fp32 only: {type(e).__name__}: {str(e)[:300]}"
+        return info
+    finally:
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        if info["reason"] is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    if _int8_verdict(info, acc, provider, ep):
+        os.replace(int8_path, out_path)
+    shutil.rmtree(work, ignore_errors=True)
+    return info
 
-    info: dict[str, Any] = {
+
+def _int8_record(fp32_accuracy: float | None, ep) -> dict[str, Any]:
+    """The metadata "int8" object before quantization: how it is made, nothing decided yet."""
+    return {
         "kept": False,
         "test_accuracy": None,
         "fp32_test_accuracy": fp32_accuracy,
@@ -361,75 +388,64 @@ def quantize_int8(
         "provider": None,
         "seconds": None,
     }
-    if not ep.int8:
-        info["reason"] = "disabled (export.int8 = false)"
-        return info
-    t0 = time.perf_counter()
-    work = out_path.parent / "int8-work"
-    try:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        if not calibration:
-            raise ExportError("the target has no training images to calibrate on")
-        if fp32_accuracy is None:
-            raise ExportError("no fp32 test accuracy to compare with")
-        work.mkdir()
-        calib = subsample(calibration, ep.int8_calibration_images, seed)
-        info["calibration_images"] = len(calib)
-        src = work / "pre.onnx"
-        try:  # shape inference + graph optimisation: what ORT asks for before quantize_static
-            quant_pre_process(str(fp32_path), str(src))
-        except Exception as e:
-            info["preprocess_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            src = fp32_path
-        act = QuantType.QUInt8 if ep.int8_activation == "uint8" else QuantType.QInt8
-        keep = high_resolution_convs(src, ep.int8_fp32_resolution)
-        info["fp32_nodes"] = keep
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_static(
-                str(src),
-                str(work / INT8_FILE),
-                _CalibrationReader(calib, transform),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=act,
-                weight_type=QuantType.QInt8,
-                reduce_range=ep.int8_reduce_range,  # without it: 85% -> 62% on mobilenetv2 (AVX2, no VNNI)
-                nodes_to_exclude=keep,
-                # MinMax: Percentile and Entropy were no better here (bench notes), and their histogram
-                # collection fails on a short last batch in onnxruntime 1.31
-                calibrate_method=CalibrationMethod.MinMax,
-            )
-        import onnx
 
-        onnx.checker.check_model(str(work / INT8_FILE), full_check=True)
-        acc, provider = onnx_accuracy(work / INT8_FILE, test, transform, providers=["CPUExecutionProvider"])
+def _quantize_static(fp32_path: Path, work: Path, calibration: list, transform, ep, seed: int, info: dict) -> Path:
+    """WORK/model.int8.onnx: pre-processed, the high-resolution Convs kept float32, checked; records in INFO."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from transferkit.data import subsample
+
+    calib = subsample(calibration, ep.int8_calibration_images, seed)
+    info["calibration_images"] = len(calib)
+    src = work / "pre.onnx"
+    try:  # shape inference + graph optimisation: what ORT asks for before quantize_static
+        quant_pre_process(str(fp32_path), str(src))
     except Exception as e:
-        info["reason"] = f"quantization failed, fp32 only: {type(e).__name__}: {str(e)[:300]}"
-        return info
-    finally:
-        info["seconds"] = round(time.perf_counter() - t0, 2)
-        if info["reason"] is not None:
-            shutil.rmtree(work, ignore_errors=True)
-    drop = fp32_accuracy - acc
+        info["preprocess_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        src = fp32_path
+    keep = high_resolution_convs(src, ep.int8_fp32_resolution)
+    info["fp32_nodes"] = keep
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(
+            str(src),
+            str(work / INT8_FILE),
+            _CalibrationReader(calib, transform),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8 if ep.int8_activation == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            reduce_range=ep.int8_reduce_range,  # without it: 85% -> 62% on mobilenetv2 (AVX2, no VNNI)
+            nodes_to_exclude=keep,
+            # MinMax: Percentile and Entropy were no better here (bench notes), and their histogram
+            # collection fails on a short last batch in onnxruntime 1.31
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    onnx.checker.check_model(str(work / INT8_FILE), full_check=True)
+    return work / INT8_FILE
+
+
+def _int8_verdict(info: dict, acc: float, provider: str, ep) -> bool:
+    """Keep int8 only within export.int8_max_drop of fp32's test accuracy; records why in INFO."""
+    fp32 = info["fp32_test_accuracy"]
+    drop = fp32 - acc
     info.update(test_accuracy=acc, drop=drop, provider=provider)
     # 1e-9: accuracies are ratios of counts; an exact 1-point drop must count as within 1 point
-    if drop <= ep.int8_max_drop + 1e-9:
-        info["kept"] = True
+    info["kept"] = drop <= ep.int8_max_drop + 1e-9
+    if info["kept"]:
         info["reason"] = (
-            f"kept: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32_accuracy:.1f}% "
+            f"kept: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32:.1f}% "
             f"({100 * drop:+.2f} points lost, allowed {100 * ep.int8_max_drop:g})"
         )
-        os.replace(work / INT8_FILE, out_path)
     else:
         info["reason"] = (
-            f"dropped: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32_accuracy:.1f}% "
+            f"dropped: int8 test accuracy {100 * acc:.1f}% vs fp32 {100 * fp32:.1f}% "
             f"loses {100 * drop:.2f} points (allowed {100 * ep.int8_max_drop:g})"
         )
-    shutil.rmtree(work, ignore_errors=True)
-    return info
+    return info["kept"]
 
 
 # --------------------------------------------------------------------------- the stage
@@ -894,21 +910,13 @@ def _shift_line(shift: dict | None) -> str:
 
 
 def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
-    baseline = meta.get("baseline") or {}
-    base_acc = baseline.get("test_accuracy")
-    test_acc = meta.get("test_accuracy")
-    if isinstance(base_acc, (int, float)) and isinstance(test_acc, (int, float)):
-        what = baseline.get("description") or baseline.get("strategy", "baseline")
-        vs = (
-            f"{_pct(test_acc)} vs {_pct(base_acc)} for the best no-transfer baseline ({what}; "
-            f"{100 * (test_acc - base_acc):+.1f} points)"
-        )
-    else:
-        vs = f"{_pct(test_acc)} (no baseline recorded in validation.json)"
-    p = meta["parity"]
+    """model_card.md: the model, its data and metrics, parity, int8, limitations and provenance."""
+    return "\n".join([*_card_model(meta), *_card_data(meta, metrics), *_card_checks(meta), *_card_provenance(meta)])
+
+
+def _card_model(meta: dict) -> list[str]:
     h, w = meta["input_size"][1], meta["input_size"][2]
-    gate = "passed" if not meta["forced"] else f"**forced past a closed gate**: {meta['validation']['gate']}"
-    lines = [
+    return [
         f"# {meta['name']} v{meta['version']}",
         "",
         f"An image classifier for {len(meta['classes'])} classes, adapted by transfer learning from "
@@ -924,6 +932,12 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
         f"square images); scale to 0..1; (x - mean) / std with mean {meta['mean']} and std {meta['std']}.",
         f"- Output `{meta['output_name']}`: float32 [N, {len(meta['classes'])}] logits (softmax for probabilities).",
         "",
+    ]
+
+
+def _card_data(meta: dict, metrics: dict) -> list[str]:
+    gate = "passed" if not meta["forced"] else f"**forced past a closed gate**: {meta['validation']['gate']}"
+    return [
         "## Data",
         f"- Target data: `{metrics.get('target')}`, md5 `{meta['data_md5']}`; "
         f"{metrics.get('n_train')} train / {metrics.get('n_val')} val / {metrics.get('n_test')} test images, "
@@ -932,12 +946,31 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
         f"- Validation gate: {gate}",
         "",
         "## Metrics",
-        f"- Test accuracy (torch, from training): {vs}",
-        f"- Test accuracy of this ONNX file: {_pct(meta.get('onnx_test_accuracy'))} on {p['n_images']} test images",
+        f"- Test accuracy (torch, from training): {_vs_baseline(meta)}",
+        f"- Test accuracy of this ONNX file: {_pct(meta.get('onnx_test_accuracy'))} on "
+        f"{meta['parity']['n_images']} test images",
         f"- Train / validation accuracy: {_pct(metrics.get('train_accuracy'))} / {_pct(metrics.get('val_accuracy'))}"
         f" (best epoch {metrics.get('best_epoch')} of {metrics.get('epochs')})",
         *_transfer_lines(meta.get("transfer")),
         "",
+    ]
+
+
+def _vs_baseline(meta: dict) -> str:
+    baseline = meta.get("baseline") or {}
+    base_acc, test_acc = baseline.get("test_accuracy"), meta.get("test_accuracy")
+    if not (isinstance(base_acc, (int, float)) and isinstance(test_acc, (int, float))):
+        return f"{_pct(test_acc)} (no baseline recorded in validation.json)"
+    what = baseline.get("description") or baseline.get("strategy", "baseline")
+    return (
+        f"{_pct(test_acc)} vs {_pct(base_acc)} for the best no-transfer baseline ({what}; "
+        f"{100 * (test_acc - base_acc):+.1f} points)"
+    )
+
+
+def _card_checks(meta: dict) -> list[str]:
+    p, int8 = meta["parity"], meta["int8"]
+    lines = [
         "## Parity (onnxruntime vs torch)",
         f"- Max abs logit difference {p['max_abs_diff']:.3g} (allowed {p['atol']:g}), top-1 agreement "
         f"{p['top1_agreement']:.4f} (required {p['min_top1_agreement']:g})",
@@ -945,8 +978,7 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
         f"execution provider `{meta['provider']}`",
         "",
         "## int8",
-        f"- {meta['int8']['reason']}"
-        + (f"; file `{INT8_FILE}` sha256 `{meta['int8']['sha256']}`" if meta["int8"]["kept"] else ""),
+        f"- {int8['reason']}" + (f"; file `{INT8_FILE}` sha256 `{int8['sha256']}`" if int8["kept"] else ""),
         "",
         "## Limitations",
         "- Trained on a small target set: expect lower accuracy on images unlike it (other sensors, "
@@ -958,7 +990,11 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
     ]
     if meta.get("warnings"):
         lines += ["", "## Warnings", *[f"- {w}" for w in meta["warnings"]]]
-    lines += [
+    return lines
+
+
+def _card_provenance(meta: dict) -> list[str]:
+    return [
         "",
         "## Provenance",
         f"- Run: `{meta['run']}`, checkpoint sha256 `{meta['checkpoint_sha256']}`",
@@ -968,4 +1004,3 @@ def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
         f"onnxruntime {meta['versions']['onnxruntime']}",
         "",
     ]
-    return "\n".join(lines)
