@@ -1,0 +1,591 @@
+"""transferkit against its peers and the no-transfer baselines, on the same splits, in one run (issue 19).
+
+    .venv/bin/python bench/peers.py                                   # every target, method, seeds 0,1,2
+    .venv/bin/python bench/peers.py --targets digits10,clipart10 --methods timm-loop,fastai,pixels,small-cnn
+    .venv/bin/python bench/peers.py --methods transferkit-run,transferkit-auto --remeasure   # after a product change
+    .venv/bin/python bench/peers.py --quick                           # smoke run: 1 seed, 2 epochs, own JSON
+    .venv/bin/python bench/peers.py --report                          # only rewrite the tables from the JSON
+    (fastai: `pip install -e ".[bench]"`, keeping torch/torchvision as they are)
+
+Targets: folders written by `transferkit data builtin` (the same splits as bench/transfer.py and
+bench/baselines.py; clipart10 as `make data` writes it):
+  digits10    sklearn digits 32 px, 10 train / 20 val / 140 test per class (100 / 200 / 1,400)
+  fashion10   Fashion-MNIST 32 px, 10 / 20 / 100 per class (100 / 200 / 1,000)
+  fashion100  Fashion-MNIST 32 px, 100 / 20 / 100 per class (1,000 / 200 / 1,000)
+  clipart10   openclipart 64 px colour, 10 / 10 / 30 per class (100 / 100 / 300)
+Methods (MobileNetV2 ImageNet weights from the zoo's packaged file for every transfer method):
+  transferkit-run   `transferkit run --target DIR` through the CLI, from an empty folder (no params.yaml:
+                    the built-in defaults a user outside the repository gets); test accuracy of the trained
+                    model whether or not the gate exported it (`exported` says which)
+  transferkit-auto  `transferkit train --model mobilenetv2_100 --strategy auto`, same conditions
+  timm-loop         the bare ~30-line timm full fine-tune: 96 px, AdamW 1e-3, wd 0.05, label smoothing 0.1,
+                    batch 32, constant LR, 20 epochs, no augmentation, the last epoch tested (val unused)
+  fastai            fastai `vision_learner(dls, "mobilenetv2_100")` + `fine_tune(20)`, its default recipe
+                    (batch 64, no augmentation, Resize(96)), the packaged weights loaded into its timm body
+  pixels            raw-pixel logistic regression / kNN / RBF SVM (transferkit.baselines; deterministic:
+                    one run per target, shown with every seed)
+  small-cnn         the small CNN from scratch (transferkit.baselines), per seed
+Every cell runs in its own process (CLI or `bench/peers.py --cell`); wall time is that process's, start-up
+and imports included, on this machine's cores (`machine` in the JSON). Cells are cached in the JSON by
+(target, method, seed), with the git revision they ran at: a killed run resumes, and `--remeasure` re-runs
+only the methods named. Writes bench/results/peers.json and bench/results/peers.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, this folder heads sys.path and its select.py would shadow the stdlib's select (which
+# subprocess imports): subprocess is imported in the functions, after this line.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / ".work" / "peers"
+RESULTS = ROOT / "bench" / "results"
+
+# (builtin, `data builtin` options): the first three are bench/transfer.py's TARGETS at 32 px
+TARGETS = {
+    "digits10": ("digits", dict(per_class=170, train_per_class=10, val_per_class=20, size=32)),
+    "fashion10": ("fashion-mnist", dict(per_class=130, train_per_class=10, val_per_class=20, size=32)),
+    "fashion100": ("fashion-mnist", dict(per_class=220, train_per_class=100, val_per_class=20, size=32)),
+    "clipart10": ("clipart", dict(per_class=50, train_per_class=10, val_per_class=10, size=64)),
+}
+TRANSFERKIT = ("transferkit-run", "transferkit-auto")
+PEERS = ("timm-loop", "fastai")
+NO_TRANSFER = ("pixels", "small-cnn")
+METHODS = (*TRANSFERKIT, *PEERS, *NO_TRANSFER)
+PIXEL_NAMES = ("pixels-logreg", "pixels-knn", "pixels-svm")
+MODEL = "mobilenetv2_100"
+SIZE = 96  # the peers' input side (transferkit chooses its own)
+EPOCHS = 20
+GOALS = {"digits10": 0.95, "fashion10": 0.75, "fashion100": 0.85}  # the issue's; clipart10: best peer + 3
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("DO_NOT_TRACK", "1")
+    # one Prefect database for the bench (its migrations run once), away from the user's and other runs'
+    env["PREFECT_HOME"] = str(WORK / "prefect")
+    return env
+
+
+def dataset(name: str) -> Path:
+    """The target folder, written once by the CLI as a user would (`transferkit data builtin ...`)."""
+    import subprocess
+
+    builtin, kw = TARGETS[name]
+    out = WORK / "data" / name
+    if not (out / "test").is_dir():
+        tmp = out.with_name(name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [str(Path(sys.executable).with_name("transferkit")), "data", "builtin", builtin, "--out", str(tmp), "-q"]
+        for k, v in kw.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        subprocess.run(cmd, check=True, env=_env(), cwd=WORK)
+        tmp.rename(out)
+    return out
+
+
+# --------------------------------------------------------------------------- cells (one process each)
+
+
+def _threads() -> None:
+    from transferkit.embed import torch_threads
+
+    torch_threads()  # the cores transferkit itself uses
+
+
+def _epochs(quick: bool) -> int:
+    return 2 if quick else EPOCHS
+
+
+def cell_timm_loop(data: Path, seed: int, quick: bool) -> dict:
+    """What a user writes in 30 lines: timm model + packaged weights, plain AdamW loop, no tricks."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    from transferkit.zoo import create_model
+
+    _threads()
+    torch.manual_seed(seed)
+    train = ImageFolder(data / "train")
+    lm = create_model(MODEL, num_classes=len(train.classes), seed=seed)
+    model, cfg = lm.model, lm.data_config
+    tf = transforms.Compose(
+        [
+            transforms.Resize((SIZE, SIZE)),
+            transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.ToTensor(),
+            transforms.Normalize(cfg["mean"], cfg["std"]),
+        ]
+    )
+    train.transform = tf
+    loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    for _ in range(_epochs(quick)):
+        model.train()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def accuracy(split: str) -> float:
+        ds = ImageFolder(data / split, tf)
+        model.eval()
+        right = 0
+        with torch.inference_mode():
+            for x, y in torch.utils.data.DataLoader(ds, batch_size=128):
+                right += int((model(x).argmax(1) == y).sum())
+        return right / len(ds)
+
+    return {"val_accuracy": accuracy("val"), "test_accuracy": accuracy("test"), "image_size": SIZE}
+
+
+def cell_fastai(data: Path, seed: int, quick: bool) -> dict:
+    """fastai's documented recipe, defaults kept; pretrained=False builds the timm body offline, then the
+    packaged ImageNet weights go into it (strict) and ImageNet normalisation is added as pretrained=True would."""
+    from fastai.vision.all import (
+        ImageDataLoaders,
+        Normalize,
+        Resize,
+        accuracy,
+        get_image_files,
+        imagenet_stats,
+        set_seed,
+        vision_learner,
+    )
+
+    from transferkit.zoo import create_model
+
+    _threads()
+    set_seed(seed, reproducible=True)
+    dls = ImageDataLoaders.from_folder(
+        data,
+        train="train",
+        valid="val",
+        item_tfms=Resize(SIZE),
+        batch_tfms=Normalize.from_stats(*imagenet_stats),
+        seed=seed,
+        num_workers=0,
+    )
+    learn = vision_learner(dls, MODEL, pretrained=False, metrics=accuracy)
+    state = {k: v for k, v in create_model(MODEL).model.state_dict().items() if not k.startswith("classifier.")}
+    learn.model[0].model.load_state_dict(state, strict=True)
+    with learn.no_bar(), learn.no_logging():
+        learn.fine_tune(_epochs(quick))
+        val_acc = float(learn.validate()[1])
+        test = learn.dls.test_dl(get_image_files(data / "test"), with_labels=True)
+        preds, targs = learn.get_preds(dl=test)
+    return {
+        "val_accuracy": val_acc,
+        "test_accuracy": float((preds.argmax(1) == targs).float().mean()),
+        "image_size": SIZE,
+        "batch_size": dls.bs,
+        "train_steps_per_epoch": len(dls.train),
+    }
+
+
+def cell_no_transfer(data: Path, seed: int, quick: bool, names: list[str]) -> dict:
+    from transferkit.baselines import fit_no_transfer
+    from transferkit.config import load_params
+    from transferkit.data import load_dataset
+
+    over = {"seed": seed, "validate.no_transfer": names}
+    if quick:
+        over["validate.cnn_epochs"] = 2
+    rows = fit_no_transfer(load_dataset(data), load_params(None, over), progress=False)
+    out = {}
+    for r in rows:
+        r.pop("test_correct")
+        out[r["name"]] = {k: r[k] for k in ("val_accuracy", "test_accuracy", "hyper", "seconds", "model", "broken")}
+    if len(out) == 1:
+        return {**next(iter(out.values()))}
+    return {"baselines": out}
+
+
+def run_cell(method: str, data: Path, seed: int, quick: bool) -> dict:
+    if method == "timm-loop":
+        return cell_timm_loop(data, seed, quick)
+    if method == "fastai":
+        return cell_fastai(data, seed, quick)
+    if method == "pixels":
+        return cell_no_transfer(data, seed, quick, list(PIXEL_NAMES))
+    if method == "small-cnn":
+        return cell_no_transfer(data, seed, quick, ["small-cnn"])
+    raise ValueError(f"unknown in-process method {method!r}")
+
+
+def transferkit_cmd(method: str, data: Path, seed: int, quick: bool) -> list[str]:
+    """The CLI command a user would type for a transferkit cell (run in the cell's empty folder)."""
+    tk = str(Path(sys.executable).with_name("transferkit"))
+    sets = [f"seed={seed}"]
+    if quick:
+        sets += [
+            "train.epochs=2",
+            "train.min_epochs=0",
+            f"select.candidates=[{MODEL}]",
+            "select.confirm=0",
+            "validate.no_transfer=[pixels-knn]",
+            "export.int8=false",
+        ]
+    opts = [x for s in sets for x in ("--set", s)]
+    if method == "transferkit-run":
+        return [tk, "run", "--target", str(data), "--out", "run", "--repo", "models", *opts, "-q"]
+    return [tk, "train", "--target", str(data), "--model", MODEL, "--strategy", "auto", "--out", "train", *opts, "-q"]
+
+
+def read_transferkit(method: str, folder: Path, rc: int) -> dict:
+    train = folder / ("run/train" if method == "transferkit-run" else "train")
+    m = json.loads((train / "metrics.json").read_text())
+    out = {
+        "val_accuracy": m["val_accuracy"],
+        "test_accuracy": m["test_accuracy"],
+        "model": m["model"],
+        "strategy": m["strategy"],
+        "strategy_reason": m["strategy_reason"],
+        "image_size": m["image_size"],
+        "epochs": m["epochs"],
+        "best_epoch": m["best_epoch"],
+        "train_seconds": m["seconds"],
+        "exit_code": rc,
+    }
+    if method == "transferkit-run":
+        out["exported"] = rc == 0
+        v = train / "validation.json"
+        if v.is_file():
+            val = json.loads(v.read_text())
+            out["gate"] = {
+                "passed": val["passed"],
+                "reasons": val.get("reasons", []),
+                "baseline": val.get("baseline"),
+                "transfer_gain": val.get("transfer_gain"),
+            }
+            # the validate stage trains the no-transfer baselines itself (fit_no_transfer, same params and seed)
+            out["run_baselines"] = {
+                b["name"]: {k: b.get(k) for k in ("val_accuracy", "test_accuracy", "seconds", "broken")}
+                for b in val.get("baselines", [])
+                if b.get("kind") == "no-transfer" and b.get("test_accuracy") is not None
+            }
+        ranking = folder / "run" / "select" / "ranking.json"
+        if ranking.is_file():
+            out["selected"] = json.loads(ranking.read_text()).get("selected")
+    return out
+
+
+def measure(target: str, method: str, seed: int, quick: bool) -> dict:
+    """Run one cell in a fresh process (and a fresh folder and feature cache); its wall time is the process's."""
+    import subprocess
+
+    data = dataset(target)
+    folder = WORK / ("quick" if quick else "cells") / target / f"{method}-s{seed}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    env = _env()
+    env["TRANSFERKIT_CACHE"] = str(folder / "cache")  # nothing computed by an earlier cell is reused
+    if method in TRANSFERKIT:
+        cmd = transferkit_cmd(method, data, seed, quick)
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", method, "--target", target]
+        cmd += ["--seed", str(seed), "--cell-out", str(folder / "cell.json")] + (["--quick"] if quick else [])
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with (folder / "log.txt").open("w") as log:
+        p = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    tail = (folder / "log.txt").read_text()[-2000:]
+    cell = {"target": target, "method": method, "seed": seed, "wall_seconds": round(wall, 2)}
+    # 1-minute load average before and after: on a shared machine, wall times are only as good as this
+    cell["load_avg"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+    try:
+        if method in TRANSFERKIT:
+            # exit 3 = the gate refused the model: a measured outcome (the trained model has its test accuracy)
+            if p.returncode not in (0, 3):
+                raise RuntimeError(f"exit {p.returncode}")
+            cell.update(read_transferkit(method, folder, p.returncode))
+        else:
+            if p.returncode != 0:
+                raise RuntimeError(f"exit {p.returncode}")
+            cell.update(json.loads((folder / "cell.json").read_text()))
+    except (RuntimeError, OSError, KeyError, json.JSONDecodeError) as e:
+        cell.update({"error": f"{type(e).__name__}: {e}", "log_tail": tail})
+    shutil.rmtree(folder / "cache", ignore_errors=True)
+    for pattern in ("*.safetensors", "*.onnx", "*.pt"):  # weights: tens of MB per cell, the JSON keeps the numbers
+        for f in folder.rglob(pattern):
+            f.unlink()
+    cell["git_rev"] = _git_rev()
+    cell["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    cell["command"] = " ".join(cmd[1:]) if method in TRANSFERKIT else f"bench/peers.py --cell {method}"
+    return cell
+
+
+def _git_rev() -> str:
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "flows")
+    return rev + ("+dirty" if dirty else "")
+
+
+# --------------------------------------------------------------------------- cache and report
+
+
+def load(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"cells": []}
+
+
+def save(path: Path, res: dict) -> None:
+    from transferkit.io import write_json
+
+    res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    res["summary"] = summarise(res["cells"])
+    write_json(path, res)
+    path.with_suffix(".md").write_text(markdown(res))
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def rows_of(cells: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """{target: {row name: [cell-like dicts with test_accuracy, wall_seconds, seed]}}; pixels fan out.
+
+    A small-cnn seed not measured by its own cell is taken from that seed's `transferkit run`, whose validate
+    stage trained it (the same function, params and seed); its wall time is then the fit's seconds."""
+    out: dict = {}
+    own = {(c["target"], c["seed"]) for c in cells if c["method"] == "small-cnn" and "error" not in c}
+    for c in cells:
+        b = (c.get("run_baselines") or {}).get("small-cnn")
+        if c["method"] == "transferkit-run" and b and (c["target"], c["seed"]) not in own and "error" not in c:
+            row = {**b, "seed": c["seed"], "wall_seconds": b["seconds"], "from_run": True}
+            out.setdefault(c["target"], {}).setdefault("small-cnn", []).append(row)
+    for c in cells:
+        if "error" in c:
+            continue
+        t = out.setdefault(c["target"], {})
+        if c["method"] == "pixels":
+            for name, b in c["baselines"].items():
+                t.setdefault(name, []).append({**b, "seed": c["seed"], "wall_seconds": c["wall_seconds"]})
+        else:
+            t.setdefault(c["method"], []).append(c)
+    return out
+
+
+def summarise(cells: list[dict]) -> dict:
+    out = {}
+    for target, rows in rows_of(cells).items():
+        s = {}
+        for name, cs in rows.items():
+            acc = _stats([c["test_accuracy"] for c in cs])
+            s[name] = {
+                "test_mean": round(acc[0], 4),
+                "test_sd": round(acc[1], 4),
+                "seeds": sorted(c["seed"] for c in cs),
+                "wall_mean": round(statistics.fmean(c["wall_seconds"] for c in cs), 1),
+                "git_revs": sorted({c.get("git_rev", "?") for c in cs}),
+            }
+            if any(c.get("from_run") for c in cs):
+                s[name]["from_run"] = sum(bool(c.get("from_run")) for c in cs)
+            if name == "transferkit-run":
+                s[name]["exported"] = f"{sum(bool(c.get('exported')) for c in cs)}/{len(cs)}"
+                s[name]["strategies"] = sorted({f"{c['strategy']} @ {c['image_size']}px" for c in cs})
+            if name == "transferkit-auto":
+                s[name]["strategies"] = sorted({f"{c['strategy']} @ {c['image_size']}px" for c in cs})
+        tk = s.get("transferkit-run")
+        for r in s.values():
+            if tk:
+                r["vs_run_points"] = round(100 * (r["test_mean"] - tk["test_mean"]), 1)
+                r["wall_vs_run"] = round(r["wall_mean"] / tk["wall_mean"], 2) if tk["wall_mean"] else None
+        peers = {n: s[n] for n in PEERS if n in s}
+        base = {n: s[n] for n in (*PIXEL_NAMES, "small-cnn") if n in s}
+        v: dict = {}
+        if tk and peers:
+            bp = max(peers, key=lambda n: peers[n]["test_mean"])
+            v["best_peer"] = bp
+            v["margin_vs_best_peer_points"] = round(100 * (tk["test_mean"] - peers[bp]["test_mean"]), 1)
+            v["beats_best_peer_by_2"] = v["margin_vs_best_peer_points"] >= 2.0
+        if tk and base:
+            bb = max(base, key=lambda n: base[n]["test_mean"])
+            v["best_no_transfer"] = bb
+            v["margin_vs_best_no_transfer_points"] = round(100 * (tk["test_mean"] - base[bb]["test_mean"]), 1)
+        if tk and "fastai" in s:
+            v["run_wall_vs_fastai"] = round(tk["wall_mean"] / s["fastai"]["wall_mean"], 2)
+        if tk:
+            goal = GOALS.get(target)
+            if goal is None and "best_peer" in v:
+                goal = round(peers[v["best_peer"]]["test_mean"] + 0.03, 4)
+            if goal is not None:
+                v["goal"] = goal
+                v["goal_met"] = tk["test_mean"] >= goal
+            v["run_within_10_minutes"] = tk["wall_mean"] <= 600
+        out[target] = {"rows": s, "verdict": v}
+    return out
+
+
+LABELS = {
+    "transferkit-run": "`transferkit run` (CLI, defaults)",
+    "transferkit-auto": "`transferkit train --strategy auto`",
+    "timm-loop": "bare timm full fine-tune loop",
+    "fastai": "fastai `fine_tune(20)`",
+    "pixels-logreg": "raw pixels: logistic regression",
+    "pixels-knn": "raw pixels: kNN",
+    "pixels-svm": "raw pixels: RBF SVM",
+    "small-cnn": "small CNN from scratch",
+}
+
+
+def markdown(res: dict) -> str:
+    summ = res["summary"]
+    lines = [
+        "# bench/peers: transferkit vs peers and no-transfer baselines (same splits, one run)",
+        "",
+        "Test accuracy mean ± sd over seeds; wall = seconds of the method's own process (start-up and imports "
+        "included), mean over seeds; Δ = points vs `transferkit run`; wall ratio = this row / `transferkit run`. "
+        f"MobileNetV2 ImageNet (packaged) for every transfer row; peers at {SIZE} px; "
+        f"machine: {res['machine']['cpus']} CPU cores (shared). Pixel baselines are deterministic: one run, "
+        "listed with each seed. `bench/peers.py`'s docstring describes each method.",
+        "",
+        "## Verdicts (issue 19's bar)",
+        "",
+        "| target | `transferkit run` | best peer | margin | best no-transfer | margin | goal | met | run wall / fastai's |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for target, e in summ.items():
+        r, v = e["rows"], e["verdict"]
+        tk = r.get("transferkit-run")
+        if not tk:
+            continue
+        bp, bb = v.get("best_peer"), v.get("best_no_transfer")
+        lines.append(
+            f"| {target} | {tk['test_mean']:.3f} ± {tk['test_sd']:.3f} | "
+            + (f"{bp} {r[bp]['test_mean']:.3f} | {v['margin_vs_best_peer_points']:+.1f} | " if bp else "- | - | ")
+            + (
+                f"{bb} {r[bb]['test_mean']:.3f} | {v['margin_vs_best_no_transfer_points']:+.1f} | "
+                if bb
+                else "- | - | "
+            )
+            + (f"{v['goal']:.3f} | {'yes' if v['goal_met'] else '**no**'} | " if "goal" in v else "- | - | ")
+            + (f"{v['run_wall_vs_fastai']:.2f} |" if "run_wall_vs_fastai" in v else "- |")
+        )
+    for target, e in summ.items():
+        lines += [
+            "",
+            f"## {target}",
+            "",
+            "| method | test accuracy | seeds | Δ vs run (points) | wall s | wall ratio | notes |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in [n for n in LABELS if n in e["rows"]]:
+            r = e["rows"][name]
+            note = ", ".join(r.get("strategies", []))
+            if "exported" in r:
+                note += f"; exported {r['exported']}"
+            if r.get("from_run"):
+                note += f"{r['from_run']} seed(s) from the run's validate stage (wall = fit seconds)"
+            d = f"{r['vs_run_points']:+.1f}" if "vs_run_points" in r else "-"
+            w = f"{r['wall_vs_run']:.2f}" if r.get("wall_vs_run") is not None else "-"
+            lines.append(
+                f"| {LABELS[name]} | {r['test_mean']:.3f} ± {r['test_sd']:.3f} | {len(r['seeds'])} | {d} | "
+                f"{r['wall_mean']:.0f} | {w} | {note} |"
+            )
+    errors = [c for c in res["cells"] if "error" in c]
+    lines += ["", "## What ran", ""]
+    for target in TARGETS:
+        tc = [c for c in res["cells"] if c["target"] == target and "error" not in c]
+        if not tc:
+            lines.append(f"- {target}: not run")
+            continue
+        per = {}
+        for c in tc:
+            per.setdefault(c["method"], []).append(c["seed"])
+        derived = [r["seed"] for r in rows_of(res["cells"]).get(target, {}).get("small-cnn", []) if r.get("from_run")]
+        if derived:
+            per["small-cnn (from the run's validate stage)"] = derived
+        missing = [m for m in METHODS if m not in per and not (m == "small-cnn" and derived)]
+        lines.append(
+            f"- {target}: "
+            + "; ".join(f"{m} seeds {','.join(map(str, sorted(s)))}" for m, s in per.items())
+            + (f"; not run: {', '.join(missing)}" if missing else "")
+        )
+    for c in errors:
+        lines.append(f"- failed: {c['target']} {c['method']} seed {c['seed']}: {c['error']}")
+    revs = sorted({c.get("git_rev", "?") for c in res["cells"]})
+    lines += ["", f"Cells measured at git revisions: {', '.join(revs)} (per row in peers.json)."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 epochs, bench/.work/peers/quick.json")
+    ap.add_argument("--remeasure", action="store_true", help="re-run the named methods' cells even if cached")
+    ap.add_argument("--report", action="store_true", help="only rewrite the tables from the JSON")
+    ap.add_argument("--cell", help=argparse.SUPPRESS)
+    ap.add_argument("--target", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--cell-out", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.cell:  # child process: one in-process method on one target and seed
+        from transferkit.io import write_json
+
+        write_json(a.cell_out, run_cell(a.cell, WORK / "data" / a.target, a.seed, a.quick))
+        return
+    targets = [t for t in a.targets.split(",") if t]
+    methods = [m for m in a.methods.split(",") if m]
+    for name, known in (("target", TARGETS), ("method", METHODS)):
+        bad = [x for x in (targets if name == "target" else methods) if x not in known]
+        if bad:
+            ap.error(f"unknown {name}(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    seeds = [0] if a.quick else [int(s) for s in a.seeds.split(",")]
+    path = WORK / "quick.json" if a.quick else RESULTS / "peers.json"
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    res = load(path)
+    if not a.report:
+        remeasured: set = set()
+        for target in targets:
+            for seed in seeds:
+                for method in methods:
+                    s = 0 if method == "pixels" else seed  # deterministic: one run serves every seed
+                    key = (target, method, s)
+                    if key in remeasured:
+                        continue
+                    old = [c for c in res["cells"] if (c["target"], c["method"], c["seed"]) == key]
+                    if old and "error" not in old[0] and not a.remeasure:
+                        continue
+                    cell = measure(target, method, s, a.quick)
+                    remeasured.add(key)
+                    res["cells"] = [c for c in res["cells"] if (c["target"], c["method"], c["seed"]) != key] + [cell]
+                    save(path, res)
+                    msg = cell.get("error") or f"test {cell.get('test_accuracy', float('nan')):.3f}"
+                    if method == "pixels" and "baselines" in cell:
+                        msg = " ".join(f"{n} {b['test_accuracy']:.3f}" for n, b in cell["baselines"].items())
+                    print(f"{target:10s} {method:16s} seed {s}: {msg} ({cell['wall_seconds']:.0f} s)", flush=True)
+    save(path, res)
+    print(path.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
