@@ -1,8 +1,15 @@
-"""Shared fixtures: tiny real datasets (32 px) written once per session, and an isolated cache."""
+"""Shared fixtures: tiny real datasets (32 px) written once per session, an isolated cache, and real
+`transferkit serve` processes for the server tests."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -256,3 +263,140 @@ def tiny_clipart(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "clipart"
     write_builtin("clipart", out, per_class=30, size=64, train_per_class=6, val_per_class=4, progress=False)
     return out
+
+
+# --------------------------------------------------------------------------- real `transferkit serve` processes
+
+SERVE_TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def repo(model_repo, tmp_path_factory) -> Path:
+    """The test module's own copy of model_repo (module scope): what its tests promote, break or add stays
+    in its copy."""
+    out = tmp_path_factory.mktemp("repo") / "repo"
+    shutil.copytree(model_repo, out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repo: Path, tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """A real `transferkit serve` process on a free loopback port, once /readyz says 200: (process, url)."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("TRANSFERKIT_SERVE_TOKEN", None)
+    log = open(tmp / f"server-{port}.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "transferkit.cli",
+            "serve",
+            "--repo",
+            str(repo),
+            "--port",
+            str(port),
+            "--poll-interval",
+            "0.2",
+            "--threads",
+            "1",
+            *args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {(tmp / f'server-{port}.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server not ready in 120 s: {(tmp / f'server-{port}.log').read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (a clean uvicorn shutdown), SIGKILL after 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@contextmanager
+def serving(repo: Path, tmp: Path, *args: str, token: str | None = SERVE_TOKEN):
+    """A server on `repo` with these CLI arguments (and `token` from a --token-file, unless None) and an
+    httpx client that sends it: {"url", "port", "client", "proc"}; stopped on exit."""
+    import httpx
+
+    if token is not None:
+        (tmp / "token").write_text(token + "\n")
+        args = ("--token-file", str(tmp / "token"), *args)
+    proc, url = start_server(repo, tmp, *args)
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=30)
+    try:
+        yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "client": client, "proc": proc}
+    finally:
+        client.close()
+        stop_server(proc)
+
+
+def read_metric(text: str, key: str) -> float:
+    """One sample's value in a Prometheus text exposition (AssertionError if it is not there)."""
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{key} not in /metrics")
+
+
+def wait_version(c, want: int, timeout: float = 60) -> dict:
+    """Poll /v1/models/digits with client `c` until version `want` serves; its status."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = c.get("/v1/models/digits").json()
+        if st["version"] == want:
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"server did not switch to version {want}: {st}")
+
+
+def wait_failed(c, version: int, timeout: float = 60) -> str:
+    """Poll /v1/models/digits with client `c` until `version` is refused; the reason it gives."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = c.get("/v1/models/digits").json()
+        if str(version) in st["failed_versions"]:
+            return st["failed_versions"][str(version)]
+        time.sleep(0.1)
+    raise AssertionError(f"version {version} was neither served nor refused: {st}")
+
+
+def bad_reference(d: Path, src: int, dst: int) -> None:
+    """Version `dst`: intact, consistent files whose reference logits (re-pinned) are not what the model
+    computes: promote's file checks pass, the server's replay refuses it."""
+    import numpy as np
+
+    from transferkit.io import read_json, sha256_file, write_json
+
+    renumber_version(d, src, dst)
+    with np.load(d / str(dst) / "reference.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["logits"] = arrays["logits"] + 0.01
+    np.savez_compressed(d / str(dst) / "reference.npz", **arrays)
+    meta = read_json(d / str(dst) / "metadata.json")
+    meta["reference"]["sha256"] = sha256_file(d / str(dst) / "reference.npz")
+    write_json(d / str(dst) / "metadata.json", meta)

@@ -21,11 +21,21 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from conftest import (
+    SERVE_TOKEN,
+    bad_reference,
+    free_port,
+    read_metric,
+    serving,
+    start_server,
+    stop_server,
+    wait_failed,
+    wait_version,
+)
 from PIL import Image
 
 from transferkit.io import read_json, write_json
@@ -34,69 +44,7 @@ from transferkit.repository import latest_version
 
 pytestmark = pytest.mark.slow
 
-TOKEN = "s3cret-token"
 MONITOR_SIZE = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(repo: Path, tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("TRANSFERKIT_SERVE_TOKEN", None)
-    log = open(tmp / f"server-{port}.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "transferkit.cli",
-            "serve",
-            "--repo",
-            str(repo),
-            "--port",
-            str(port),
-            "--poll-interval",
-            "0.2",
-            "--threads",
-            "1",
-            *args,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {(tmp / f'server-{port}.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server not ready in 120 s: {(tmp / f'server-{port}.log').read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
-def repo(model_repo, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("serve") / "repo"
-    shutil.copytree(model_repo, out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -104,40 +52,17 @@ def server(repo, tmp_path_factory):
     """Batching on (20 ms for batch-mates, so that concurrent test requests do meet), token, 1 MB body, 1 Mpx
     images, 4 images per request, an 8-image reservoir."""
     tmp = tmp_path_factory.mktemp("server")
-    (tmp / "token").write_text(TOKEN + "\n")
-    proc, url = _start(
-        repo,
-        tmp,
-        "--token-file",
-        str(tmp / "token"),
-        "--max-body-mb",
-        "1",
-        "--max-queue-delay-ms",
-        "20",
-        "--max-image-pixels",
-        "1000000",
-        "--max-images",
-        "4",
-        "--monitor-dir",
-        str(tmp / "monitor"),
-        "--monitor-size",
-        str(MONITOR_SIZE),
-    )
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
-    yield {"url": url, "client": client, "monitor": tmp / "monitor", "proc": proc}
-    client.close()
-    _stop(proc)
+    limits = ("--max-body-mb", "1", "--max-queue-delay-ms", "20", "--max-image-pixels", "1000000", "--max-images", "4")
+    monitor = ("--monitor-dir", str(tmp / "monitor"), "--monitor-size", str(MONITOR_SIZE))
+    with serving(repo, tmp, *limits, *monitor) as s:
+        yield {**s, "monitor": tmp / "monitor"}
 
 
 @pytest.fixture(scope="module")
 def plain_server(repo, tmp_path_factory):
     """Batching off, no token."""
-    tmp = tmp_path_factory.mktemp("server-plain")
-    proc, url = _start(repo, tmp, "--no-batching")
-    client = httpx.Client(base_url=url, timeout=30)
-    yield {"url": url, "client": client}
-    client.close()
-    _stop(proc)
+    with serving(repo, tmp_path_factory.mktemp("server-plain"), "--no-batching", token=None) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -266,16 +191,9 @@ def test_concurrent_requests_are_batched(server, offline, images):
         _check(r.json(), 2, offline, [images[0]], 5)
     metrics = c.get("/metrics").text
     # some onnxruntime call carried more than one request's image
-    count = _metric(metrics, 'transferkit_batch_size_count{model="digits"}')
-    total = _metric(metrics, 'transferkit_batch_size_sum{model="digits"}')
+    count = read_metric(metrics, 'transferkit_batch_size_count{model="digits"}')
+    total = read_metric(metrics, 'transferkit_batch_size_sum{model="digits"}')
     assert total / count > 1.0, (count, total)
-
-
-def _metric(text: str, key: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{key} not in /metrics")
 
 
 # --------------------------------------------------------------------------- limits and errors
@@ -376,7 +294,7 @@ def test_health_ready_and_metrics(server, images):
     def errors_415() -> float:
         text = httpx.get(f"{server['url']}/metrics").text
         key = 'transferkit_errors_total{code="415",model="digits"}'
-        return _metric(text, key) if key + " " in text else 0.0
+        return read_metric(text, key) if key + " " in text else 0.0
 
     assert (
         c.post("/v1/models/digits/predict", files={"file": ("a.png", _png(images[0]), "image/png")}).status_code == 200
@@ -385,9 +303,9 @@ def test_health_ready_and_metrics(server, images):
     assert c.post("/v1/models/digits/predict", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
     assert errors_415() == before + 1  # errors are counted by code
     m = httpx.get(f"{server['url']}/metrics").text  # scrapeable without the token
-    assert _metric(m, 'transferkit_model_version{model="digits"}') == 2
-    assert _metric(m, 'transferkit_requests_total{code="200",model="digits"}') >= 1
-    assert _metric(m, 'transferkit_request_seconds_count{model="digits"}') >= 1
+    assert read_metric(m, 'transferkit_model_version{model="digits"}') == 2
+    assert read_metric(m, 'transferkit_requests_total{code="200",model="digits"}') >= 1
+    assert read_metric(m, 'transferkit_request_seconds_count{model="digits"}') >= 1
     st = c.get("/v1/models/digits").json()
     assert st["version"] == 2 and st["provider"] == "CPUExecutionProvider" and st["swaps"][0]["ok"]
 
@@ -395,31 +313,11 @@ def test_health_ready_and_metrics(server, images):
 # --------------------------------------------------------------------------- hot swap, rollback, broken versions
 
 
-def _wait_version(c: httpx.Client, want: int, timeout: float = 60) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        st = c.get("/v1/models/digits").json()
-        if st["version"] == want:
-            return st
-        time.sleep(0.1)
-    raise AssertionError(f"server did not switch to version {want}: {st}")
-
-
-def _wait_failed(c: httpx.Client, version: int, timeout: float = 60) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        st = c.get("/v1/models/digits").json()
-        if str(version) in st["failed_versions"]:
-            return st["failed_versions"][str(version)]
-        time.sleep(0.1)
-    raise AssertionError(f"version {version} was neither served nor refused: {st}")
-
-
 class _Load:
     """Requests in a background thread during a swap; every answer is checked against its own version."""
 
     def __init__(self, server, image: Image.Image):
-        self.c = httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        self.c = httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {SERVE_TOKEN}"}, timeout=30)
         self.data, self.stop, self.results = _png(image), threading.Event(), []
         self.t = threading.Thread(target=self._run)
         self.t.start()
@@ -443,10 +341,10 @@ def test_hot_swap_and_rollback_under_load_never_fail_and_never_mix_versions(serv
     load = _Load(server, images[0])
     time.sleep(0.5)
     promote(repo, "digits", 1, reason="test: swap to 1")
-    st = _wait_version(c, 1)
+    st = wait_version(c, 1)
     time.sleep(0.5)
     rollback(repo, "digits")
-    _wait_version(c, 2)
+    wait_version(c, 2)
     time.sleep(0.5)
     results = load.finish()
     assert [s for s, _ in results if s != 200] == []
@@ -475,7 +373,7 @@ def test_broken_versions_are_never_served(server, repo, images):
     with pytest.raises(PromoteError, match="not a readable ONNX file"):
         promote(repo, "digits", 3, reason="test: broken file")
     (d / "latest").write_text("3\n")  # by hand, past promote's checks: the server checks again
-    why = _wait_failed(c, 3)
+    why = wait_failed(c, 3)
     assert "not a readable ONNX file" in why
     # 4: a real model, but its embedded metadata (version 1) contradicts metadata.json
     shutil.copytree(d / "1", d / "4")
@@ -485,7 +383,7 @@ def test_broken_versions_are_never_served(server, repo, images):
     with pytest.raises(PromoteError, match="embedded version 1 differs"):
         promote(repo, "digits", 4, reason="test: mismatched metadata")
     (d / "latest").write_text("4\n")
-    why = _wait_failed(c, 4)
+    why = wait_failed(c, 4)
     assert "embedded version 1 differs" in why
     # 5: intact files, but export's reference logits (re-pinned in metadata.json) are not what it computes
     shutil.copytree(d / "1", d / "5")
@@ -503,16 +401,16 @@ def test_broken_versions_are_never_served(server, repo, images):
     meta["reference"]["sha256"] = sha256_file(d / "5" / "reference.npz")
     write_json(d / "5" / "metadata.json", meta)
     promote(repo, "digits", 5, reason="test: reference disagrees")
-    why = _wait_failed(c, 5)
+    why = wait_failed(c, 5)
     assert "differ from export's torch logits" in why and "reference.npz" in why
     time.sleep(0.3)
     results = load.finish()
     assert results and all(s == 200 and b["version"] == 2 for s, b in results)
     m = c.get("/metrics").text
-    assert _metric(m, 'transferkit_model_load_failures_total{model="digits"}') == 3
-    assert _metric(m, 'transferkit_model_version{model="digits"}') == 2
+    assert read_metric(m, 'transferkit_model_load_failures_total{model="digits"}') == 3
+    assert read_metric(m, 'transferkit_model_version{model="digits"}') == 2
     rollback(repo, "digits")  # 5 -> 2 (3 and 4 never entered the history)
-    status = _wait_version(c, 2)
+    status = wait_version(c, 2)
     assert status["version"] == 2 and 0 <= status["reference_diff"] <= 1e-4  # the good one replayed its reference
 
 
@@ -523,7 +421,7 @@ def test_monitor_reservoir_is_bounded_and_counts_every_served_image(server):
     """Only served images are sampled: the rejected requests of the bad-input tests (one of them with a good
     image before a bad one) left no trace, so what the reservoir saw equals what the server answered."""
     m = server["client"].get("/metrics").text
-    served = _metric(m, 'transferkit_images_total{model="digits"}')
+    served = read_metric(m, 'transferkit_images_total{model="digits"}')
     folder = server["monitor"] / "digits"
     stored = sorted((folder / "images").glob("*.png"))
     assert served > MONITOR_SIZE and len(stored) == MONITOR_SIZE
@@ -598,7 +496,7 @@ def hostile(repo, tmp_path_factory):
     1 Mpx images, 4 Mpx per request, 20 MB in flight (waits 1 s, then 503), 8 requests in flight, headers
     within 2 s and 16 KB, bodies within 3 s."""
     tmp = tmp_path_factory.mktemp("server-hostile")
-    proc, url = _start(
+    with serving(
         repo,
         tmp,
         "--max-body-mb",
@@ -621,11 +519,9 @@ def hostile(repo, tmp_path_factory):
         "3",
         "--max-header-kb",
         "16",
-    )
-    client = httpx.Client(base_url=url, timeout=30)
-    yield {"url": url, "client": client, "proc": proc, "port": int(url.rsplit(":", 1)[1])}
-    client.close()
-    _stop(proc)
+        token=None,
+    ) as s:
+        yield s
 
 
 def _raw(port: int, data: bytes, timeout: float = 20) -> tuple[bytes, float]:
@@ -668,8 +564,8 @@ def test_metrics_labels_stay_bounded_under_random_paths_and_unauthenticated_requ
     text = httpx.get(f"{url}/metrics").text
     assert names[0][:100] not in text
     assert len(text) - before < 2000, len(text) - before  # a few new (model="", code) series at most
-    assert _metric(text, 'transferkit_errors_total{code="404",model=""}') >= 300
-    assert _metric(text, 'transferkit_errors_total{code="401",model=""}') >= 300
+    assert read_metric(text, 'transferkit_errors_total{code="404",model=""}') >= 300
+    assert read_metric(text, 'transferkit_errors_total{code="401",model=""}') >= 300
     assert _rss_mb(server["proc"]) - rss0 < 30
 
 
@@ -819,7 +715,7 @@ def test_errors_are_counted_4xx_with_a_string_detail(hostile):
     def count(code: str) -> float:
         text = c.get("/metrics").text
         key = f'transferkit_errors_total{{code="{code}",model="digits"}}'
-        return _metric(text, key) if key + " " in text else 0.0
+        return read_metric(text, key) if key + " " in text else 0.0
 
     before = {k: count(k) for k in ("400", "422")}
     deep = b"[" * 100_000 + b"]" * 100_000
@@ -846,25 +742,8 @@ def test_errors_are_counted_4xx_with_a_string_detail(hostile):
     assert 'code="405"' in c.get("/metrics").text and "Traceback" not in m0
 
 
-def _bad_reference(d: Path, src: int, dst: int) -> None:
-    """Version `dst`: intact, consistent files whose reference logits (re-pinned) are not what the model
-    computes: promote's file checks pass, the server's replay refuses it."""
-    from conftest import renumber_version
-
-    from transferkit.io import sha256_file
-
-    renumber_version(d, src, dst)
-    with np.load(d / str(dst) / "reference.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["logits"] = arrays["logits"] + 0.01
-    np.savez_compressed(d / str(dst) / "reference.npz", **arrays)
-    meta = read_json(d / str(dst) / "metadata.json")
-    meta["reference"]["sha256"] = sha256_file(d / str(dst) / "reference.npz")
-    write_json(d / str(dst) / "metadata.json", meta)
-
-
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_SERVE_TOKEN": TOKEN}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFERKIT_SERVE_TOKEN": SERVE_TOKEN}
     return subprocess.run(
         [sys.executable, "-m", "transferkit.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
     )
@@ -877,8 +756,8 @@ def test_promote_waits_for_the_server_reports_a_refusal_and_retries_a_fixed_vers
     from conftest import renumber_version
 
     c, d = server["client"], repo / "digits"
-    assert _wait_version(c, 2)["version"] == 2
-    _bad_reference(d, 1, 7)
+    assert wait_version(c, 2)["version"] == 2
+    bad_reference(d, 1, 7)
     r = _cli(
         "promote", "--repo", str(repo), "--name", "digits", "--version", "7", "--server", server["url"], "--wait", "60"
     )
@@ -895,7 +774,7 @@ def test_promote_waits_for_the_server_reports_a_refusal_and_retries_a_fixed_vers
     assert "2 -> 7" in r.stdout and f"serving on {server['url']}" in r.stdout
     assert c.get("/v1/models/digits").json()["version"] == 7
     promote(repo, "digits", 2, reason="test: back to 2")
-    _wait_version(c, 2)
+    wait_version(c, 2)
 
 
 def test_strict_latest_keeps_the_live_version_and_says_why(server, repo):
@@ -927,9 +806,9 @@ def test_server_started_on_a_broken_latest_serves_the_last_good_version(repo, tm
     own = tmp_path / "repo"
     shutil.copytree(repo, own, ignore=shutil.ignore_patterns(".lock"))
     d = own / "digits"
-    _bad_reference(d, 2, 8)
+    bad_reference(d, 2, 8)
     promote(own, "digits", 8, reason="test: broken at restart")
-    proc, url = _start(own, tmp_path)
+    proc, url = start_server(own, tmp_path)
     try:
         ready = httpx.get(f"{url}/readyz").json()
         assert ready["ready"] and ready["versions"] == {"digits": 2}, ready
@@ -940,7 +819,7 @@ def test_server_started_on_a_broken_latest_serves_the_last_good_version(repo, tm
         assert "differ from export's torch logits" in public and "digits/8/reference.npz" in public
         for p in (str(own), str(tmp_path), "/tmp/"):
             assert p not in public, p
-        assert _metric(httpx.get(f"{url}/metrics").text, 'transferkit_model_fallback{model="digits"}') == 1
+        assert read_metric(httpx.get(f"{url}/metrics").text, 'transferkit_model_fallback{model="digits"}') == 1
         r = httpx.post(f"{url}/v1/models/digits/predict", files={"file": ("a.png", _png(images[0]), "image/png")})
         assert r.status_code == 200 and r.headers["x-model-version"] == "2"
         promote(own, "digits", 1, reason="test: a good one")  # a good latest ends the fallback
@@ -949,9 +828,9 @@ def test_server_started_on_a_broken_latest_serves_the_last_good_version(repo, tm
             assert time.time() < deadline
             time.sleep(0.1)
         assert httpx.get(f"{url}/readyz").json()["detail"] == "ready"
-        assert _metric(httpx.get(f"{url}/metrics").text, 'transferkit_model_fallback{model="digits"}') == 0
+        assert read_metric(httpx.get(f"{url}/metrics").text, 'transferkit_model_fallback{model="digits"}') == 0
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def test_a_version_linked_or_copied_under_another_number_is_never_served(server, repo):
@@ -965,7 +844,7 @@ def test_a_version_linked_or_copied_under_another_number_is_never_served(server,
             with pytest.raises(PromoteError, match=why):
                 promote(repo, "digits", v)
             (d / "latest").write_text(f"{v}\n")  # past promote: the server checks too
-            assert why in _wait_failed(c, v)
+            assert why in wait_failed(c, v)
             assert c.get("/v1/models/digits").json()["version"] == 2
     finally:
         promote(repo, "digits", 2, reason="test: back to 2")
@@ -985,7 +864,7 @@ def test_a_token_standard_clients_cannot_send_is_refused_at_start(repo, tmp_path
             "--repo",
             str(repo),
             "--port",
-            str(_free_port()),
+            str(free_port()),
             "--token-file",
             str(tmp_path / "token"),
         ],
@@ -1009,7 +888,7 @@ def test_schema_driven_fuzzing_finds_no_5xx_and_no_schema_violation(server):
     from schemathesis.checks import positive_data_acceptance
 
     schema = schemathesis.openapi.from_url(f"{server['url']}/openapi.json")
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+    auth = {"Authorization": f"Bearer {SERVE_TOKEN}"}
     seen: dict[str, dict[int, int]] = {}
     failures: list[str] = []
     t0 = time.time()

@@ -9,12 +9,18 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from test_serve import TOKEN, _bad_reference, _metric, _start, _stop, _wait_failed, _wait_version
+from conftest import (
+    SERVE_TOKEN,
+    bad_reference,
+    read_metric,
+    serving,
+    wait_failed,
+    wait_version,
+)
 
 from transferkit.io import read_json
 from transferkit.promote import promote, rollback
@@ -25,36 +31,14 @@ MAX_BATCH = 8
 
 
 @pytest.fixture(scope="module")
-def repo(model_repo, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("serve-v2") / "repo"
-    shutil.copytree(model_repo, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
     """Batching on (20 ms for batch-mates), a token, batches of at most 8, 1 MB bodies."""
-    tmp = tmp_path_factory.mktemp("server-v2")
-    (tmp / "token").write_text(TOKEN + "\n")
-    proc, url = _start(
-        repo,
-        tmp,
-        "--token-file",
-        str(tmp / "token"),
-        "--max-queue-delay-ms",
-        "20",
-        "--max-batch-size",
-        str(MAX_BATCH),
-        "--max-body-mb",
-        "1",
-    )
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
-    yield {"url": url, "client": client, "proc": proc}
-    client.close()
-    _stop(proc)
+    args = ("--max-queue-delay-ms", "20", "--max-batch-size", str(MAX_BATCH), "--max-body-mb", "1")
+    with serving(repo, tmp_path_factory.mktemp("server-v2"), *args) as s:
+        yield s
 
 
-def _triton(server, token: str | None = TOKEN, concurrency: int = 1):
+def _triton(server, token: str | None = SERVE_TOKEN, concurrency: int = 1):
     import tritonclient.http as th
 
     c = th.InferenceServerClient(server["url"].removeprefix("http://"), concurrency=concurrency, network_timeout=30)
@@ -208,14 +192,14 @@ def test_concurrent_requests_are_batched_and_counted(server, offline):
     np.testing.assert_allclose(got, offline[2](np.concatenate(xs)), atol=1e-5, rtol=0)
     text = server["client"].get("/metrics").text
     key_s, key_c = 'transferkit_batch_size_sum{model="digits"}', 'transferkit_batch_size_count{model="digits"}'
-    images = _metric(text, key_s) - _metric(text0, key_s)
-    calls = _metric(text, key_c) - _metric(text0, key_c)
+    images = read_metric(text, key_s) - read_metric(text0, key_s)
+    calls = read_metric(text, key_c) - read_metric(text0, key_c)
     assert images == 24 and calls < 24, (images, calls)  # 8 in flight, 20 ms for batch-mates: batches formed
     key = 'transferkit_requests_total{code="200",model="digits"}'
-    assert _metric(text, key) - _metric(text0, key) >= 24
+    assert read_metric(text, key) - read_metric(text0, key) >= 24
     assert (
-        _metric(text, 'transferkit_images_total{model="digits"}')
-        - _metric(text0, 'transferkit_images_total{model="digits"}')
+        read_metric(text, 'transferkit_images_total{model="digits"}')
+        - read_metric(text0, 'transferkit_images_total{model="digits"}')
         == 24
     )
 
@@ -313,7 +297,7 @@ def test_wrong_shape_datatype_model_and_version_are_protocol_errors(server):
     text = server["client"].get("/metrics").text
     key = 'transferkit_errors_total{code="400",model="digits"}'
     assert (
-        _metric(text, key) - (_metric(text0, key) if key in text0 else 0) >= len(raw_cases) - 1
+        read_metric(text, key) - (read_metric(text0, key) if key in text0 else 0) >= len(raw_cases) - 1
     )  # every error counted
 
 
@@ -357,14 +341,14 @@ def test_hot_swap_under_v2_load_gives_one_version_per_response(server, repo, off
     try:
         time.sleep(0.5)
         promote(repo, "digits", 1, reason="test: v2 swap to 1")
-        _wait_version(c, 1)
+        wait_version(c, 1)
         md = c.get("/v2/models/digits").json()
         assert md["versions"] == ["1"]
         assert c.get("/v2/models/digits/versions/1/ready").status_code == 200
         assert c.get("/v2/models/digits/versions/2/ready").status_code == 404  # not the served version
         time.sleep(0.5)
         rollback(repo, "digits")
-        _wait_version(c, 2)
+        wait_version(c, 2)
         time.sleep(0.5)
     finally:
         stop.set()
@@ -377,11 +361,11 @@ def test_hot_swap_under_v2_load_gives_one_version_per_response(server, repo, off
 
 def test_a_version_failing_the_reference_replay_never_serves_on_v2(server, repo):
     c, d = server["client"], repo / "digits"
-    _wait_version(c, 2)
-    _bad_reference(d, 1, 8)
+    wait_version(c, 2)
+    bad_reference(d, 1, 8)
     try:
         promote(repo, "digits", 8, reason="test: bad reference")
-        assert "differ from export's torch logits" in _wait_failed(c, 8)
+        assert "differ from export's torch logits" in wait_failed(c, 8)
         assert c.get("/v2/models/digits").json()["versions"] == ["2"]
         r = c.post("/v2/models/digits/versions/8/infer", json=_tensor([1, 3, 32, 32], data=[0.0] * 3072))
         assert r.status_code == 404 and "version '8' is not loaded (serving version 2" in r.json()["error"]
