@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from transferkit.repository import INPUT_NAME, OUTPUT_NAME
 from transferkit.serve.decode import preprocess
 from transferkit.serve.errors import LoadError
 
@@ -49,11 +50,11 @@ class ServedModel:
 
     @property
     def input_name(self) -> str:
-        return self.meta.get("input_name", "input")
+        return self.meta.get("input_name", INPUT_NAME)
 
     @property
     def output_name(self) -> str:
-        return self.meta.get("output_name", "logits")
+        return self.meta.get("output_name", OUTPUT_NAME)
 
     def preprocess(self, img) -> np.ndarray:
         m = self.meta
@@ -74,7 +75,7 @@ class ServedModel:
 
 def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> ServedModel:
     """Load, check against metadata.json, warm up and parity-check one version; LoadError if it must not serve."""
-    from transferkit.export import REFERENCE_FILE
+    from transferkit.repository import REFERENCE_FILE
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -91,8 +92,7 @@ def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> ServedModel
 
 def _checked_files(model_dir: Path, version: int, int8: bool) -> tuple[dict, Path]:
     """metadata.json and the file to serve, once every file's sha256 and the embedded metadata agree."""
-    from transferkit.export import read_onnx_metadata
-    from transferkit.promote import check_version
+    from transferkit.repository import INT8_FILE, check_version, read_onnx_metadata
 
     try:
         meta = check_version(model_dir, version, embedded=False)  # every file's sha256, int8 included
@@ -101,7 +101,7 @@ def _checked_files(model_dir: Path, version: int, int8: bool) -> tuple[dict, Pat
     vdir = model_dir / str(version)
     path = vdir / "model.onnx"
     if int8 and (meta.get("int8") or {}).get("kept"):
-        path = vdir / "model.int8.onnx"  # check_version pinned it
+        path = vdir / INT8_FILE  # check_version pinned it
     try:
         embedded = read_onnx_metadata(path)
     except Exception as e:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from transferkit.repository import LATEST
 from transferkit.serve.batcher import Batcher
 from transferkit.serve.errors import LoadError, RequestError
 from transferkit.serve.model import ServedModel, load_version
@@ -59,7 +60,7 @@ def _fingerprint(model_dir: Path, version: int) -> tuple:
         files = sorted(vdir.iterdir()) if vdir.is_dir() else []
     except OSError:
         files = []
-    return (st(model_dir / "latest"), st(vdir), *(st(p) for p in files))
+    return (st(model_dir / LATEST), st(vdir), *(st(p) for p in files))
 
 
 def _record(slot: Slot, swap: dict) -> None:
@@ -87,24 +88,11 @@ class Registry:
         return _ABS_PATH.sub(lambda m: m.group(1) + ".../" + m.group(2), msg)
 
     def names(self) -> list[str]:
-        from transferkit.export import check_model_name
+        """The models to serve: those configured, else every folder export could have made with a `latest`
+        pointer (valid or not: a broken one is reported, not hidden)."""
+        from transferkit.repository import list_models
 
-        def is_name(n: str) -> bool:
-            try:
-                return check_model_name(n) == n
-            except ValueError:
-                return False
-
-        repo = Path(self.cfg.repo)
-        if self.cfg.models:
-            return list(self.cfg.models)
-        if not repo.is_dir():
-            return []
-        # only names export could have made, and only folders with a pointer (valid or not: a broken one is
-        # reported, not hidden)
-        return sorted(
-            p.name for p in repo.iterdir() if is_name(p.name) and not p.is_symlink() and (p / "latest").is_file()
-        )
+        return list(self.cfg.models) if self.cfg.models else list_models(self.cfg.repo)
 
     def unknown(self, name: str) -> RequestError:
         return RequestError(404, f"no model named {name[:64]!r} (serving: {sorted(self.slots) or 'none'})")
@@ -173,7 +161,7 @@ class Registry:
 
     async def _follow(self, slot: Slot, model_dir: Path) -> None:
         """Serve what `latest` names if it loads; otherwise keep what serves (or fall back if nothing does)."""
-        from transferkit.export import read_latest
+        from transferkit.repository import read_latest
 
         try:
             want = read_latest(model_dir)
@@ -210,10 +198,10 @@ class Registry:
     async def _fall_back(self, slot: Slot, model_dir: Path, latest: int | None, why: str) -> None:
         """Nothing serves and `latest` is broken: serve the newest earlier live version (promotion history)
         that loads, and say so in /readyz, /v1/models/<name> and transferkit_model_fallback."""
-        from transferkit.promote import _stack, read_history
+        from transferkit.repository import live_stack, read_history
 
         try:
-            history = _stack(read_history(model_dir))
+            history = live_stack(read_history(model_dir))
         except OSError:
             history = []
         tried = 0
