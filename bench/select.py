@@ -116,7 +116,7 @@ def _slug(spec: str) -> str:
 
 def measure(target: str, folder: Path, spec: str) -> dict:
     """Score (cold cache) and fine-tune one candidate on one target; the row is stored on disk."""
-    from transferkit.embed import _source_model
+    from transferkit.embed import source_model
     from transferkit.select import prepare, score_candidate
     from transferkit.train import run_train
 
@@ -128,7 +128,7 @@ def measure(target: str, folder: Path, spec: str) -> dict:
     cache = WORK / "cache" / target / _slug(spec)
     shutil.rmtree(cache, ignore_errors=True)  # cold: the scoring cost includes every forward pass
     os.environ["TRANSFERKIT_CACHE"] = str(cache)
-    _source_model.cache_clear()  # ... and the model load
+    source_model.cache_clear()  # ... and the model load
     plan = prepare(folder, p, [spec])
     row = score_candidate(spec, plan.samples, plan.data_md5, p, progress=False)
     run = WORK / "runs" / target / _slug(spec)

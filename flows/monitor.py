@@ -16,8 +16,6 @@ parity gate before it can be promoted. Too few served images is a skip, not a ve
 
 from __future__ import annotations
 
-import argparse
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -116,25 +114,7 @@ def monitor_flow(
     return summary
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repo", default="models")
-    ap.add_argument("--name", required=True)
-    ap.add_argument("--monitor-dir", default="monitor")
-    ap.add_argument("--reference")
-    ap.add_argument("--out", default="runs/monitor")
-    ap.add_argument("--params", help='JSON object of param overrides, e.g. \'{"drift": {"min_samples": 5}}\'')
-    a = ap.parse_args()
-    r = monitor_flow(
-        repo=a.repo,
-        name=a.name,
-        monitor_dir=a.monitor_dir,
-        reference=a.reference,
-        out=a.out,
-        params=json.loads(a.params) if a.params else None,
-    )
-    print(json.dumps(r, indent=2, default=str))
-
-
 if __name__ == "__main__":
-    main()
+    from flows.entry import main
+
+    main(monitor_flow)

@@ -1,7 +1,8 @@
 """The transfer-learning pipeline as a Prefect flow: drift -> select -> train -> validate -> export.
 
     transferkit run --reference data/reference --target data/target --out runs/demo --repo models
-    python -m flows.pipeline --help        # same flow, for `prefect deploy` / workers
+    python -m flows.pipeline transfer_pipeline --target data/target --out runs/demo   # the same flow
+    python -m flows.pipeline retrain --help                                            # what deployments run
 
 Tasks are named like the stages, CLI verbs and DVC stages; each calls one library function and
 passes only paths and plain dicts (stage contracts are files in the run folder). Key tables are
@@ -36,6 +37,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from transferkit.validate import GateFailed
+from transferkit.watch import StaleData
+
 IO_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
 
 
@@ -50,16 +54,6 @@ def _io_error(task, task_run, state) -> bool:
     except BaseException:
         return False
     return False
-
-
-class GateFailed(RuntimeError):
-    def __init__(self, validation: dict):
-        super().__init__("validation gate failed: " + "; ".join(validation["reasons"]))
-        self.validation = validation
-
-
-class StaleData(RuntimeError):
-    """The dataset's DVC md5 is no longer the one the run was started for."""
 
 
 def _params(params: dict[str, Any] | None):
@@ -342,9 +336,9 @@ def push_task(root: str, remote: str | None = None) -> str:
     """`dvc push`: the data (and DVC-tracked outputs) behind the gated model reach the default remote."""
     import subprocess
 
-    from transferkit.watch import _dvc
+    from transferkit.watch import dvc_executable
 
-    cmd = [_dvc(), "push"] + (["-r", remote] if remote else [])
+    cmd = [dvc_executable(), "push"] + (["-r", remote] if remote else [])
     p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
         msg = (p.stderr or p.stdout).strip()[-1500:]
@@ -489,6 +483,6 @@ def retrain(
 
 
 if __name__ == "__main__":
-    from transferkit.cli import app
+    from flows.entry import main
 
-    app(["run", "--help"])
+    main(transfer_pipeline, retrain)

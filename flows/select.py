@@ -3,6 +3,7 @@
     transferkit select --target data/target --out runs/sel --runner thread     # threads, one machine
     transferkit select --target data/target --out runs/sel --runner dask       # Dask LocalCluster processes
     transferkit select ... --runner dask --set select.dask_address=tcp://scheduler:8786   # a real cluster
+    python -m flows.select --target data/target --out runs/sel      # select_flow on Prefect's default task runner
 
 One `score` task per candidate (mapped), each a call of `transferkit.select.score_candidate` with plain
 inputs (paths, md5, params dict) so Dask can ship it to other processes or machines; ranking, the
@@ -53,7 +54,9 @@ def task_runner(kind: str, workers: int = 2, address: str | None = None):
                 "dashboard_address": ":0",
             },
         )
-    raise ValueError(f"select.runner must be thread or dask for the flow; got {kind!r}")
+    from transferkit.config import ConfigError
+
+    raise ConfigError(f"select.runner must be thread or dask for the flow; got {kind!r}")
 
 
 @flow(name="select", log_prints=True)
@@ -125,3 +128,9 @@ def _share_ephemeral_api() -> bool:
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
     return True
+
+
+if __name__ == "__main__":
+    from flows.entry import main
+
+    main(select_flow)

@@ -87,6 +87,31 @@ def test_errors_are_one_readable_line_and_nonzero(tmp_path):
     assert r.exit_code == 1 and "--model or --ranking" in r.output
 
 
+def test_only_transferkit_errors_and_os_errors_become_one_line(tmp_path, monkeypatch):
+    """A stage's TransferkitError (and an OSError) is one line and exit 1; any other exception is a bug and
+    keeps its traceback: a ValueError from inside a stage is not taken for bad input."""
+    import transferkit.drift
+    from transferkit.data import DataError
+
+    args = ["drift", "--reference", str(tmp_path), "--current", str(tmp_path), "--out", str(tmp_path / "o")]
+    for exc, code in ((DataError("a.png: broken"), 1), (PermissionError("denied: b.png"), 1)):
+        monkeypatch.setattr(transferkit.drift, "run_drift", lambda *a, _e=exc, **k: (_ for _ in ()).throw(_e))
+        r = runner.invoke(app, args)
+        assert r.exit_code == code and str(exc) in r.output and r.exception.__class__ is SystemExit
+    monkeypatch.setattr(transferkit.drift, "run_drift", lambda *a, **k: {}["drift_detected"])  # a bug: KeyError
+    r = runner.invoke(app, args)
+    assert isinstance(r.exception, KeyError) and "error:" not in r.output
+    monkeypatch.setattr(transferkit.drift, "run_drift", lambda *a, **k: int("x"))  # a bug: plain ValueError
+    assert isinstance(runner.invoke(app, args).exception, ValueError)
+    # a malformed JSON file given to a stage is bad input, not a bug
+    (tmp_path / "ranking.json").write_bytes(b"\xff\xfe{")
+    r = runner.invoke(
+        app,
+        ["train", "--target", str(tmp_path), "--ranking", str(tmp_path / "ranking.json"), "--out", str(tmp_path / "t")],
+    )
+    assert r.exit_code == 1 and "ranking.json" in r.output and "UTF-8" in r.output
+
+
 def test_serve_refuses_a_missing_repository(tmp_path):  # the server itself: tests/test_serve.py
     r = runner.invoke(app, ["serve", "--repo", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "model repository not found" in r.output

@@ -10,13 +10,13 @@ from transferkit.data import load_dataset
 
 def _counting(monkeypatch):
     calls = []
-    real = embed._forward
+    real = embed.forward
 
     def spy(lm, samples, *a, **k):
         calls.append(len(samples))
         return real(lm, samples, *a, **k)
 
-    monkeypatch.setattr(embed, "_forward", spy)
+    monkeypatch.setattr(embed, "forward", spy)
     return calls
 
 
@@ -66,7 +66,7 @@ def test_scratch_features_repeat_across_processes_state(tiny_target, tmp_path, m
     s = ds.splits["val"][:8]
     monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "one"))
     first = embed.compute_embeddings("scratch:mobilenetv2_100", s, ds.md5, image_size=32, progress=False)
-    embed._source_model.cache_clear()
+    embed.source_model.cache_clear()
     torch.manual_seed(1234)  # whatever the caller's RNG state, init is the same
     monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "two"))
     second = embed.compute_embeddings("scratch:mobilenetv2_100", s, ds.md5, image_size=32, progress=False)

@@ -369,7 +369,7 @@ def test_same_seed_same_result_whatever_ran_before(lp_run, tiny_target, tmp_path
     from transferkit import embed
 
     _, first, params = lp_run
-    embed._source_model.cache_clear()  # cold: the model is built again, consuming the global RNG
+    embed.source_model.cache_clear()  # cold: the model is built again, consuming the global RNG
     again = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", progress=False)
     assert [h["val_loss"] for h in again["history"]] == pytest.approx(
         [h["val_loss"] for h in first["history"]], rel=1e-6

@@ -1,8 +1,10 @@
 """The `transferkit` command line: one verb per pipeline stage, same names as modules, tasks, DVC stages.
 
 Heavy libraries (torch, timm, prefect, evidently) are imported inside the commands so that
-`transferkit --help` answers at once. Errors in the input print one line naming the file or field and
-exit with status 1; a failed validation gate exits with 3.
+`transferkit --help` answers at once. Errors in the input (TransferkitError, OSError) print one line
+naming the file or field and exit with status 1; a failed validation gate exits with 3; anything else
+is a bug and shows its traceback. `run` and `select --runner thread|dask` start the Prefect flows of
+the `flows` package through `transferkit.orchestrate.load_flow` (why there: see FLOW_ENTRYPOINTS).
 """
 
 from __future__ import annotations
@@ -59,17 +61,18 @@ def _fail(msg: str, code: int = 1) -> None:
 
 
 def _guard(fn):
-    """Turn expected input errors into one readable line and a non-zero exit (no traceback)."""
+    """Turn expected errors into one readable line and exit 1 (no traceback): the stages' TransferkitError
+    (bad params arrive as ConfigError) and OSError (a missing or unreadable file). Nothing broader: any
+    other exception is a bug and keeps its traceback."""
     import functools
+
+    from transferkit.errors import TransferkitError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except (ValueError, FileNotFoundError, PermissionError) as e:
-            # DataError, ZooError, ConfigError, ExportError are ValueErrors with readable messages.
+        except (TransferkitError, OSError) as e:
             _fail(str(e))
 
     return wrapper
@@ -238,13 +241,9 @@ def select(
     if p.select.runner == "sequential":
         r = run_select(target, out, p, cands, progress=not quiet, confirm=confirm)
     else:
-        import os
+        from transferkit.orchestrate import load_flow
 
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-        from flows.select import run_select_flow
-
-        r = run_select_flow(target, out, p, cands, confirm=confirm, progress=False)
+        r = load_flow("select")(target, out, p, cands, confirm=confirm, progress=False)
     for row in r["candidates"]:
         score = "n/a" if row["score"] is None else f"{row['score']:.4f}"
         leep = "" if row["leep"] is None else f"  leep={row['leep']:.3f}"
@@ -408,13 +407,10 @@ def run_cmd(
     quiet: QuietOpt = False,
 ):
     """Run the whole Prefect flow: drift -> select -> train -> validate -> export."""
-    import os
+    from transferkit.orchestrate import load_flow
+    from transferkit.validate import GateFailed
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # a fresh PREFECT_HOME migrates its SQLite database first: on 2 busy cores that outlasts the 20 s default
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from flows.pipeline import GateFailed, transfer_pipeline
-
+    transfer_pipeline = load_flow("run")
     p = _params(params, set_)
     if strategy:
         p.train.strategy = strategy

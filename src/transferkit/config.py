@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from transferkit.errors import TransferkitError
+
 Strategy = Literal["auto", "linear-probe", "partial", "full", "lp-ft", "scratch"]
 
 
@@ -199,7 +201,7 @@ with warnings.catch_warnings():
         export: ExportParams = ExportParams()
 
 
-class ConfigError(ValueError):
+class ConfigError(TransferkitError, ValueError):
     """A params file or override that does not validate; the message names the field."""
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.errors import TransferkitError
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLITS = ("train", "val", "test")
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs early (PIL raises above 2x this)
@@ -71,7 +73,7 @@ BUILTINS = ("mnist", "fashion-mnist", "digits", "clipart")
 UNLABELLED_DIR = "unlabelled"  # top-level pool of images without labels (never a class)
 
 
-class DataError(ValueError):
+class DataError(TransferkitError, ValueError):
     """Input data that cannot be used; the message names the offending path."""
 
 

@@ -47,7 +47,7 @@ def device():
 
 
 @functools.lru_cache(maxsize=4)
-def _source_model(spec: str, image_size: int | None):
+def source_model(spec: str, image_size: int | None):
     """Loaded once per process: drift, select and train embed several splits with the same model."""
     from transferkit import zoo
 
@@ -76,7 +76,7 @@ def compute_embeddings(
     from transferkit import zoo
 
     # source head kept: its logits feed LEEP; file: checkpoints may change on disk, so never memoised
-    lm = zoo.create_model(spec, image_size=image_size) if spec.startswith("file:") else _source_model(spec, image_size)
+    lm = zoo.create_model(spec, image_size=image_size) if spec.startswith("file:") else source_model(spec, image_size)
     size = int(lm.data_config["input_size"][-1])
     path = cache_dir() / f"{cache_key(spec, lm.weights_sha256, data_md5, size)}.npz"
     stored: dict[str, np.ndarray] = {}
@@ -93,7 +93,7 @@ def compute_embeddings(
     keys = [_row_key(p) for p, _ in samples]
     missing = sorted({k: i for i, k in enumerate(keys) if k not in index}.values())
     if missing:
-        new = _forward(lm, [samples[i] for i in missing], batch_size, progress, spec)
+        new = forward(lm, [samples[i] for i in missing], batch_size, progress, spec)
         new["keys"] = np.array([keys[i] for i in missing])
         stored = {k: np.concatenate([stored[k], new[k]]) for k in new} if stored else new
         _save(path, stored)
@@ -117,7 +117,9 @@ def _has_head(lm) -> bool:
     return lm.spec.kind != "scratch" and getattr(lm.model, "num_classes", 0) > 0
 
 
-def _forward(lm, samples, batch_size: int, progress: bool, spec: str) -> dict[str, np.ndarray]:
+def forward(lm, samples, batch_size: int, progress: bool, spec: str) -> dict[str, np.ndarray]:
+    """Embed SAMPLES with the loaded model LM now, bypassing the cache ({'features'[, 'logits']}); SPEC labels
+    the progress bar. For models whose weights are not a cache key (train's AdaBN-adapted copy)."""
     import torch
     from tqdm import tqdm
 

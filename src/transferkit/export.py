@@ -54,6 +54,7 @@ from typing import Any
 
 from transferkit import repository
 from transferkit.config import ConfigError, Params, load_params
+from transferkit.errors import TransferkitError
 from transferkit.io import atomic_write_text, git_rev, read_json, sha256_file, write_json
 from transferkit.promote import promote
 from transferkit.repository import (
@@ -81,7 +82,7 @@ read_latest = repository.read_latest
 read_onnx_metadata = repository.read_onnx_metadata
 
 
-class ExportError(ValueError):
+class ExportError(TransferkitError, ValueError):
     """An export that must not ship: failed gate, unloadable checkpoint, exporter or parity failure."""
 
 

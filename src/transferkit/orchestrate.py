@@ -33,16 +33,44 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# No telemetry; a fresh PREFECT_HOME migrates its SQLite database first, and on 2 busy cores that outlasts
+# the ephemeral server's 20 s default startup timeout. A value the user set wins.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
+
+# `transferkit run` and `select --runner thread|dask` start Prefect flows. Flows live in the top-level `flows`
+# package because they compose the library (and import it); a library module importing them would close a
+# circle and make the library depend on its own orchestration. These commands must still run the real
+# flows (tasks, subflows and artifacts in Prefect's database), so the library reaches them only here:
+# late, by name, in one place; no transferkit module imports `flows` (tests/test_imports.py).
+FLOW_ENTRYPOINTS = {
+    "run": "flows.pipeline:transfer_pipeline",
+    "select": "flows.select:run_select_flow",
+}
+
+
+def use_prefect_defaults() -> None:
+    """PREFECT_DEFAULTS into os.environ where unset, before Prefect is imported in this process."""
+    for k, v in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def load_flow(name: str):
+    """The callable behind FLOW_ENTRYPOINTS[name], imported now (with the Prefect defaults applied)."""
+    import importlib
+
+    use_prefect_defaults()
+    module, attr = FLOW_ENTRYPOINTS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def prefect_env(api_url: str | None = None, home: str | Path | None = None, **extra: str) -> dict[str, str]:
-    """Environment for Prefect subprocesses: no telemetry, a patient migration timeout, optional API/home."""
-    env = {
-        **os.environ,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": os.environ.get(
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"
-        ),
-    }
+    """Environment for Prefect subprocesses: PREFECT_DEFAULTS under os.environ, optional API/home."""
+    # telemetry stays off in the children even where the shell turned it on
+    env = {**PREFECT_DEFAULTS, **os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     if api_url:
         env["PREFECT_API_URL"] = api_url
     if home:

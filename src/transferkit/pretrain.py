@@ -97,9 +97,9 @@ def run_pretrain(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    from transferkit.embed import _source_model
+    from transferkit.embed import source_model
 
-    _source_model.cache_clear()  # a re-registered name must not be served from this process's model memo
+    source_model.cache_clear()  # a re-registered name must not be served from this process's model memo
     return card
 
 

@@ -26,10 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from transferkit.errors import TransferkitError
 from transferkit.io import atomic_write_text, read_json, sha256_file
 
 
-class RepositoryError(ValueError):
+class RepositoryError(TransferkitError, ValueError):
     """A repository operation that must not happen: bad name, unknown model/version, incomplete version."""
 
 

@@ -56,11 +56,12 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.config import Params, dump_params
+from transferkit.errors import TransferkitError
 
 STRATEGIES = ("auto", "linear-probe", "partial", "full", "lp-ft", "scratch")
 
 
-class StrategyError(ValueError):
+class StrategyError(TransferkitError, ValueError):
     """A strategy that cannot apply to this model or these params (names the field)."""
 
 
@@ -227,11 +228,11 @@ def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tupl
     import torch
     import torch.nn.functional as F
 
-    from transferkit.embed import _forward, compute_embeddings
+    from transferkit.embed import compute_embeddings, forward
 
     def features(split):
         if adapted:
-            return _forward(lm, ds.splits[split], params.data.batch_size, progress, f"{lm.spec.spec}+adabn")
+            return forward(lm, ds.splits[split], params.data.batch_size, progress, f"{lm.spec.spec}+adabn")
         return compute_embeddings(
             lm.spec.spec,
             ds.splits[split],
@@ -530,7 +531,7 @@ def run_train(
     t = params.train
     strategy = strategy or t.strategy
     if strategy not in STRATEGIES:
-        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+        raise StrategyError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if strategy != "scratch" and model.startswith("scratch:"):
         raise DataError(f"model {model!r} has no pretrained weights; use --strategy scratch")
     ds = load_dataset(

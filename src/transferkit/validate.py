@@ -56,8 +56,17 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.config import Params, load_params
+from transferkit.errors import TransferkitError
 
 _OVERFIT_CHECKS = ("accuracy_gap", "loss_gap", "divergence")
+
+
+class GateFailed(TransferkitError):
+    """The validation gate refused the run: nothing may be exported. `validation` is validation.json."""
+
+    def __init__(self, validation: dict):
+        super().__init__("validation gate failed: " + "; ".join(validation["reasons"]))
+        self.validation = validation
 
 
 def run_validate(run: Path, params: Params | None = None, baseline: Path | None = None, progress: bool = True) -> dict:
@@ -474,6 +483,7 @@ def overfitting_checks(metrics: dict, params: Params) -> list[dict]:
 
 def _scratch_metrics(run: Path, metrics: dict, params: Params, baseline: Path | None, progress: bool):
     """The same-architecture scratch run's metrics and folder: `--baseline DIR`, or RUN/baseline (reused or trained)."""
+    from transferkit.data import DataError
     from transferkit.io import read_json
 
     folder = Path(baseline) if baseline is not None else run / "baseline"
@@ -482,7 +492,7 @@ def _scratch_metrics(run: Path, metrics: dict, params: Params, baseline: Path | 
     else:
         bm = _baseline_metrics(folder, metrics, params, metrics["model"], "scratch", progress)
     if bm.get("data_md5") != metrics.get("data_md5"):
-        raise ValueError(f"baseline {baseline} was trained on different data (md5 differs); not comparable")
+        raise DataError(f"baseline {baseline} was trained on different data (md5 differs); not comparable")
     return bm, folder
 
 
@@ -580,7 +590,7 @@ def predict_test(
     import torch
 
     from transferkit import zoo
-    from transferkit.data import load_dataset, make_loader
+    from transferkit.data import DataError, load_dataset, make_loader
     from transferkit.embed import torch_threads
 
     ds = load_dataset(
@@ -590,7 +600,7 @@ def predict_test(
         test_fraction=params.data.test_fraction,
     )
     if ds.md5 != metrics.get("data_md5"):
-        raise ValueError(f"{metrics['target']}: data changed since training (md5 differs); re-train before validating")
+        raise DataError(f"{metrics['target']}: data changed since training (md5 differs); re-train before validating")
     torch_threads()
     lm = zoo.create_model(f"file:{run / 'model.safetensors'}")
     loader = make_loader(ds.splits[split], zoo.eval_transform(lm.data_config), params.data.batch_size)

@@ -37,12 +37,18 @@ from typing import Any
 
 import yaml
 
+from transferkit.errors import TransferkitError
+
 EVENT_UPDATED = "transferkit.dataset.updated"
 RESOURCE_PREFIX = "transferkit.dataset."
 
 
-class WatchError(ValueError):
+class WatchError(TransferkitError, ValueError):
     """A folder that cannot be versioned (missing, outside a DVC repo, dvc add failing); names the path."""
+
+
+class StaleData(TransferkitError):
+    """The dataset's DVC md5 is no longer the one a run was started for (a newer change starts its own run)."""
 
 
 def resource_id(name: str) -> str:
@@ -76,7 +82,8 @@ def dvc_root(path: Path) -> Path:
     raise WatchError(f"{path} is not inside a DVC repository (run `dvc init` in the project first)")
 
 
-def _dvc() -> str:
+def dvc_executable() -> str:
+    """The `dvc` of this interpreter's environment (the one the package depends on), else the one on PATH."""
     exe = Path(sys.executable).parent / "dvc"
     return str(exe) if exe.exists() else (shutil.which("dvc") or "dvc")
 
@@ -100,7 +107,7 @@ def dvc_add(folder: str | Path) -> dict[str, Any]:
         raise WatchError(f"dataset folder does not exist: {folder}")
     root = dvc_root(folder)
     p = subprocess.run(
-        [_dvc(), "add", str(folder.relative_to(root))], cwd=root, capture_output=True, text=True, timeout=3600
+        [dvc_executable(), "add", str(folder.relative_to(root))], cwd=root, capture_output=True, text=True, timeout=3600
     )
     if p.returncode != 0:
         msg = " ".join((p.stderr + p.stdout).split())  # dvc's ERROR line, on one line
@@ -114,7 +121,7 @@ def dvc_up_to_date(folder: Path) -> bool:
     if not dvc_file.is_file():
         return False
     p = subprocess.run(
-        [_dvc(), "status", "--json", str(dvc_file.relative_to(dvc_root(folder)))],
+        [dvc_executable(), "status", "--json", str(dvc_file.relative_to(dvc_root(folder)))],
         cwd=dvc_root(folder),
         capture_output=True,
         text=True,

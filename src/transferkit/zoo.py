@@ -26,10 +26,11 @@ from importlib import util as importlib_util
 from pathlib import Path
 from typing import Any
 
+from transferkit.errors import TransferkitError
 from transferkit.io import sha256_file
 
 
-class ZooError(ValueError):
+class ZooError(TransferkitError, ValueError):
     """A model spec that cannot be resolved or loaded; the message names the spec or file."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from transferkit.errors import TransferkitError
+
 
 class RequestError(Exception):
     """A client error: its status code and one readable message."""
@@ -13,7 +15,7 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
-class LoadError(ValueError):
+class LoadError(TransferkitError, ValueError):
     """A version that must not serve."""
 
 
