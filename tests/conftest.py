@@ -285,6 +285,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_command(repo: Path, port: int, *args: str) -> list[str]:
+    """argv of `transferkit serve` on `repo` at loopback `port`, as a user runs it."""
+    return [sys.executable, "-m", "transferkit.cli", "serve", "--repo", str(repo), "--port", str(port), *args]
+
+
 def start_server(repo: Path, tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
     """A real `transferkit serve` process on a free loopback port, once /readyz says 200: (process, url)."""
     import httpx
@@ -294,21 +299,7 @@ def start_server(repo: Path, tmp: Path, *args: str) -> tuple[subprocess.Popen, s
     env.pop("TRANSFERKIT_SERVE_TOKEN", None)
     log = open(tmp / f"server-{port}.log", "w")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "transferkit.cli",
-            "serve",
-            "--repo",
-            str(repo),
-            "--port",
-            str(port),
-            "--poll-interval",
-            "0.2",
-            "--threads",
-            "1",
-            *args,
-        ],
+        serve_command(repo, port, "--poll-interval", "0.2", "--threads", "1", *args),
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

@@ -30,6 +30,7 @@ from conftest import (
     bad_reference,
     free_port,
     read_metric,
+    serve_command,
     serving,
     start_server,
     stop_server,
@@ -856,18 +857,7 @@ def test_a_token_standard_clients_cannot_send_is_refused_at_start(repo, tmp_path
     """9: a non-ASCII token could not be sent by standard clients; `serve` now refuses it, naming the file."""
     (tmp_path / "token").write_text("pässwörd\n")
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "transferkit.cli",
-            "serve",
-            "--repo",
-            str(repo),
-            "--port",
-            str(free_port()),
-            "--token-file",
-            str(tmp_path / "token"),
-        ],
+        serve_command(repo, free_port(), "--token-file", str(tmp_path / "token")),
         capture_output=True,
         text=True,
         timeout=120,
