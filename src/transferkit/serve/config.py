@@ -86,7 +86,7 @@ class ServeConfig(BaseModel):
 
 
 def with_env_token(cfg: ServeConfig) -> ServeConfig:
-    """The config with ${TOKEN_ENV}'s token when none was given (how the container images pass it)."""
+    """The config with $TRANSFERKIT_SERVE_TOKEN's token when none was given (how container images pass it)."""
     if cfg.token is None and os.environ.get(TOKEN_ENV):
         return ServeConfig.model_validate({**dict(cfg), "token": os.environ[TOKEN_ENV].strip()})
     return cfg
