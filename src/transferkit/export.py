@@ -52,7 +52,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from transferkit import repository
 from transferkit.config import ConfigError, Params, load_params
 from transferkit.errors import TransferkitError
 from transferkit.io import atomic_write_text, git_rev, read_json, sha256_file, write_json
@@ -74,12 +73,6 @@ from transferkit.repository import (
 from transferkit.runtime import execution_providers, ort_session
 
 log = logging.getLogger("transferkit.export")
-
-# kept for serve.py until it moves to repository
-_NAME_RE = repository.NAME_RE
-check_model_name = repository.check_model_name
-read_latest = repository.read_latest
-read_onnx_metadata = repository.read_onnx_metadata
 
 
 class ExportError(TransferkitError, ValueError):

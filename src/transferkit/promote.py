@@ -43,7 +43,6 @@ from transferkit.repository import (
 # A refused promotion is a refused repository operation (unknown model or version, incomplete version, no
 # history, a server that refused it): one type, under the name promote's callers know.
 PromoteError = RepositoryError
-_stack = live_stack  # kept for serve.py until it moves to repository
 
 
 def _move(model_dir: Path, version: int, meta: dict, action: str, reason: str) -> dict[str, Any]:
