@@ -38,6 +38,7 @@ OVERRIDES = {
     "data.image_size": 64,
     "train.epochs": 3,
     "train.patience": 3,
+    "train.budget_minutes": 0,  # auto = the fixed rule: the search (test_train.py) would add minutes here
     "export.int8": False,
     "export.opset": 17,
     "validate.require_gain": False,

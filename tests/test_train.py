@@ -13,13 +13,16 @@ from transferkit import zoo
 from transferkit.config import load_params
 from transferkit.data import DataError, load_dataset, load_rgb, make_loader
 from transferkit.train import (
+    Fit,
     StrategyError,
     _EarlyStop,
+    _precise_bn,
     adapt_batchnorm,
     choose_strategy,
     evaluate_cpu,
     param_groups,
     run_train,
+    search_configs,
     set_trainable,
     stage_groups,
 )
@@ -27,7 +30,10 @@ from transferkit.train import (
 
 @pytest.fixture(scope="module")
 def lp_run(tiny_target, tmp_path_factory):
-    params = load_params(None, {"data.image_size": 32, "train.epochs": 15, "train.patience": 15})
+    # budget 0: `auto` is the fixed rule (the search has its own tests below)
+    params = load_params(
+        None, {"data.image_size": 32, "train.epochs": 15, "train.patience": 15, "train.budget_minutes": 0}
+    )
     out = tmp_path_factory.mktemp("lp")
     return out, run_train(tiny_target, out, params, "mobilenetv2_100", progress=False), params
 
@@ -259,7 +265,8 @@ def test_adabn_auto_under_detected_shift(lp_run, tiny_target, tmp_path):
     assert lp_run[1]["adabn"]["applied"] is False  # no drift.json: nothing to adapt to
     drift = tmp_path / "drift.json"
     drift.write_text(json.dumps({"drift_detected": True, "severity": "severe"}))
-    params = load_params(None, {"data.image_size": 32, "train.epochs": 5, "train.adabn": "auto"})
+    rule = {"data.image_size": 32, "train.epochs": 5, "train.budget_minutes": 0}  # auto = the fixed rule
+    params = load_params(None, {**rule, "train.adabn": "auto"})
     m = run_train(tiny_target, tmp_path / "run", params, "mobilenetv2_100", drift=drift, progress=False)
     assert m["strategy"] == "linear-probe" and m["adabn"] == {"applied": True, "images": 100}
     assert "AdaBN" in m["strategy_reason"]
@@ -270,7 +277,7 @@ def test_adabn_auto_under_detected_shift(lp_run, tiny_target, tmp_path):
     off = run_train(
         tiny_target,
         tmp_path / "off",
-        load_params(None, {"data.image_size": 32, "train.epochs": 5, "train.adabn": "off"}),
+        load_params(None, {**rule, "train.adabn": "off"}),
         "mobilenetv2_100",
         drift=drift,
         progress=False,
@@ -375,3 +382,53 @@ def test_same_seed_same_result_whatever_ran_before(lp_run, tiny_target, tmp_path
         [h["val_loss"] for h in first["history"]], rel=1e-6
     )
     assert again["test_accuracy"] == first["test_accuracy"]
+
+
+def test_search_respects_its_budget_and_keeps_the_val_best():
+    """A crafted objective on a fake clock: each config costs known seconds and reaches a known val accuracy."""
+    now = [0.0]
+    cost = {"a": 10.0, "b": 30.0, "c": 25.0, "d": 5.0, "e": 1.0}
+    val = {"a": 0.5, "b": 0.8, "c": 0.8, "d": 0.99, "e": 0.1}
+    seen = []
+
+    def fit(config, deadline, bar):
+        seen.append((config, deadline, bar))
+        now[0] += min(cost[config], deadline - now[0]) if config != "a" else cost[config]  # stops at the deadline
+        return Fit(None, config, "", {"val": val[config]}, [{}], 1, {})
+
+    best, rows, budget = search_configs(list(cost), fit, 60.0, clock=lambda: now[0])
+    assert budget == 60.0 and now[0] <= 60.0  # a config ends by the deadline; none starts after it
+    assert [r["strategy"] for r in rows if r["val_accuracy"] is not None] == ["a", "b", "c"]
+    assert [r["stopped"] for r in rows[3:]] == ["skipped", "skipped"]  # d (the best!) never ran: no budget left
+    assert best.strategy == "b"  # val-best among those run; the tie with c keeps the earlier
+    assert [s[2] for s in seen] == [None, 0.5, 0.8]  # each later config knows the bar to beat
+    assert all(s[1] == 60.0 for s in seen)
+    assert rows[1]["seconds"] == 30.0 and rows[2]["seconds"] == 20.0  # c cut at the deadline
+
+
+def test_auto_search_on_real_data_picks_the_val_best_and_explains(tiny_target, tmp_path):
+    params = load_params(None, {"data.image_size": 32, "train.epochs": 2, "train.search": ["linear-probe", "full"]})
+    m = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", progress=False)
+    s = m["search"]
+    assert [r["strategy"] for r in s["candidates"]] == ["linear-probe", "full"]
+    best = max(s["candidates"], key=lambda r: r["val_accuracy"])  # first of equals, as the search keeps
+    assert m["strategy"] == s["selected"] == best["strategy"] and m["val_accuracy"] == best["val_accuracy"]
+    assert f"{best['val_accuracy']:.3f}" in m["strategy_reason"] and "5-min budget" in m["strategy_reason"]
+    assert sum(r["seconds"] for r in s["candidates"]) <= 5 * 60
+    assert not (tmp_path / "search").exists()
+
+
+def test_precise_bn_refreshes_only_the_batchnorms_that_train(tiny_target):
+    import torch
+
+    lm = zoo.create_model("mobilenetv2_100", num_classes=10, image_size=32)
+    set_trainable(lm.model, "partial", 2)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    ds = load_dataset(tiny_target)
+    _precise_bn(lm.model, ds.splits["train"], zoo.eval_transform(lm.data_config), 32)
+    after = lm.model.state_dict()
+    stats = [k for k in before if k.endswith("running_mean")]
+    frozen = [k for k in stats if not lm.model.get_submodule(_module_of(k)).weight.requires_grad]
+    assert frozen and len(frozen) < len(stats)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # the source's statistics stay
+    assert all(not torch.equal(before[k], after[k]) for k in stats if k not in frozen)  # the target's replace them

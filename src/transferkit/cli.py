@@ -34,6 +34,10 @@ ParamsOpt = Annotated[
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="override a param: group.key=value (repeatable)")
 ]
+BudgetOpt = Annotated[
+    Optional[float],
+    typer.Option(min=0.0, help="auto: minutes the search over train.search may take (0 = the fixed rule)"),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 ServerOpt = Annotated[
     Optional[list[str]],
@@ -299,6 +303,7 @@ def train(
     drift_json: Annotated[
         Optional[Path], typer.Option("--drift", help="drift.json to inform the auto strategy")
     ] = None,
+    budget_minutes: BudgetOpt = None,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -310,7 +315,10 @@ def train(
     if (model is None) == (ranking is None):
         _fail("give exactly one of --model or --ranking")
     model = model or read_json(ranking)["selected"]
-    m = run_train(target, out, _params(params, set_), model, strategy, drift_json, progress=not quiet)
+    p = _params(params, set_)
+    if budget_minutes is not None:
+        p.train.budget_minutes = budget_minutes
+    m = run_train(target, out, p, model, strategy, drift_json, progress=not quiet)
     typer.echo(
         f"train: {m['model']} strategy={m['strategy']} val={m['val_accuracy']:.3f} "
         f"test={m['test_accuracy']:.3f} best_epoch={m['best_epoch']}/{m['epochs']} ({m['strategy_reason']})"
@@ -401,6 +409,7 @@ def run_cmd(
     candidates: Annotated[Optional[str], typer.Option(help="comma-separated model specs (default: params)")] = None,
     repo: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
     strategy: Annotated[Optional[str], typer.Option(help="override train.strategy")] = None,
+    budget_minutes: BudgetOpt = None,
     force: Annotated[bool, typer.Option(help="export even if validation fails")] = False,
     params: ParamsOpt = None,
     set_: SetOpt = None,
@@ -414,6 +423,8 @@ def run_cmd(
     p = _params(params, set_)
     if strategy:
         p.train.strategy = strategy
+    if budget_minutes is not None:
+        p.train.budget_minutes = budget_minutes
     cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
     try:
         summary = transfer_pipeline(

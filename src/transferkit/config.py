@@ -80,7 +80,7 @@ class TrainParams(_Group):
     lr: float = Field(1e-3, gt=0, description="fine-tuning LR: 10x smaller than scratch_lr")
     scratch_lr: float = Field(1e-2, gt=0)
     head_lr: float = Field(1e-2, gt=0, description="linear-probe head LR")
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.05, ge=0, description="AdamW (decoupled) weight decay")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     drop_rate: float = Field(0.2, ge=0, lt=1)
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth in the residual blocks (fine-tuning)")
@@ -89,6 +89,11 @@ class TrainParams(_Group):
         10, ge=0, description="never stop before this epoch: val loss is noisy while the LR is high"
     )
     augment: bool = True
+    bn_stats: Literal["frozen", "update", "precise"] = Field(
+        "precise",
+        description="fine-tuning BatchNorm statistics: update (running average per batch), frozen (the source's), "
+        "precise (re-estimated on the train images before each validation)",
+    )
     linear_probe_max_per_class: int = Field(
         50, ge=1, description="auto: at or below this many labels per class, fine-tuning overfits"
     )
@@ -103,6 +108,15 @@ class TrainParams(_Group):
         "off", description="re-estimate BatchNorm statistics on target images (AdaBN); auto = when shift is detected"
     )
     adabn_max_images: int = Field(500, ge=8, description="AdaBN: target images used for the statistics")
+    budget_minutes: float = Field(
+        5.0, ge=0, le=1440, description="auto: wall-clock budget of the search over train.search (0 = the rule)"
+    )
+    search: list[Literal["linear-probe", "partial", "full", "lp-ft"]] = Field(
+        ["linear-probe", "full", "lp-ft"], min_length=1, description="auto: configurations tried, cheapest first"
+    )
+    search_prune: float = Field(
+        0.1, ge=0, le=1, description="auto: a fine-tune this far below the best val accuracy at half its epochs stops"
+    )
     resume: bool = Field(True, description="resume a killed fine-tune from OUT/checkpoint.pt (same arguments)")
 
     @field_validator("adabn", mode="before")

@@ -6,7 +6,7 @@ Strategies (`--strategy`, or `train.strategy`)
   linear-probe  frozen backbone; a linear head trained on cached penultimate features (seconds)
   partial       the top `train.unfreeze_blocks` timm stages (model.group_matcher(coarse=True)) and the head
                 train; lower stages are frozen, their BatchNorm statistics included
-  full          fine-tune every layer; backbone LR `train.lr` (10x below scratch), head LR `train.head_lr`
+  full          fine-tune every layer at `train.lr` (10x below scratch), the head included
   lp-ft         linear probe first, then fine-tune everything from that head at `train.lr` (Kumar et al.
                 2022: a random head distorts pretrained features early in fine-tuning; most under shift)
   scratch       same architecture from random init, same epochs: the baseline transfer must beat
@@ -14,7 +14,13 @@ Options: `train.layer_decay` (layer-wise LR decay through timm's param_groups_la
 the one above it times the decay, the head keeps its own), and AdaBN (`train.adabn`): BatchNorm statistics
 re-estimated on (unlabelled) target train+val images before training, for the frozen parts of a model.
 
-The `auto` rule (choose_strategy), in order; bench/transfer.py is the evidence behind it:
+`auto` is a measured choice (search_configs): the `train.search` configurations (default linear-probe, full,
+lp-ft; cheapest first) are trained on the labelled data while `train.budget_minutes` (`--budget-minutes`) lasts
+and the one with the best validation accuracy ships; `strategy_reason` and metrics.json `search` list every
+configuration's val accuracy, epochs and seconds. A fine-tune stops when its next epoch would not fit the
+budget, or when at half its epochs it is `train.search_prune` below the best so far; a later configuration
+starts only while budget is left. A killed search starts its configurations over.
+With `train.budget_minutes: 0`, `auto` is the fixed rule (choose_strategy), in order:
   1. labels per class <= `train.linear_probe_max_per_class` -> linear-probe: too few labels to move millions
      of weights without overfitting;
   2. measured shift is severe (drift.json) -> lp-ft: the features need to adapt, and starting from a
@@ -25,6 +31,11 @@ The `auto` rule (choose_strategy), in order; bench/transfer.py is the evidence b
   model has BatchNorm and some of it stays frozen (linear-probe, partial). It is not on by default because
   bench/transfer.py measured it costing a linear probe 12-24 points: the head is retrained on the target
   anyway, and statistics from a few hundred small target images are a worse normaliser than ImageNet's.
+
+BatchNorm while fine-tuning (`train.bn_stats`): precise (default) re-estimates the statistics of the
+BatchNorms that train on the train images before each validation (Wu & Johnson 2021). With 100 images an
+epoch is 4 batches, and the running average (`update`) lagged so far behind the weights that val accuracy
+swung 0.07-0.6 on digits-10; `frozen` (the source's statistics) diverged at LR 1e-3.
 
 Regularisation: dropout before the head (`train.drop_rate`), stochastic depth in the residual blocks
 (`train.drop_path_rate`, off by default), AdamW weight decay, label smoothing,
@@ -51,7 +62,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,13 +156,28 @@ def set_trainable(model, strategy: str, unfreeze_blocks: int) -> dict:
     return {"trainable_params": n_train, "frozen_params": n_all - n_train}
 
 
-def _freeze_bn(model) -> None:
-    """BatchNorms whose weights are frozen keep their running statistics too (eval mode)."""
+def _freeze_bn(model, all_stats: bool = False) -> None:
+    """BatchNorms whose weights are frozen keep their running statistics too (eval mode); `all_stats`
+    keeps every BatchNorm's statistics (its affine weights still train)."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
     for m in model.modules():
-        if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False)):
+        if isinstance(m, _BatchNorm) and (all_stats or not any(p.requires_grad for p in m.parameters(recurse=False))):
             m.eval()
+
+
+def _precise_bn(model, samples, transform, batch_size: int) -> None:
+    """Re-estimate the statistics of the BatchNorms that train (precise BN, Wu & Johnson 2021)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    frozen = [
+        (m, {k: v.clone() for k, v in m.state_dict().items()})
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+    adapt_batchnorm(model, samples, transform, batch_size)
+    for m, state in frozen:
+        m.load_state_dict(state)
 
 
 def has_batchnorm(model) -> bool:
@@ -219,14 +248,10 @@ class _EarlyStop:
         return False, self.bad >= self.patience and epoch >= self.min_epochs
 
 
-def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tuple[dict, list[dict], int]:
-    """Train a linear head on frozen features; returns (split accuracies, history, best epoch).
-
-    Features come from the shared embedding cache, unless AdaBN changed the backbone (`adapted`): then
-    they are computed here from the adapted model (the cache holds the source model's features).
-    """
+def _probe_features(lm, ds, params: Params, progress: bool, adapted: bool) -> dict:
+    """{split: (features, labels)} as tensors: from the shared embedding cache, unless AdaBN changed the
+    backbone (`adapted`): then computed here from the adapted model (the cache holds the source's)."""
     import torch
-    import torch.nn.functional as F
 
     from transferkit.embed import compute_embeddings, forward
 
@@ -242,43 +267,61 @@ def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tupl
             progress=progress,
         )
 
-    emb = {s: features(s) for s in ("train", "val", "test")}
+    out = {}
+    for s in ("train", "val", "test"):
+        labels = torch.tensor([lbl for _, lbl in ds.splits[s]], dtype=torch.long)
+        out[s] = (torch.from_numpy(features(s)["features"]), labels)
+    return out
+
+
+def _probe_epoch(head, opt, x, y, perm, t, batch_size: int) -> float:
+    """One epoch of the linear head over cached features (dropout on the features); the mean loss."""
+    import torch.nn.functional as F
+
+    head.train()
+    tot = 0.0
+    for i in range(0, len(y), batch_size):
+        idx = perm[i : i + batch_size]
+        loss = F.cross_entropy(
+            head(F.dropout(x[idx], p=t.drop_rate, training=True)), y[idx], label_smoothing=t.label_smoothing
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tot += loss.item() * len(idx)
+    return tot / len(y)
+
+
+def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tuple[dict, list[dict], int]:
+    """Train a linear head on frozen features; returns (split accuracies, history, best epoch)."""
+    import torch
+    import torch.nn.functional as F
+
+    data = _probe_features(lm, ds, params, progress, adapted)
     _seed_everything(params.seed)  # after embedding: loading a model may consume the global RNG
-    x = {s: torch.from_numpy(e["features"]) for s, e in emb.items()}
-    y = {s: torch.tensor([lbl for _, lbl in ds.splits[s]], dtype=torch.long) for s in emb}
-    head = lm.model.get_classifier()
+    t, head = params.train, lm.model.get_classifier()
     torch.nn.init.zeros_(head.weight)  # a zero head starts at the uniform prediction
     torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.AdamW(head.parameters(), lr=params.train.head_lr, weight_decay=params.train.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.train.epochs)
+    opt = torch.optim.AdamW(head.parameters(), lr=t.head_lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
     g = torch.Generator().manual_seed(params.seed)
-    stop, history, best_state = _EarlyStop(params.train.patience, params.train.min_epochs), [], None
-    n, bs = len(y["train"]), params.data.batch_size
-    for epoch in range(1, params.train.epochs + 1):
+    stop, history, best_state = _EarlyStop(t.patience, t.min_epochs), [], None
+    (xt, yt), (xv, yv) = data["train"], data["val"]
+    for epoch in range(1, t.epochs + 1):
         t0 = time.perf_counter()
-        head.train()
-        perm = torch.randperm(n, generator=g)
-        tot = 0.0
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
-            feats = F.dropout(x["train"][idx], p=params.train.drop_rate, training=True)
-            loss = F.cross_entropy(head(feats), y["train"][idx], label_smoothing=params.train.label_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot += loss.item() * len(idx)
+        loss = _probe_epoch(head, opt, xt, yt, torch.randperm(len(yt), generator=g), t, params.data.batch_size)
         sched.step()
         head.eval()
         with torch.no_grad():
-            tr_logits, va_logits = head(x["train"]), head(x["val"])
-            val_loss = float(F.cross_entropy(va_logits, y["val"]))
+            tr_logits, va_logits = head(xt), head(xv)
+            val_loss = float(F.cross_entropy(va_logits, yv))
         history.append(
             {
                 "epoch": epoch,
-                "train_loss": tot / n,
-                "train_accuracy": _accuracy(tr_logits, y["train"]),
+                "train_loss": loss,
+                "train_accuracy": _accuracy(tr_logits, yt),
                 "val_loss": val_loss,
-                "val_accuracy": _accuracy(va_logits, y["val"]),
+                "val_accuracy": _accuracy(va_logits, yv),
                 "lr": sched.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - t0, 4),
             }
@@ -291,7 +334,7 @@ def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tupl
     head.load_state_dict(best_state)
     head.eval()
     with torch.no_grad():
-        acc = {s: _accuracy(head(x[s]), y[s]) for s in x}
+        acc = {s: _accuracy(head(x), y) for s, (x, y) in data.items()}
     return acc, history, stop.best_epoch
 
 
@@ -373,131 +416,175 @@ def _set_rng_state(state: dict, loader_gen) -> None:
     loader_gen.set_state(state["loader"])
 
 
-def _finetune(
-    lm, ds, params: Params, strategy: str, progress: bool, out: Path, fingerprint: str
-) -> tuple[dict, list[dict], int, int]:
-    """Fine-tune (partial/full/lp-ft) or train from scratch with early stopping; keeps the best epoch.
-
-    Returns (split accuracies, history, best epoch, epoch resumed from or 0)."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
+def _loaders(lm, ds, params: Params):
+    """The shuffled (augmented) train loader and unshuffled eval loaders for every split."""
     from transferkit import zoo
     from transferkit.data import make_loader
-    from transferkit.embed import device
 
-    t = params.train
-    dev = device()
-    model = lm.model.to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     cfg, bs = lm.data_config, params.data.batch_size
-    aug = zoo.train_transform(cfg) if t.augment else zoo.eval_transform(cfg)
-    train_loader = make_loader(
+    aug = zoo.train_transform(cfg) if params.train.augment else zoo.eval_transform(cfg)
+    train = make_loader(
         ds.splits["train"], aug, bs, shuffle=True, seed=params.seed, num_workers=params.data.num_workers
     )
-    eval_loaders = {s: make_loader(ds.splits[s], zoo.eval_transform(cfg), bs) for s in ("train", "val", "test")}
+    return train, {s: make_loader(ds.splits[s], zoo.eval_transform(cfg), bs) for s in ("train", "val", "test")}
+
+
+def _optimizer(model, t, strategy: str, steps: int):
+    """AdamW over discriminative groups and a warmup + cosine schedule over `steps` optimizer steps."""
+    import torch
+
     lr = t.scratch_lr if strategy == "scratch" else t.lr
-    # a fresh head learns fast at head_lr; an LP-FT head is already trained and moves as gently as the body
-    head_lr = max(lr, t.head_lr) if strategy in ("partial", "full") else lr
+    # partial: a fresh head on mostly frozen features learns fast at head_lr. full: at the body's LR, as in a
+    # bare timm loop (10x faster made val accuracy swing on 100 images); LP-FT's head is trained already
+    head_lr = max(lr, t.head_lr) if strategy == "partial" else lr
     groups = param_groups(model, lr, head_lr, t.weight_decay, t.layer_decay if strategy != "scratch" else None)
     opt = torch.optim.AdamW(groups)
-    steps = t.epochs * max(1, len(train_loader))
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.15
     )
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return opt, sched
 
-    def evaluate(loader):
-        model.eval()
-        logits, labels = [], []
-        with torch.inference_mode(), amp:
-            for xb, yb in loader:
-                logits.append(model(xb.to(dev, non_blocking=True)).float().cpu())
-                labels.append(yb)
-        lg, lb = torch.cat(logits), torch.cat(labels)
-        return float(F.cross_entropy(lg, lb)), _accuracy(lg, lb)
 
-    stop, history, best_state = _EarlyStop(t.patience, t.min_epochs), [], None
-    ckpt, start, resumed, done = out / "checkpoint.pt", 1, 0, False
-    state = _load_resume(ckpt, fingerprint) if t.resume else None
-    if state is not None:
+def _autocast(dev):
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _evaluate(model, loader, dev) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` in eval mode over `loader`."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode(), _autocast(dev):
+        for xb, yb in loader:
+            logits.append(model(xb.to(dev, non_blocking=True)).float().cpu())
+            labels.append(yb)
+    lg, lb = torch.cat(logits), torch.cat(labels)
+    return float(F.cross_entropy(lg, lb)), _accuracy(lg, lb)
+
+
+def _train_epoch(model, loader, opt, sched, dev, t) -> dict:
+    """One pass over the train loader; returns the epoch's mean loss and (train-mode) accuracy."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    _freeze_bn(model, all_stats=t.bn_stats == "frozen")
+    tot, correct, n = 0.0, 0, 0
+    for xb, yb in loader:
+        xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(dev):
+            logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=t.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        tot += loss.item() * len(yb)
+        correct += int((logits.argmax(1) == yb).sum())
+        n += len(yb)
+    return {"train_loss": tot / n, "train_accuracy": correct / n}
+
+
+class _Run:
+    """The mutable state of one fine-tune, as checkpointed after every epoch (`save`, `resume`)."""
+
+    def __init__(self, t):
+        self.stop = _EarlyStop(t.patience, t.min_epochs)
+        self.history, self.best_state, self.done, self.start, self.stopped = [], None, False, 1, ""
+
+    def end_epoch(self, row: dict, model, deadline: float | None, prune) -> None:
+        """Record the epoch, keep the weights if val loss improved, decide whether training ends here."""
+        self.history.append(row)
+        improved, self.done = self.stop.step(row["val_loss"], row["epoch"])
+        if deadline is not None and time.monotonic() + row["seconds"] > deadline:  # the next would not fit
+            self.done, self.stopped = True, "budget"
+        elif prune is not None and not self.done and prune(self.history):
+            self.done, self.stopped = True, "pruned"
+        if improved:
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def save(self, ckpt: Path, fingerprint: str, model, opt, sched, loader_gen) -> None:
+        epoch = self.history[-1]["epoch"]
+        state = {"fingerprint": fingerprint, "epoch": epoch, "done": self.done, "model": model.state_dict()}
+        state |= {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stop": dict(self.stop.__dict__)}
+        state |= {"history": self.history, "best": self.best_state, "rng": _rng_state(loader_gen)}
+        _save_resume(ckpt, state)
+
+    def resume(self, state: dict, model, opt, sched, loader_gen) -> int:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        stop.__dict__.update(state["stop"])
-        history, best_state, done = state["history"], state["best"], state["done"]
-        _set_rng_state(state["rng"], train_loader.generator)
-        start = resumed = int(state["epoch"]) + 1
-        print(f"train: resuming {out} from epoch {start} ({ckpt})", file=sys.stderr)
+        self.stop.__dict__.update(state["stop"])
+        self.history, self.best_state, self.done = state["history"], state["best"], state["done"]
+        _set_rng_state(state["rng"], loader_gen)
+        self.start = int(state["epoch"]) + 1
+        return self.start
+
+
+def _finetune(
+    lm,
+    ds,
+    params: Params,
+    strategy: str,
+    progress: bool,
+    out: Path,
+    fingerprint: str,
+    deadline: float | None = None,
+    prune: Callable[[list[dict]], bool] | None = None,
+) -> tuple[dict, list[dict], int, int, str]:
+    """Fine-tune (partial/full/lp-ft) or train from scratch with early stopping; keeps the best epoch.
+
+    `deadline` (time.monotonic()) ends training after the last epoch that fits before it; `prune(history)`
+    true ends it after that epoch (the search's limits). Returns (split accuracies, history, best epoch,
+    epoch resumed from or 0, why it stopped early: "", "budget" or "pruned")."""
+    import torch
+    from tqdm import tqdm
+
+    from transferkit import zoo
+    from transferkit.embed import device
+
+    t, dev = params.train, device()
+    model = lm.model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else lm.model.to(dev)
+    train_loader, eval_loaders = _loaders(lm, ds, params)
+    opt, sched = _optimizer(model, t, strategy, t.epochs * max(1, len(train_loader)))
+    run, ckpt, resumed = _Run(t), out / "checkpoint.pt", 0
+    state = _load_resume(ckpt, fingerprint) if t.resume else None
+    if state is not None:
+        resumed = run.resume(state, model, opt, sched, train_loader.generator)
+        print(f"train: resuming {out} from epoch {resumed} ({ckpt})", file=sys.stderr)
     else:
         _seed_everything(params.seed)  # same dropout/augmentation draws whatever ran before in this process
     bar = tqdm(
-        range(start, t.epochs + 1),
+        range(run.start, t.epochs + 1),
         desc=f"train {strategy} {lm.spec.spec}",
         unit="epoch",
-        initial=start - 1,
+        initial=run.start - 1,
         total=t.epochs,
-        disable=not progress or done,
+        disable=not progress or run.done,
     )
     for epoch in bar:
-        if done:
+        if run.done:
             break
         t0 = time.perf_counter()
-        model.train()
-        _freeze_bn(model)
-        tot, correct, n = 0.0, 0, 0
-        for xb, yb in train_loader:
-            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            if dev.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with amp:
-                logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=t.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += loss.item() * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            n += len(yb)
-        val_loss, val_acc = evaluate(eval_loaders["val"])
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": tot / n,
-                "train_accuracy": correct / n,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "lr": sched.get_last_lr()[0],
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
-        bar.set_postfix(val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
-        improved, done = stop.step(val_loss, epoch)
-        if improved:
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        _save_resume(
-            ckpt,
-            {
-                "fingerprint": fingerprint,
-                "epoch": epoch,
-                "done": done,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "stop": dict(stop.__dict__),
-                "history": history,
-                "best": best_state,
-                "rng": _rng_state(train_loader.generator),
-            },
-        )
+        row = {"epoch": epoch, **_train_epoch(model, train_loader, opt, sched, dev, t)}
+        if t.bn_stats == "precise":  # eval-mode statistics of the current weights, not a lagging average
+            _precise_bn(model, ds.splits["train"], zoo.eval_transform(lm.data_config), params.data.batch_size)
+        row["val_loss"], row["val_accuracy"] = _evaluate(model, eval_loaders["val"], dev)
+        row |= {"lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
+        bar.set_postfix(val_loss=f"{row['val_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
+        run.end_epoch(row, model, deadline, prune)
+        run.save(ckpt, fingerprint, model, opt, sched, train_loader.generator)
     bar.close()
-    model.load_state_dict(best_state)
+    model.load_state_dict(run.best_state)
     model.to("cpu").eval()
     acc = {s: evaluate_cpu(model, loader) for s, loader in eval_loaders.items()}
-    return acc, history, stop.best_epoch, resumed
+    return acc, run.history, run.stop.best_epoch, resumed, run.stopped
 
 
 def evaluate_cpu(model, loader) -> float:
@@ -511,6 +598,21 @@ def evaluate_cpu(model, loader) -> float:
     return _accuracy(torch.cat(logits), torch.cat(labels))
 
 
+@dataclass
+class Fit:
+    """One trained configuration: the model and what run_train reports about it."""
+
+    lm: Any
+    strategy: str
+    reason: str
+    acc: dict
+    history: list[dict]
+    best_epoch: int
+    info: dict  # trainable/frozen params, adabn, linear_probe_phase, resumed_from_epoch, ...
+    seconds: float = 0.0
+    stopped: str = ""  # "", "budget" or "pruned" (search only)
+
+
 def run_train(
     target: Path,
     out: Path,
@@ -521,15 +623,90 @@ def run_train(
     progress: bool = True,
 ) -> dict:
     """Train `model` on `target` and write the run folder (see module docstring)."""
-    from transferkit import zoo
-    from transferkit.data import DataError, load_dataset
     from transferkit.embed import torch_threads
-    from transferkit.io import atomic_write_text, read_json, write_json
 
     t_start = time.perf_counter()
-    out = Path(out)
-    t = params.train
-    strategy = strategy or t.strategy
+    out, strategy = Path(out), strategy or params.train.strategy
+    ds, drift_report = _inputs(target, params, model, strategy, drift)
+    torch_threads()
+    fit_args = dict(ds=ds, params=params, model=model, drift_report=drift_report, progress=progress)
+    if strategy == "auto" and params.train.budget_minutes > 0:
+        fit, search = _search(fit_args, out)
+    else:
+        fit, search = _fit(**fit_args, strategy=strategy, out=out), None
+    metrics = _metrics(fit, ds, params, target, model, drift, drift_report, search)
+    _write_run(out, fit, ds, params, model, metrics, t_start)
+    return metrics
+
+
+def _search(fit_args: dict, out: Path) -> tuple[Fit, dict]:
+    """`auto`: train the `train.search` configurations on the labelled data under `train.budget_minutes`
+    and keep the one with the best validation accuracy (search_configs); returns it and the table."""
+    import shutil
+
+    t, ds = fit_args["params"].train, fit_args["ds"]
+
+    def fit(strategy: str, deadline: float, bar: float | None) -> Fit:
+        def prune(history: list[dict]) -> bool:  # half-way and still far below the best finished one
+            best = max(h["val_accuracy"] for h in history)
+            return bar is not None and len(history) >= t.epochs // 2 and best < bar - t.search_prune
+
+        return _fit(**fit_args, strategy=strategy, out=out / "search" / strategy, deadline=deadline, prune=prune)
+
+    best, rows, budget = search_configs(t.search, fit, t.budget_minutes * 60)
+    shutil.rmtree(out / "search", ignore_errors=True)
+    rule, why = choose_strategy(fit_args["params"], ds.min_per_class("train"), fit_args["drift_report"])
+    table = ", ".join(
+        f"{r['strategy']} {r['val_accuracy']:.3f} ({r['epochs']} epochs, {r['seconds']:.0f} s"
+        + (f", {r['stopped']}" if r["stopped"] else "")
+        + ")"
+        if r["val_accuracy"] is not None
+        else f"{r['strategy']} skipped (budget)"
+        for r in rows
+    )
+    best.reason = (
+        f"auto: measured on {len(ds.splits['val'])} validation images within a {t.budget_minutes:g}-min budget: "
+        f"{table}; kept {best.strategy}, the best validation accuracy (ties go to the cheaper, earlier one). "
+        f"The prior rule would have said {rule}: {why}"
+    )
+    if best.info["adabn"]["applied"]:
+        best.reason += f"; AdaBN: BatchNorm statistics re-estimated on {best.info['adabn']['images']} target images"
+    return best, {"budget_seconds": budget, "selected": best.strategy, "candidates": rows}
+
+
+def search_configs(configs: list[str], fit: Callable, budget_s: float, clock: Callable = time.monotonic):
+    """Try `configs` in order (cheapest first) while the budget lasts; return (val-best fit, rows, budget).
+
+    `fit(config, deadline, bar)` trains one configuration, stopping by `deadline` (on `clock`) and free to
+    give up early when it cannot reach `bar` (the best validation accuracy so far). The first config
+    always runs; a later one starts only while budget is left. Ties keep the earlier config."""
+    start, best, rows = clock(), None, []
+    for config in configs:
+        if best is not None and clock() - start >= budget_s:
+            rows.append({"strategy": config, "val_accuracy": None, "epochs": 0, "seconds": 0.0, "stopped": "skipped"})
+            continue
+        t0 = clock()
+        f = fit(config, start + budget_s, None if best is None else best.acc["val"])
+        rows.append(
+            {
+                "strategy": config,
+                "val_accuracy": f.acc["val"],
+                "epochs": len(f.history),
+                "best_epoch": f.best_epoch,
+                "seconds": round(clock() - t0, 2),
+                "stopped": f.stopped,
+            }
+        )
+        if best is None or f.acc["val"] > best.acc["val"]:
+            best = f
+    return best, rows, budget_s
+
+
+def _inputs(target: Path, params: Params, model: str, strategy: str, drift: Path | None):
+    """The validated request: the dataset and the drift report (if any)."""
+    from transferkit.data import DataError, load_dataset
+    from transferkit.io import read_json
+
     if strategy not in STRATEGIES:
         raise StrategyError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if strategy != "scratch" and model.startswith("scratch:"):
@@ -537,13 +714,16 @@ def run_train(
     ds = load_dataset(
         target, seed=params.seed, val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction
     )
-    drift_report = read_json(drift) if drift else None
-    per_class = ds.min_per_class("train")
-    spec = (
-        f"scratch:{zoo.parse_spec(model).arch}" if strategy == "scratch" and not model.startswith("scratch:") else model
-    )
+    return ds, (read_json(drift) if drift else None)
 
-    torch_threads()
+
+def _fit(ds, params: Params, model: str, drift_report, progress: bool, strategy: str, out: Path, **limits) -> Fit:
+    """Build the model, settle the strategy (the rule for `auto`), train it; `limits` go to _finetune."""
+    from transferkit import zoo
+
+    t, t0 = params.train, time.perf_counter()
+    scratch_spec = strategy == "scratch" and not model.startswith("scratch:")
+    spec = f"scratch:{zoo.parse_spec(model).arch}" if scratch_spec else model
     _seed_everything(params.seed)
     lm = zoo.create_model(
         spec,
@@ -554,32 +734,18 @@ def run_train(
         drop_path_rate=t.drop_path_rate,
     )
     n_params = sum(p.numel() for p in lm.model.parameters())
-    drop_path_blocks = sum(1 for m in lm.model.modules() if float(getattr(m, "drop_prob", 0) or 0) > 0)
     if strategy == "auto":
-        strategy, reason = choose_strategy(params, per_class, drift_report, n_params, len(stage_groups(lm.model)) > 1)
+        has_stages = len(stage_groups(lm.model)) > 1
+        strategy, reason = choose_strategy(params, ds.min_per_class("train"), drift_report, n_params, has_stages)
     elif strategy == "scratch":
         reason = "baseline: same architecture from random init, same labelled data and epochs"
     else:
         reason = f"requested explicitly ({strategy})"
-    trainable = set_trainable(lm.model, "full" if strategy in ("lp-ft", "scratch") else strategy, t.unfreeze_blocks)
-
-    adabn = {"applied": False, "images": 0}
-    frozen_bn = strategy in ("linear-probe", "partial")
-    if t.adabn == "on" or (t.adabn == "auto" and frozen_bn and bool((drift_report or {}).get("drift_detected"))):
-        if strategy == "scratch" or not has_batchnorm(lm.model):
-            adabn["reason"] = "not applicable: " + (
-                "scratch has no source statistics" if strategy == "scratch" else "the model has no BatchNorm"
-            )
-        else:
-            from transferkit.data import subsample
-
-            pool = subsample(ds.splits["train"] + ds.splits["val"], t.adabn_max_images, params.seed)
-            adabn["images"] = adapt_batchnorm(
-                lm.model, pool, zoo.eval_transform(lm.data_config), params.data.batch_size, progress
-            )
-            adabn["applied"] = True
-            reason += f"; AdaBN: BatchNorm statistics re-estimated on {adabn['images']} unlabelled target images"
-
+    info = set_trainable(lm.model, "full" if strategy in ("lp-ft", "scratch") else strategy, t.unfreeze_blocks)
+    info["adabn"] = _maybe_adabn(lm, ds, params, strategy, drift_report, progress)
+    if info["adabn"]["applied"]:
+        reason += f"; AdaBN: BatchNorm statistics re-estimated on {info['adabn']['images']} unlabelled target images"
+    info |= {"model_params": n_params, "spec": spec}
     fingerprint = _fingerprint(
         model=model,
         spec=spec,
@@ -588,20 +754,88 @@ def run_train(
         weights=lm.weights_sha256,
         params=params.model_dump(mode="json"),
     )
-    resumed, lp = 0, None
-    if strategy == "linear-probe":
-        acc, history, best = _linear_probe(lm, ds, params, progress, adapted=adabn["applied"])
-    else:
-        if strategy == "lp-ft":  # phase 1 trains the head on frozen features (seconds; re-run on resume)
-            lp_acc, lp_hist, lp_best = _linear_probe(lm, ds, params, progress, adapted=adabn["applied"])
-            lp = {
-                "val_accuracy": lp_acc["val"],
-                "test_accuracy": lp_acc["test"],
-                "best_epoch": lp_best,
-                "epochs": len(lp_hist),
-            }
-        acc, history, best, resumed = _finetune(lm, ds, params, strategy, progress, out, fingerprint)
+    fit = Fit(lm, strategy, reason, *_train(lm, ds, params, strategy, progress, out, fingerprint, info, **limits))
+    fit.seconds, fit.stopped = round(time.perf_counter() - t0, 2), info.pop("stopped", "")
+    return fit
 
+
+def _train(lm, ds, params: Params, strategy: str, progress: bool, out: Path, fingerprint: str, info: dict, **limits):
+    """(split accuracies, history, best epoch, info) of `strategy`; info gains the LP-FT phase and resume epoch."""
+    adapted = info["adabn"]["applied"]
+    info["linear_probe_phase"], info["resumed_from_epoch"] = None, 0
+    if strategy == "linear-probe":
+        return (*_linear_probe(lm, ds, params, progress, adapted=adapted), info)  # seconds: no limits
+    if strategy == "lp-ft":  # phase 1 trains the head on frozen features (seconds; re-run on resume)
+        lp_acc, lp_hist, lp_best = _linear_probe(lm, ds, params, progress, adapted=adapted)
+        info["linear_probe_phase"] = {
+            "val_accuracy": lp_acc["val"],
+            "test_accuracy": lp_acc["test"],
+            "best_epoch": lp_best,
+            "epochs": len(lp_hist),
+        }
+    acc, history, best, info["resumed_from_epoch"], info["stopped"] = _finetune(
+        lm, ds, params, strategy, progress, out, fingerprint, **limits
+    )
+    return acc, history, best, info
+
+
+def _maybe_adabn(lm, ds, params: Params, strategy: str, drift_report, progress: bool) -> dict:
+    """AdaBN when `train.adabn` asks for it (module docstring); returns what was done."""
+    from transferkit import zoo
+    from transferkit.data import subsample
+
+    t, adabn = params.train, {"applied": False, "images": 0}
+    frozen_bn = strategy in ("linear-probe", "partial")
+    if not (t.adabn == "on" or (t.adabn == "auto" and frozen_bn and bool((drift_report or {}).get("drift_detected")))):
+        return adabn
+    if strategy == "scratch" or not has_batchnorm(lm.model):
+        why = "scratch has no source statistics" if strategy == "scratch" else "the model has no BatchNorm"
+        return adabn | {"reason": f"not applicable: {why}"}
+    pool = subsample(ds.splits["train"] + ds.splits["val"], t.adabn_max_images, params.seed)
+    n = adapt_batchnorm(lm.model, pool, zoo.eval_transform(lm.data_config), params.data.batch_size, progress)
+    return {"applied": True, "images": n}
+
+
+def _metrics(fit: Fit, ds, params: Params, target, model: str, drift, drift_report, search) -> dict:
+    """metrics.json (the train contract in the README, plus what explains the run)."""
+    t, lm = params.train, fit.lm
+    drop_path_blocks = sum(1 for m in lm.model.modules() if float(getattr(m, "drop_prob", 0) or 0) > 0)
+    info = {k: v for k, v in fit.info.items() if k != "spec"}
+    return {
+        "model": model,
+        "strategy": fit.strategy,
+        "strategy_reason": fit.reason,
+        "train_accuracy": fit.acc["train"],
+        "val_accuracy": fit.acc["val"],
+        "test_accuracy": fit.acc["test"],
+        "best_epoch": fit.best_epoch,
+        "epochs": len(fit.history),
+        "history": fit.history,
+        "target": str(target),
+        "data_md5": ds.md5,
+        "classes": ds.classes,
+        "labels_per_class": ds.min_per_class("train"),
+        "n_train": len(ds.splits["train"]),
+        "n_val": len(ds.splits["val"]),
+        "n_test": len(ds.splits["test"]),
+        "image_size": int(lm.data_config["input_size"][-1]),
+        "seed": params.seed,
+        "skipped_files": len(ds.skipped),
+        "device": "cuda" if _cuda() else "cpu",
+        **info,
+        "layer_decay": t.layer_decay if fit.strategy in ("partial", "full", "lp-ft") else None,
+        "drop_path": {"rate": t.drop_path_rate, "blocks": drop_path_blocks},  # blocks that really drop
+        "shift": shift_summary(drift_report, drift),
+        "search": search,
+    }
+
+
+def _write_run(out: Path, fit: Fit, ds, params: Params, model: str, metrics: dict, t_start: float) -> None:
+    """The run folder: checkpoint (its sha256 into metrics), history.csv, params.yaml, metrics.json."""
+    from transferkit import zoo
+    from transferkit.io import atomic_write_text, write_json
+
+    lm = fit.lm
     meta = {
         "arch": lm.arch,
         "num_classes": str(len(ds.classes)),
@@ -609,51 +843,19 @@ def run_train(
         "data_config": lm.data_config,
         "source_model": model,
         "source_sha256": lm.weights_sha256 or "",
-        "strategy": strategy,
+        "strategy": fit.strategy,
         "data_md5": ds.md5,
     }
-    ckpt_sha = zoo.save_checkpoint(lm.model, out / "model.safetensors", meta)
-    metrics = {
-        "model": model,
-        "strategy": strategy,
-        "strategy_reason": reason,
-        "train_accuracy": acc["train"],
-        "val_accuracy": acc["val"],
-        "test_accuracy": acc["test"],
-        "best_epoch": best,
-        "epochs": len(history),
-        "seconds": round(time.perf_counter() - t_start, 2),
-        "history": history,
-        "target": str(target),
-        "data_md5": ds.md5,
-        "classes": ds.classes,
-        "labels_per_class": per_class,
-        "n_train": len(ds.splits["train"]),
-        "n_val": len(ds.splits["val"]),
-        "n_test": len(ds.splits["test"]),
-        "image_size": int(lm.data_config["input_size"][-1]),
-        "seed": params.seed,
-        "checkpoint_sha256": ckpt_sha,
-        "skipped_files": len(ds.skipped),
-        "device": "cuda" if _cuda() else "cpu",
-        "model_params": n_params,
-        **trainable,
-        "layer_decay": t.layer_decay if strategy in ("partial", "full", "lp-ft") else None,
-        "adabn": adabn,
-        "drop_path": {"rate": t.drop_path_rate, "blocks": drop_path_blocks},  # blocks that really drop
-        "shift": shift_summary(drift_report, drift),
-        "linear_probe_phase": lp,
-        "resumed_from_epoch": resumed,
-    }
+    metrics["checkpoint_sha256"] = zoo.save_checkpoint(lm.model, out / "model.safetensors", meta)
+    metrics["seconds"] = round(time.perf_counter() - t_start, 2)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    w = csv.DictWriter(buf, fieldnames=list(fit.history[0]))
     w.writeheader()
-    w.writerows(history)
+    w.writerows(fit.history)
     atomic_write_text(out / "history.csv", buf.getvalue())
     dump_params(params, out / "params.yaml")
     write_json(out / "metrics.json", metrics)
     (out / "checkpoint.pt").unlink(missing_ok=True)  # finished: nothing left to resume
-    return metrics
 
 
 def shift_summary(drift_report: dict | None, path: Path | None) -> dict | None:
