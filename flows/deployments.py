@@ -16,6 +16,12 @@ Two deployments of one flow (flows/pipeline.py `retrain`):
                                    model's training data and emits `transferkit.drift.detected` on drift,
                                    which starts transferkit-retrain/nightly: the closed loop.
 
+Runs in one workspace are serialised on DVC's own repository lock: a retrain holds it while it trains,
+records the new version in DVC (and, with --push, pushes it) before promoting; a second run (the other
+deployment, `dvc repro`) queues for it up to the flow parameter `wait_s` (default 1 hour), then fails with
+WorkspaceBusy. Parallel retrains need separate workspaces (one clone per worker). A worker without a git
+checkout works in a folder made with `dvc init --no-scm`.
+
 The flow code is loaded from this checkout (`flow.from_source(<repo root>)`: the worker changes into the
 root, so relative data paths in the parameters resolve there). For Docker/Kubernetes pools the same
 deployments take an image instead: see deploy/prefect/README.md.

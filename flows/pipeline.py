@@ -7,18 +7,23 @@
 Tasks are named like the stages, CLI verbs and DVC stages; each calls one library function and
 passes only paths and plain dicts (stage contracts are files in the run folder). Key tables are
 published as Prefect markdown artifacts. A failed validation gate raises `GateFailed` before export.
+The folders come from transferkit.workspace.stage_dirs, the table dvc.yaml is written from. In a DVC workspace
+the flow holds DVC's lock, and the `dvc` task records each new version (dvc commit of the stages it reproduced,
+the model repository, `dvc push` if asked) before `promote` moves `latest` (README "DVC").
 
 `retrain` (flow "transferkit-retrain") is what the deployments in flows/deployments.py run, on a cron
 schedule and on `transferkit.dataset.updated` / `transferkit.drift.detected` events: it checks the data
 version it was started for (`data_md5`, DVC's md5 from the event), resolves params.yaml + `overrides`
-into the run folder, skips when the live model was already built from this data, params and code, runs
-`transfer_pipeline` as a subflow, makes sure the new version is live (`promote`) and, if asked, `dvc push`es.
+into the run folder, skips when the live model was already built from this data, params and code, and runs
+`transfer_pipeline` as a subflow (which records, pushes if asked, and promotes), queueing up to `wait_s` for the
+DVC workspace while another run holds it.
 
 Failure states: GateFailed (the model is not good enough: nothing exported), StaleData (the folder
 changed after the event; the newer event starts its own run), anything else is a bug or bad input and
-fails the run with the library's one-line message. Only I/O tasks retry (export, promote, push,
-check_data), with exponential back-off and only on OSError/subprocess errors: a deterministic
-ValueError or a failed gate would fail identically on every retry.
+fails the run with the library's one-line message; WorkspaceBusy: another DVC process held the workspace
+longer than `wait_s`. Only I/O tasks retry (export, dvc, promote, check_data), with exponential back-off
+and only on OSError/subprocess errors: a deterministic ValueError or a failed gate would fail identically
+on every retry.
 
 Caching: DVC is the cache, not Prefect's result cache. Stage outputs are files (checkpoints, ONNX,
 reports) that a cached task *return value* cannot restore, and a cache hit would hand back paths into a
@@ -205,10 +210,10 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
 
 
 @task(name="export", cache_policy=NO_CACHE, retry_condition_fn=_io_error, **IO_RETRIES)
-def export_task(run: str, repo: str, params: dict, force: bool, progress: bool) -> dict:
+def export_task(run: str, repo: str, params: dict, force: bool, progress: bool, promote: bool = True) -> dict:
     from transferkit.export import run_export
 
-    m = run_export(Path(run), Path(repo), _params(params), force=force, progress=progress)
+    m = run_export(Path(run), Path(repo), _params(params), force=force, progress=progress, promote=promote)
     q, par = m["int8"], m["parity"]
     _artifact(
         "export",
@@ -223,6 +228,43 @@ def export_task(run: str, repo: str, params: dict, force: bool, progress: bool) 
     return m
 
 
+# DVC workspaces this process holds (transferkit.workspace.Workspace, keyed by root): an open repository
+# and its lock are not task parameters, the root is
+_HELD: dict[str, Any] = {}
+
+
+@task(name="dvc", cache_policy=NO_CACHE, retry_condition_fn=_io_error, **IO_RETRIES)
+def dvc_task(root: str, stages: list[str], repo: str | None, push: bool, why: str) -> dict:
+    """Record in DVC what the flow made, inside the workspace lock the flow holds: `dvc commit` of the
+    dvc.yaml stages it reproduced exactly, the model repository (its owning stage, else REPO.dvc), and
+    `dvc push` if asked."""
+    ws = _HELD[root]
+    committed = ws.commit_stages(stages)
+    recorded = None
+    if repo and ws.owner_of(repo) not in committed:
+        recorded = ws.record(repo)
+    pushed = ws.push() if push else None
+    lines = [f"- `dvc commit` {', '.join(committed)} (dvc.lock)" if committed else "- no dvc.yaml stage reproduced"]
+    if recorded:
+        lines.append(f"- model repository `{repo}` recorded by {recorded}")
+    if pushed is not None:
+        lines.append(f"- `dvc push`: {pushed} file(s) sent to the default remote")
+    _artifact("dvc", f"## DVC: {why}\n\nWorkspace `{root}`\n\n" + "\n".join(lines) + "\n", "DVC records")
+    return {"committed": committed, "recorded": recorded, "pushed": pushed}
+
+
+def _pipeline_stages(root: Path, target: str, out: str, repo: str, reference: str | None, p, exact: bool) -> list:
+    """The dvc.yaml stages this run reproduces exactly: same command (paths) and the workspace's own
+    params.yaml with nothing on top; those are committed, so dvc.lock says what the flow computed."""
+    from transferkit.config import load_params
+    from transferkit.workspace import relative_commands
+
+    f = root / "params.yaml"
+    if not exact or not f.is_file() or load_params(f).model_dump(mode="json") != p.model_dump(mode="json"):
+        return []
+    return _HELD[str(root)].matching_stages(relative_commands(root, target, out, repo, reference))
+
+
 @flow(name="transferkit-run", log_prints=True)
 def transfer_pipeline(
     target: str,
@@ -233,31 +275,66 @@ def transfer_pipeline(
     params: dict | None = None,
     force: bool = False,
     progress: bool = True,
+    push: bool = False,
+    wait_s: float = 0.0,
+    reason: str = "",
 ) -> dict:
-    """Adapt the best source model to `target` and export it to `repo` if it passes the gate."""
+    """Adapt the best source model to `target`, export it to `repo` if it passes the gate, record it in DVC
+    (and push it, `push`) and only then make it live.
+
+    In a DVC workspace (REPO inside a folder with .dvc/) the run holds DVC's lock throughout: a second run,
+    `dvc repro` or `dvc exp run` there is refused (WorkspaceBusy) or, with wait_s > 0, waits that long."""
+    from transferkit.workspace import Workspace, WorkspaceError, find_root, under_dvc_stage
+
+    root = None if under_dvc_stage() else find_root(repo)
+    if root is None:
+        if push:
+            raise WorkspaceError(f"push: the model repository {repo} is not inside a DVC workspace (no .dvc/ above it)")
+        return _transfer(target, out, reference, candidates, repo, params, force, progress, None, False, reason)
+    with Workspace(root, wait_s=wait_s) as ws:
+        _HELD[str(root)] = ws
+        try:
+            return _transfer(target, out, reference, candidates, repo, params, force, progress, root, push, reason)
+        finally:
+            _HELD.pop(str(root), None)
+
+
+def _transfer(target, out, reference, candidates, repo, params, force, progress, root, push, reason) -> dict:
     from transferkit.config import dump_params
+    from transferkit.workspace import stage_dirs
 
     t0 = time.perf_counter()
     p = _params(params)
     pj = p.model_dump(mode="json")
-    run = Path(out)
-    dump_params(p, run / "params.yaml")  # the resolved config, saved per run
+    run, dirs = Path(out), stage_dirs(out)
+    dump_params(p, run / "params.yaml")  # the resolved config, saved per run: a record, never an input
+    stages = _pipeline_stages(root, target, out, repo, reference, p, not candidates and not force) if root else []
     drift = None
     if reference:
-        drift = drift_task(reference, target, str(run / "drift"), pj, progress)
-    ranking = _select(target, str(run / "select"), p, candidates, progress)
+        drift = drift_task(reference, target, str(dirs["drift"]), pj, progress)
+    ranking = _select(target, str(dirs["select"]), p, candidates, progress)
     metrics = train_task(
         target,
-        str(run / "train"),
+        str(dirs["train"]),
         pj,
         ranking["selected"],
-        str(run / "drift" / "drift.json") if drift else None,
+        str(dirs["drift"] / "drift.json") if drift else None,
         progress,
     )
-    validation = validate_task(str(run / "train"), pj, progress)
+    validation = validate_task(str(dirs["train"]), pj, progress)
     if not validation["passed"] and not force:
+        if stages:  # the verdict is recorded like `dvc repro` records it (export --skip-refused: nothing new)
+            Path(repo).mkdir(parents=True, exist_ok=True)
+            dvc_task(str(root), stages, None, False, "gate refused: verdict recorded, nothing exported")
         raise GateFailed(validation)
-    meta = export_task(str(run / "train"), repo, pj, force, progress)
+    meta = export_task(str(dirs["train"]), repo, pj, force, progress, promote=False)
+    name, version = meta["name"], meta["version"]
+    dvc = None
+    if root:  # the version is in the DVC cache (and on the remote) before latest moves to it
+        dvc = dvc_task(str(root), stages, repo, push, f"{name} v{version} recorded before promotion")
+    promoted = promote_task(repo, name, version, reason or f"run {out}")
+    if root:  # latest and the promotion history, recorded the same way
+        dvc = dvc_task(str(root), [], repo, push, f"{name} v{version} live")
     return {
         "drift": drift,
         "selected": ranking["selected"],
@@ -283,7 +360,10 @@ def transfer_pipeline(
         "passed": validation["passed"],
         "onnx": str(Path(meta["path"]) / "model.onnx"),
         "parity": meta["parity"],
-        "version": meta.get("version"),
+        "name": name,
+        "version": version,
+        "live": promoted["live"],
+        "dvc": {"root": str(root), "stages": stages, "pushed": push, **(dvc or {})} if root else None,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -307,8 +387,8 @@ def check_data_task(dataset: str, data_md5: str | None) -> dict:
 
 @task(name="promote", cache_policy=NO_CACHE, retry_condition_fn=_io_error, **IO_RETRIES)
 def promote_task(repo: str, name: str, version: int, reason: str) -> dict:
-    """Make VERSION live. `export` already promotes what it publishes; this task promotes only if it did not
-    (an export that leaves `latest` alone), and never demotes a newer version that went live meanwhile."""
+    """Make VERSION live (the flow's export publishes without promoting, so that DVC records it first); never
+    demotes a newer version that went live meanwhile."""
     from transferkit.promote import promote
     from transferkit.repository import latest_version, read_history
 
@@ -329,23 +409,6 @@ def promote_task(repo: str, name: str, version: int, reason: str) -> dict:
         "Promotion (REPO/<name>/latest)",
     )
     return {"action": action, "live": latest_version(model_dir), "record": rec}
-
-
-@task(name="push", cache_policy=NO_CACHE, retry_condition_fn=_io_error, **IO_RETRIES)
-def push_task(root: str, remote: str | None = None) -> str:
-    """`dvc push`: the data (and DVC-tracked outputs) behind the gated model reach the default remote."""
-    import subprocess
-
-    from transferkit.watch import dvc_executable
-
-    cmd = [dvc_executable(), "push"] + (["-r", remote] if remote else [])
-    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=3600)
-    if p.returncode != 0:
-        msg = (p.stderr or p.stdout).strip()[-1500:]
-        if "network" in msg.lower() or "connection" in msg.lower() or "timed out" in msg.lower():
-            raise OSError(f"dvc push (transient): {msg}")  # retried with back-off
-        raise RuntimeError(f"dvc push failed in {root}: {msg}")
-    return p.stdout.strip()
 
 
 def _resolve(params_file: str | None, overrides: dict | None):
@@ -407,13 +470,15 @@ def retrain(
     skip_unchanged: bool = True,
     push: bool = False,
     reason: str = "",
+    wait_s: float = 3600.0,
 ) -> dict:
     """Retrain on the current data and ship it if it passes the gate.
 
     target/reference: dataset folders (relative to the deployment's working directory, the repo root).
     dataset: the DVC-tracked folder that contains them (<dataset>.dvc); data_md5: its md5 this run is
     for (events pass it; None = whatever is there now). overrides: dotted params, e.g. {"train.epochs": 40},
-    on top of params_file. push: `dvc push` after a gated export.
+    on top of params_file. push: `dvc push` of the new version before it goes live, and again after.
+    wait_s: how long a run queues for the DVC workspace while another run (or `dvc repro`) holds it.
     """
     from prefect.runtime import deployment, flow_run
 
@@ -451,6 +516,7 @@ def retrain(
         write_json(run / "retrain.json", {**record, "skipped": True, "skip_reason": msg, "version": live["version"]})
         _artifact("retrain", f"## Skipped\n\n{msg} (data md5 `{md5}`)\n", "Retrain decision")
         return {**record, "skipped": True, "version": live["version"], "run": str(run)}
+    why = reason or (f"data {md5}" if md5 else "scheduled retrain")
     summary = transfer_pipeline(
         target=target,
         out=str(run),
@@ -460,22 +526,18 @@ def retrain(
         params=pj,
         force=force,
         progress=False,
+        push=push,
+        wait_s=wait_s,
+        reason=f"retrain {flow_run.name}: {why}",
     )
-    why = reason or (f"data {md5}" if md5 else "scheduled retrain")
-    promoted = promote_task(repo, name, summary["version"], f"retrain {flow_run.name}: {why}")
-    pushed = None
-    if push and summary["passed"]:
-        from transferkit.watch import dvc_root
-
-        pushed = push_task(str(dvc_root(Path(dataset or "."))))
     result = {
         **record,
         "skipped": False,
         "run": str(run),
         "name": name,
         "version": summary["version"],
-        "live": promoted["live"],
-        "pushed": pushed is not None,
+        "live": summary["live"],
+        "pushed": push,
         "summary": summary,
     }
     write_json(run / "retrain.json", result)

@@ -218,7 +218,8 @@ def test_new_data_event_triggers_a_retrain_that_ships_a_model_for_that_md5(deplo
     (sub,) = _api(url, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
     assert sub["state_type"] == "COMPLETED"  # transfer_pipeline ran as a subflow
     arts = _api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"], sub["id"]]}}})
-    assert {a["key"] for a in arts} == {"select", "validate", "export", "promote"}  # no reference: no drift
+    # no reference: no drift; the workspace is a DVC repository: the version was recorded before promotion
+    assert {a["key"] for a in arts} == {"select", "validate", "export", "dvc", "promote"}
     assert "digits v1" in next(a["data"] for a in arts if a["key"] == "promote")
 
     # the closed loop: MNIST digits in the model server's reservoir (what `serve --monitor-dir` keeps) of a
@@ -306,9 +307,9 @@ def test_io_tasks_retry_on_io_errors_only(prefect_server):
     from prefect import flow, task
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.pipeline import _io_error, check_data_task, export_task, promote_task, push_task
+    from flows.pipeline import _io_error, check_data_task, dvc_task, export_task, promote_task
 
-    for t in (check_data_task, export_task, promote_task, push_task):
+    for t in (check_data_task, export_task, promote_task, dvc_task):
         assert t.retries == 3 and t.retry_condition_fn is _io_error, t.name
     calls = {"io": 0, "value": 0}
 

@@ -332,15 +332,19 @@ def validate(
     baseline: Annotated[Optional[Path], typer.Option(help="an existing scratch run to compare against")] = None,
     params: ParamsOpt = None,
     set_: SetOpt = None,
+    record: Annotated[
+        bool,
+        typer.Option(help="exit 0 when the gate refuses: the verdict is recorded in validation.json (the DVC stage)"),
+    ] = False,
     quiet: QuietOpt = False,
 ):
     """Gate a trained run: overfitting checks, negative transfer vs scratch/linear-probe baselines, quality report."""
     from transferkit.validate import run_validate
 
-    p = _params(params, set_) if (params or set_) else None
-    r = run_validate(run, p, baseline, progress=not quiet)
+    # ./params.yaml (or --params) + --set, like every stage: RUN/params.yaml is train's record, never an input
+    r = run_validate(run, _params(params, set_), baseline, progress=not quiet)
     _report_gate(r)
-    if not r["passed"]:
+    if not r["passed"] and not record:
         raise typer.Exit(3)
 
 
@@ -385,14 +389,23 @@ def export(
     run: Annotated[Path, typer.Option(help="validated train run folder")],
     repo: Annotated[Path, typer.Option(help="model repository (writes REPO/<name>/<version>/)")],
     force: Annotated[bool, typer.Option(help="export even if validation failed (recorded)")] = False,
+    skip_refused: Annotated[
+        bool, typer.Option(help="a run the gate refused exports nothing and exits 0 (the DVC stage)")
+    ] = False,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ):
     """Export to ONNX with a parity check against torch, into a versioned model repository."""
     from transferkit.export import run_export
+    from transferkit.io import read_json
 
-    p = _params(params, set_) if (params or set_) else None
+    p = _params(params, set_)  # ./params.yaml (or --params) + --set; RUN/params.yaml is a record only
+    verdict = run / "validation.json"
+    if skip_refused and not force and verdict.is_file() and read_json(verdict).get("passed") is not True:
+        repo.mkdir(parents=True, exist_ok=True)  # the stage's out exists, unchanged
+        typer.echo(f"export: skipped, the gate refused {run} ({verdict}): nothing exported")
+        return
     r = run_export(run, repo, p, force=force, progress=not quiet)
     typer.echo(
         f"export: {r['path']}  parity max_abs_diff={r['parity']['max_abs_diff']:.2e} "
@@ -411,13 +424,18 @@ def run_cmd(
     strategy: Annotated[Optional[str], typer.Option(help="override train.strategy")] = None,
     budget_minutes: BudgetOpt = None,
     force: Annotated[bool, typer.Option(help="export even if validation fails")] = False,
+    push: Annotated[bool, typer.Option(help="dvc push the new version before it goes live (DVC workspace)")] = False,
+    wait: Annotated[
+        float, typer.Option(help="seconds to wait while another run holds the DVC workspace (0: refuse at once)")
+    ] = 0.0,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ):
-    """Run the whole Prefect flow: drift -> select -> train -> validate -> export."""
+    """Run the whole Prefect flow: drift -> select -> train -> validate -> export -> DVC record -> promote."""
     from transferkit.orchestrate import load_flow
     from transferkit.validate import GateFailed
+    from transferkit.workspace import WorkspaceBusy, WorkspaceError
 
     transfer_pipeline = load_flow("run")
     p = _params(params, set_)
@@ -436,7 +454,13 @@ def run_cmd(
             params=p.model_dump(mode="json"),
             force=force,
             progress=not quiet,
+            push=push,
+            wait_s=wait,
         )
+    except WorkspaceBusy as e:
+        _fail(str(e), 75)  # EX_TEMPFAIL: nothing was written, try again later
+    except WorkspaceError as e:
+        _fail(str(e))
     except GateFailed as e:
         _report_gate(e.validation)
         typer.secho(
@@ -476,7 +500,37 @@ def _print_summary(s: dict) -> None:
     typer.echo(
         f"  parity    : max_abs_diff {s['parity']['max_abs_diff']:.2e}, top1 agreement {s['parity']['top1_agreement']:.4f}"
     )
+    if s.get("live") is not None:
+        typer.echo(f"  live      : {s['name']} v{s['live']}")
+    d = s.get("dvc")
+    typer.echo(
+        f"  dvc       : {d['root']}: stages {', '.join(d['stages']) or 'none'} committed, model repository "
+        f"recorded{', pushed' if d['pushed'] else ''} before promotion"
+        if d
+        else "  dvc       : the model repository is not in a DVC workspace: the version is not versioned by DVC"
+    )
     typer.echo(f"  seconds   : {s['seconds']:.0f}")
+
+
+@app.command("dvc-yaml")
+@_guard
+def dvc_yaml(
+    target: Annotated[str, typer.Option(help="labelled target dataset (relative to the DVC root)")] = "data/clipart",
+    out: Annotated[str, typer.Option(help="run folder")] = "runs/dvc",
+    repo: Annotated[str, typer.Option(help="model repository (the export stage's out)")] = "models",
+    reference: Annotated[Optional[str], typer.Option(help="source-domain images: adds the drift stage")] = None,
+    write: Annotated[Optional[Path], typer.Option(help="write here (e.g. dvc.yaml) instead of printing")] = None,
+):
+    """The DVC pipeline for a target: the same stage wiring as the flow (the repository's dvc.yaml is the default)."""
+    from transferkit.io import atomic_write_text
+    from transferkit.workspace import dvc_yaml_text
+
+    text = dvc_yaml_text(target, out, repo, reference)
+    if write:
+        atomic_write_text(write, text)
+        typer.echo(f"wrote {write}")
+    else:
+        typer.echo(text, nl=False)
 
 
 @app.command()

@@ -486,8 +486,11 @@ def run_export(
     params: Params | None = None,
     force: bool = False,
     progress: bool = True,
+    promote: bool = True,
 ) -> dict:
     """Export RUN's checkpoint to REPO/<name>/<version>/ and return its metadata plus "path".
+
+    promote=False publishes the version without moving `latest` (the flow records it in DVC first).
 
     `params` defaults to RUN/params.yaml; its `export` group names the model and sets opset and the
     parity tolerances. The test split is rebuilt with the run's own seed and fractions, so parity is
@@ -507,7 +510,7 @@ def run_export(
     try:
         built = _build(src, staging, steps, progress)
         steps.set_postfix_str("publish")
-        meta = _publish(src, built, staging, model_dir)
+        meta = _publish(src, built, staging, model_dir, promote)
         steps.update()
     except BaseException:
         _undo(staging, model_dir, created)
@@ -654,7 +657,7 @@ def _parity_gate(src: _Inputs, path: Path, progress: bool) -> dict[str, Any]:
     return parity
 
 
-def _publish(src: _Inputs, built: _Built, staging: Path, model_dir: Path) -> dict[str, Any]:
+def _publish(src: _Inputs, built: _Built, staging: Path, model_dir: Path, promote_it: bool = True) -> dict[str, Any]:
     """Number, write, rename and promote the version, all under the repository lock; returns its metadata."""
     with repo_lock(model_dir):
         version = next_version(model_dir)
@@ -663,7 +666,8 @@ def _publish(src: _Inputs, built: _Built, staging: Path, model_dir: Path) -> dic
         publish(staging, model_dir, version)
         write_triton_config(model_dir, version, meta, create=True)
         # the promotion: last, after everything (we already hold the repository lock)
-        promote(model_dir.parent, model_dir.name, version, reason=f"export of {src.run}", lock=False)
+        if promote_it:
+            promote(model_dir.parent, model_dir.name, version, reason=f"export of {src.run}", lock=False)
     return meta
 
 
