@@ -351,9 +351,26 @@ def load(path: Path) -> dict:
     return {"cells": []}
 
 
-def save(path: Path, res: dict) -> None:
+def save(path: Path, res: dict, mine: dict | None = None) -> None:
+    """Write the JSON and the tables. `mine`: the cells this process measured, merged into what is on disk
+    under a lock, so that two bench processes (say peers and transferkit rows at once) keep each other's cells."""
+    import fcntl
+
     from transferkit.io import write_json
 
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if mine is not None:
+            on_disk = load(path)["cells"]
+            res["cells"] = [c for c in on_disk if _key(c) not in mine] + list(mine.values())
+        _write(path, res, write_json)
+
+
+def _key(c: dict) -> tuple:
+    return c["target"], c["method"], c["seed"]
+
+
+def _write(path: Path, res: dict, write_json) -> None:
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     res["summary"] = summarise(res["cells"])
     write_json(path, res)
@@ -563,27 +580,26 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     res = load(path)
+    mine: dict = {}
     if not a.report:
-        remeasured: set = set()
         for target in targets:
             for seed in seeds:
                 for method in methods:
                     s = 0 if method == "pixels" else seed  # deterministic: one run serves every seed
                     key = (target, method, s)
-                    if key in remeasured:
+                    if key in mine:
                         continue
-                    old = [c for c in res["cells"] if (c["target"], c["method"], c["seed"]) == key]
+                    old = [c for c in load(path)["cells"] if _key(c) == key]
                     if old and "error" not in old[0] and not a.remeasure:
                         continue
                     cell = measure(target, method, s, a.quick)
-                    remeasured.add(key)
-                    res["cells"] = [c for c in res["cells"] if (c["target"], c["method"], c["seed"]) != key] + [cell]
-                    save(path, res)
+                    mine[key] = cell
+                    save(path, res, mine)
                     msg = cell.get("error") or f"test {cell.get('test_accuracy', float('nan')):.3f}"
                     if method == "pixels" and "baselines" in cell:
                         msg = " ".join(f"{n} {b['test_accuracy']:.3f}" for n, b in cell["baselines"].items())
                     print(f"{target:10s} {method:16s} seed {s}: {msg} ({cell['wall_seconds']:.0f} s)", flush=True)
-    save(path, res)
+    save(path, res, mine)
     print(path.with_suffix(".md").read_text())
 
 
