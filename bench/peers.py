@@ -320,7 +320,10 @@ def measure(target: str, method: str, seed: int, quick: bool) -> dict:
                 raise RuntimeError(f"exit {p.returncode}")
             cell.update(json.loads((folder / "cell.json").read_text()))
     except (RuntimeError, OSError, KeyError, json.JSONDecodeError) as e:
-        cell.update({"error": f"{type(e).__name__}: {e}", "log_tail": tail})
+        why = f"{type(e).__name__}: {e}"
+        if p.returncode < 0:  # killed (a time budget ran out): not a failure of the method
+            why = f"stopped by signal {-p.returncode} after {wall:.0f} s, unfinished"
+        cell.update({"error": why, "log_tail": tail})
     shutil.rmtree(folder / "cache", ignore_errors=True)
     for pattern in ("*.safetensors", "*.onnx", "*.pt"):  # weights: tens of MB per cell, the JSON keeps the numbers
         for f in folder.rglob(pattern):
@@ -361,8 +364,9 @@ def save(path: Path, res: dict, mine: dict | None = None) -> None:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if mine is not None:
-            on_disk = load(path)["cells"]
-            res["cells"] = [c for c in on_disk if _key(c) not in mine] + list(mine.values())
+            disk = load(path)
+            res["cells"] = [c for c in disk["cells"] if _key(c) not in mine] + list(mine.values())
+            res["notes"] = list(dict.fromkeys([*disk.get("notes", []), *res.get("notes", [])]))
         _write(path, res, write_json)
 
 
@@ -514,6 +518,8 @@ def markdown(res: dict) -> str:
             note = ", ".join(r.get("strategies", []))
             if "exported" in r:
                 note += f"; exported {r['exported']}"
+            if name in PIXEL_NAMES:
+                note += "wall: one process fits all three pixel baselines"
             if r.get("from_run"):
                 note += f"{r['from_run']} seed(s) from the run's validate stage (wall = fit seconds)"
             d = f"{r['vs_run_points']:+.1f}" if "vs_run_points" in r else "-"
@@ -543,6 +549,7 @@ def markdown(res: dict) -> str:
         )
     for c in errors:
         lines.append(f"- failed: {c['target']} {c['method']} seed {c['seed']}: {c['error']}")
+    lines += [f"- {n}" for n in res.get("notes", [])]
     revs = sorted({c.get("git_rev", "?") for c in res["cells"]})
     lines += ["", f"Cells measured at git revisions: {', '.join(revs)} (per row in peers.json)."]
     return "\n".join(lines) + "\n"
@@ -559,6 +566,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 epochs, bench/.work/peers/quick.json")
     ap.add_argument("--remeasure", action="store_true", help="re-run the named methods' cells even if cached")
     ap.add_argument("--report", action="store_true", help="only rewrite the tables from the JSON")
+    ap.add_argument("--note", action="append", default=[], help="a line for 'What ran' (kept in the JSON)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -580,6 +588,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     res = load(path)
+    res["notes"] = res.get("notes", []) + a.note
     mine: dict = {}
     if not a.report:
         for target in targets:
