@@ -86,7 +86,7 @@ class TrainParams(_Group):
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth in the residual blocks (fine-tuning)")
     patience: int = Field(5, ge=1, description="early stopping on validation loss")
     min_epochs: int = Field(
-        10, ge=0, description="never stop before this epoch: val loss is noisy while the LR is high"
+        20, ge=0, description="never stop before this epoch: val loss is noisy while the LR is high"
     )
     augment: bool = True
     bn_stats: Literal["frozen", "update", "precise"] = Field(
