@@ -235,7 +235,7 @@ def demo_model(args, work: Path) -> tuple[dict, list]:
 
     from transferkit import zoo
     from transferkit.config import load_params
-    from transferkit.data import load_dataset
+    from transferkit.data import load_with_params
     from transferkit.export import onnx_accuracy
     from transferkit.io import read_json, sha256_file
     from transferkit.repository import INT8_FILE, latest_version
@@ -255,12 +255,7 @@ def demo_model(args, work: Path) -> tuple[dict, list]:
     rp = load_params(run / "params.yaml") if (run / "params.yaml").is_file() else load_params()
     metrics = read_json(run / "metrics.json")
     target = Path(metrics["target"]) if Path(metrics["target"]).is_absolute() else ROOT / metrics["target"]
-    ds = load_dataset(
-        target,
-        seed=int(metrics.get("seed", rp.seed)),
-        val_fraction=rp.data.val_fraction,
-        test_fraction=rp.data.test_fraction,
-    )
+    ds = load_with_params(target, rp, seed=int(metrics.get("seed", rp.seed)))
     tf = zoo.eval_transform(loaded.data_config)
     test = ds.splits["test"]
     fp32 = model_dir / "model.onnx"

@@ -34,13 +34,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from transferkit.events import EVENT_DATASET_UPDATED, EVENT_DRIFT_DETECTED, dataset_resource, model_resource
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = "flows/pipeline.py:retrain"
 MONITOR_FLOW = "flows/monitor.py:monitor_flow"
 DEFAULT_CRON = "0 3 * * *"
 DEFAULT_MONITOR_CRON = "*/30 * * * *"
-EVENT_DATASET_UPDATED = "transferkit.dataset.updated"  # = transferkit.watch.EVENT_UPDATED
-EVENT_DRIFT_DETECTED = "transferkit.drift.detected"  # emitted by the serving monitor
 
 
 def build(
@@ -57,22 +57,31 @@ def build(
     """The RunnerDeployments (not yet registered): retrain nightly + on new data (`parameters` are their
     flow defaults), and the served-drift monitor (`monitor_parameters`; monitor_cron None = leave it out)."""
     from prefect import Flow
+
+    params = {"dataset": dataset, **(parameters or {})}
+    flow = Flow.from_source(source=str(Path(root).resolve()), entrypoint=FLOW)
+    out = _retrain_deployments(flow, model, dataset_name or Path(dataset).name, params, cron, timezone)
+    if monitor_cron:
+        mparams = {"repo": params.get("repo", "models"), "name": model, "monitor_dir": "monitor"}
+        out.append(_monitor_deployment(root, model, {**mparams, **(monitor_parameters or {})}, monitor_cron, timezone))
+    return out
+
+
+def _retrain_deployments(flow, model: str, dataset_name: str, params: dict, cron: str, timezone: str) -> list:
+    """transferkit-retrain/nightly (cron + drift trigger) and transferkit-retrain/on-new-data (data trigger)."""
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
 
-    flow = Flow.from_source(source=str(Path(root).resolve()), entrypoint=FLOW)
-    dataset_name = dataset_name or Path(dataset).name
-    params = {"dataset": dataset, **(parameters or {})}
     on_drift = DeploymentEventTrigger(
         name=f"retrain {model} on drift",
         expect={EVENT_DRIFT_DETECTED},
-        match={"prefect.resource.id": f"transferkit.model.{model}"},
+        match={"prefect.resource.id": model_resource(model)},
         parameters={"reason": "drift detected on served inputs of {{ event.resource.id }} (event {{ event.id }})"},
     )
     on_data = DeploymentEventTrigger(
         name=f"retrain on new {dataset_name} data",
         expect={EVENT_DATASET_UPDATED},
-        match={"prefect.resource.id": f"transferkit.dataset.{dataset_name}"},
+        match={"prefect.resource.id": dataset_resource(dataset_name)},
         parameters={
             "data_md5": "{{ event.payload.md5 }}",
             "reason": "new data: {{ event.resource.id }} md5 {{ event.payload.md5 }} (event {{ event.id }})",
@@ -93,26 +102,23 @@ def build(
         description=f"Retrain when transferkit.dataset.{dataset_name} is updated (data add / watch).",
         tags=["transferkit", "retrain", "event"],
     )
-    out = [nightly, new_data]
-    if monitor_cron:
-        monitor = Flow.from_source(source=str(Path(root).resolve()), entrypoint=MONITOR_FLOW)
-        mparams = {
-            "repo": params.get("repo", "models"),
-            "name": model,
-            "monitor_dir": "monitor",
-            **(monitor_parameters or {}),
-        }
-        out.append(
-            monitor.to_deployment(
-                name="served-drift",
-                schedules=[Cron(monitor_cron, timezone=timezone, slug="served-drift")],
-                parameters=mparams,
-                description=f"Drift of {model}'s served inputs vs its training data; on drift emits "
-                f"{EVENT_DRIFT_DETECTED}, which starts transferkit-retrain/nightly.",
-                tags=["transferkit", "monitor", "schedule"],
-            )
-        )
-    return out
+    return [nightly, new_data]
+
+
+def _monitor_deployment(root: str | Path, model: str, params: dict, cron: str, timezone: str):
+    """transferkit-monitor/served-drift: drift of the served inputs on a schedule (emits the drift event)."""
+    from prefect import Flow
+    from prefect.schedules import Cron
+
+    monitor = Flow.from_source(source=str(Path(root).resolve()), entrypoint=MONITOR_FLOW)
+    return monitor.to_deployment(
+        name="served-drift",
+        schedules=[Cron(cron, timezone=timezone, slug="served-drift")],
+        parameters=params,
+        description=f"Drift of {model}'s served inputs vs its training data; on drift emits "
+        f"{EVENT_DRIFT_DETECTED}, which starts transferkit-retrain/nightly.",
+        tags=["transferkit", "monitor", "schedule"],
+    )
 
 
 def register(deployments: list, pool: str) -> list[str]:

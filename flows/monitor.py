@@ -23,8 +23,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.pipeline import drift_task
+from transferkit.events import EVENT_DRIFT_DETECTED, model_resource
 
-EVENT_DRIFT_DETECTED = "transferkit.drift.detected"  # = flows.deployments.EVENT_DRIFT_DETECTED
 SUMMARY_KEYS = ("drift_detected", "severity", "method", "score", "threshold", "n_reference", "n_current")
 
 
@@ -54,7 +54,7 @@ def drift_event(name: str, version: int | None, drift: dict[str, Any], report: s
     return {
         "event": EVENT_DRIFT_DETECTED,
         "resource": {
-            "prefect.resource.id": f"transferkit.model.{name}",
+            "prefect.resource.id": model_resource(name),
             "prefect.resource.name": name,
             "transferkit.model.version": str(version),
         },
@@ -78,11 +78,11 @@ def monitor_flow(
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Drift of MONITOR/<name>/images vs the training data; emits transferkit.drift.detected on drift."""
-    from transferkit.config import Params
+    from transferkit.config import params_from
     from transferkit.repository import latest_version
 
     logger = get_run_logger()
-    p = Params.model_validate(params or {})
+    p = params_from(params)
     current = Path(monitor_dir) / name / "images"
     n = len(list(current.glob("*.png"))) if current.is_dir() else 0
     version = latest_version(Path(repo) / name)

@@ -42,6 +42,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from transferkit.config import params_from
 from transferkit.validate import GateFailed
 from transferkit.watch import StaleData
 
@@ -61,12 +62,6 @@ def _io_error(task, task_run, state) -> bool:
     return False
 
 
-def _params(params: dict[str, Any] | None):
-    from transferkit.config import Params
-
-    return Params.model_validate(params or {})
-
-
 def _cell(text: str) -> str:
     """Text for a markdown table cell: a literal | would end the cell (the UI shows HTML entities as typed)."""
     return str(text).replace("|", "\\|")
@@ -82,7 +77,7 @@ def _artifact(key: str, markdown: str, description: str) -> None:
 def drift_task(reference: str, target: str, out: str, params: dict, progress: bool) -> dict:
     from transferkit.drift import run_drift
 
-    r = run_drift(Path(reference), Path(target), Path(out), _params(params), progress=progress)
+    r = run_drift(Path(reference), Path(target), Path(out), params_from(params), progress=progress)
     rows = "\n".join(
         f"| {f['feature']} | {f.get('stattest', '')} | {f.get('score', f.get('p_value', ''))} | {f['drifted']} |"
         for f in r.get("per_feature", [])
@@ -109,21 +104,11 @@ def drift_task(reference: str, target: str, out: str, params: dict, progress: bo
 
 @task(name="select", cache_policy=NO_CACHE)
 def select_task(target: str, out: str, params: dict, candidates: list[str] | None, progress: bool) -> dict:
+    """`select.runner: sequential` scores inside this task; thread/dask run flows/select.py as a subflow of
+    it, one `score` task per candidate on that task runner (the same ranking.json either way)."""
     from transferkit.select import run_select
 
-    r = run_select(Path(target), Path(out), _params(params), candidates, progress=progress)
-    _select_artifact(r)
-    return r
-
-
-def _select(target: str, out: str, p, candidates: list[str] | None, progress: bool) -> dict:
-    """`select.runner: sequential` is one task; thread/dask run flows/select.py as a subflow, one `score`
-    task per candidate on that task runner (the same ranking.json either way)."""
-    if p.select.runner == "sequential":
-        return select_task(target, out, p.model_dump(mode="json"), candidates, progress)
-    from flows.select import run_select_flow
-
-    r = run_select_flow(Path(target), Path(out), p, candidates, progress=progress)
+    r = run_select(Path(target), Path(out), params_from(params), candidates, progress=progress)
     _select_artifact(r)
     return r
 
@@ -151,7 +136,7 @@ def train_task(target: str, out: str, params: dict, model: str, drift: str | Non
     from transferkit.train import run_train
 
     return run_train(
-        Path(target), Path(out), _params(params), model, drift=Path(drift) if drift else None, progress=progress
+        Path(target), Path(out), params_from(params), model, drift=Path(drift) if drift else None, progress=progress
     )
 
 
@@ -160,7 +145,7 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
     from transferkit.io import read_json
     from transferkit.validate import run_validate
 
-    r = run_validate(Path(run), _params(params), progress=progress)
+    r = run_validate(Path(run), params_from(params), progress=progress)
     rep = read_json(Path(run) / "report.json")
     reasons = "\n".join(f"- {x}" for x in r["reasons"]) or "- none"
     warnings = "\n".join(f"- {x}" for x in r["warnings"]) or "- none"
@@ -213,7 +198,7 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
 def export_task(run: str, repo: str, params: dict, force: bool, progress: bool, promote: bool = True) -> dict:
     from transferkit.export import run_export
 
-    m = run_export(Path(run), Path(repo), _params(params), force=force, progress=progress, promote=promote)
+    m = run_export(Path(run), Path(repo), params_from(params), force=force, progress=progress, promote=promote)
     q, par = m["int8"], m["parity"]
     _artifact(
         "export",
@@ -304,7 +289,7 @@ def _transfer(target, out, reference, candidates, repo, params, force, progress,
     from transferkit.workspace import stage_dirs
 
     t0 = time.perf_counter()
-    p = _params(params)
+    p = params_from(params)
     pj = p.model_dump(mode="json")
     run, dirs = Path(out), stage_dirs(out)
     dump_params(p, run / "params.yaml")  # the resolved config, saved per run: a record, never an input
@@ -312,7 +297,7 @@ def _transfer(target, out, reference, candidates, repo, params, force, progress,
     drift = None
     if reference:
         drift = drift_task(reference, target, str(dirs["drift"]), pj, progress)
-    ranking = _select(target, str(dirs["select"]), p, candidates, progress)
+    ranking = select_task(target, str(dirs["select"]), pj, candidates, progress)
     metrics = train_task(
         target,
         str(dirs["train"]),
@@ -419,9 +404,9 @@ def _resolve(params_file: str | None, overrides: dict | None):
     return load_params(path if path and path.is_file() else None, dict(overrides or {}))
 
 
-def _unchanged(repo: Path, name: str, target: str, params: dict) -> dict | None:
+def _unchanged(repo: Path, name: str, target: str, p) -> dict | None:
     """metadata.json of the live version if it was built from this target's content, these params, this code."""
-    from transferkit.data import DataError, load_dataset
+    from transferkit.data import DataError, load_with_params
     from transferkit.io import git_rev, read_json
     from transferkit.repository import latest_version
 
@@ -430,18 +415,13 @@ def _unchanged(repo: Path, name: str, target: str, params: dict) -> dict | None:
         return None
     meta = read_json(repo / name / str(live) / "metadata.json")
     try:
-        ds = load_dataset(
-            target,
-            seed=params["seed"],
-            val_fraction=params["data"]["val_fraction"],
-            test_fraction=params["data"]["test_fraction"],
-        )
+        ds = load_with_params(target, p)
     except DataError:
         return None  # let the pipeline report it
     code = git_rev(Path(__file__).resolve().parent)
     same = (
         meta.get("data_md5") == ds.md5
-        and meta.get("params") == params
+        and meta.get("params") == p.model_dump(mode="json")
         and (code is None or meta.get("git_rev") == code)
     )
     return {**meta, "version": live} if same else None
@@ -507,7 +487,7 @@ def retrain(
         "overrides": overrides or {},
         "reason": reason,
     }
-    if skip_unchanged and (live := _unchanged(Path(repo), name, target, pj)):
+    if skip_unchanged and (live := _unchanged(Path(repo), name, target, p)):
         msg = (
             f"{name} v{live['version']} is live and was built from this data, params and code: retraining would "
             "rebuild the same model; new labelled data (`transferkit data add`), other params or code start a new one"

@@ -14,23 +14,18 @@ the sequential `run_select` uses, so every runner writes the same file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-
-def _params(params: dict[str, Any] | None):
-    from transferkit.config import Params
-
-    return Params.model_validate(params or {})
+from transferkit.config import params_from
 
 
 @task(name="score", cache_policy=NO_CACHE)
 def score_task(spec: str, samples: list[tuple[str, int]], data_md5: str, params: dict, progress: bool) -> dict:
     from transferkit.select import score_candidate
 
-    return score_candidate(spec, [(Path(p), int(y)) for p, y in samples], data_md5, _params(params), progress)
+    return score_candidate(spec, [(Path(p), int(y)) for p, y in samples], data_md5, params_from(params), progress)
 
 
 def task_runner(kind: str, workers: int = 2, address: str | None = None):
@@ -71,7 +66,7 @@ def select_flow(
     """Score every available candidate in parallel, rank, optionally confirm, write OUT/ranking.json."""
     from transferkit.select import finish, prepare
 
-    p = _params(params)
+    p = params_from(params)
     plan = prepare(Path(target), p, candidates)
     samples = [(str(path), int(y)) for path, y in plan.samples]
     futures = score_task.map(

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from transferkit.orchestrate import use_prefect_defaults
+
+use_prefect_defaults()  # before anything imports prefect
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,7 +2,7 @@
 
     .venv/bin/pytest -q tests/test_zoo.py
 
-These use the real environment: the four weight packages are installed (see DESIGN.md).
+These use the real environment: the four weight packages are installed (the Makefile's WEIGHTS, pinned by sha256 in transferkit.zoo).
 """
 
 from __future__ import annotations

@@ -47,6 +47,9 @@ ServerOpt = Annotated[
         "comma-separated); a refusal is an error with its reason and latest goes back",
     ),
 ]
+RepoOpt = Annotated[Path, typer.Option(help="model repository")]
+NameOpt = Annotated[str, typer.Option(help="model name (folder in the repository)")]
+ReasonOpt = Annotated[str, typer.Option(help="recorded in REPO/NAME/promotions.jsonl")]
 WaitOpt = Annotated[float, typer.Option(help="seconds to wait for each --server to switch")]
 PromoteTokenOpt = Annotated[
     Optional[Path], typer.Option(help="the servers' bearer token (default: $TRANSFERKIT_SERVE_TOKEN)")
@@ -138,16 +141,10 @@ def data_check(
     set_: SetOpt = None,
 ):
     """Validate a dataset folder and print its splits, md5 and skipped files."""
-    from transferkit.data import load_dataset
+    from transferkit.data import load_with_params
 
-    p = _params(params, set_)
-    ds = load_dataset(
-        folder,
-        require_labels=not unlabelled,
-        min_classes=1 if unlabelled else 2,
-        seed=p.seed,
-        val_fraction=p.data.val_fraction,
-        test_fraction=p.data.test_fraction,
+    ds = load_with_params(
+        folder, _params(params, set_), require_labels=not unlabelled, min_classes=1 if unlabelled else 2
     )
     _print_json({**ds.summary(), "counts": ds.counts()})
 
@@ -242,12 +239,7 @@ def select(
     if confirm is not None and confirm < 0:
         _fail(f"--confirm must be >= 0, got {confirm}")
     cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
-    if p.select.runner == "sequential":
-        r = run_select(target, out, p, cands, progress=not quiet, confirm=confirm)
-    else:
-        from transferkit.orchestrate import load_flow
-
-        r = load_flow("select")(target, out, p, cands, confirm=confirm, progress=False)
+    r = run_select(target, out, p, cands, progress=not quiet, confirm=confirm)
     for row in r["candidates"]:
         score = "n/a" if row["score"] is None else f"{row['score']:.4f}"
         leep = "" if row["leep"] is None else f"  leep={row['leep']:.3f}"
@@ -536,10 +528,10 @@ def dvc_yaml(
 @app.command()
 @_guard
 def promote(
-    repo: Annotated[Path, typer.Option(help="model repository")],
-    name: Annotated[str, typer.Option(help="model name (folder in the repository)")],
+    repo: RepoOpt,
+    name: NameOpt,
     version: Annotated[Optional[int], typer.Option(help="version to make live (default: the newest)")] = None,
-    reason: Annotated[str, typer.Option(help="recorded in REPO/NAME/promotions.jsonl")] = "",
+    reason: ReasonOpt = "",
     server: ServerOpt = None,
     wait: WaitOpt = 60.0,
     token_file: PromoteTokenOpt = None,
@@ -547,33 +539,15 @@ def promote(
     """Point REPO/NAME/latest at a complete version; servers following it hot-swap (--server: wait for them)."""
     from transferkit.promote import promote as run_promote
 
-    servers, token = _servers(server, token_file)
-    r = run_promote(repo, name, version, reason=reason, servers=servers, wait=wait, token=token)
-    typer.echo(f"promote: {name} {r['previous']} -> {r['version']}  ({repo / name / 'latest'}){_served(r)}")
-
-
-def _servers(server: Optional[list[str]], token_file: Optional[Path]) -> tuple[list[str], Optional[str]]:
-    import os
-
-    servers = list(server or []) or [
-        u.strip() for u in os.environ.get("TRANSFERKIT_SERVERS", "").split(",") if u.strip()
-    ]
-    token = token_file.read_text().strip() if token_file else os.environ.get("TRANSFERKIT_SERVE_TOKEN") or None
-    return servers, token
-
-
-def _served(r: dict) -> str:
-    if not r.get("servers"):
-        return "; no live server checked (--server URL waits for them)"
-    return "; serving on " + ", ".join(s["server"] for s in r["servers"])
+    _move_latest("promote", run_promote, repo, name, server, token_file, version=version, reason=reason, wait=wait)
 
 
 @app.command()
 @_guard
 def rollback(
-    repo: Annotated[Path, typer.Option(help="model repository")],
-    name: Annotated[str, typer.Option(help="model name (folder in the repository)")],
-    reason: Annotated[str, typer.Option(help="recorded in REPO/NAME/promotions.jsonl")] = "",
+    repo: RepoOpt,
+    name: NameOpt,
+    reason: ReasonOpt = "",
     server: ServerOpt = None,
     wait: WaitOpt = 60.0,
     token_file: PromoteTokenOpt = None,
@@ -581,9 +555,24 @@ def rollback(
     """Return REPO/NAME/latest to the version that was live before the current one."""
     from transferkit.promote import rollback as run_rollback
 
-    servers, token = _servers(server, token_file)
-    r = run_rollback(repo, name, reason=reason, servers=servers, wait=wait, token=token)
-    typer.echo(f"rollback: {name} {r['previous']} -> {r['version']}  ({repo / name / 'latest'}){_served(r)}")
+    _move_latest("rollback", run_rollback, repo, name, server, token_file, reason=reason, wait=wait)
+
+
+def _move_latest(verb: str, move, repo: Path, name: str, server, token_file, **kw) -> None:
+    """promote/rollback: resolve the servers to wait for and their token, move `latest`, say what is live."""
+    import os
+
+    servers = list(server or []) or [
+        u.strip() for u in os.environ.get("TRANSFERKIT_SERVERS", "").split(",") if u.strip()
+    ]
+    token = token_file.read_text().strip() if token_file else os.environ.get("TRANSFERKIT_SERVE_TOKEN") or None
+    r = move(repo, name, servers=servers, token=token, **kw)
+    served = (
+        "; serving on " + ", ".join(s["server"] for s in r["servers"])
+        if r.get("servers")
+        else "; no live server checked (--server URL waits for them)"
+    )
+    typer.echo(f"{verb}: {name} {r['previous']} -> {r['version']}  ({repo / name / 'latest'}){served}")
 
 
 @app.command()
@@ -664,12 +653,37 @@ def serve(
     monitor_size: Annotated[int, typer.Option(help="reservoir size (images per model)")] = 200,
 ):
     """Serve the repository's ONNX models over HTTP with dynamic batching, hot swap, limits and metrics."""
+    from transferkit.serve import serve as run_serve
+
+    cfg = _serve_config(**locals())  # every option, by name
+    if not repo.is_dir():
+        _fail(f"model repository not found: {repo} (run `transferkit export` first)")
+    run_serve(cfg, host=host, port=port)
+
+
+def _serve_config(
+    *,
+    host,
+    port,
+    model,
+    token_file,
+    poll_interval,
+    max_body_mb,
+    max_inflight_mb,
+    queue_timeout,
+    header_timeout,
+    body_timeout,
+    keep_alive,
+    max_header_kb,
+    **fields,
+):
+    """ServeConfig from the `serve` options: those named like its fields pass through, the others are
+    converted (MB -> bytes, seconds -> *_s); a refused value is one line naming the option or token source."""
     import os
 
     from pydantic import ValidationError
 
     from transferkit.serve import TOKEN_ENV, ServeConfig
-    from transferkit.serve import serve as run_serve
 
     try:
         token = token_file.read_text().strip() if token_file else (os.environ.get(TOKEN_ENV) or "").strip() or None
@@ -678,40 +692,24 @@ def serve(
     if token_file and not token:
         _fail(f"{token_file}: empty token file")
     try:
-        cfg = ServeConfig(
-            repo=repo,
+        return ServeConfig(
+            **fields,
             models=model or None,
-            batching=batching,
-            max_batch_size=max_batch_size,
-            max_queue_delay_ms=max_queue_delay_ms,
             poll_interval_s=poll_interval,
             max_body_bytes=int(max_body_mb * (1 << 20)),
-            max_image_pixels=max_image_pixels,
-            max_images=max_images,
-            max_request_pixels=max_request_pixels,
             max_inflight_bytes=int(max_inflight_mb * (1 << 20)),
-            max_concurrency=max_concurrency,
-            max_connections=max_connections,
-            decode_threads=decode_threads,
             queue_timeout_s=queue_timeout,
             header_timeout_s=header_timeout,
             body_timeout_s=body_timeout,
             keep_alive_s=keep_alive,
             max_header_bytes=max_header_kb << 10,
             token=token,
-            int8=int8,
-            threads=threads,
-            monitor_dir=monitor_dir,
-            monitor_size=monitor_size,
         )
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "serve options"
         source = f"{token_file or '$' + TOKEN_ENV}: " if where == "token" else f"--{where.replace('_', '-')}: "
         _fail(source + err["msg"].removeprefix("Value error, "))
-    if not repo.is_dir():
-        _fail(f"model repository not found: {repo} (run `transferkit export` first)")
-    run_serve(cfg, host=host, port=port)
 
 
 def main() -> None:

@@ -248,8 +248,13 @@ def load_params(path: str | Path | None = None, overrides: list[str] | dict[str,
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in (overrides or [])]
     for key, value in items:
         _set_dotted(tree, key, value)
+    return params_from(tree)
+
+
+def params_from(tree: dict[str, Any] | None) -> Params:
+    """Params from a plain dict (a resolved copy, a flow parameter); ConfigError naming each bad field."""
     try:
-        return Params.model_validate(tree)
+        return Params.model_validate(tree or {})
     except ValidationError as e:
         lines = []
         for err in e.errors():

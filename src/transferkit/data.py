@@ -26,13 +26,14 @@ import gzip
 import hashlib
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from transferkit.errors import TransferkitError
+from transferkit.io import files_md5
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLITS = ("train", "val", "test")
@@ -528,13 +529,16 @@ def _scan_classes(split_dir: Path, skipped: list[dict], top: bool = False) -> di
     return classes
 
 
-def dataset_md5(paths: Iterable[Path], root: Path) -> str:
-    """Content hash over (relative path, file md5) of the images used: renames and edits change it."""
-    h = hashlib.md5()
-    for p in sorted(paths, key=lambda q: q.relative_to(root).as_posix()):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(hashlib.md5(p.read_bytes()).digest())
-    return h.hexdigest()
+def load_with_params(root: str | Path, params, *, seed: int | None = None, **kwargs) -> Dataset:
+    """`load_dataset` with the split of PARAMS (`seed`, `data.val_fraction`, `data.test_fraction`): every stage
+    must split a folder the same way. `seed` overrides params.seed (a run's recorded seed); kwargs pass on."""
+    return load_dataset(
+        root,
+        seed=params.seed if seed is None else seed,
+        val_fraction=params.data.val_fraction,
+        test_fraction=params.data.test_fraction,
+        **kwargs,
+    )
 
 
 def load_dataset(
@@ -585,7 +589,7 @@ def load_dataset(
             split_source={"train": "folder"},
             unlabelled=pool,
         )
-        ds.md5 = dataset_md5(imgs + pool, root)
+        ds.md5 = files_md5(imgs + pool, root)
         return ds
 
     classes = sorted(per_split["train"])
@@ -608,7 +612,7 @@ def load_dataset(
         source.update({s: "split off train" for s in missing})
     all_paths = [p for samples in splits.values() for p, _ in samples]
     ds = Dataset(root, classes, splits, skipped, labelled=True, split_source=source, unlabelled=pool)
-    ds.md5 = dataset_md5(all_paths + pool, root)
+    ds.md5 = files_md5(all_paths + pool, root)
     return ds
 
 

@@ -56,11 +56,12 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from transferkit.config import Params, dump_params
-from transferkit.data import DataError, load_dataset, load_rgb, subsample
+from transferkit.data import DataError, load_rgb, load_with_params, subsample
 from transferkit.io import atomic_write_text, write_json
 
 STAT_COLUMNS = [
@@ -135,15 +136,7 @@ def compute_image_stats(samples, progress: bool = True, desc: str = "image stats
 
 
 def _load_side(folder: Path, params: Params, role: str):
-    ds = load_dataset(
-        folder,
-        require_labels=False,
-        min_classes=1,
-        val_fraction=params.data.val_fraction,
-        test_fraction=params.data.test_fraction,
-        seed=params.seed,
-        split_missing=False,
-    )
+    ds = load_with_params(folder, params, require_labels=False, min_classes=1, split_missing=False)
     samples = ds.all_samples()
     if len(samples) < params.drift.min_samples:
         raise DataError(
@@ -207,8 +200,11 @@ def _column_results(snapshot_dict: dict) -> dict[str, dict]:
 def _embeddings_verdict(snapshot) -> tuple[float | None, bool, str]:
     """(score, drifted, method) of the EmbeddingsDrift run inside `snapshot`.
 
-    The v2 metric keeps only the score; the drifted flag lives in the legacy result the report
-    computed (evidently==0.7.23 is pinned). (None, False, "") when it cannot be found.
+    The one place that reads Evidently's internals: evidently 0.7.23 (pinned) has no public API for the
+    verdict, its v2 EmbeddingsDrift result is a SingleValue holding only the score, and the drifted flag
+    (the score against a bootstrap quantile computed inside the method) exists only in the legacy result
+    the report keeps in `snapshot.context._legacy_metrics`. (None, False, "") when it cannot be found:
+    `compare` then runs the same seeded method directly.
     """
     try:
         from evidently.legacy.metrics.data_drift.embeddings_drift import EmbeddingsDriftMetricResults
@@ -235,23 +231,40 @@ class Side:
     classes: list[str] | None = None  # the side's full label set (a subsample may miss a class)
 
 
-def compare(ref: Side, cur: Side, params: Params, embeddings_in_report: bool = True):
-    """Run every view through Evidently and return (verdict dict, Evidently snapshot).
+@dataclass
+class Columns:
+    """The columns Evidently tests, one frame per side, and the views they belong to."""
 
-    Pure over arrays, so benchmarks can draw many samples from precomputed features.
-    `embeddings_in_report=False` runs the same seeded embeddings test outside the report (no t-SNE
-    plot in the HTML): the verdict is unchanged, the call is several times faster.
-    """
-    dp = params.drift
-    import warnings
+    ref: Any  # pandas.DataFrame: image stats, embedding PCs, output columns, labels
+    cur: Any
+    ref_emb: Any  # the embedding PCs alone (the embeddings test outside the report takes these)
+    cur_emb: Any
+    emb_cols: list[str]
+    out_cols: list[str]
+    n_comp: int
+    ref_labels: list[str] | None
+    cur_labels: list[str] | None
 
+    @property
+    def task_mismatch(self) -> bool:
+        return self.ref_labels is not None and self.cur_labels is not None and self.ref_labels != self.cur_labels
+
+    @property
+    def label_check(self) -> bool:
+        # Chi-square takes reference frequencies as expected counts, so a class the reference lacks
+        # has no defined test: the class distribution is compared only when the label sets agree.
+        return self.ref_labels is not None and self.ref_labels == self.cur_labels and len(self.ref_labels) >= 2
+
+
+def build_columns(ref: Side, cur: Side, pca_components: int) -> Columns:
+    """Image stats, reference-fitted PCA of the embeddings, source-head output columns and labels, per side."""
     import pandas as pd
     from sklearn.decomposition import PCA
 
     ref_df = pd.DataFrame(ref.stats, columns=STAT_COLUMNS)
     cur_df = pd.DataFrame(cur.stats, columns=STAT_COLUMNS)
     fr, fc = ref.features, cur.features
-    n_comp = int(min(dp.pca_components, len(fr) - 1, fr.shape[1]))
+    n_comp = int(min(pca_components, len(fr) - 1, fr.shape[1]))
     pca = PCA(n_components=n_comp, random_state=0).fit(fr)
     zr, zc = pca.transform(fr), pca.transform(fc)
     # Scaled to unit variance on the reference so the domain classifier (plain SGD) is well
@@ -261,25 +274,29 @@ def compare(ref: Side, cur: Side, params: Params, embeddings_in_report: bool = T
     ref_emb = pd.DataFrame(zr / scale, columns=emb_cols)
     cur_emb = pd.DataFrame(zc / scale, columns=emb_cols)
     ref_df[emb_cols], cur_df[emb_cols] = ref_emb.values, cur_emb.values
-
-    # ---- black-box shift on the source head
-    out_cols: list[str] = []
+    out_cols: list[str] = []  # black-box shift on the source head
     if ref.logits is not None and cur.logits is not None:
         out_cols, ro, co = _softmax_columns(ref.logits, cur.logits, OUTPUT_PCS)
         ref_df[out_cols], cur_df[out_cols] = ro, co
-
-    # ---- labels
     ref_labels = sorted(ref.classes or set(ref.labels)) if ref.labels is not None else None
     cur_labels = sorted(cur.classes or set(cur.labels)) if cur.labels is not None else None
-    task_mismatch = ref_labels is not None and cur_labels is not None and ref_labels != cur_labels
-    # Chi-square takes reference frequencies as expected counts, so a class the reference lacks
-    # has no defined test: the class distribution is compared only when the label sets agree.
-    label_check = ref_labels is not None and ref_labels == cur_labels and len(ref_labels) >= 2
-    if label_check:
+    cols = Columns(ref_df, cur_df, ref_emb, cur_emb, emb_cols, out_cols, n_comp, ref_labels, cur_labels)
+    if cols.label_check:
         ref_df[LABEL_COLUMN] = list(ref.labels)
         cur_df[LABEL_COLUMN] = list(cur.labels)
+    return cols
 
-    # ---- Evidently
+
+def per_view_threshold(cols: Columns, stattest_threshold: float) -> float:
+    """Bonferroni across the views that can fire: the verdict's false-positive rate on two draws of one
+    distribution stays near `stattest_threshold` instead of growing with the number of views."""
+    return stattest_threshold / (2 + bool(cols.out_cols) + bool(cols.label_check))
+
+
+def run_report(cols: Columns, dp, thr: float, embeddings_in_report: bool):
+    """Evidently's report over COLS at per-view threshold THR: (snapshot, embeddings verdict dict)."""
+    import warnings
+
     from evidently import DataDefinition, Report
     from evidently import Dataset as EvDataset
     from evidently.metrics import EmbeddingsDrift, ValueDrift
@@ -287,123 +304,144 @@ def compare(ref: Side, cur: Side, params: Params, embeddings_in_report: bool = T
     from evidently.presets import DataDriftPreset
     from threadpoolctl import threadpool_limits
 
-    # Bonferroni across the views that can fire: the verdict's false-positive rate on two draws of one
-    # distribution stays near `stattest_threshold` instead of growing with the number of views.
-    n_views = 2 + bool(out_cols) + bool(label_check)
-    thr = dp.stattest_threshold / n_views
     emb_method = ModelDriftMethod(bootstrap=True, quantile_probability=1.0 - thr)
     definition = DataDefinition(
-        numerical_columns=STAT_COLUMNS + out_cols,
-        categorical_columns=[LABEL_COLUMN] if label_check else [],
-        embeddings={"features": emb_cols},
+        numerical_columns=STAT_COLUMNS + cols.out_cols,
+        categorical_columns=[LABEL_COLUMN] if cols.label_check else [],
+        embeddings={"features": cols.emb_cols},
     )
     # K-S / chi-square p-values for every column: max_samples keeps n small enough that K-S
     # does not flag negligible differences (Evidently itself switches to distances above 1000).
     column_metrics = [
-        DataDriftPreset(columns=STAT_COLUMNS, num_method="ks", threshold=thr, drift_share=dp.moderate_share)
+        DataDriftPreset(columns=c, num_method="ks", threshold=thr, drift_share=dp.moderate_share)
+        for c in (STAT_COLUMNS, cols.out_cols)
+        if c
     ]
-    if out_cols:
-        column_metrics.append(
-            DataDriftPreset(columns=out_cols, num_method="ks", threshold=thr, drift_share=dp.moderate_share)
-        )
-    if label_check:
+    if cols.label_check:
         column_metrics.append(ValueDrift(column=LABEL_COLUMN, method="chisquare", threshold=thr))
     # EmbeddingsDrift also draws a t-SNE map, which needs more points than its perplexity.
-    emb_in_report = embeddings_in_report and TSNE_PERPLEXITY < len(ref_emb) + len(cur_emb) <= TSNE_MAX_POINTS
-    emb_metric = [EmbeddingsDrift(embeddings_name="features", drift_method=emb_method)]
-    current_ds = EvDataset.from_pandas(cur_df, data_definition=definition)
-    reference_ds = EvDataset.from_pandas(ref_df, data_definition=definition)
-    emb_score, emb_drifted, emb_name, emb_error = None, False, "model", None
+    n = len(cols.ref_emb) + len(cols.cur_emb)
+    in_report = embeddings_in_report and TSNE_PERPLEXITY < n <= TSNE_MAX_POINTS
+    current_ds = EvDataset.from_pandas(cols.cur, data_definition=definition)
+    reference_ds = EvDataset.from_pandas(cols.ref, data_definition=definition)
+    emb = {"score": None, "drifted": False, "name": "model", "error": None}
     with warnings.catch_warnings(), threadpool_limits(1):
         # One OpenMP thread: the t-SNE plot inside EmbeddingsDrift runs ~10x slower when it shares
         # two busy cores between threads, and our inputs are capped at max_samples per side.
         warnings.simplefilter("ignore")  # constant columns make numpy warn inside the plots
         try:
-            metrics = column_metrics + (emb_metric if emb_in_report else [])
-            snap = Report(metrics, include_tests=True).run(current_ds, reference_ds)
+            emb_metric = [EmbeddingsDrift(embeddings_name="features", drift_method=emb_method)] if in_report else []
+            snap = Report(column_metrics + emb_metric, include_tests=True).run(current_ds, reference_ds)
         except ValueError:
-            if not emb_in_report:
+            if not in_report:
                 raise
             # e.g. a held-out half with one side only (tiny vs large set): report without the
             # embeddings section; a failure that is not the embeddings' raises again here.
-            emb_in_report = False
+            in_report = False
             snap = Report(column_metrics, include_tests=True).run(current_ds, reference_ds)
-        if emb_in_report:
-            emb_score, emb_drifted, emb_name = _embeddings_verdict(snap)
-        if emb_score is None:  # not in the report: the same seeded method, called directly
+        if in_report:
+            emb["score"], emb["drifted"], emb["name"] = _embeddings_verdict(snap)
+        if emb["score"] is None:  # not in the report: the same seeded method, called directly
             try:
-                emb_score, emb_drifted, emb_name = emb_method(cur_emb.copy(), ref_emb.copy())
+                emb["score"], emb["drifted"], emb["name"] = emb_method(cols.cur_emb.copy(), cols.ref_emb.copy())
             except ValueError as e:
-                emb_score, emb_drifted, emb_error = None, False, f"{type(e).__name__}: {e}"
+                emb["score"], emb["drifted"], emb["error"] = None, False, f"{type(e).__name__}: {e}"
+    emb["in_report"] = in_report
+    return snap, emb
 
-    columns = _column_results(snap.dict())
 
-    def view(cols: list[str], name: str) -> list[dict]:
-        return [{"feature": c, "view": name, **columns[c]} for c in cols if c in columns]
+def verdict(columns: dict[str, dict], cols: Columns, emb: dict, dp) -> dict:
+    """Which views fired and the severity rule of the module note, from the per-column test results."""
 
-    stats_rows, out_rows = view(STAT_COLUMNS, "image-stats"), view(out_cols, "outputs")
-    label_rows = view([LABEL_COLUMN], "labels") if label_check else []
+    def view(names: list[str], name: str) -> list[dict]:
+        return [{"feature": c, "view": name, **columns[c]} for c in names if c in columns]
+
+    stats_rows, out_rows = view(STAT_COLUMNS, "image-stats"), view(cols.out_cols, "outputs")
+    label_rows = view([LABEL_COLUMN], "labels") if cols.label_check else []
     share = sum(r["drifted"] for r in stats_rows) / len(STAT_COLUMNS)
     out_share = sum(r["drifted"] for r in out_rows) / len(out_rows) if out_rows else 0.0
     label_drifted = bool(label_rows and label_rows[0]["drifted"])
-
-    fired = []
-    if share >= dp.moderate_share:
-        fired.append("image-stats")
-    if emb_drifted:
-        fired.append("embeddings")
-    if out_rows and out_share >= dp.moderate_share:
-        fired.append("outputs")
-    if label_drifted:
-        fired.append("labels")
-    if task_mismatch:
-        fired.append("task-mismatch")
-    if task_mismatch or (share >= dp.severe_share and emb_drifted):
+    fired = [
+        name
+        for name, on in (
+            ("image-stats", share >= dp.moderate_share),
+            ("embeddings", emb["drifted"]),
+            ("outputs", bool(out_rows) and out_share >= dp.moderate_share),
+            ("labels", label_drifted),
+            ("task-mismatch", cols.task_mismatch),
+        )
+        if on
+    ]
+    if cols.task_mismatch or (share >= dp.severe_share and emb["drifted"]):
         severity = "severe"
-    elif fired:
-        severity = "moderate"
     else:
-        severity = "none"
-
-    result = {
-        "drift_detected": severity != "none",
+        severity = "moderate" if fired else "none"
+    return {
         "severity": severity,
-        "method": "+".join(fired) if fired else "none",
-        "score": float(share),
+        "fired": fired,
+        "share": share,
+        "out_share": out_share,
+        "label_drifted": label_drifted,
+        "rows": (stats_rows, out_rows, label_rows),
+    }
+
+
+def compare(ref: Side, cur: Side, params: Params, embeddings_in_report: bool = True):
+    """Run every view through Evidently and return (verdict dict, Evidently snapshot).
+
+    Pure over arrays, so benchmarks can draw many samples from precomputed features.
+    `embeddings_in_report=False` runs the same seeded embeddings test outside the report (no t-SNE
+    plot in the HTML): the verdict is unchanged, the call is several times faster.
+    """
+    dp = params.drift
+    cols = build_columns(ref, cur, dp.pca_components)
+    thr = per_view_threshold(cols, dp.stattest_threshold)
+    snap, emb = run_report(cols, dp, thr, embeddings_in_report)
+    v = verdict(_column_results(snap.dict()), cols, emb, dp)
+    return _result(v, cols, emb, dp, thr, len(ref.stats), len(cur.stats), int(ref.features.shape[1])), snap
+
+
+def _result(v: dict, cols: Columns, emb: dict, dp, thr: float, n_ref: int, n_cur: int, dim: int) -> dict:
+    """drift.json's verdict keys (the contract ones first)."""
+    stats_rows, out_rows, label_rows = v["rows"]
+    return {
+        "drift_detected": v["severity"] != "none",
+        "severity": v["severity"],
+        "method": "+".join(v["fired"]) if v["fired"] else "none",
+        "score": float(v["share"]),
         "threshold": float(dp.moderate_share),
-        "n_reference": len(ref.stats),
-        "n_current": len(cur.stats),
+        "n_reference": n_ref,
+        "n_current": n_cur,
         "severe_share": float(dp.severe_share),
         "stattest_threshold": float(dp.stattest_threshold),
         "per_view_threshold": float(thr),
         "views_checked": ["image-stats", "embeddings"]
         + (["outputs"] if out_rows else [])
-        + (["labels"] if label_check else []),
+        + (["labels"] if cols.label_check else []),
         "per_feature": stats_rows + out_rows + label_rows,
         "embeddings": {
-            "drifted": bool(emb_drifted),
-            "score": _finite(emb_score),
-            "method": f"{emb_name}: domain-classifier ROC AUC vs the {1.0 - thr:.2f} quantile of random AUCs",
+            "drifted": bool(emb["drifted"]),
+            "score": _finite(emb["score"]),
+            "method": f"{emb['name']}: domain-classifier ROC AUC vs the {1.0 - thr:.2f} quantile of random AUCs",
             "model": dp.model,
-            "pca_components": n_comp,
-            "dim": int(fr.shape[1]),
-            "in_report": emb_in_report,
-            "error": emb_error,
+            "pca_components": cols.n_comp,
+            "dim": dim,
+            "in_report": emb["in_report"],
+            "error": emb["error"],
         },
         "outputs": {
             "available": bool(out_rows),
-            "drifted": bool(out_rows) and out_share >= dp.moderate_share,
-            "share": float(out_share),
+            "drifted": bool(out_rows) and v["out_share"] >= dp.moderate_share,
+            "share": float(v["out_share"]),
         },
         "labels": {
-            "checked": label_check,
-            "drifted": label_drifted,
+            "checked": cols.label_check,
+            "drifted": v["label_drifted"],
             "p_value": label_rows[0]["p_value"] if label_rows else None,
         },
-        "task_mismatch": bool(task_mismatch),
-        "label_sets": {"reference": ref_labels, "current": cur_labels},
+        "task_mismatch": bool(cols.task_mismatch),
+        "label_sets": {"reference": cols.ref_labels, "current": cols.cur_labels},
     }
-    return result, snap
 
 
 def run_drift(reference: Path, current: Path, out: Path, params: Params, progress: bool = True) -> dict:

@@ -587,15 +587,13 @@ def _load_checkpoint(ckpt: Path, metrics: dict) -> tuple[Any, dict, dict, list[s
 
 def _test_split(run: Path, metrics: dict, split: Params, seed: int, classes: list[str], ckpt: Path) -> tuple[Any, list]:
     """(the run's target with its own seed and fractions, the test split it was tested on: >= 2 images)."""
-    from transferkit.data import DataError, load_dataset
+    from transferkit.data import DataError, load_with_params
 
     target = metrics.get("target")
     if not target:
         raise ExportError(f"{run / 'metrics.json'} lacks 'target' (the dataset folder parity runs on)")
     try:
-        ds = load_dataset(
-            target, seed=seed, val_fraction=split.data.val_fraction, test_fraction=split.data.test_fraction
-        )
+        ds = load_with_params(target, split, seed=seed)
     except DataError as e:
         raise ExportError(f"parity needs the run's real test images: {e}") from None
     if ds.classes != classes:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,20 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def files_md5(paths: Iterable[Path], root: Path) -> str:
+    """Content hash of files under ROOT: md5 over (relative path, md5 of the bytes), sorted by path. Renames
+    and edits change it, mtimes and copies do not. A dataset's md5 (data.py) and the watcher's change check."""
+    h = hashlib.md5()
+    for p in sorted(paths, key=lambda q: q.relative_to(root).as_posix()):
+        h.update(p.relative_to(root).as_posix().encode())
+        f = hashlib.md5()
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                f.update(block)
+        h.update(f.digest())
+    return h.hexdigest()
 
 
 def _jsonable(o: Any) -> Any:

@@ -221,7 +221,7 @@ def prepare(target: Path, params: Params, candidates: list[str] | None = None) -
     error; a real model whose weights are not on this machine (hub-only) is recorded as unavailable.
     """
     from transferkit import zoo
-    from transferkit.data import DataError, load_dataset
+    from transferkit.data import DataError, load_with_params
 
     cands = list(dict.fromkeys(candidates or params.select.candidates))  # keep order, drop repeats
     if not cands:
@@ -237,9 +237,7 @@ def prepare(target: Path, params: Params, candidates: list[str] | None = None) -
     if not available:
         reasons = "; ".join(f"{u['model']}: {u['reason']}" for u in unavailable)
         raise zoo.ZooError(f"select: none of the candidates can be loaded here ({reasons})")
-    ds = load_dataset(
-        target, seed=params.seed, val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction
-    )
+    ds = load_with_params(target, params)
     samples = ds.splits["train"] + ds.splits["val"]
     return Plan(str(target), samples, ds.md5, available, unavailable)
 
@@ -288,7 +286,7 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
     Each run is a normal train run folder in OUT/confirm/<model>/. Ties go to the lower validation
     loss at the best epoch, then to the better score. Test accuracy is never used to choose.
     """
-    from transferkit.data import load_dataset
+    from transferkit.data import load_with_params
     from transferkit.repository import sanitize_name
     from transferkit.train import choose_strategy, run_train
 
@@ -296,9 +294,7 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
     top = [r["model"] for r in result["candidates"] if not r["control"]][:k]
     strategy = params.select.confirm_strategy
     if strategy == "auto":  # what the train stage will do with these labels, so the shipped kind is compared
-        ds = load_dataset(
-            target, seed=params.seed, val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction
-        )
+        ds = load_with_params(target, params)
         strategy = choose_strategy(params, ds.min_per_class("train"), None)[0]
     p = params.model_copy(deep=True)
     if strategy != "linear-probe":  # a linear probe takes seconds on cached features: give it the full budget
@@ -364,11 +360,17 @@ def run_select(
     progress: bool = True,
     confirm: int | None = None,
 ) -> dict:
-    """Score every candidate on the target's labelled images, one after the other, and write ranking.json.
+    """Score every candidate on the target's labelled images and write ranking.json.
 
     `confirm` (default `select.confirm`) fine-tunes the top K briefly and picks the best validated one.
-    For parallel scoring through a Prefect task runner (threads, Dask) see flows/select.py.
+    `select.runner`: sequential scores one candidate after the other in this process; thread/dask run the
+    flow of flows/select.py (reached through transferkit.orchestrate.load_flow), one Prefect task per
+    candidate on that task runner. Both write the same ranking.json.
     """
+    if params.select.runner != "sequential":
+        from transferkit.orchestrate import load_flow
+
+        return load_flow("select")(Path(target), Path(out), params, candidates, confirm=confirm, progress=False)
     plan = prepare(Path(target), params, candidates)
     rows = [score_candidate(spec, plan.samples, plan.data_md5, params, progress=progress) for spec in plan.available]
     return finish(rows, plan, Path(out), params, confirm, progress=progress)

@@ -704,16 +704,14 @@ def search_configs(configs: list[str], fit: Callable, budget_s: float, clock: Ca
 
 def _inputs(target: Path, params: Params, model: str, strategy: str, drift: Path | None):
     """The validated request: the dataset and the drift report (if any)."""
-    from transferkit.data import DataError, load_dataset
+    from transferkit.data import DataError, load_with_params
     from transferkit.io import read_json
 
     if strategy not in STRATEGIES:
         raise StrategyError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if strategy != "scratch" and model.startswith("scratch:"):
         raise DataError(f"model {model!r} has no pretrained weights; use --strategy scratch")
-    ds = load_dataset(
-        target, seed=params.seed, val_fraction=params.data.val_fraction, test_fraction=params.data.test_fraction
-    )
+    ds = load_with_params(target, params)
     return ds, (read_json(drift) if drift else None)
 
 

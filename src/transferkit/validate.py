@@ -156,15 +156,10 @@ def no_transfer_rows(
 ) -> list[dict]:
     """Every no-transfer baseline of `validate.no_transfer`, each compared with this run on the test images."""
     from transferkit.baselines import DESCRIPTIONS, chance_check, paired_comparison
-    from transferkit.data import load_dataset
+    from transferkit.data import load_with_params
 
     v = params.validate
-    ds = load_dataset(
-        Path(metrics["target"]),
-        seed=int(metrics.get("seed", params.seed)),
-        val_fraction=params.data.val_fraction,
-        test_fraction=params.data.test_fraction,
-    )
+    ds = load_with_params(Path(metrics["target"]), params, seed=int(metrics.get("seed", params.seed)))
     rows = []
     if ("scratch" in v.no_transfer or baseline is not None) and metrics["strategy"] != "scratch":
         bm, folder = _scratch_metrics(run, metrics, params, baseline, progress)
@@ -590,15 +585,10 @@ def predict_test(
     import torch
 
     from transferkit import zoo
-    from transferkit.data import DataError, load_dataset, make_loader
+    from transferkit.data import DataError, load_with_params, make_loader
     from transferkit.embed import torch_threads
 
-    ds = load_dataset(
-        Path(metrics["target"]),
-        seed=int(metrics.get("seed", params.seed)),
-        val_fraction=params.data.val_fraction,
-        test_fraction=params.data.test_fraction,
-    )
+    ds = load_with_params(Path(metrics["target"]), params, seed=int(metrics.get("seed", params.seed)))
     if ds.md5 != metrics.get("data_md5"):
         raise DataError(f"{metrics['target']}: data changed since training (md5 differs); re-train before validating")
     torch_threads()

@@ -10,7 +10,7 @@ DVC's git-ignored temp folder (.dvc/tmp/transferkit-watch/<name>.json), so `--on
 against the previous run. On first sight of a folder whose .dvc file is up to date, the hash is only
 recorded: no event for data that is already versioned.
 
-The event (prefect.events.emit_event) is what the `retrain-on-new-data` deployment's trigger waits for:
+The event (prefect.events.emit_event) is what the `transferkit-retrain/on-new-data` deployment's trigger waits for:
     event    transferkit.dataset.updated
     resource {"prefect.resource.id": "transferkit.dataset.<name>", "transferkit.md5": <DVC md5>, ...}
     payload  {"md5": <DVC md5 of the folder, e.g. 6f4a...dir>, "content_md5", "path", "dvc_file", "nfiles"}
@@ -23,7 +23,6 @@ that no event was sent.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,9 +37,8 @@ from typing import Any
 import yaml
 
 from transferkit.errors import TransferkitError
-
-EVENT_UPDATED = "transferkit.dataset.updated"
-RESOURCE_PREFIX = "transferkit.dataset."
+from transferkit.events import EVENT_DATASET_UPDATED, dataset_resource
+from transferkit.io import files_md5
 
 
 class WatchError(TransferkitError, ValueError):
@@ -51,12 +49,8 @@ class StaleData(TransferkitError):
     """The dataset's DVC md5 is no longer the one a run was started for (a newer change starts its own run)."""
 
 
-def resource_id(name: str) -> str:
-    return RESOURCE_PREFIX + name
-
-
 def content_md5(folder: str | Path) -> tuple[str, int]:
-    """(md5 over sorted (relative path, md5 of the bytes) of every non-hidden file, number of files)."""
+    """(io.files_md5 of every non-hidden file, number of files): the hash a dataset's md5 uses, over all files."""
     folder = Path(folder)
     if not folder.is_dir():
         raise WatchError(f"dataset folder does not exist: {folder}")
@@ -64,15 +58,7 @@ def content_md5(folder: str | Path) -> tuple[str, int]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-    h = hashlib.md5()
-    for p in sorted(files, key=lambda q: q.relative_to(folder).as_posix()):
-        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
-        f = hashlib.md5()
-        with open(p, "rb") as fh:
-            while block := fh.read(1 << 20):
-                f.update(block)
-        h.update(f.digest())
-    return h.hexdigest(), len(files)
+    return files_md5(files, folder), len(files)
 
 
 def dvc_root(path: Path) -> Path:
@@ -141,9 +127,9 @@ def emit_dataset_updated(name: str, info: dict[str, Any]) -> str | None:
 
     payload = {k: info[k] for k in ("md5", "content_md5", "path", "dvc_file", "nfiles", "size") if k in info}
     ev = emit_event(
-        EVENT_UPDATED,
+        EVENT_DATASET_UPDATED,
         resource={
-            "prefect.resource.id": resource_id(name),
+            "prefect.resource.id": dataset_resource(name),
             "prefect.resource.name": name,
             "transferkit.md5": str(info["md5"]),
             "transferkit.path": str(info["path"]),
@@ -176,7 +162,7 @@ def data_add(
         "nfiles": out.get("nfiles", n),
         "size": out.get("size"),
         "dvc_file": out["dvc_file"],
-        "resource_id": resource_id(name),
+        "resource_id": dataset_resource(name),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(_state_file(folder, name), info)
