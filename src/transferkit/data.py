@@ -326,57 +326,98 @@ def write_builtin(
     OUT/unlabelled/, shuffled across classes and numbered so that no name or order gives a label away.
     Source files that cannot be used are listed in the result's `skipped` (path and reason).
     """
-    from tqdm import tqdm
+    _check_builtin_args(size, per_class, unlabelled_per_class)
+    src = _clipart_source(size) if name == "clipart" else _array_source(name, size)
+    out = Path(out)
+    ready: dict = {}  # key -> PNG bytes made while drawing (file sources)
+    rng = np.random.default_rng(seed)
+    plan: list[tuple[Path, object]] = []
+    pool: list = []
+    for c, cname in enumerate(src.classes):
+        labelled, unlabelled = _draw_class(name, src, c, rng, per_class, unlabelled_per_class, ready)
+        pool += unlabelled
+        plan += _class_plan(name, src, cname, labelled, out, train_per_class, val_per_class)
+    n_labelled = len(plan)
+    # One shuffle across classes: neither the names nor the order of OUT/unlabelled/ tell the label.
+    for j, i in enumerate(np.random.default_rng([seed, 1]).permutation(len(pool))):
+        plan.append((out / UNLABELLED_DIR / f"{j:05d}.png", pool[i]))
 
+    _clear_builtin_out(out)
+    _write_plan(name, src, plan, ready, progress)
+    info = {
+        "dataset": name,
+        "out": str(out),
+        "images": n_labelled,
+        "unlabelled": len(pool),
+        "classes": src.classes,
+        "size": size,
+        "skipped": src.skipped,
+    }
+    if src.from_files:
+        info["sources"] = {p.relative_to(out).as_posix(): src.describe(k) for p, k in plan}
+    return info
+
+
+def _check_builtin_args(size: int, per_class: int | None, unlabelled_per_class: int) -> None:
     if size < 8 or size > 512:
         raise DataError(f"--size must be between 8 and 512 px, got {size}")
     if per_class is not None and per_class < 1:
         raise DataError(f"--per-class must be >= 1, got {per_class}")
     if unlabelled_per_class < 0:
         raise DataError(f"--unlabelled-per-class must be >= 0, got {unlabelled_per_class}")
-    src = _clipart_source(size) if name == "clipart" else _array_source(name, size)
-    rng = np.random.default_rng(seed)
-    out = Path(out)
-    plan: list[tuple[Path, object]] = []
-    pool: list = []
-    ready: dict = {}  # key -> PNG bytes made while drawing (file sources)
-    n_unl = unlabelled_per_class
-    for c, cname in enumerate(src.classes):
-        cands = src.candidates[c]
-        order = [cands[j] for j in rng.permutation(len(cands))]
-        before = len(src.skipped)
-        drawn = _draw(src, order, None if per_class is None else per_class + n_unl, ready)
-        n_lab = len(drawn) - n_unl if per_class is None else per_class
-        if n_lab < 1 or len(drawn) < n_lab + n_unl:  # then every candidate was drawn
-            asks = f"--per-class asks {per_class}" if per_class is not None else "1 labelled"
-            bad = src.skipped[before:]
-            raise DataError(
-                f"{name}: class {cname!r} has {len(drawn)} images, {asks}"
-                + (f" + --unlabelled-per-class {n_unl}" if n_unl else "")
-                + (f" ({len(bad)} more unusable, e.g. {bad[0]['path']}: {bad[0]['reason']})" if bad else "")
-            )
-        labelled = drawn[:n_lab]
-        pool += drawn[n_lab : n_lab + n_unl]
-        if train_per_class is None:
-            plan += [(out / cname / f"{src.stem(k)}.png", k) for k in labelled]
-            continue
-        n_val = train_per_class if val_per_class is None else val_per_class
-        if train_per_class + n_val >= len(labelled):
-            raise DataError(
-                f"{name}: class {cname!r}: {len(labelled)} images cannot give {train_per_class} train + "
-                f"{n_val} val and a non-empty test split"
-            )
-        parts = {
-            "train": labelled[:train_per_class],
-            "val": labelled[train_per_class : train_per_class + n_val],
-            "test": labelled[train_per_class + n_val :],
-        }
-        for split, keys in parts.items():
-            plan += [(out / split / cname / f"{src.stem(k)}.png", k) for k in keys]
-    n_labelled = len(plan)
-    for j, i in enumerate(np.random.default_rng([seed, 1]).permutation(len(pool))):
-        plan.append((out / UNLABELLED_DIR / f"{j:05d}.png", pool[i]))
 
+
+def _draw_class(
+    name: str, src: _Source, c: int, rng, per_class: int | None, n_unl: int, ready: dict
+) -> tuple[list, list]:
+    """Class `c`'s labelled keys and its share of the unlabelled pool, in the order `rng` gives.
+
+    Without `per_class` every usable candidate is labelled except the last `n_unl`.
+    """
+    cands = src.candidates[c]
+    order = [cands[j] for j in rng.permutation(len(cands))]
+    before = len(src.skipped)
+    drawn = _draw(src, order, None if per_class is None else per_class + n_unl, ready)
+    n_lab = len(drawn) - n_unl if per_class is None else per_class
+    if n_lab < 1 or len(drawn) < n_lab + n_unl:  # then every candidate was drawn
+        asks = f"--per-class asks {per_class}" if per_class is not None else "1 labelled"
+        bad = src.skipped[before:]
+        raise DataError(
+            f"{name}: class {src.classes[c]!r} has {len(drawn)} images, {asks}"
+            + (f" + --unlabelled-per-class {n_unl}" if n_unl else "")
+            + (f" ({len(bad)} more unusable, e.g. {bad[0]['path']}: {bad[0]['reason']})" if bad else "")
+        )
+    return drawn[:n_lab], drawn[n_lab : n_lab + n_unl]
+
+
+def _class_plan(
+    name: str,
+    src: _Source,
+    cname: str,
+    labelled: list,
+    out: Path,
+    train_per_class: int | None,
+    val_per_class: int | None,
+) -> list[tuple[Path, object]]:
+    """(path, key) for one class's labelled images: OUT/<class>/, or OUT/<split>/<class>/ with train_per_class."""
+    if train_per_class is None:
+        return [(out / cname / f"{src.stem(k)}.png", k) for k in labelled]
+    n_val = train_per_class if val_per_class is None else val_per_class
+    if train_per_class + n_val >= len(labelled):
+        raise DataError(
+            f"{name}: class {cname!r}: {len(labelled)} images cannot give {train_per_class} train + "
+            f"{n_val} val and a non-empty test split"
+        )
+    parts = {
+        "train": labelled[:train_per_class],
+        "val": labelled[train_per_class : train_per_class + n_val],
+        "test": labelled[train_per_class + n_val :],
+    }
+    return [(out / split / cname / f"{src.stem(k)}.png", k) for split, keys in parts.items() for k in keys]
+
+
+def _clear_builtin_out(out: Path) -> None:
+    """Remove an earlier built-in tree at `out`; refuse a folder holding anything else."""
     if out.exists() and any(out.iterdir()):
         # Stale PNGs from a different --per-class would change the md5, so the tree is rewritten;
         # but only a tree that looks like ours (PNGs in class or split/class folders) is removed.
@@ -391,21 +432,14 @@ def write_builtin(
                 f"(e.g. {foreign[0] if foreign else out}); choose an empty or new --out"
             )
         shutil.rmtree(out)
+
+
+def _write_plan(name: str, src: _Source, plan: list[tuple[Path, object]], ready: dict, progress: bool) -> None:
+    from tqdm import tqdm
+
     for path, key in tqdm(plan, desc=f"writing {name}", unit="img", disable=not progress):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(ready.pop(key) if key in ready else src.encode(key))
-    info = {
-        "dataset": name,
-        "out": str(out),
-        "images": n_labelled,
-        "unlabelled": len(pool),
-        "classes": src.classes,
-        "size": size,
-        "skipped": src.skipped,
-    }
-    if src.from_files:
-        info["sources"] = {p.relative_to(out).as_posix(): src.describe(k) for p, k in plan}
-    return info
 
 
 # --------------------------------------------------------------------------- reading folders
@@ -564,44 +598,11 @@ def load_dataset(
     subdirs = {p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p)} - {UNLABELLED_DIR}
     pool_dir = root / UNLABELLED_DIR
     pool = _scan_images(pool_dir, skipped, report_folders=True) if pool_dir.is_dir() else []
+    if not subdirs:
+        return _flat_dataset(root, skipped, pool, require_labels)
 
-    if subdirs & set(SPLITS):
-        per_split = {s: _scan_classes(root / s, skipped) for s in SPLITS if (root / s).is_dir()}
-        for p in root.iterdir():
-            if p.is_file():
-                skipped.append({"path": _shown(p), "reason": "file outside the split folders"})
-        if "train" not in per_split:
-            raise DataError(f"{root} has {sorted(per_split)} split folders but no train/")
-    elif subdirs:
-        per_split = {"train": _scan_classes(root, skipped, top=True)}
-    else:
-        imgs = _scan_images(root, skipped)
-        if not imgs:
-            raise DataError(f"no readable images in {root} ({len(skipped)} files skipped)")
-        if require_labels:
-            raise DataError(f"{root} holds images but no class folders: labelled data must be DIR/<class>/<image>")
-        ds = Dataset(
-            root,
-            [],
-            {"train": [(p, -1) for p in imgs]},
-            skipped,
-            labelled=False,
-            split_source={"train": "folder"},
-            unlabelled=pool,
-        )
-        ds.md5 = files_md5(imgs + pool, root)
-        return ds
-
-    classes = sorted(per_split["train"])
-    if not classes:
-        raise DataError(f"no class folders with images in {root / 'train' if 'val' in subdirs else root}")
-    for s, cl in per_split.items():
-        extra = sorted(set(cl) - set(classes))
-        if extra:
-            raise DataError(f"{root / s}: classes {extra} do not appear in train")
-    if len(classes) < min_classes:
-        raise DataError(f"{root}: found {len(classes)} class(es) {classes}; at least {min_classes} are needed")
-
+    per_split = _scan_labelled(root, subdirs, skipped)
+    classes = _train_classes(root, per_split, subdirs, min_classes)
     index = {c: i for i, c in enumerate(classes)}
     splits = {s: [(p, index[c]) for c in sorted(cl) for p in cl[c]] for s, cl in per_split.items()}
     source = {s: "folder" for s in splits}
@@ -614,6 +615,55 @@ def load_dataset(
     ds = Dataset(root, classes, splits, skipped, labelled=True, split_source=source, unlabelled=pool)
     ds.md5 = files_md5(all_paths + pool, root)
     return ds
+
+
+def _flat_dataset(root: Path, skipped: list[dict], pool: list[Path], require_labels: bool) -> Dataset:
+    """Images directly in `root`: one unlabelled train split (valid for drift only)."""
+    imgs = _scan_images(root, skipped)
+    if not imgs:
+        raise DataError(f"no readable images in {root} ({len(skipped)} files skipped)")
+    if require_labels:
+        raise DataError(f"{root} holds images but no class folders: labelled data must be DIR/<class>/<image>")
+    ds = Dataset(
+        root,
+        [],
+        {"train": [(p, -1) for p in imgs]},
+        skipped,
+        labelled=False,
+        split_source={"train": "folder"},
+        unlabelled=pool,
+    )
+    ds.md5 = files_md5(imgs + pool, root)
+    return ds
+
+
+def _scan_labelled(root: Path, subdirs: set[str], skipped: list[dict]) -> dict[str, dict[str, list[Path]]]:
+    """split -> class -> images, for DIR/{train,val,test}/<class>/ or DIR/<class>/ (taken as train)."""
+    if not subdirs & set(SPLITS):
+        return {"train": _scan_classes(root, skipped, top=True)}
+    per_split = {s: _scan_classes(root / s, skipped) for s in SPLITS if (root / s).is_dir()}
+    for p in root.iterdir():
+        if p.is_file():
+            skipped.append({"path": _shown(p), "reason": "file outside the split folders"})
+    if "train" not in per_split:
+        raise DataError(f"{root} has {sorted(per_split)} split folders but no train/")
+    return per_split
+
+
+def _train_classes(
+    root: Path, per_split: dict[str, dict[str, list[Path]]], subdirs: set[str], min_classes: int
+) -> list[str]:
+    """The sorted classes of train; every other split must use only these, and there must be enough."""
+    classes = sorted(per_split["train"])
+    if not classes:
+        raise DataError(f"no class folders with images in {root / 'train' if 'val' in subdirs else root}")
+    for s, cl in per_split.items():
+        extra = sorted(set(cl) - set(classes))
+        if extra:
+            raise DataError(f"{root / s}: classes {extra} do not appear in train")
+    if len(classes) < min_classes:
+        raise DataError(f"{root}: found {len(classes)} class(es) {classes}; at least {min_classes} are needed")
+    return classes
 
 
 def _stratified_split(

@@ -47,8 +47,30 @@ def run_pretrain(
     from transferkit import zoo
     from transferkit.train import run_train
 
+    name, strategy = _check_request(model, data, name, force)
+    tmp = None
+    if out is None:
+        tmp = Path(tempfile.mkdtemp(prefix="transferkit-pretrain-"))
+    run = Path(out) if out is not None else tmp
+    try:
+        m = run_train(Path(data), run, params, model, strategy=strategy, progress=progress)
+        card = _card(model, strategy, Path(data), m, params, run if out is not None else None)
+        card = zoo.register(name, run / "model.safetensors", card, card_markdown, force=force)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    from transferkit.embed import source_model
+
+    source_model.cache_clear()  # a re-registered name must not be served from this process's model memo
+    return card
+
+
+def _check_request(model: str, data: Path, name: str | None, force: bool) -> tuple[str, str]:
+    """The registry name and training strategy; every refusal comes here, before any training."""
+    from transferkit import zoo
+
     name = zoo.check_name(name or default_name(model, data))
-    if (zoo.registry_dir() / name / "card.json").is_file() and not force:  # fail before training, not after
+    if (zoo.registry_dir() / name / "card.json").is_file() and not force:
         raise zoo.ZooError(
             f"zoo:{name} is already registered in {zoo.registry_dir() / name}; choose another --name or pass --force"
         )
@@ -58,49 +80,41 @@ def run_pretrain(
     ok, detail = zoo.availability(model)
     if not ok:
         raise zoo.ZooError(f"--model {model!r} is not available here: {detail}")
-    strategy = "scratch" if init.kind == "scratch" else "full"  # a source model needs its own features
+    return name, "scratch" if init.kind == "scratch" else "full"  # a source model needs its own features
 
-    tmp = None
-    if out is None:
-        tmp = Path(tempfile.mkdtemp(prefix="transferkit-pretrain-"))
-    run = Path(out) if out is not None else tmp
-    try:
-        m = run_train(Path(data), run, params, model, strategy=strategy, progress=progress)
-        card = {
-            "init": model,
-            "init_sha256": m.get("source_sha256") or _init_sha(model),
-            "strategy": strategy,
-            "trained_on": {
-                "dataset": Path(data).resolve().name,
-                "path": str(Path(data).resolve()),
-                "data_md5": m["data_md5"],
-                "classes": m["classes"],
-                "n_train": m["n_train"],
-                "n_val": m["n_val"],
-                "n_test": m["n_test"],
-            },
-            "image_size": m["image_size"],
-            "accuracy": {"train": m["train_accuracy"], "val": m["val_accuracy"], "test": m["test_accuracy"]},
-            "epochs": m["epochs"],
-            "best_epoch": m["best_epoch"],
-            "seconds": m["seconds"],
-            "params": {
-                "seed": params.seed,
-                "data": params.data.model_dump(mode="json"),
-                "train": params.train.model_dump(mode="json"),
-            },
-            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-            "git_rev": _git_rev(),
-            "run": str(run) if out is not None else None,
-        }
-        card = zoo.register(name, run / "model.safetensors", card, card_markdown, force=force)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    from transferkit.embed import source_model
 
-    source_model.cache_clear()  # a re-registered name must not be served from this process's model memo
-    return card
+def _card(model: str, strategy: str, data: Path, m: dict, params: Params, run: Path | None) -> dict:
+    """The card fields known before registering (`zoo.register` adds name, arch and the weights' sha256).
+
+    `run` is the kept run folder, None when the run was temporary.
+    """
+    return {
+        "init": model,
+        "init_sha256": m.get("source_sha256") or _init_sha(model),
+        "strategy": strategy,
+        "trained_on": {
+            "dataset": data.resolve().name,
+            "path": str(data.resolve()),
+            "data_md5": m["data_md5"],
+            "classes": m["classes"],
+            "n_train": m["n_train"],
+            "n_val": m["n_val"],
+            "n_test": m["n_test"],
+        },
+        "image_size": m["image_size"],
+        "accuracy": {"train": m["train_accuracy"], "val": m["val_accuracy"], "test": m["test_accuracy"]},
+        "epochs": m["epochs"],
+        "best_epoch": m["best_epoch"],
+        "seconds": m["seconds"],
+        "params": {
+            "seed": params.seed,
+            "data": params.data.model_dump(mode="json"),
+            "train": params.train.model_dump(mode="json"),
+        },
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "git_rev": _git_rev(),
+        "run": str(run) if run is not None else None,
+    }
 
 
 def _init_sha(model: str) -> str | None:
