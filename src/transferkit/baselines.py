@@ -204,6 +204,43 @@ def _shift(xb, pad: int, g):
     return padded[torch.arange(n)[:, None, None], :, dy[:, :, None], dx[:, None, :]].permute(0, 3, 1, 2)
 
 
+def _standardised_tensors(x: dict, y: dict):
+    """Images as tensors standardised with the train split's pixel mean and std; labels as int64 tensors."""
+    import torch
+
+    xs = {k: torch.from_numpy(v) for k, v in x.items()}
+    ys = {k: torch.from_numpy(v).long() for k, v in y.items()}
+    mean, std = float(xs["train"].mean()), float(xs["train"].std()) + 1e-6
+    return {k: (v - mean) / std for k, v in xs.items()}, ys
+
+
+def _predict_labels(model, images):
+    """Arg-max class of every image, in batches of 256, in eval mode."""
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(images[i : i + 256]) for i in range(0, len(images), 256)]).argmax(1)
+
+
+def _train_epoch(model, opt, sched, xs: dict, ys: dict, batch_size: int, pad: int, g) -> None:
+    """One pass over train in a random order (from `g`), with shift augmentation and label smoothing."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    perm = torch.randperm(len(ys["train"]), generator=g)
+    for i in range(0, len(perm), batch_size):
+        idx = perm[i : i + batch_size]
+        if len(idx) < 2:  # BatchNorm needs two images
+            continue
+        loss = F.cross_entropy(model(_shift(xs["train"][idx], pad, g)), ys["train"][idx], label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
 def _train_cnn(
     x: dict,
     y: dict,
@@ -217,41 +254,20 @@ def _train_cnn(
 ) -> dict:
     """One from-scratch CNN run; returns the best-val-accuracy epoch's predictions on val and test."""
     import torch
-    import torch.nn.functional as F
 
-    torch.manual_seed(seed)
-    xs = {k: torch.from_numpy(v) for k, v in x.items()}
-    ys = {k: torch.from_numpy(v).long() for k, v in y.items()}
-    mean, std = float(xs["train"].mean()), float(xs["train"].std()) + 1e-6
-    xs = {k: (v - mean) / std for k, v in xs.items()}
+    torch.manual_seed(seed)  # before the model: its initial weights come from the global generator
+    xs, ys = _standardised_tensors(x, y)
     model = small_cnn(xs["train"].shape[1], n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     per_epoch = max(1, -(-len(ys["train"]) // batch_size))
     epochs = max(1, min(epochs, max_steps // per_epoch))  # a step budget bounds the cost on large targets
-    steps = epochs * per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
-    g = torch.Generator().manual_seed(seed)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch, pct_start=0.2)
+    g = torch.Generator().manual_seed(seed)  # batch order and shifts
     pad = max(1, xs["train"].shape[-1] // 16)
     best, history = None, []
-
-    def predict(split):
-        model.eval()
-        with torch.inference_mode():
-            return torch.cat([model(xs[split][i : i + 256]) for i in range(0, len(xs[split]), 256)]).argmax(1)
-
     for epoch in range(1, epochs + 1):
-        model.train()
-        perm = torch.randperm(len(ys["train"]), generator=g)
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i : i + batch_size]
-            if len(idx) < 2:  # BatchNorm needs two images
-                continue
-            loss = F.cross_entropy(model(_shift(xs["train"][idx], pad, g)), ys["train"][idx], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        val_acc = float((predict("val") == ys["val"]).float().mean())
+        _train_epoch(model, opt, sched, xs, ys, batch_size, pad, g)
+        val_acc = float((_predict_labels(model, xs["val"]) == ys["val"]).float().mean())
         history.append(round(val_acc, 4))
         if best is None or val_acc > best["val_accuracy"]:
             best = {
@@ -266,8 +282,8 @@ def _train_cnn(
         "best_epoch": best["epoch"],
         "epochs": epochs,
         "val_history": history,
-        "val_pred": predict("val").numpy(),
-        "test_pred": predict("test").numpy(),
+        "val_pred": _predict_labels(model, xs["val"]).numpy(),
+        "test_pred": _predict_labels(model, xs["test"]).numpy(),
     }
 
 
@@ -298,51 +314,46 @@ def fit_no_transfer(ds, params: Params, progress: bool = True) -> list[dict]:
     for name in tqdm(names, desc="no-transfer baselines", unit="model", disable=not progress, leave=False):
         t = time.perf_counter()
         if name == "small-cnn":
-            from transferkit.embed import torch_threads
-
-            torch_threads()
-            runs = [
-                _train_cnn(
-                    x4,
-                    y,
-                    len(ds.classes),
-                    lr,
-                    v.cnn_epochs,
-                    params.seed,
-                    params.data.batch_size,
-                    params.train.weight_decay,
-                    v.cnn_max_steps,
-                )
-                for lr in v.cnn_lrs
-            ]
-            run = max(runs, key=lambda r: r["val_accuracy"])  # ties: the first LR
-            val_pred, test_pred = run["val_pred"], run["test_pred"]
-            hyper = {"lr": run["lr"], "epochs": run["epochs"], "best_epoch": run["best_epoch"]}
-            sweep = [
-                {"lr": r["lr"], "val_accuracy": round(r["val_accuracy"], 6), "best_epoch": r["best_epoch"]}
-                for r in runs
-            ]
+            val_pred, test_pred, hyper, sweep = _fit_small_cnn(x4, y, len(ds.classes), params)
         else:
-            (_, value, clf), key, sweep = _fit_pixel_model(
-                name, list(getattr(v.pixel_grid, name.split("-")[1])), flat, y, params.seed
-            )
-            val_pred, test_pred = clf.predict(flat["val"]), clf.predict(flat["test"])
-            hyper = {key: value}
-        rows.append(
-            _row(
-                name,
-                hyper,
-                sweep,
-                val_pred,
-                test_pred,
-                y,
-                v.chance_alpha,
-                time.perf_counter() - t + load_seconds / len(names),
-                side,
-                channels,
-            )
-        )
+            val_pred, test_pred, hyper, sweep = _fit_pixel_baseline(name, flat, y, params)
+        seconds = time.perf_counter() - t + load_seconds / len(names)  # loading the pixels is shared
+        rows.append(_row(name, hyper, sweep, val_pred, test_pred, y, v.chance_alpha, seconds, side, channels))
     return rows
+
+
+def _fit_small_cnn(x4: dict, y: dict, n_classes: int, params: Params):
+    """small-cnn: one run per LR of `validate.cnn_lrs`, the best val accuracy wins (ties: the first LR).
+    Returns (val predictions, test predictions, hyper, sweep)."""
+    from transferkit.embed import torch_threads
+
+    v = params.validate
+    torch_threads()
+    runs = [
+        _train_cnn(
+            x4,
+            y,
+            n_classes,
+            lr,
+            v.cnn_epochs,
+            params.seed,
+            params.data.batch_size,
+            params.train.weight_decay,
+            v.cnn_max_steps,
+        )
+        for lr in v.cnn_lrs
+    ]
+    run = max(runs, key=lambda r: r["val_accuracy"])  # ties: the first LR
+    hyper = {"lr": run["lr"], "epochs": run["epochs"], "best_epoch": run["best_epoch"]}
+    sweep = [{"lr": r["lr"], "val_accuracy": round(r["val_accuracy"], 6), "best_epoch": r["best_epoch"]} for r in runs]
+    return run["val_pred"], run["test_pred"], hyper, sweep
+
+
+def _fit_pixel_baseline(name: str, flat: dict, y: dict, params: Params):
+    """A raw-pixel classifier over its `validate.pixel_grid` values; returns (val preds, test preds, hyper, sweep)."""
+    grid = list(getattr(params.validate.pixel_grid, name.split("-")[1]))
+    (_, value, clf), key, sweep = _fit_pixel_model(name, grid, flat, y, params.seed)
+    return clf.predict(flat["val"]), clf.predict(flat["test"]), {key: value}, sweep
 
 
 def _row(name, hyper, sweep, val_pred, test_pred, y, alpha, seconds, side, channels) -> dict:

@@ -76,18 +76,14 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
     metrics = read_json(run / "metrics.json")
     if params is None:
         params = load_params(run / "params.yaml") if (run / "params.yaml").is_file() else Params()
-    v = params.validate
 
     probs, y, classes = predict_test(run, metrics, params)
-    correct = probs.argmax(1) == y
     checks = overfitting_checks(metrics, params)
-    rows = no_transfer_rows(run, metrics, params, correct, baseline, progress)
+    rows = no_transfer_rows(run, metrics, params, probs.argmax(1) == y, baseline, progress)
     best = best_baseline(rows)
     gain_check = gain_verdict(metrics, best, params)
     _generalisation_rule(checks, metrics, best)
     reasons = [c["message"] for c in checks if c["failed"] and c["blocking"]]
-    overfit = any(c["failed"] for c in checks if c["name"] in _OVERFIT_CHECKS)
-    gap = float(metrics["train_accuracy"]) - float(metrics["val_accuracy"])
     if gain_check["blocking"]:
         reasons.append(gain_check["message"])
 
@@ -95,37 +91,45 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
     if metrics["strategy"] != "linear-probe":
         lp = _linear_probe_baseline(run, metrics, params, progress)
         baselines.append(lp)
-        if lp.get("test_accuracy") is not None and v.require_match_linear_probe:
-            if lp["gain"] < -v.linear_probe_tolerance:
-                reasons.append(
-                    f"negative transfer vs linear probe: {metrics['strategy']} test accuracy "
-                    f"{metrics['test_accuracy']:.3f} vs linear-probe baseline {lp['test_accuracy']:.3f} "
-                    f"(gain {lp['gain']:+.3f} < -validate.linear_probe_tolerance {v.linear_probe_tolerance}): "
-                    "the frozen source features do better; ship the linear probe (--strategy linear-probe)"
-                )
+        reasons += _linear_probe_reasons(lp, metrics, params)
 
     report = quality_report(run, metrics, params, (probs, y, classes))
-    base = _contract_baseline(best, metrics)
-    result = {
+    result = _validation_result(metrics, params, checks, rows, best, gain_check, reasons, baselines, report, len(y))
+    write_json(run / "validation.json", result)
+    return result
+
+
+def _linear_probe_reasons(lp: dict, metrics: dict, params: Params) -> list[str]:
+    """The blocking reason when the run loses to the frozen-feature linear probe by more than the tolerance."""
+    v = params.validate
+    lost = lp.get("test_accuracy") is not None and lp["gain"] < -v.linear_probe_tolerance
+    if not (lost and v.require_match_linear_probe):
+        return []
+    return [
+        f"negative transfer vs linear probe: {metrics['strategy']} test accuracy "
+        f"{metrics['test_accuracy']:.3f} vs linear-probe baseline {lp['test_accuracy']:.3f} "
+        f"(gain {lp['gain']:+.3f} < -validate.linear_probe_tolerance {v.linear_probe_tolerance}): "
+        "the frozen source features do better; ship the linear probe (--strategy linear-probe)"
+    ]
+
+
+def _validation_result(metrics, params, checks, rows, best, gain_check, reasons, baselines, report, n_test) -> dict:
+    """validation.json: the verdict, the reasons and warnings, every check and baseline."""
+    gap = float(metrics["train_accuracy"]) - float(metrics["val_accuracy"])
+    helps = gain_check["verdict"] == "transfer helps"
+    return {
         "passed": not reasons,
-        "overfit": overfit,
+        "overfit": any(c["failed"] for c in checks if c["name"] in _OVERFIT_CHECKS),
         "train_val_gap": round(gap, 6),
-        "baseline": base,
+        "baseline": _contract_baseline(best, metrics),
         "transfer_gain": gain_check["gain"],
         "gain_interval": gain_check["interval"],
         "gain_p_value": gain_check["p_value"],
         "verdict": gain_check["verdict"],
         "verdict_message": gain_check["message"],
-        "recommendation": recommendation(gain_check, best, metrics)
-        if gain_check["verdict"] != "transfer helps"
-        else None,
+        "recommendation": None if helps else recommendation(gain_check, best, metrics),
         "reasons": reasons,
-        "warnings": [c["message"] for c in checks if c["failed"] and not c["blocking"]]
-        + (
-            [gain_check["message"]]
-            if gain_check["verdict"] not in ("transfer helps", "not a transfer run") and not gain_check["blocking"]
-            else []
-        ),
+        "warnings": _warnings(checks, gain_check),
         "checks": checks,
         "baselines": baselines,
         "broken_baselines": [r["name"] for r in rows if r.get("broken")],
@@ -138,13 +142,19 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
         },
         "test_accuracy": metrics["test_accuracy"],
         "val_accuracy": metrics["val_accuracy"],
-        "n_test": int(len(y)),
+        "n_test": int(n_test),
         "strategy": metrics["strategy"],
         "model": metrics["model"],
-        "thresholds": {**v.model_dump(), "train.patience": params.train.patience},
+        "thresholds": {**params.validate.model_dump(), "train.patience": params.train.patience},
     }
-    write_json(run / "validation.json", result)
-    return result
+
+
+def _warnings(checks: list[dict], gain_check: dict) -> list[str]:
+    """Failed non-blocking checks, then a non-blocking gain verdict other than a pass or a scratch run."""
+    out = [c["message"] for c in checks if c["failed"] and not c["blocking"]]
+    if gain_check["verdict"] not in ("transfer helps", "not a transfer run") and not gain_check["blocking"]:
+        out.append(gain_check["message"])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,59 +399,67 @@ def overfitting_checks(metrics: dict, params: Params) -> list[dict]:
     history = metrics.get("history") or []
     tr, va, te = (float(metrics[k]) for k in ("train_accuracy", "val_accuracy", "test_accuracy"))
     best, last = int(metrics["best_epoch"]), int(metrics["epochs"])
-    out = []
+    return [
+        _accuracy_gap_check(tr, va, v.max_gap),
+        _loss_gap_check(history, best, v.max_loss_gap),
+        _divergence_check(history, patience),
+        _wasted_epochs_check(best, last, patience),
+        _test_val_gap_check(te, va, v.max_test_val_gap),
+    ]
 
+
+def _accuracy_gap_check(tr: float, va: float, max_gap: float) -> dict:
     gap = tr - va
-    out.append(
-        _check(
-            "accuracy_gap",
-            round(gap, 6),
-            v.max_gap,
-            gap > v.max_gap,
-            True,
-            f"overfitting: train accuracy {tr:.3f} exceeds validation accuracy {va:.3f} by {gap:.3f} "
-            f"(> validate.max_gap {v.max_gap})"
-            if gap > v.max_gap
-            else f"train-val accuracy gap {gap:.3f} <= validate.max_gap {v.max_gap}",
-        )
+    bad = gap > max_gap
+    return _check(
+        "accuracy_gap",
+        round(gap, 6),
+        max_gap,
+        bad,
+        True,
+        f"overfitting: train accuracy {tr:.3f} exceeds validation accuracy {va:.3f} by {gap:.3f} "
+        f"(> validate.max_gap {max_gap})"
+        if bad
+        else f"train-val accuracy gap {gap:.3f} <= validate.max_gap {max_gap}",
     )
 
+
+def _loss_gap_check(history: list[dict], best: int, max_loss_gap: float) -> dict:
     at_best = next((h for h in history if int(h["epoch"]) == best), None)
     if at_best is None:
-        out.append(_check("loss_gap", None, v.max_loss_gap, False, True, "no history entry for the best epoch"))
-    else:
-        lgap = float(at_best["val_loss"]) - float(at_best["train_loss"])
-        bad = lgap > v.max_loss_gap
-        out.append(
-            _check(
-                "loss_gap",
-                round(lgap, 6),
-                v.max_loss_gap,
-                bad,
-                True,
-                f"overfitting: at the best epoch {best} validation loss {at_best['val_loss']:.3f} exceeds training "
-                f"loss {at_best['train_loss']:.3f} by {lgap:.3f} nats (> validate.max_loss_gap {v.max_loss_gap})"
-                if bad
-                else f"val-train loss gap {lgap:.3f} at the best epoch <= validate.max_loss_gap {v.max_loss_gap}",
-            )
-        )
-
-    streak, first, end = divergence_streak(history)
-    bad = streak > patience
-    out.append(
-        _check(
-            "divergence",
-            streak,
-            patience,
-            bad,
-            True,
-            f"overfitting: validation loss rose while training loss fell for {streak} consecutive epochs "
-            f"({first}-{end}; > train.patience {patience}): the network memorises the training images"
-            if bad
-            else f"longest val-loss-rising/train-loss-falling streak {streak} <= train.patience {patience}",
-        )
+        return _check("loss_gap", None, max_loss_gap, False, True, "no history entry for the best epoch")
+    lgap = float(at_best["val_loss"]) - float(at_best["train_loss"])
+    bad = lgap > max_loss_gap
+    return _check(
+        "loss_gap",
+        round(lgap, 6),
+        max_loss_gap,
+        bad,
+        True,
+        f"overfitting: at the best epoch {best} validation loss {at_best['val_loss']:.3f} exceeds training "
+        f"loss {at_best['train_loss']:.3f} by {lgap:.3f} nats (> validate.max_loss_gap {max_loss_gap})"
+        if bad
+        else f"val-train loss gap {lgap:.3f} at the best epoch <= validate.max_loss_gap {max_loss_gap}",
     )
 
+
+def _divergence_check(history: list[dict], patience: int) -> dict:
+    streak, first, end = divergence_streak(history)
+    bad = streak > patience
+    return _check(
+        "divergence",
+        streak,
+        patience,
+        bad,
+        True,
+        f"overfitting: validation loss rose while training loss fell for {streak} consecutive epochs "
+        f"({first}-{end}; > train.patience {patience}): the network memorises the training images"
+        if bad
+        else f"longest val-loss-rising/train-loss-falling streak {streak} <= train.patience {patience}",
+    )
+
+
+def _wasted_epochs_check(best: int, last: int, patience: int) -> dict:
     wasted = last - best
     if wasted > patience:
         msg = (
@@ -452,24 +470,23 @@ def overfitting_checks(metrics: dict, params: Params) -> list[dict]:
         msg = f"best epoch is the last ({last}): validation loss was still improving; more epochs may help"
     else:
         msg = f"best epoch {best} of {last}: {wasted} epochs after it (<= train.patience {patience})"
-    out.append(_check("wasted_epochs", wasted, patience, wasted > patience, False, msg))
+    return _check("wasted_epochs", wasted, patience, wasted > patience, False, msg)
 
+
+def _test_val_gap_check(te: float, va: float, max_test_val_gap: float) -> dict:
     tv = abs(te - va)
-    bad = tv > v.max_test_val_gap
-    out.append(
-        _check(
-            "test_val_gap",
-            round(tv, 6),
-            v.max_test_val_gap,
-            bad,
-            False,
-            f"selection bias? test accuracy {te:.3f} vs validation {va:.3f} differ by {tv:.3f} "
-            f"(> validate.max_test_val_gap {v.max_test_val_gap}); the val set may be too small or unrepresentative"
-            if bad
-            else f"test accuracy {te:.3f} vs validation {va:.3f}: |gap| {tv:.3f} <= {v.max_test_val_gap}",
-        )
+    bad = tv > max_test_val_gap
+    return _check(
+        "test_val_gap",
+        round(tv, 6),
+        max_test_val_gap,
+        bad,
+        False,
+        f"selection bias? test accuracy {te:.3f} vs validation {va:.3f} differ by {tv:.3f} "
+        f"(> validate.max_test_val_gap {max_test_val_gap}); the val set may be too small or unrepresentative"
+        if bad
+        else f"test accuracy {te:.3f} vs validation {va:.3f}: |gap| {tv:.3f} <= {max_test_val_gap}",
     )
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -674,6 +691,13 @@ def _plots(folder: Path, report: dict, metrics: dict) -> None:
         plt.close(fig)
         atomic_write_bytes(folder / f"{name}.png", buf.getvalue())
 
+    save(_confusion_figure(plt, report), "confusion")
+    save(_reliability_figure(plt, report), "reliability")
+    save(_learning_curves_figure(plt, metrics), "learning_curves")
+
+
+def _confusion_figure(plt, report: dict):
+    """The test confusion matrix with counts in the non-empty cells."""
     classes, cm = report["classes"], np.asarray(report["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(classes), 0.8 + 0.5 * len(classes)))
     ax.imshow(cm, cmap="Blues")
@@ -685,8 +709,11 @@ def _plots(folder: Path, report: dict, metrics: dict) -> None:
         if n:
             ax.text(j, i, str(n), ha="center", va="center", color="white" if n > cm.max() / 2 else "black", fontsize=8)
     ax.set_title(f"test confusion (accuracy {report['accuracy']:.3f}, macro F1 {report['macro_f1']:.3f})")
-    save(fig, "confusion")
+    return fig
 
+
+def _reliability_figure(plt, report: dict):
+    """Accuracy per confidence bin against the diagonal of perfect calibration."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     rows = [r for r in report["reliability"] if r["count"]]
     width = rows[0]["upper"] - rows[0]["lower"] if rows else 0.1
@@ -714,8 +741,11 @@ def _plots(folder: Path, report: dict, metrics: dict) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(f"reliability (ECE {report['ece']:.3f}, {report['ece_bins']} bins)")
     ax.legend(loc="upper left", fontsize=8)
-    save(fig, "reliability")
+    return fig
 
+
+def _learning_curves_figure(plt, metrics: dict):
+    """Train and val loss and accuracy per epoch, the best epoch marked."""
     hist = metrics.get("history") or []
     ep = [h["epoch"] for h in hist]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -726,4 +756,4 @@ def _plots(folder: Path, report: dict, metrics: dict) -> None:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
     fig.suptitle(f"{metrics['model']} ({metrics['strategy']})")
-    save(fig, "learning_curves")
+    return fig
