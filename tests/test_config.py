@@ -30,7 +30,7 @@ def params_file(tmp_path) -> Path:
 def test_defaults_without_file():
     p = load_params(None)
     assert p == Params()
-    assert p.train.epochs == 20 and p.data.image_size == 96 and p.seed == 0
+    assert p.train.epochs == 20 and p.data.image_size == 128 and p.seed == 0
 
 
 def test_built_in_defaults_decide_like_the_repositorys_params_yaml():
