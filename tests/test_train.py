@@ -206,8 +206,10 @@ def test_full_and_scratch_train_the_whole_network(tiny_target, tmp_path):
     # LP-FT starts fine-tuning from a trained head: its first epoch is already far better than full's
     lpft = run_train(tiny_target, tmp_path / "lpft", params, "mobilenetv2_100", strategy="lp-ft", progress=False)
     assert lpft["strategy"] == "lp-ft" and lpft["linear_probe_phase"]["epochs"] >= 1
+    # val loss is the strict measure: since precise BatchNorm statistics, full's first epoch can tie LP-FT's
+    # accuracy on these few val images (0.35 = 0.35 measured), but it never beats it
     assert lpft["history"][0]["val_loss"] < full["history"][0]["val_loss"]
-    assert lpft["history"][0]["val_accuracy"] > full["history"][0]["val_accuracy"]
+    assert lpft["history"][0]["val_accuracy"] >= full["history"][0]["val_accuracy"]
     assert not (tmp_path / "lpft" / "checkpoint.pt").exists()  # a finished run leaves nothing to resume
 
 
