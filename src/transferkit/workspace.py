@@ -53,47 +53,51 @@ def stage_dirs(out: str | Path) -> dict[str, Path]:
     return {"drift": out / "drift", "select": out / "select", "train": out / "train"}
 
 
-def pipeline(target: str, out: str, repo: str = "models", reference: str | None = None) -> dict[str, Any]:
-    """The dvc.yaml document for one target: stages drift (only with a reference), select, train, validate,
-    export. Paths are kept as given (relative to the DVC root in the repository's own dvc.yaml)."""
-    d = {k: str(v) for k, v in stage_dirs(out).items()}
-    drift_json = f"{d['drift']}/drift.json"
-    train = d["train"]
+def _code(stage: str) -> list[str]:
+    return [f"src/transferkit/{m}" for m in _CODE[stage]]
+
+
+def _drift_stage(reference: str, target: str, drift: str) -> dict[str, Any]:
     q = shlex.quote
-
-    def code(stage: str) -> list[str]:
-        return [f"src/transferkit/{m}" for m in _CODE[stage]]
-
-    stages: dict[str, Any] = {}
-    if reference:
-        stages["drift"] = {
-            "cmd": f"transferkit drift --reference {q(reference)} --current {q(target)} --out {q(d['drift'])} -q",
-            "deps": [reference, target, *code("drift")],
-            "params": ["seed", "data", "drift"],
-            "outs": [f"{d['drift']}/drift.html"],
-            "metrics": [{drift_json: {"cache": False}}],
-        }
-    stages["select"] = {
-        "cmd": f"transferkit select --target {q(target)} --out {q(d['select'])} -q",
-        "deps": [target, *code("select")],
-        "params": ["seed", "data", "select", "train"],
-        "metrics": [{f"{d['select']}/ranking.json": {"cache": False}}],
+    return {
+        "cmd": f"transferkit drift --reference {q(reference)} --current {q(target)} --out {q(drift)} -q",
+        "deps": [reference, target, *_code("drift")],
+        "params": ["seed", "data", "drift"],
+        "outs": [f"{drift}/drift.html"],
+        "metrics": [{f"{drift}/drift.json": {"cache": False}}],
     }
-    stages["train"] = {
-        "cmd": f"transferkit train --target {q(target)} --ranking {q(d['select'] + '/ranking.json')}"
-        + (f" --drift {q(drift_json)}" if reference else "")
+
+
+def _select_stage(target: str, select: str) -> dict[str, Any]:
+    q = shlex.quote
+    return {
+        "cmd": f"transferkit select --target {q(target)} --out {q(select)} -q",
+        "deps": [target, *_code("select")],
+        "params": ["seed", "data", "select", "train"],
+        "metrics": [{f"{select}/ranking.json": {"cache": False}}],
+    }
+
+
+def _train_stage(target: str, ranking: str, drift_json: str | None, train: str) -> dict[str, Any]:
+    q = shlex.quote
+    return {
+        "cmd": f"transferkit train --target {q(target)} --ranking {q(ranking)}"
+        + (f" --drift {q(drift_json)}" if drift_json else "")
         + f" --out {q(train)} -q",
-        "deps": [target, f"{d['select']}/ranking.json", *([drift_json] if reference else []), *code("train")],
+        "deps": [target, ranking, *([drift_json] if drift_json else []), *_code("train")],
         "params": ["seed", "data", "train"],
         "outs": [f"{train}/model.safetensors"],
         "metrics": [{f"{train}/metrics.json": {"cache": False}}],
         "plots": [{f"{train}/history.csv": {"cache": False}}],
     }
+
+
+def _validate_stage(target: str, train: str) -> dict[str, Any]:
     # --record: a refused gate is a recorded verdict (validation.json "passed": false), not a failed stage;
     # export --skip-refused then publishes nothing, so `dvc exp run -S validate.max_gap=...` compares verdicts
-    stages["validate"] = {
-        "cmd": f"transferkit validate --run {q(train)} --record -q",
-        "deps": [f"{train}/model.safetensors", f"{train}/metrics.json", target, *code("validate")],
+    return {
+        "cmd": f"transferkit validate --run {shlex.quote(train)} --record -q",
+        "deps": [f"{train}/model.safetensors", f"{train}/metrics.json", target, *_code("validate")],
         "params": ["seed", "data", "validate", "train"],
         "outs": [f"{train}/no_transfer.json"],
         "metrics": [{f"{train}/validation.json": {"cache": False}}, {f"{train}/report.json": {"cache": False}}],
@@ -103,14 +107,22 @@ def pipeline(target: str, out: str, repo: str = "models", reference: str | None 
             {f"{train}/plots": {"cache": False}},
         ],
     }
-    stages["export"] = {
+
+
+def _export_stage(target: str, train: str, repo: str) -> dict[str, Any]:
+    q = shlex.quote
+    return {
         "cmd": f"transferkit export --run {q(train)} --repo {q(repo)} --skip-refused -q",
         # parity runs on the target's test split, int8 calibrates on its train split
-        "deps": [f"{train}/model.safetensors", f"{train}/validation.json", target, *code("export")],
+        "deps": [f"{train}/model.safetensors", f"{train}/validation.json", target, *_code("export")],
         "params": ["data", "export"],
         "outs": [{repo: {"persist": True}}],  # the model repository: every version, latest, history
     }
-    plots = [
+
+
+def _plots(train: str) -> list[Any]:
+    """dvc.yaml's top-level plots: learning curves, confusion and reliability from train's CSVs, and the PNGs."""
+    return [
         {"learning-curve-accuracy": {"x": "epoch", "y": {f"{train}/history.csv": ["train_accuracy", "val_accuracy"]}}},
         {"learning-curve-loss": {"x": "epoch", "y": {f"{train}/history.csv": ["train_loss", "val_loss"]}}},
         {
@@ -123,7 +135,22 @@ def pipeline(target: str, out: str, repo: str = "models", reference: str | None 
         {"reliability": {"x": "confidence", "y": {f"{train}/reliability.csv": "accuracy"}}},
         *(f"{train}/plots/{p}.png" for p in ("confusion", "reliability", "learning_curves")),
     ]
-    return {"stages": stages, "plots": plots}
+
+
+def pipeline(target: str, out: str, repo: str = "models", reference: str | None = None) -> dict[str, Any]:
+    """The dvc.yaml document for one target: stages drift (only with a reference), select, train, validate,
+    export. Paths are kept as given (relative to the DVC root in the repository's own dvc.yaml)."""
+    d = {k: str(v) for k, v in stage_dirs(out).items()}
+    ranking = f"{d['select']}/ranking.json"
+    drift_json = f"{d['drift']}/drift.json" if reference else None
+    stages: dict[str, Any] = {}
+    if reference:
+        stages["drift"] = _drift_stage(reference, target, d["drift"])
+    stages["select"] = _select_stage(target, d["select"])
+    stages["train"] = _train_stage(target, ranking, drift_json, d["train"])
+    stages["validate"] = _validate_stage(target, d["train"])
+    stages["export"] = _export_stage(target, d["train"], repo)
+    return {"stages": stages, "plots": _plots(d["train"])}
 
 
 HEADER = (
