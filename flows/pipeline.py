@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -291,35 +291,57 @@ def _transfer(target, out, reference, candidates, repo, params, force, progress,
     t0 = time.perf_counter()
     p = params_from(params)
     pj = p.model_dump(mode="json")
-    run, dirs = Path(out), stage_dirs(out)
-    dump_params(p, run / "params.yaml")  # the resolved config, saved per run: a record, never an input
+    dirs = stage_dirs(out)
+    dump_params(p, Path(out) / "params.yaml")  # the resolved config, saved per run: a record, never an input
     stages = _pipeline_stages(root, target, out, repo, reference, p, not candidates and not force) if root else []
-    drift = None
-    if reference:
-        drift = drift_task(reference, target, str(dirs["drift"]), pj, progress)
-    ranking = select_task(target, str(dirs["select"]), pj, candidates, progress)
-    metrics = train_task(
-        target,
-        str(dirs["train"]),
-        pj,
-        ranking["selected"],
-        str(dirs["drift"] / "drift.json") if drift else None,
-        progress,
-    )
-    validation = validate_task(str(dirs["train"]), pj, progress)
+    drift, ranking, metrics, validation = _adapt(target, reference, candidates, dirs, pj, progress)
     if not validation["passed"] and not force:
-        if stages:  # the verdict is recorded like `dvc repro` records it (export --skip-refused: nothing new)
-            Path(repo).mkdir(parents=True, exist_ok=True)
-            dvc_task(str(root), stages, None, False, "gate refused: verdict recorded, nothing exported")
-        raise GateFailed(validation)
-    meta = export_task(str(dirs["train"]), repo, pj, force, progress, promote=False)
+        _refuse(validation, root, stages, repo)
+    meta, promoted, dvc = _publish(
+        str(dirs["train"]), repo, pj, force, progress, root, stages, push, reason or f"run {out}"
+    )
+    return {
+        **_summary(drift, ranking, metrics, validation, meta, promoted),
+        "dvc": {"root": str(root), "stages": stages, "pushed": push, **(dvc or {})} if root else None,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _adapt(target, reference, candidates, dirs: dict[str, Path], pj: dict, progress: bool) -> tuple:
+    """drift (with a reference) -> select -> train -> validate, each stage in its folder: their four results."""
+    drift = drift_task(reference, target, str(dirs["drift"]), pj, progress) if reference else None
+    ranking = select_task(target, str(dirs["select"]), pj, candidates, progress)
+    drift_json = str(dirs["drift"] / "drift.json") if drift else None
+    metrics = train_task(target, str(dirs["train"]), pj, ranking["selected"], drift_json, progress)
+    validation = validate_task(str(dirs["train"]), pj, progress)
+    return drift, ranking, metrics, validation
+
+
+def _refuse(validation: dict, root: Path | None, stages: list[str], repo: str) -> NoReturn:
+    """The gate said no: nothing is exported; the verdict is recorded like `dvc repro` records it
+    (export --skip-refused: nothing new), then GateFailed."""
+    if stages:
+        Path(repo).mkdir(parents=True, exist_ok=True)
+        dvc_task(str(root), stages, None, False, "gate refused: verdict recorded, nothing exported")
+    raise GateFailed(validation)
+
+
+def _publish(train: str, repo: str, pj: dict, force, progress, root, stages, push, reason) -> tuple:
+    """Export without promoting, record the version in DVC (push if asked), then make it live: (meta, promoted,
+    the last DVC record or None outside a workspace)."""
+    meta = export_task(train, repo, pj, force, progress, promote=False)
     name, version = meta["name"], meta["version"]
     dvc = None
     if root:  # the version is in the DVC cache (and on the remote) before latest moves to it
         dvc = dvc_task(str(root), stages, repo, push, f"{name} v{version} recorded before promotion")
-    promoted = promote_task(repo, name, version, reason or f"run {out}")
+    promoted = promote_task(repo, name, version, reason)
     if root:  # latest and the promotion history, recorded the same way
         dvc = dvc_task(str(root), [], repo, push, f"{name} v{version} live")
+    return meta, promoted, dvc
+
+
+def _summary(drift, ranking: dict, metrics: dict, validation: dict, meta: dict, promoted: dict) -> dict:
+    """The run's summary from each stage's result (the flow's return value, retrain.json's `summary`)."""
     return {
         "drift": drift,
         "selected": ranking["selected"],
@@ -345,11 +367,9 @@ def _transfer(target, out, reference, candidates, repo, params, force, progress,
         "passed": validation["passed"],
         "onnx": str(Path(meta["path"]) / "model.onnx"),
         "parity": meta["parity"],
-        "name": name,
-        "version": version,
+        "name": meta["name"],
+        "version": meta["version"],
         "live": promoted["live"],
-        "dvc": {"root": str(root), "stages": stages, "pushed": push, **(dvc or {})} if root else None,
-        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -435,6 +455,72 @@ def _run_name() -> str:
     return f"retrain-{Path(p.get('target', 'data')).name}" + (f"-{md5}" if md5 else "")
 
 
+def _run_folder(out_root: str, md5: str | None, p) -> Path:
+    """out_root/<UTC stamp>[-<md5[:8]>], holding the resolved config of this run (a record)."""
+    from transferkit.config import dump_params
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run = Path(out_root) / (f"{stamp}-{md5[:8]}" if md5 else stamp)
+    dump_params(p, run / "params.yaml")
+    return run
+
+
+def _provenance(dataset, md5, data_md5, target, reference, overrides, reason) -> dict:
+    """What a retrain run was for (the flow run, its deployment, the data and params it used): retrain.json."""
+    from prefect.runtime import deployment, flow_run
+
+    return {
+        "flow_run_id": str(flow_run.id),
+        "deployment": deployment.name,
+        "dataset": dataset,
+        "data_md5": md5,
+        "requested_md5": data_md5,
+        "target": target,
+        "reference": reference,
+        "overrides": overrides or {},
+        "reason": reason,
+    }
+
+
+def _skipped(run: Path, record: dict, name: str, version: int, md5: str | None) -> dict:
+    """The live VERSION was built from this data, params and code: say so in retrain.json and an artifact."""
+    from transferkit.io import write_json
+
+    msg = (
+        f"{name} v{version} is live and was built from this data, params and code: retraining would "
+        "rebuild the same model; new labelled data (`transferkit data add`), other params or code start a new one"
+    )
+    print(msg)
+    write_json(run / "retrain.json", {**record, "skipped": True, "skip_reason": msg, "version": version})
+    _artifact("retrain", f"## Skipped\n\n{msg} (data md5 `{md5}`)\n", "Retrain decision")
+    return {**record, "skipped": True, "version": version, "run": str(run)}
+
+
+def _promotion_reason(reason: str, md5: str | None) -> str:
+    from prefect.runtime import flow_run
+
+    why = reason or (f"data {md5}" if md5 else "scheduled retrain")
+    return f"retrain {flow_run.name}: {why}"
+
+
+def _shipped(run: Path, record: dict, name: str, summary: dict, push: bool) -> dict:
+    """retrain.json and the flow's result after transfer_pipeline ran: the version it made and what is live."""
+    from transferkit.io import write_json
+
+    result = {
+        **record,
+        "skipped": False,
+        "run": str(run),
+        "name": name,
+        "version": summary["version"],
+        "live": summary["live"],
+        "pushed": push,
+        "summary": summary,
+    }
+    write_json(run / "retrain.json", result)
+    return result
+
+
 @flow(name="transferkit-retrain", flow_run_name=_run_name, log_prints=True)
 def retrain(
     target: str = "data/target",
@@ -460,10 +546,6 @@ def retrain(
     on top of params_file. push: `dvc push` of the new version before it goes live, and again after.
     wait_s: how long a run queues for the DVC workspace while another run (or `dvc repro`) holds it.
     """
-    from prefect.runtime import deployment, flow_run
-
-    from transferkit.config import dump_params
-    from transferkit.io import write_json
     from transferkit.repository import sanitize_name
 
     data = check_data_task(dataset, data_md5) if dataset else None
@@ -471,57 +553,25 @@ def retrain(
     if candidates:  # part of the params, so that skip_unchanged sees a changed candidate list
         overrides = {**(overrides or {}), "select.candidates": list(candidates)}
     p = _resolve(params_file, overrides)
-    pj = p.model_dump(mode="json")
     name = sanitize_name(p.export.name or Path(target).name)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    run = Path(out_root) / (f"{stamp}-{md5[:8]}" if md5 else stamp)
-    dump_params(p, run / "params.yaml")  # the resolved config, saved per run
-    record = {
-        "flow_run_id": str(flow_run.id),
-        "deployment": deployment.name,
-        "dataset": dataset,
-        "data_md5": md5,
-        "requested_md5": data_md5,
-        "target": target,
-        "reference": reference,
-        "overrides": overrides or {},
-        "reason": reason,
-    }
+    run = _run_folder(out_root, md5, p)
+    record = _provenance(dataset, md5, data_md5, target, reference, overrides, reason)
     if skip_unchanged and (live := _unchanged(Path(repo), name, target, p)):
-        msg = (
-            f"{name} v{live['version']} is live and was built from this data, params and code: retraining would "
-            "rebuild the same model; new labelled data (`transferkit data add`), other params or code start a new one"
-        )
-        print(msg)
-        write_json(run / "retrain.json", {**record, "skipped": True, "skip_reason": msg, "version": live["version"]})
-        _artifact("retrain", f"## Skipped\n\n{msg} (data md5 `{md5}`)\n", "Retrain decision")
-        return {**record, "skipped": True, "version": live["version"], "run": str(run)}
-    why = reason or (f"data {md5}" if md5 else "scheduled retrain")
+        return _skipped(run, record, name, live["version"], md5)
     summary = transfer_pipeline(
         target=target,
         out=str(run),
         reference=reference,
         candidates=None,
         repo=repo,
-        params=pj,
+        params=p.model_dump(mode="json"),
         force=force,
         progress=False,
         push=push,
         wait_s=wait_s,
-        reason=f"retrain {flow_run.name}: {why}",
+        reason=_promotion_reason(reason, md5),
     )
-    result = {
-        **record,
-        "skipped": False,
-        "run": str(run),
-        "name": name,
-        "version": summary["version"],
-        "live": summary["live"],
-        "pushed": push,
-        "summary": summary,
-    }
-    write_json(run / "retrain.json", result)
-    return result
+    return _shipped(run, record, name, summary, push)
 
 
 if __name__ == "__main__":
