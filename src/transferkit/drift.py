@@ -444,43 +444,37 @@ def _result(v: dict, cols: Columns, emb: dict, dp, thr: float, n_ref: int, n_cur
     }
 
 
+def _side(ds, samples, params: Params, role: str, progress: bool) -> Side:
+    """One side's pixel statistics, embeddings and source logits of drift.model, and labels (if labelled)."""
+    from transferkit.embed import compute_embeddings
+
+    stats = compute_image_stats(samples, progress, f"image stats ({role})")
+    # embeddings are cached on disk by model, weights, data md5, sample list and size
+    emb = compute_embeddings(
+        params.drift.model,
+        samples,
+        ds.md5,
+        image_size=params.data.image_size,
+        batch_size=params.data.batch_size,
+        progress=progress,
+    )
+    return Side(
+        stats,
+        emb["features"],
+        emb.get("logits"),
+        [ds.classes[y] for _, y in samples] if ds.labelled else None,
+        ds.classes if ds.labelled else None,
+    )
+
+
 def run_drift(reference: Path, current: Path, out: Path, params: Params, progress: bool = True) -> dict:
     """Compare `current` with `reference`, write out/drift.json + out/drift.html, return the verdict."""
     t0 = time.perf_counter()
     reference, current, out = Path(reference), Path(current), Path(out)
-    dp = params.drift
     ref_ds, ref_samples = _load_side(reference, params, "reference")
-    cur_ds, cur_samples = _load_side(current, params, "current")
-
-    from transferkit.embed import compute_embeddings
-
-    ref_stats = compute_image_stats(ref_samples, progress, "image stats (reference)")
-    cur_stats = compute_image_stats(cur_samples, progress, "image stats (current)")
-    # embeddings are cached on disk by model, weights, data md5, sample list and size
-    emb = {}
-    for role, ds, samples in (("reference", ref_ds, ref_samples), ("current", cur_ds, cur_samples)):
-        emb[role] = compute_embeddings(
-            dp.model,
-            samples,
-            ds.md5,
-            image_size=params.data.image_size,
-            batch_size=params.data.batch_size,
-            progress=progress,
-        )
-    ref_side = Side(
-        ref_stats,
-        emb["reference"]["features"],
-        emb["reference"].get("logits"),
-        [ref_ds.classes[y] for _, y in ref_samples] if ref_ds.labelled else None,
-        ref_ds.classes if ref_ds.labelled else None,
-    )
-    cur_side = Side(
-        cur_stats,
-        emb["current"]["features"],
-        emb["current"].get("logits"),
-        [cur_ds.classes[y] for _, y in cur_samples] if cur_ds.labelled else None,
-        cur_ds.classes if cur_ds.labelled else None,
-    )
+    cur_ds, cur_samples = _load_side(current, params, "current")  # a side too small fails before any work
+    ref_side = _side(ref_ds, ref_samples, params, "reference", progress)
+    cur_side = _side(cur_ds, cur_samples, params, "current", progress)
     result, snap = compare(ref_side, cur_side, params)
     result.update(
         {
