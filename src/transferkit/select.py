@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.config import Params
+from transferkit.numeric import softmax
 
 
 def logme_evidence(features: np.ndarray, target: np.ndarray, alpha: float, beta: float) -> float:
@@ -107,9 +108,7 @@ def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11, tol: flo
 
 def leep(source_logits: np.ndarray, labels: np.ndarray) -> float:
     """LEEP: mean log of the expected empirical prediction P(y|x) = sum_z P(y|z) theta_z(x)."""
-    z = source_logits - source_logits.max(axis=1, keepdims=True)
-    theta = np.exp(z)
-    theta /= theta.sum(axis=1, keepdims=True)  # [N, Z] source softmax
+    theta = softmax(source_logits)  # [N, Z] source softmax, float64
     y = np.asarray(labels)
     classes = np.unique(y)
     onehot = (y[:, None] == classes[None, :]).astype(np.float64)  # [N, Y]
