@@ -70,9 +70,11 @@ def tiny_params():
     )
 
 
-def _tiny_run(run: Path, target: Path, seed: int) -> Path:
-    """A validated train-run folder without the train stage: scratch mobilenetv2_100 at 32 px, BN statistics
-    moved off their init and one SGD step (as in test_export.py); `seed` makes versions differ."""
+def write_fake_run(run: Path, target: Path, params: dict, seed: int = 0, head_noise: float = 0.0) -> Path:
+    """A validated train-run folder without the train stage: scratch mobilenetv2_100 at 32 px with batch-norm
+    statistics moved off their init and one gentle SGD step, metrics.json, validation.json (passed) and
+    params.yaml (`params`, dotted overrides of the defaults). `seed` and `head_noise` (seeded noise on the
+    classifier, scratch init being seeded inside zoo) make runs answer differently."""
     import torch
 
     from transferkit import zoo
@@ -80,7 +82,7 @@ def _tiny_run(run: Path, target: Path, seed: int) -> Path:
     from transferkit.data import load_dataset, load_rgb
     from transferkit.io import write_json
 
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(target)
     torch.manual_seed(seed)
     loaded = zoo.create_model("scratch:mobilenetv2_100", num_classes=len(ds.classes), image_size=32)
@@ -89,16 +91,18 @@ def _tiny_run(run: Path, target: Path, seed: int) -> Path:
     x = torch.stack([tf(load_rgb(p)) for p, _ in ds.splits["train"]])
     y = torch.tensor([label for _, label in ds.splits["train"]])
     model.train()
-    with torch.no_grad():
+    with torch.no_grad():  # BN running statistics move off their (0, 1) init: folding them is tested
         for _ in range(3):
             model(x)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     opt.zero_grad()
     torch.nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
-    with torch.no_grad():  # scratch init is seeded inside zoo: make versions answer differently
-        head = model.get_classifier()
-        head.weight.add_(0.2 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    opt.step()  # one gentle step: big ones inflate logits, and float32 error grows with them
+    if head_noise:
+        with torch.no_grad():
+            head = model.get_classifier()
+            noise = torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed))
+            head.weight.add_(head_noise * noise)
     model.eval()
     zoo.save_checkpoint(
         model,
@@ -133,19 +137,7 @@ def _tiny_run(run: Path, target: Path, seed: int) -> Path:
             "seed": seed,
         },
     )
-    dump_params(
-        load_params(
-            None,
-            {
-                "data.image_size": 32,
-                "data.batch_size": 32,
-                "export.opset": 17,
-                "export.int8": False,
-                "export.name": "digits",
-            },
-        ),
-        run / "params.yaml",
-    )
+    dump_params(load_params(None, params), run / "params.yaml")
     write_json(
         run / "validation.json",
         {"passed": True, "reasons": [], "baseline": {"strategy": "scratch", "test_accuracy": 0.1}},
@@ -168,8 +160,17 @@ def model_repo(tiny_target, tmp_path_factory) -> Path:
     try:
         root = tmp_path_factory.mktemp("served")
         repo = root / "repo"
+        # quick exports (TorchScript at opset 17, no int8); seeded head noise makes the two versions differ
+        params = {
+            "data.image_size": 32,
+            "data.batch_size": 32,
+            "export.opset": 17,
+            "export.int8": False,
+            "export.name": "digits",
+        }
         for seed in (0, 1):
-            run_export(_tiny_run(root / f"run{seed}", tiny_target, seed), repo, progress=False)
+            run = write_fake_run(root / f"run{seed}", tiny_target, params, seed, head_noise=0.2)
+            run_export(run, repo, progress=False)
     finally:
         torch.set_num_threads(before)
     return repo

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_fake_run
 
-from transferkit.config import dump_params, load_params
+from transferkit.config import load_params
 from transferkit.export import ExportError, execution_providers, onnx_accuracy, quantize_int8, run_export
 from transferkit.io import read_json, sha256_file, write_json
 from transferkit.repository import (
@@ -78,67 +79,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_target, tmp_path_factory) -> Path:
-    import torch
-
-    from transferkit import zoo
-    from transferkit.data import load_dataset, load_rgb
-
-    run = tmp_path_factory.mktemp("train-run")
-    ds = load_dataset(tiny_target)
-    torch.manual_seed(0)
-    loaded = zoo.create_model("scratch:mobilenetv2_100", num_classes=10, image_size=32)
-    model, cfg = loaded.model, loaded.data_config
-    tf = zoo.eval_transform(cfg)
-    x = torch.stack([tf(load_rgb(p)) for p, _ in ds.splits["train"]])
-    y = torch.tensor([label for _, label in ds.splits["train"]])
-    model.train()
-    with torch.no_grad():  # BN running statistics move off their (0, 1) init: folding them is tested
-        for _ in range(3):
-            model(x)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    opt.zero_grad()
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()  # one gentle step: big ones inflate logits, and float32 error grows with them
-    model.eval()
-    zoo.save_checkpoint(
-        model,
-        run / "model.safetensors",
-        meta={
-            "arch": "mobilenetv2_100",
-            "num_classes": 10,
-            "classes": ds.classes,
-            "data_config": cfg,
-            "source_model": "scratch:mobilenetv2_100",
-            "source_sha256": "",
-            "strategy": "scratch",
-        },
-    )
-    write_json(
-        run / "metrics.json",
-        {
-            "model": "scratch:mobilenetv2_100",
-            "strategy": "scratch",
-            "strategy_reason": "test fixture",
-            "train_accuracy": 0.2,
-            "val_accuracy": 0.15,
-            "test_accuracy": 0.15,
-            "best_epoch": 1,
-            "epochs": 1,
-            "seconds": 1.0,
-            "history": [],
-            "target": str(tiny_target),
-            "data_md5": ds.md5,
-            "classes": ds.classes,
-            "image_size": 32,
-            "seed": 0,
-        },
-    )
-    dump_params(_params(), run / "params.yaml")
-    write_json(
-        run / "validation.json",
-        {"passed": True, "reasons": [], "baseline": {"strategy": "scratch", "test_accuracy": 0.1}},
-    )
-    return run
+    return write_fake_run(tmp_path_factory.mktemp("train-run"), tiny_target, PARAMS)
 
 
 @pytest.fixture(scope="module")
