@@ -86,6 +86,7 @@ def dataset(name: str) -> Path:
     builtin, kw = TARGETS[name]
     out = WORK / "data" / name
     if not (out / "test").is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no bench/.work yet
         tmp = out.with_name(name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [str(Path(sys.executable).with_name("transferkit")), "data", "builtin", builtin, "--out", str(tmp), "-q"]

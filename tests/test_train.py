@@ -181,8 +181,9 @@ def test_early_stopping_stops_at_patience():
 
 def test_linear_probe_stops_early_on_real_data(tiny_target, tmp_path):
     params = load_params(
-        None, {"data.image_size": 32, "train.epochs": 300, "train.patience": 3, "train.min_epochs": 0}
-    )  # stopping as soon as patience allows
+        None,
+        {"data.image_size": 32, "train.probe": "sgd", "train.epochs": 300, "train.patience": 3, "train.min_epochs": 0},
+    )  # the epoch-wise head, stopping as soon as patience allows
     m = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", strategy="linear-probe", progress=False)
     assert m["epochs"] < 300 and m["epochs"] == m["best_epoch"] + 3
 

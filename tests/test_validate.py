@@ -287,6 +287,7 @@ def test_overfitting_configuration_is_flagged(tiny_target, tmp_path):
             "train.min_epochs": 60,
             "train.patience": 3,
             "train.head_lr": 0.1,
+            "train.probe": "sgd",  # the epoch-wise head (the L-BFGS probe has no epochs to overfit over)
         },
     )
     out = tmp_path / "overfit"

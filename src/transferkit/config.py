@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from transferkit.errors import TransferkitError
 
@@ -87,6 +87,19 @@ class TrainParams(_Group):
     patience: int = Field(5, ge=1, description="early stopping on validation loss")
     min_epochs: int = Field(
         20, ge=0, description="never stop before this epoch: val loss is noisy while the LR is high"
+    )
+    probe: Literal["lbfgs", "sgd"] = Field(
+        "lbfgs",
+        description="linear probe: lbfgs (logistic regression solved to its optimum, C on val) or sgd (AdamW "
+        "head trained per epoch, early-stopped like a fine-tune)",
+    )
+    probe_c: list[PositiveFloat] = Field(
+        [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], min_length=1, description="lbfgs probe: L2 strengths C tried on val"
+    )
+    self_training: Literal["auto", "off"] = Field(
+        "auto",
+        description="lbfgs probe: pseudo-label the target's unlabelled/ pool (auto = when it has images; kept "
+        "only if val improves)",
     )
     augment: bool = True
     bn_stats: Literal["frozen", "update", "precise"] = Field(

@@ -292,14 +292,71 @@ def _probe_epoch(head, opt, x, y, perm, t, batch_size: int) -> float:
     return tot / len(y)
 
 
-def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tuple[dict, list[dict], int]:
-    """Train a linear head on frozen features; returns (split accuracies, history, best epoch)."""
+def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tuple[dict, list[dict], int, dict]:
+    """Train a linear head on frozen features (`train.probe`); returns (split accuracies, history, best
+    epoch, what the probe did)."""
+    data = _probe_features(lm, ds, params, progress, adapted)
+    _seed_everything(params.seed)  # after embedding: loading a model may consume the global RNG
+    if params.train.probe == "sgd":
+        return (*_sgd_probe(lm.model.get_classifier(), data, params), {"method": "sgd"})
+    return _lbfgs_probe(lm, ds, data, params, progress, adapted)
+
+
+def _lbfgs_probe(lm, ds, data: dict, params: Params, progress: bool, adapted: bool):
+    """transferkit.probe on the cached features (with self-training on the unlabelled pool); one history row:
+    the shipped fit (a convex problem has no epochs; the C sweep and the rounds are in the returned info)."""
+    import torch
+
+    from transferkit.probe import fit_probe
+
+    t = params.train
+    pool = _pool_features(lm, ds, params, progress, adapted) if t.self_training == "auto" else None
+    (xt, yt), (xv, yv) = data["train"], data["val"]
+    t0 = time.perf_counter()
+    fit = fit_probe((xt.numpy(), yt.numpy()), (xv.numpy(), yv.numpy()), len(ds.classes), t.probe_c, pool)
+    head = lm.model.get_classifier()
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(fit.weight).to(head.weight.dtype))
+        head.bias.copy_(torch.from_numpy(fit.bias).to(head.bias.dtype))
+    head.eval()
+    acc, loss = {}, {}
+    with torch.no_grad():
+        for s, (x, y) in data.items():
+            logits = head(x)
+            acc[s], loss[s] = _accuracy(logits, y), float(torch.nn.functional.cross_entropy(logits, y))
+    row = {"epoch": 1, "train_loss": loss["train"], "train_accuracy": acc["train"], "val_loss": loss["val"]}
+    row |= {"val_accuracy": acc["val"], "lr": 0.0, "seconds": round(time.perf_counter() - t0, 4)}
+    info = {"method": "lbfgs", "C": fit.C, "grid": fit.grid}
+    if fit.rounds:
+        info["self_training"] = {"pool": len(pool), "kept_round": fit.kept_round, "rounds": fit.rounds}
+    return {s: acc[s] for s in data}, [row], 1, info
+
+
+def _pool_features(lm, ds, params: Params, progress: bool, adapted: bool):
+    """Features of the target's unlabelled/ images (None when it has none), from the same cache as the splits."""
+    from transferkit.embed import compute_embeddings, forward
+
+    if not ds.unlabelled:
+        return None
+    samples = [(p, -1) for p in ds.unlabelled]
+    if adapted:
+        return forward(lm, samples, params.data.batch_size, progress, f"{lm.spec.spec}+adabn")["features"]
+    return compute_embeddings(
+        lm.spec.spec,
+        samples,
+        ds.md5,
+        image_size=params.data.image_size,
+        batch_size=params.data.batch_size,
+        progress=progress,
+    )["features"]
+
+
+def _sgd_probe(head, data: dict, params: Params) -> tuple[dict, list[dict], int]:
+    """The epoch-wise AdamW head (train.probe: sgd), early-stopped on val loss like a fine-tune."""
     import torch
     import torch.nn.functional as F
 
-    data = _probe_features(lm, ds, params, progress, adapted)
-    _seed_everything(params.seed)  # after embedding: loading a model may consume the global RNG
-    t, head = params.train, lm.model.get_classifier()
+    t = params.train
     torch.nn.init.zeros_(head.weight)  # a zero head starts at the uniform prediction
     torch.nn.init.zeros_(head.bias)
     opt = torch.optim.AdamW(head.parameters(), lr=t.head_lr, weight_decay=t.weight_decay)
@@ -761,20 +818,31 @@ def _train(lm, ds, params: Params, strategy: str, progress: bool, out: Path, fin
     """(split accuracies, history, best epoch, info) of `strategy`; info gains the LP-FT phase and resume epoch."""
     adapted = info["adabn"]["applied"]
     info["linear_probe_phase"], info["resumed_from_epoch"] = None, 0
-    if strategy == "linear-probe":
-        return (*_linear_probe(lm, ds, params, progress, adapted=adapted), info)  # seconds: no limits
+    if strategy == "linear-probe":  # seconds: no limits
+        acc, history, best, info["probe"] = _linear_probe(lm, ds, params, progress, adapted=adapted)
+        return acc, history, best, info
     if strategy == "lp-ft":  # phase 1 trains the head on frozen features (seconds; re-run on resume)
-        lp_acc, lp_hist, lp_best = _linear_probe(lm, ds, params, progress, adapted=adapted)
+        lp_acc, lp_hist, lp_best, probe = _linear_probe(lm, ds, _lpft_params(params), progress, adapted=adapted)
         info["linear_probe_phase"] = {
             "val_accuracy": lp_acc["val"],
             "test_accuracy": lp_acc["test"],
             "best_epoch": lp_best,
             "epochs": len(lp_hist),
+            "probe": probe,
         }
     acc, history, best, info["resumed_from_epoch"], info["stopped"] = _finetune(
         lm, ds, params, strategy, progress, out, fingerprint, **limits
     )
     return acc, history, best, info
+
+
+def _lpft_params(params: Params) -> Params:
+    """LP-FT's phase 1 head: the epoch-wise probe. The optimal L-BFGS head is confident, and once fine-tuning
+    and precise BatchNorm move the features, the first epoch's val loss was 44 nats from it against 2.0 from
+    the SGD head (digits, 6 labels per class, 32 px; full from a random head: 2.1)."""
+    p = params.model_copy(deep=True)
+    p.train.probe = "sgd"
+    return p
 
 
 def _maybe_adabn(lm, ds, params: Params, strategy: str, drift_report, progress: bool) -> dict:
