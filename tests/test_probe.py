@@ -107,7 +107,7 @@ def pooled_target(tmp_path_factory):
 
 
 def test_self_training_never_reads_test_labels(pooled_target, tmp_path):
-    params = load_params(None, {"data.image_size": 32})
+    params = load_params(None, {"data.image_size": 32, "train.self_training": "auto"})
     a = run_train(pooled_target, tmp_path / "a", params, "mobilenetv2_100", strategy="linear-probe", progress=False)
     assert a["probe"]["method"] == "lbfgs" and a["probe"]["self_training"]["pool"] == 60
     # the same images with the test labels shuffled: every test image moved to another class's folder
@@ -127,7 +127,7 @@ def test_self_training_never_reads_test_labels(pooled_target, tmp_path):
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["probe"]["C"] in params.train.probe_c
 
 
-def test_self_training_off_ignores_the_pool(pooled_target, tmp_path):
-    params = load_params(None, {"data.image_size": 32, "train.self_training": "off"})
+def test_self_training_is_off_by_default_and_then_ignores_the_pool(pooled_target, tmp_path):
+    params = load_params(None, {"data.image_size": 32})
     m = run_train(pooled_target, tmp_path, params, "mobilenetv2_100", strategy="linear-probe", progress=False)
     assert m["probe"]["method"] == "lbfgs" and "self_training" not in m["probe"]

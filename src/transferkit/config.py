@@ -97,9 +97,9 @@ class TrainParams(_Group):
         [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], min_length=1, description="lbfgs probe: L2 strengths C tried on val"
     )
     self_training: Literal["auto", "off"] = Field(
-        "auto",
+        "off",
         description="lbfgs probe: pseudo-label the target's unlabelled/ pool (auto = when it has images; kept "
-        "only if val improves)",
+        "only if val improves). Off by default: measured within noise of the plain probe",
     )
     augment: bool = True
     bn_stats: Literal["frozen", "update", "precise"] = Field(

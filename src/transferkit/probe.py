@@ -15,6 +15,7 @@ round keeps, per predicted class, the most confident `fraction` of the pool's sh
 refits from scratch on labelled + pseudo-labelled features with the same C (the pseudo-labels of a round
 come from the previous round's model). The round with the best validation accuracy ships (round 0 is the
 plain probe, so self-training is kept only when validation says it helps). Test images are never read.
+Measured it is within noise of the plain probe (README), so `train.self_training` is off by default.
 
 The returned weights act on raw features (the standardisation is folded in), so the head exports as one
 nn.Linear.
