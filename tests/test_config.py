@@ -155,6 +155,10 @@ def test_adabn_accepts_yaml_on_off(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("train:\n  adabn: off\n")
     assert load_params(p).train.adabn == "off"
+    p.write_text("train:\n  self_training: off\n")  # as `dvc exp run -S` writes params.yaml back
+    assert load_params(p).train.self_training == "off"
+    p.write_text("train:\n  self_training: on\n")
+    assert load_params(p).train.self_training == "auto"
     assert load_params(None, ["train.adabn=on"]).train.adabn == "on"
     with pytest.raises(ConfigError, match="adabn"):
         load_params(None, ["train.adabn=sometimes"])

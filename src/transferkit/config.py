@@ -132,10 +132,12 @@ class TrainParams(_Group):
     )
     resume: bool = Field(True, description="resume a killed fine-tune from OUT/checkpoint.pt (same arguments)")
 
-    @field_validator("adabn", mode="before")
+    @field_validator("adabn", "self_training", mode="before")
     @classmethod
-    def _yaml_on_off(cls, v):
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1 reads off as false
+    def _yaml_on_off(cls, v, info):
+        # YAML 1.1 (and DVC rewriting params.yaml for `exp run -S`) reads off as false and on as true
+        on = "on" if info.field_name == "adabn" else "auto"
+        return {True: on, False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class PixelGrid(_Group):
