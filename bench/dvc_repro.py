@@ -162,7 +162,8 @@ def main() -> None:
         "# dvc repro after the flow: a no-op",
         "",
         f"Demo digits data ({nfiles} files) and params (2 candidates, require_gain off, max_gap {GATE_MAX_GAP}); "
-        f"2 cores shared with other jobs. Target: no-op repro <= {TARGET_NOOP_S:.0f} s.",
+        f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end. "
+        f"Target: no-op repro <= {TARGET_NOOP_S:.0f} s.",
         "",
         "| case | wall s | stages run | x first run |",
         "|---|---|---|---|",

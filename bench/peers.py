@@ -521,6 +521,10 @@ def markdown(res: dict) -> str:
                 note += f"; exported {r['exported']}"
             if name in PIXEL_NAMES:
                 note += "wall: one process fits all three pixel baselines"
+            if name == "fastai":  # its default train loader drops the last partial batch
+                note += (
+                    "batch 64, drop_last: each epoch skips the last partial batch (100 train images: 1 step, 36 unseen)"
+                )
             if r.get("from_run"):
                 note += f"{r['from_run']} seed(s) from the run's validate stage (wall = fit seconds)"
             d = f"{r['vs_run_points']:+.1f}" if "vs_run_points" in r else "-"
