@@ -55,8 +55,8 @@ def test_binary_probe_gives_sklearns_probabilities():
 
 
 def test_probe_picks_the_val_best_strength():
-    # train labels are 30% flipped: a weak L2 (large C) memorises the noise, a strong one (small C) underfits
-    # nothing here since the classes are far apart, so val must prefer the strongest regularisation tried
+    # 30% of the train labels flipped, 12 per class in 40 dimensions: a weak L2 (large C) memorises the noise,
+    # which clean validation labels must expose
     rng = np.random.default_rng(2)
     centres = rng.standard_normal((3, 40)) * 0.6
     (x, y), (xv, yv) = _blobs(rng, 12, centres, 1.0), _blobs(rng, 60, centres, 1.0)

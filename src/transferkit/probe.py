@@ -60,12 +60,13 @@ def _solve(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, mean, std) ->
 
     clf = LogisticRegression(C=C, max_iter=2000, tol=1e-6)
     clf.fit((x - mean) / std, y)
+    coef, icpt = clf.coef_, clf.intercept_
+    if len(clf.classes_) == 2:  # binary: scikit-learn keeps one row; the softmax equivalent is +-row/2
+        coef, icpt = np.stack([-coef[0], coef[0]]) / 2, np.array([-icpt[0], icpt[0]]) / 2
     w = np.zeros((n_classes, x.shape[1]))
     b = np.full(n_classes, -1e4)  # a class absent from the fit never wins
-    w[clf.classes_], b[clf.classes_] = clf.coef_ / std, clf.intercept_ - (clf.coef_ / std) @ mean
-    if len(clf.classes_) == 2:  # binary: scikit-learn keeps one row; the softmax equivalent is +-w/2
-        w[clf.classes_] = np.stack([-clf.coef_[0], clf.coef_[0]]) / (2 * std)
-        b[clf.classes_] = np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2 - w[clf.classes_] @ mean
+    w[clf.classes_] = coef / std
+    b[clf.classes_] = icpt - w[clf.classes_] @ mean
     return ProbeFit(w, b, C, [])
 
 
@@ -108,7 +109,7 @@ def self_train(base: ProbeFit, train, val, pool: np.ndarray, n_classes: int, mea
     (x, y), (xv, yv) = train, val
     va_acc, va_loss = _scores(base, xv, yv)
     rounds = [{"round": 0, "fraction": 0.0, "pseudo_labels": 0, "val_accuracy": va_acc, "val_loss": va_loss}]
-    best, best_key, current = base, (va_acc, -va_loss), base
+    best, best_key, best_round, current = base, (va_acc, -va_loss), 0, base
     per_class = len(pool) / n_classes
     for r, frac in enumerate(CURRICULUM, start=1):
         p = softmax(current.logits(pool))
@@ -124,10 +125,6 @@ def self_train(base: ProbeFit, train, val, pool: np.ndarray, n_classes: int, mea
             {"round": r, "fraction": frac, "pseudo_labels": len(keep), "val_accuracy": va_acc, "val_loss": va_loss}
         )
         if (va_acc, -va_loss) > best_key:
-            best, best_key = current, (va_acc, -va_loss)
-    best.grid, best.rounds, best.kept_round = (
-        base.grid,
-        rounds,
-        next(r["round"] for r in rounds if (r["val_accuracy"], -r["val_loss"]) == best_key),
-    )
+            best, best_key, best_round = current, (va_acc, -va_loss), r
+    best.grid, best.rounds, best.kept_round = base.grid, rounds, best_round
     return best

@@ -248,29 +248,31 @@ class _EarlyStop:
         return False, self.bad >= self.patience and epoch >= self.min_epochs
 
 
-def _probe_features(lm, ds, params: Params, progress: bool, adapted: bool) -> dict:
-    """{split: (features, labels)} as tensors: from the shared embedding cache, unless AdaBN changed the
-    backbone (`adapted`): then computed here from the adapted model (the cache holds the source's)."""
-    import torch
-
+def _features(lm, samples, ds, params: Params, progress: bool, adapted: bool) -> np.ndarray:
+    """Penultimate features of `samples`: from the shared embedding cache, unless AdaBN changed the backbone
+    (`adapted`): then computed here from the adapted model (the cache holds the source's)."""
     from transferkit.embed import compute_embeddings, forward
 
-    def features(split):
-        if adapted:
-            return forward(lm, ds.splits[split], params.data.batch_size, progress, f"{lm.spec.spec}+adabn")
-        return compute_embeddings(
-            lm.spec.spec,
-            ds.splits[split],
-            ds.md5,
-            image_size=params.data.image_size,
-            batch_size=params.data.batch_size,
-            progress=progress,
-        )
+    if adapted:
+        return forward(lm, samples, params.data.batch_size, progress, f"{lm.spec.spec}+adabn")["features"]
+    return compute_embeddings(
+        lm.spec.spec,
+        samples,
+        ds.md5,
+        image_size=params.data.image_size,
+        batch_size=params.data.batch_size,
+        progress=progress,
+    )["features"]
+
+
+def _probe_features(lm, ds, params: Params, progress: bool, adapted: bool) -> dict:
+    """{split: (features, labels)} as tensors (_features)."""
+    import torch
 
     out = {}
     for s in ("train", "val", "test"):
         labels = torch.tensor([lbl for _, lbl in ds.splits[s]], dtype=torch.long)
-        out[s] = (torch.from_numpy(features(s)["features"]), labels)
+        out[s] = (torch.from_numpy(_features(lm, ds.splits[s], ds, params, progress, adapted)), labels)
     return out
 
 
@@ -334,21 +336,9 @@ def _lbfgs_probe(lm, ds, data: dict, params: Params, progress: bool, adapted: bo
 
 def _pool_features(lm, ds, params: Params, progress: bool, adapted: bool):
     """Features of the target's unlabelled/ images (None when it has none), from the same cache as the splits."""
-    from transferkit.embed import compute_embeddings, forward
-
     if not ds.unlabelled:
         return None
-    samples = [(p, -1) for p in ds.unlabelled]
-    if adapted:
-        return forward(lm, samples, params.data.batch_size, progress, f"{lm.spec.spec}+adabn")["features"]
-    return compute_embeddings(
-        lm.spec.spec,
-        samples,
-        ds.md5,
-        image_size=params.data.image_size,
-        batch_size=params.data.batch_size,
-        progress=progress,
-    )["features"]
+    return _features(lm, [(p, -1) for p in ds.unlabelled], ds, params, progress, adapted)
 
 
 def _sgd_probe(head, data: dict, params: Params) -> tuple[dict, list[dict], int]:
