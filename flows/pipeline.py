@@ -225,13 +225,15 @@ def dvc_task(root: str, stages: list[str], repo: str | None, push: bool, why: st
     `dvc push` if asked."""
     ws = _HELD[root]
     committed = ws.commit_stages(stages)
-    recorded = None
-    if repo and ws.owner_of(repo) not in committed:
-        recorded = ws.record(repo)
+    own = repo and ws.owner_of(repo) not in committed
+    recorded = ws.record(repo) if own else None
     pushed = ws.push() if push else None
     lines = [f"- `dvc commit` {', '.join(committed)} (dvc.lock)" if committed else "- no dvc.yaml stage reproduced"]
     if recorded:
         lines.append(f"- model repository `{repo}` recorded by {recorded}")
+    elif own:
+        lines.append(f"- model repository `{repo}` not recorded: git ignores it, so DVC cannot track it")
+        print(f"warning: {repo} is git-ignored in the DVC workspace {root}: the model is exported but not versioned")
     if pushed is not None:
         lines.append(f"- `dvc push`: {pushed} file(s) sent to the default remote")
     _artifact("dvc", f"## DVC: {why}\n\nWorkspace `{root}`\n\n" + "\n".join(lines) + "\n", "DVC records")

@@ -274,3 +274,22 @@ def test_dvc_push_and_pull_through_a_local_s3_compatible_server(tiny_target, tmp
         assert "in sync" in _sh([dvc, "status", "-c"], ws, env).stdout
     finally:
         server.stop()
+
+
+def test_a_git_ignored_model_repository_is_reported_not_recorded(tmp_path):
+    """A run in an ignored folder of a DVC workspace (a scratch dir in a checkout) exported its model and
+    then failed with dvc's FileIsGitIgnored traceback; now the ignored path is left unrecorded, the rest not."""
+    from transferkit.workspace import Workspace
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    _sh(["git", "init", "-q"], tmp_path, env)
+    _sh([DVC, "init", "-q"], tmp_path, env)
+    (tmp_path / ".gitignore").write_text("scratch/\n")
+    for d in ("scratch/models", "models"):
+        (tmp_path / d / "m" / "1").mkdir(parents=True)
+        (tmp_path / d / "m" / "1" / "model.onnx").write_bytes(b"onnx bytes")
+    with Workspace(tmp_path) as ws:
+        assert ws.record(tmp_path / "scratch" / "models") is None
+        assert ws.record(tmp_path / "models") == "models.dvc"
+    assert not (tmp_path / "scratch" / "models.dvc").exists()
+    assert yaml.safe_load((tmp_path / "models.dvc").read_text())["outs"][0]["path"] == "models"

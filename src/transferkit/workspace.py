@@ -270,13 +270,16 @@ class Workspace:
             self._commit(n)
         return list(names)
 
-    def record(self, path: str | Path) -> str:
-        """Cache PATH (the model repository) and record it: by its owning stage, else PATH.dvc."""
+    def record(self, path: str | Path) -> str | None:
+        """Cache PATH (the model repository) and record it: by its owning stage, else PATH.dvc. None when git
+        ignores PATH: DVC refuses to track it, and the exported model must not fail the run at its last step."""
         owner = self.owner_of(path)
         if owner:
             self._commit(owner)
             return f"dvc.lock stage {owner}"
         rel = self.rel(path)
+        if self.repo.scm.is_ignored(str(self.root / rel)):
+            return None
         self.repo.add(str(self.root / rel))
         self.repo._reset()
         return f"{rel}.dvc"
