@@ -21,7 +21,8 @@ Methods (MobileNetV2 ImageNet weights from the zoo's packaged file for every tra
   timm-loop         the bare ~30-line timm full fine-tune: 96 px, AdamW 1e-3, wd 0.05, label smoothing 0.1,
                     batch 32, constant LR, 20 epochs, no augmentation, the last epoch tested (val unused)
   fastai            fastai `vision_learner(dls, "mobilenetv2_100")` + `fine_tune(20)`, its default recipe
-                    (no augmentation, Resize(96)) but batch 16 (see FASTAI_BS), the packaged weights loaded into its timm body
+                    (no augmentation, Resize(96)) but batch 16 (see FASTAI_BS), the packaged weights loaded
+                    into its timm body
   pixels            raw-pixel logistic regression / kNN / RBF SVM (transferkit.baselines; deterministic:
                     one run per target, shown with every seed)
   small-cnn         the small CNN from scratch (transferkit.baselines), per seed
@@ -525,7 +526,7 @@ def markdown(res: dict) -> str:
                 note += f"; exported {r['exported']}"
             if name in PIXEL_NAMES:
                 note += "wall: one process fits all three pixel baselines"
-            if name == "fastai":  # its default train loader drops the last partial batch
+            if name == "fastai":
                 note += f"batch {FASTAI_BS} (its default 64 is 1 step an epoch on 100 images: chance on digits-10)"
             if r.get("from_run"):
                 note += f"{r['from_run']} seed(s) from the run's validate stage (wall = fit seconds)"
