@@ -30,7 +30,7 @@ def params_file(tmp_path) -> Path:
 def test_defaults_without_file():
     p = load_params(None)
     assert p == Params()
-    assert p.train.epochs == 20 and p.data.image_size == 128 and p.seed == 0
+    assert p.train.epochs == 20 and p.data.image_size == "auto" and p.seed == 0
 
 
 def test_built_in_defaults_decide_like_the_repositorys_params_yaml():
@@ -85,6 +85,8 @@ def test_overrides_without_file():
         ("data.val_fraction=1.5", "data.val_fraction"),
         ("train.strategy=sideways", "train.strategy"),
         ("select.metric=accuracy", "select.metric"),
+        ("data.image_size=8", "data.image_size"),  # below ge=16
+        ("data.image_size=big", "data.image_size"),  # neither a side nor auto/null
     ],
 )
 def test_bad_overrides_name_the_field(override, field):

@@ -79,6 +79,24 @@ def test_select_scores_the_registered_model_with_leep(pretrained, tiny_target, t
     assert r["selected"] == "zoo:mobilenetv2_100-mnist"
 
 
+def test_zoo_star_candidates_are_every_registered_source_at_its_own_side(pretrained, registry, tmp_path, monkeypatch):
+    from transferkit import zoo
+    from transferkit.config import Params
+    from transferkit.select import expand_candidates
+
+    assert expand_candidates(["pixels", "zoo:*", "mobilenetv2_100"]) == [
+        "pixels",
+        "zoo:mobilenetv2_100-mnist",
+        "mobilenetv2_100",
+    ]
+    assert "zoo:*" in Params().select.candidates  # the defaults rank what `transferkit pretrain` registered
+    # data.image_size auto (the default): the source runs at the 32 px it was pretrained at, not at 128
+    lm = zoo.create_model("zoo:mobilenetv2_100-mnist", num_classes=3, image_size=Params().data.image_size)
+    assert lm.data_config["input_size"] == [3, 32, 32]
+    monkeypatch.setenv("TRANSFERKIT_ZOO", str(tmp_path / "empty"))
+    assert expand_candidates(["zoo:*", "pixels"]) == ["pixels"]  # nothing registered: nothing added
+
+
 def test_tampered_weights_are_refused(pretrained, registry):
     from transferkit import zoo
 

@@ -269,6 +269,22 @@ def test_confirm_fine_tunes_the_top_k_and_picks_by_validation(tiny_target, tiny_
     assert all(x["strategy"] == "linear-probe" for x in auto["confirm"]["runs"])
 
 
+def test_confirm_auto_compares_where_the_train_search_starts(tiny_target, tiny_params):
+    from transferkit.select import confirm_strategy
+
+    p = tiny_params.model_copy(deep=True)
+    p.select.confirm_strategy, p.train.strategy = "auto", "auto"
+    p.train.linear_probe_max_per_class = 1  # 6 labels per class: the rule alone would fine-tune every layer
+    p.train.budget_minutes = 0
+    assert confirm_strategy(tiny_target, p) == "full"
+    p.train.budget_minutes, p.train.search = 1, ["lp-ft", "full"]
+    assert confirm_strategy(tiny_target, p) == "lp-ft"  # the search's first configuration, not the rule's
+    p.train.strategy = "full"  # train does not search: confirm trains what the rule ships
+    assert confirm_strategy(tiny_target, p) == "full"
+    p.select.confirm_strategy = "linear-probe"
+    assert confirm_strategy(tiny_target, p) == "linear-probe"
+
+
 @pytest.mark.slow
 def test_dask_runner_ranks_like_the_sequential_path(tiny_target, tiny_params, tmp_path):
     """`select --runner dask` (Prefect flow, LocalCluster worker processes, cold cache) == run_select."""

@@ -266,6 +266,24 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(a, b)
 
 
+def test_auto_image_size_is_a_trained_checkpoints_own_side_else_128(tmp_path):
+    from transferkit.zoo import AUTO_SIZE
+
+    assert create_model("tf_efficientnet_lite0", image_size="auto").data_config["input_size"] == [
+        3,
+        AUTO_SIZE,
+        AUTO_SIZE,
+    ]
+    lm = create_model("scratch:mobilenetv2_100", num_classes=3, image_size=48)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(lm.model, path, {"arch": "mobilenetv2_100", "num_classes": 3, "data_config": lm.data_config})
+    assert create_model(f"file:{path}", image_size="auto").data_config["input_size"] == [3, 48, 48]
+    assert create_model(f"file:{path}", image_size=64).data_config["input_size"] == [3, 64, 64]  # a side wins
+    bare = tmp_path / "bare.safetensors"  # no preprocessing of its own: like an ImageNet source
+    save_checkpoint(lm.model, bare, {"arch": "mobilenetv2_100", "num_classes": 3})
+    assert create_model(f"file:{bare}", image_size="auto").data_config["input_size"] == [3, AUTO_SIZE, AUTO_SIZE]
+
+
 def test_checkpoint_that_does_not_fit_its_arch(tmp_path):
     lm = create_model("scratch:mobilenetv2_100", num_classes=3)
     path = tmp_path / "m.safetensors"

@@ -26,11 +26,24 @@ class _Group(BaseModel):
 class DataParams(_Group):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="split off train when val/ is missing")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="split off train when test/ is missing")
-    # 128, as in params.yaml: the built-in defaults decide like the repository's params (outside the repo, the
-    # model's own 224 px made 8-px digits 3x slower and collapsed a full fine-tune; 96 cost clipart 3 points)
-    image_size: int | None = Field(128, ge=16, le=1024, description="null = the model's own size")
+    # auto, as in params.yaml: the built-in defaults decide like the repository's params. A checkpoint trained
+    # here (zoo:, file:) runs at the side it was trained at (MNIST-8px source on digits-10: 0.957 at its 64 px,
+    # 0.927 at 128); any other source at 128 (outside the repo, ImageNet's own 224 px made 8-px digits 3x slower
+    # and collapsed a full fine-tune; 96 cost clipart 3 points)
+    image_size: int | Literal["auto"] | None = Field(
+        "auto", description="auto = a trained checkpoint's own size, else 128; null = the model's own size"
+    )
     batch_size: int = Field(32, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _side(cls, v: Any) -> Any:  # one message, not one per branch of the union
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 1024):
+            return v
+        raise ValueError(
+            "must be a side in pixels from 16 to 1024, auto (a trained checkpoint's own, else 128) or null"
+        )
 
 
 class DriftParams(_Group):
@@ -49,6 +62,7 @@ class SelectParams(_Group):
         "tf_efficientnet_lite0",
         "tf_efficientnet_lite1",
         "tf_efficientnet_lite2",
+        "zoo:*",  # every source registered by `transferkit pretrain` (none: nothing)
         "scratch:mobilenetv2_100",
         "pixels",
     ]
@@ -65,7 +79,9 @@ class SelectParams(_Group):
     )
     confirm_epochs: int = Field(3, ge=1, le=100, description="epochs of each fine-tuning --confirm run")
     confirm_strategy: Literal["auto", "linear-probe", "full"] = Field(
-        "auto", description="auto: the strategy train will pick for these labels (linear probes get train.epochs)"
+        "auto",
+        description="auto: train.search's first configuration when train searches (auto with a budget), else the "
+        "strategy train's rule picks for these labels (linear probes get train.epochs)",
     )
     runner: Literal["sequential", "thread", "dask"] = Field(
         "sequential", description="score candidates in-process, or in parallel via a Prefect task runner"

@@ -47,7 +47,7 @@ def device():
 
 
 @functools.lru_cache(maxsize=4)
-def source_model(spec: str, image_size: int | None):
+def source_model(spec: str, image_size: int | str | None):
     """Loaded once per process: drift, select and train embed several splits with the same model."""
     from transferkit import zoo
 
@@ -63,7 +63,7 @@ def compute_embeddings(
     spec: str,
     samples: list[tuple[Path, int]],
     data_md5: str,
-    image_size: int | None = None,
+    image_size: int | str | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:

@@ -202,6 +202,19 @@ def score_candidate(spec: str, samples, data_md5: str, params: Params, progress:
     return row
 
 
+ZOO_ALL = "zoo:*"  # every source `transferkit pretrain` registered, in name order
+
+
+def expand_candidates(specs: list[str]) -> list[str]:
+    """`zoo:*` becomes one `zoo:NAME` per registered source (none registered: nothing); the rest stay."""
+    from transferkit import zoo
+
+    out: list[str] = []
+    for spec in specs:
+        out += [f"zoo:{n}" for n in zoo.registered_names()] if spec.strip() == ZOO_ALL else [spec]
+    return out
+
+
 @dataclass
 class Plan:
     """What a select run scores: the target's labelled images and the candidates that can load here."""
@@ -222,7 +235,7 @@ def prepare(target: Path, params: Params, candidates: list[str] | None = None) -
     from transferkit import zoo
     from transferkit.data import DataError, load_with_params
 
-    cands = list(dict.fromkeys(candidates or params.select.candidates))  # keep order, drop repeats
+    cands = list(dict.fromkeys(expand_candidates(candidates or params.select.candidates)))  # order kept, no repeats
     if not cands:
         raise DataError("select: no candidate models given")
     available, unavailable = [], []
@@ -279,22 +292,36 @@ def rank(rows: list[dict], plan: Plan, metric: str) -> dict:
     return result
 
 
+def confirm_strategy(target: Path, params: Params) -> str:
+    """How confirm trains its candidates: `select.confirm_strategy`, where `auto` = train.search's first
+    (cheapest) configuration when the train stage searches (auto with a budget), else what train's rule
+    ships for these labels."""
+    from transferkit.data import load_with_params
+    from transferkit.train import choose_strategy
+
+    strategy = params.select.confirm_strategy
+    if strategy != "auto":
+        return strategy
+    if params.train.strategy == "auto" and params.train.budget_minutes > 0:
+        # fashion-100's 3-epoch fine-tune confirms took 4 of its run's 15 minutes, then the search shipped a
+        # linear probe: under a search, compare where it starts
+        return params.train.search[0]
+    ds = load_with_params(target, params)
+    return choose_strategy(params, ds.min_per_class("train"), None)[0]
+
+
 def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, progress: bool = True) -> dict:
     """Fine-tune the top `k` pretrained candidates briefly and select the best by validation accuracy.
 
     Each run is a normal train run folder in OUT/confirm/<model>/. Ties go to the lower validation
     loss at the best epoch, then to the better score. Test accuracy is never used to choose.
     """
-    from transferkit.data import load_with_params
     from transferkit.repository import sanitize_name
-    from transferkit.train import choose_strategy, run_train
+    from transferkit.train import run_train
 
     t0 = time.perf_counter()
     top = [r["model"] for r in result["candidates"] if not r["control"]][:k]
-    strategy = params.select.confirm_strategy
-    if strategy == "auto":  # what the train stage will do with these labels, so the shipped kind is compared
-        ds = load_with_params(target, params)
-        strategy = choose_strategy(params, ds.min_per_class("train"), None)[0]
+    strategy = confirm_strategy(target, params)
     p = params.model_copy(deep=True)
     if strategy != "linear-probe":  # a linear probe takes seconds on cached features: give it the full budget
         p.train.epochs = params.select.confirm_epochs
