@@ -387,6 +387,29 @@ def test_same_seed_same_result_whatever_ran_before(lp_run, tiny_target, tmp_path
     assert again["test_accuracy"] == first["test_accuracy"]
 
 
+def test_a_fine_tune_that_cannot_reach_half_its_epochs_in_the_budget_stops_now():
+    import time
+
+    import torch
+
+    from transferkit.train import _Run
+
+    t = load_params(None, {"train.epochs": 20, "train.patience": 20}).train
+
+    def after_epoch_1(seconds: float, left: float) -> str:
+        run = _Run(t)
+        row = {"epoch": 1, "val_loss": 1.0, "seconds": seconds}
+        run.end_epoch(row, torch.nn.Linear(1, 1), time.monotonic() + left, None)
+        return run.stopped if run.done else "going on"
+
+    assert after_epoch_1(10.0, 100.0) == "going on"  # 9 more epochs to the half-way point: 90 s of 100
+    assert after_epoch_1(12.0, 100.0) == "budget"  # 108 s: it would be cut before its schedule half anneals
+    assert after_epoch_1(1.0, 0.5) == "budget"  # the next epoch alone would not fit
+    run = _Run(t)
+    run.end_epoch({"epoch": 1, "val_loss": 1.0, "seconds": 12.0}, torch.nn.Linear(1, 1), None, None)
+    assert not run.done  # no deadline (a plain train run): only early stopping ends it
+
+
 def test_search_respects_its_budget_and_keeps_the_val_best():
     """A crafted objective on a fake clock: each config costs known seconds and reaches a known val accuracy."""
     now = [0.0]

@@ -544,12 +544,18 @@ class _Run:
     def __init__(self, t):
         self.stop = _EarlyStop(t.patience, t.min_epochs)
         self.history, self.best_state, self.done, self.start, self.stopped = [], None, False, 1, ""
+        self.half = max(1, t.epochs // 2)  # where the search's prune compares; the schedule half annealed
 
     def end_epoch(self, row: dict, model, deadline: float | None, prune) -> None:
-        """Record the epoch, keep the weights if val loss improved, decide whether training ends here."""
+        """Record the epoch, keep the weights if val loss improved, decide whether training ends here.
+
+        Under a `deadline` a fine-tune also ends when, at this epoch's pace, it cannot reach half its epochs
+        in time: fashion-100's full fine-tune spent 4 minutes of a 5-minute budget on 4 of 20 epochs (LR still
+        high, val 0.815 against the probe's 0.830), time the rest of the run then lacked."""
         self.history.append(row)
         improved, self.done = self.stop.step(row["val_loss"], row["epoch"])
-        if deadline is not None and time.monotonic() + row["seconds"] > deadline:  # the next would not fit
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and (row["seconds"] > left or row["seconds"] * (self.half - row["epoch"]) > left):
             self.done, self.stopped = True, "budget"
         elif prune is not None and not self.done and prune(self.history):
             self.done, self.stopped = True, "pruned"
