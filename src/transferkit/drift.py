@@ -446,18 +446,11 @@ def _result(v: dict, cols: Columns, emb: dict, dp, thr: float, n_ref: int, n_cur
 
 def _side(ds, samples, params: Params, role: str, progress: bool) -> Side:
     """One side's pixel statistics, embeddings and source logits of drift.model, and labels (if labelled)."""
-    from transferkit.embed import compute_embeddings
+    from transferkit.embed import embeddings
 
     stats = compute_image_stats(samples, progress, f"image stats ({role})")
     # embeddings are cached on disk by model, weights, data md5, sample list and size
-    emb = compute_embeddings(
-        params.drift.model,
-        samples,
-        ds.md5,
-        image_size=params.data.image_size,
-        batch_size=params.data.batch_size,
-        progress=progress,
-    )
+    emb = embeddings(params.drift.model, samples, ds.md5, params.data, progress)
     return Side(
         stats,
         emb["features"],

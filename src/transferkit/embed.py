@@ -104,6 +104,14 @@ def compute_embeddings(
     return out
 
 
+def embeddings(spec: str, samples: list[tuple[Path, int]], data_md5: str, data, progress: bool = True) -> dict:
+    """compute_embeddings at `data` params' (DataParams) input size and batch size: drift, select and train
+    embed through here, so their cache keys agree and one stage's features serve the others."""
+    return compute_embeddings(
+        spec, samples, data_md5, image_size=data.image_size, batch_size=data.batch_size, progress=progress
+    )
+
+
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     import io
 

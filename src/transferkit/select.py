@@ -159,16 +159,9 @@ def _features(spec: str, samples, data_md5: str, params: Params, progress: bool)
 
         x, _, _ = pixel_arrays({"train": samples}, params.validate.pixel_size)
         return {"features": x["train"].reshape(len(samples), -1), "labels": np.array([y for _, y in samples])}
-    from transferkit.embed import compute_embeddings
+    from transferkit.embed import embeddings
 
-    return compute_embeddings(
-        spec,
-        samples,
-        data_md5,
-        image_size=params.data.image_size,
-        batch_size=params.data.batch_size,
-        progress=progress,
-    )
+    return embeddings(spec, samples, data_md5, params.data, progress)
 
 
 def score_candidate(spec: str, samples, data_md5: str, params: Params, progress: bool = True) -> dict:

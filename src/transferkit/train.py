@@ -251,18 +251,11 @@ class _EarlyStop:
 def _features(lm, samples, ds, params: Params, progress: bool, adapted: bool) -> np.ndarray:
     """Penultimate features of `samples`: from the shared embedding cache, unless AdaBN changed the backbone
     (`adapted`): then computed here from the adapted model (the cache holds the source's)."""
-    from transferkit.embed import compute_embeddings, forward
+    from transferkit.embed import embeddings, forward
 
     if adapted:
         return forward(lm, samples, params.data.batch_size, progress, f"{lm.spec.spec}+adabn")["features"]
-    return compute_embeddings(
-        lm.spec.spec,
-        samples,
-        ds.md5,
-        image_size=params.data.image_size,
-        batch_size=params.data.batch_size,
-        progress=progress,
-    )["features"]
+    return embeddings(lm.spec.spec, samples, ds.md5, params.data, progress)["features"]
 
 
 def _probe_features(lm, ds, params: Params, progress: bool, adapted: bool) -> dict:

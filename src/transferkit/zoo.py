@@ -422,19 +422,7 @@ def _create_model(
         model = timm.create_model(ms.arch, pretrained=False, **reg)
         model.load_state_dict(_map_in_order(state, model.state_dict(), f"{path.name}"), strict=True)
     elif ms.kind in ("file", "zoo"):
-        meta = _file_meta(ms.path)
-        if ms.kind == "zoo":  # registered weights load only if they are still the bytes the card pins
-            sha = read_card(spec.split(":", 1)[1])["sha256"]
-            state = load_state(ms.path, expected_sha256=sha)
-        else:
-            sha = sha256_file(ms.path)
-            state = load_state(ms.path)
-        n = int(meta.get("num_classes", 1000))
-        model = timm.create_model(meta["arch"], pretrained=False, num_classes=n, **reg)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ZooError(f"checkpoint {ms.path} does not fit arch {meta['arch']!r}: {str(e)[:300]}") from None
+        model, sha, meta = _load_checkpoint(ms, reg)
     else:
         try:
             model = timm.create_model(ms.arch, pretrained=True, **reg)
@@ -455,6 +443,25 @@ def _create_model(
     if meta.get("data_config") and not image_size:
         cfg = json.loads(meta["data_config"])  # a trained checkpoint carries its own preprocessing
     return LoadedModel(model.eval(), ms, sha, cfg, meta)
+
+
+def _load_checkpoint(ms: ModelSpec, reg: dict):
+    """(model, sha256, header metadata) of a `file:` or `zoo:` safetensors checkpoint."""
+    import timm
+
+    meta = _file_meta(ms.path)
+    if ms.kind == "zoo":  # registered weights load only if they are still the bytes the card pins
+        sha = read_card(ms.spec.split(":", 1)[1])["sha256"]
+        state = load_state(ms.path, expected_sha256=sha)
+    else:
+        sha = sha256_file(ms.path)
+        state = load_state(ms.path)
+    model = timm.create_model(meta["arch"], pretrained=False, num_classes=int(meta.get("num_classes", 1000)), **reg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ZooError(f"checkpoint {ms.path} does not fit arch {meta['arch']!r}: {str(e)[:300]}") from None
+    return model, sha, meta
 
 
 def resolve_data_config(model, image_size: int | None = None) -> dict:
