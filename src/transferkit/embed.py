@@ -75,6 +75,9 @@ def compute_embeddings(
     """
     from transferkit import zoo
 
+    ms = zoo.parse_spec(spec)
+    if ms.kind == "ensemble":
+        return _ensemble_embeddings(ms, samples, data_md5, image_size, batch_size, progress)
     # source head kept: its logits feed LEEP; file: checkpoints may change on disk, so never memoised
     lm = zoo.create_model(spec, image_size=image_size) if spec.startswith("file:") else source_model(spec, image_size)
     size = int(lm.data_config["input_size"][-1])
@@ -102,6 +105,25 @@ def compute_embeddings(
     out = {k: v[rows] for k, v in stored.items() if k != "keys"}
     out["labels"] = np.array([y for _, y in samples], dtype=np.int64)
     return out
+
+
+def _ensemble_embeddings(ms, samples, data_md5: str, image_size, batch_size: int, progress: bool) -> dict:
+    """An ensemble's features are its members' side by side (transferkit.ensemble): served from their cache
+    entries, so scoring or probing an ensemble after select embedded its members costs no forward pass.
+    Members that would see different inputs are refused as zoo.create_model refuses them."""
+    from transferkit import zoo
+
+    views = {}
+    for m in ms.members:
+        cfg = (
+            source_model(m, image_size) if not m.startswith("file:") else zoo.create_model(m, image_size=image_size)
+        ).data_config
+        views[m] = (cfg["input_size"][-1], cfg["interpolation"])
+    if len(set(views.values())) > 1:
+        seen = ", ".join(f"{m} {side}px {interp}" for m, (side, interp) in views.items())
+        raise zoo.ZooError(f"model {ms.spec!r}: its members resolve to different inputs ({seen}); set data.image_size")
+    parts = [compute_embeddings(m, samples, data_md5, image_size, batch_size, progress) for m in ms.members]
+    return {"features": np.concatenate([p["features"] for p in parts], axis=1), "labels": parts[0]["labels"]}
 
 
 def embeddings(spec: str, samples: list[tuple[Path, int]], data_md5: str, data, progress: bool = True) -> dict:

@@ -354,6 +354,25 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
     }
 
 
+def ensemble_spec(rows: list[dict], k: int) -> str | None:
+    """The top `k` scored pretrained candidates as one feature ensemble spec (None: k < 2 or fewer than two)."""
+    ranked = [r for r in rows if not r["control"] and r["score"] is not None and "+" not in r["model"]]
+    ranked.sort(key=lambda r: -r["score"])
+    return "+".join(r["model"] for r in ranked[:k]) if k >= 2 and len(ranked) >= 2 else None
+
+
+def _score_ensemble(spec: str, plan: Plan, params: Params, progress: bool) -> list[dict]:
+    """[its row], scored like any candidate from its members' cached features; members that cannot share
+    one input make it unavailable (recorded in the plan), never a failed select."""
+    from transferkit.zoo import ZooError
+
+    try:
+        return [score_candidate(spec, plan.samples, plan.data_md5, params, progress=progress)]
+    except ZooError as e:
+        plan.unavailable.append({"model": spec, "reason": str(e)})
+        return []
+
+
 def finish(
     rows: list[dict], plan: Plan, out: Path, params: Params, confirm: int | None = None, progress: bool = True
 ) -> dict:
@@ -361,6 +380,9 @@ def finish(
     from transferkit.config import dump_params
     from transferkit.io import write_json
 
+    spec = ensemble_spec(rows, params.select.ensemble)
+    if spec:
+        rows = [*rows, *_score_ensemble(spec, plan, params, progress)]
     result = rank(rows, plan, params.select.metric)
     k = params.select.confirm if confirm is None else confirm
     n_pretrained = sum(not r["control"] for r in rows)

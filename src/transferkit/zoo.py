@@ -10,6 +10,8 @@ A model spec is one string:
                                                  ~/.cache/transferkit/zoo/NAME/: model.safetensors, card.json
                                                  with its sha256 pin and what it was trained on, card.md)
     scratch:ARCH                                 random init: the baseline every transfer is compared to
+    SPEC+SPEC[+...]                              a feature ensemble of pretrained sources (transferkit.ensemble):
+                                                 their features side by side, one head
 
 Checkpoints are read with `torch.load(weights_only=True)` or safetensors, never plain unpickling, and
 packaged files must match their pinned sha256 before they are used.
@@ -87,9 +89,10 @@ PACKAGED: dict[str, Packaged] = {
 @dataclass(frozen=True)
 class ModelSpec:
     spec: str
-    kind: str  # packaged | timm | file | zoo | scratch
-    arch: str
+    kind: str  # packaged | timm | file | zoo | scratch | ensemble
+    arch: str  # an ensemble's: its members' archs joined by '+'
     path: Path | None = None
+    members: tuple[str, ...] = ()  # an ensemble's member specs
 
     @property
     def pretrained(self) -> bool:
@@ -104,6 +107,8 @@ def parse_spec(spec: str) -> ModelSpec:
         arch = spec.split(":", 1)[1]
         _check_arch(arch, spec)
         return ModelSpec(spec, "scratch", arch)
+    if "+" in spec and not (spec.startswith("file:") and Path(spec[5:]).is_file()):
+        return _parse_ensemble(spec)
     if spec.startswith("file:"):
         path = Path(spec.split(":", 1)[1])
         return ModelSpec(spec, "file", _file_meta(path).get("arch", "?"), path)
@@ -114,6 +119,16 @@ def parse_spec(spec: str) -> ModelSpec:
         return ModelSpec(spec, "packaged", spec)
     _check_arch(spec, spec)
     return ModelSpec(spec, "timm", spec)
+
+
+def _parse_ensemble(spec: str) -> ModelSpec:
+    parts = [p.strip() for p in spec.split("+")]
+    if len(set(parts)) != len(parts) or any(not p for p in parts):
+        raise ZooError(f"model {spec!r}: an ensemble names two or more different models joined by '+'")
+    members = [parse_spec(p) for p in parts]
+    if any(m.kind == "scratch" for m in members):
+        raise ZooError(f"model {spec!r}: an ensemble combines pretrained sources; scratch: has no features to add")
+    return ModelSpec(spec, "ensemble", "+".join(m.arch for m in members), None, tuple(parts))
 
 
 def _check_arch(arch: str, spec: str) -> None:
@@ -251,6 +266,9 @@ def availability(spec: str) -> tuple[bool, str]:
         return False, str(e)
     if ms.kind == "scratch":
         return True, "random init (no weights needed)"
+    if ms.kind == "ensemble":
+        missing = [f"{m}: {d}" for m, (ok, d) in ((m, availability(m)) for m in ms.members) if not ok]
+        return (False, "; ".join(missing)) if missing else (True, f"ensemble of {len(ms.members)} available sources")
     if ms.kind == "file":
         return True, f"safetensors {ms.path}"
     if ms.kind == "zoo":
@@ -298,6 +316,15 @@ def list_entries() -> list[dict[str, Any]]:
             "available": True,
             "detail": "random init of any timm architecture",
             "note": "baseline",
+        }
+    )
+    rows.append(
+        {
+            "model": "<spec>+<spec>",
+            "kind": "ensemble",
+            "available": True,
+            "detail": "pretrained sources' features side by side, one head (select scores its top 2 as one)",
+            "note": "",
         }
     )
     rows.append(
@@ -408,6 +435,8 @@ def _create_model(
     reg = {"drop_rate": drop_rate, **({"drop_path_rate": drop_path_rate} if drop_path_rate > 0 else {})}
     sha = None
     meta: dict = {}
+    if ms.kind == "ensemble":
+        return _create_ensemble(ms, num_classes, drop_rate, image_size, seed, drop_path_rate)
     if ms.kind == "scratch":
         with torch.random.fork_rng(devices=[]):  # seeded init, without disturbing the caller's RNG
             torch.manual_seed(seed)
@@ -445,6 +474,45 @@ def _create_model(
     return LoadedModel(model.eval(), ms, sha, cfg, meta)
 
 
+def _create_ensemble(ms: ModelSpec, num_classes, drop_rate: float, image_size, seed: int, drop_path_rate: float):
+    """A FeatureEnsemble of the members' pretrained models; they must agree on input size and interpolation
+    (one image feeds them all, and the embedding cache serves the ensemble from theirs)."""
+    import hashlib
+
+    import torch
+
+    from transferkit.ensemble import build
+
+    loaded = [_create_model(m, None, 0.0, image_size, seed, drop_path_rate) for m in ms.members]
+    views = {(tuple(lm.data_config["input_size"]), lm.data_config["interpolation"]) for lm in loaded}
+    if len(views) > 1:
+        seen = ", ".join(
+            f"{m} {lm.data_config['input_size'][-1]}px {lm.data_config['interpolation']}"
+            for m, lm in zip(ms.members, loaded)
+        )
+        raise ZooError(f"model {ms.spec!r}: its members resolve to different inputs ({seen}); set data.image_size")
+    norms = [(lm.data_config["mean"], lm.data_config["std"]) for lm in loaded]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # deterministic fresh head
+        model = build([lm.model for lm in loaded], norms, num_classes or 0, drop_rate)
+    shas = [lm.weights_sha256 for lm in loaded]
+    sha = hashlib.sha256("+".join(shas).encode()).hexdigest() if all(shas) else None
+    cfg = {**loaded[0].data_config, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    return LoadedModel(model.eval(), ms, sha, cfg, {})
+
+
+def _ensemble_from_archs(arch: str, num_classes: int, reg: dict):
+    """An untrained FeatureEnsemble of `arch`'s members ('a+b'), to load a checkpoint's weights into (the
+    members' mean/std are buffers of the checkpoint)."""
+    import timm
+
+    from transferkit.ensemble import build
+
+    member_reg = {**reg, "drop_rate": 0.0}  # dropout belongs to the ensemble's head, not inside each member
+    members = [timm.create_model(a, pretrained=False, num_classes=0, **member_reg) for a in arch.split("+")]
+    return build(members, [((0.0,) * 3, (1.0,) * 3)] * len(members), num_classes, reg.get("drop_rate", 0.0))
+
+
 def _load_checkpoint(ms: ModelSpec, reg: dict):
     """(model, sha256, header metadata) of a `file:` or `zoo:` safetensors checkpoint."""
     import timm
@@ -456,7 +524,11 @@ def _load_checkpoint(ms: ModelSpec, reg: dict):
     else:
         sha = sha256_file(ms.path)
         state = load_state(ms.path)
-    model = timm.create_model(meta["arch"], pretrained=False, num_classes=int(meta.get("num_classes", 1000)), **reg)
+    n = int(meta.get("num_classes", 1000))
+    if "+" in meta["arch"]:
+        model = _ensemble_from_archs(meta["arch"], n, reg)
+    else:
+        model = timm.create_model(meta["arch"], pretrained=False, num_classes=n, **reg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
