@@ -113,15 +113,13 @@ def _ensemble_embeddings(ms, samples, data_md5: str, image_size, batch_size: int
     Members that would see different inputs are refused as zoo.create_model refuses them."""
     from transferkit import zoo
 
-    views = {}
-    for m in ms.members:
-        cfg = (
+    configs = {
+        m: (
             source_model(m, image_size) if not m.startswith("file:") else zoo.create_model(m, image_size=image_size)
         ).data_config
-        views[m] = (cfg["input_size"][-1], cfg["interpolation"])
-    if len(set(views.values())) > 1:
-        seen = ", ".join(f"{m} {side}px {interp}" for m, (side, interp) in views.items())
-        raise zoo.ZooError(f"model {ms.spec!r}: its members resolve to different inputs ({seen}); set data.image_size")
+        for m in ms.members
+    }
+    zoo.check_one_input(ms.spec, configs)
     parts = [compute_embeddings(m, samples, data_md5, image_size, batch_size, progress) for m in ms.members]
     return {"features": np.concatenate([p["features"] for p in parts], axis=1), "labels": parts[0]["labels"]}
 

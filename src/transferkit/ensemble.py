@@ -34,9 +34,7 @@ class FeatureEnsemble(nn.Module):
         self.drop_rate = drop_rate
         cfg = dict(getattr(members[0], "pretrained_cfg", {}) or {})
         self.pretrained_cfg = {**cfg, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "num_classes": num_classes}
-        self.num_classes = 0
-        self.head: nn.Module = nn.Identity()
-        self.reset_classifier(num_classes)
+        self.reset_classifier(num_classes)  # sets num_classes and head
 
     def reset_classifier(self, num_classes: int, *args) -> None:
         self.num_classes = int(num_classes)

@@ -474,9 +474,16 @@ def _create_model(
     return LoadedModel(model.eval(), ms, sha, cfg, meta)
 
 
+def check_one_input(spec: str, configs: dict[str, dict]) -> None:
+    """Refuse an ensemble whose members (spec -> data config) would not see one image: input size and
+    interpolation must agree (one transform feeds them all; the embedding cache serves it from theirs)."""
+    if len({(tuple(c["input_size"]), c["interpolation"]) for c in configs.values()}) > 1:
+        seen = ", ".join(f"{m} {c['input_size'][-1]}px {c['interpolation']}" for m, c in configs.items())
+        raise ZooError(f"model {spec!r}: its members resolve to different inputs ({seen}); set data.image_size")
+
+
 def _create_ensemble(ms: ModelSpec, num_classes, drop_rate: float, image_size, seed: int, drop_path_rate: float):
-    """A FeatureEnsemble of the members' pretrained models; they must agree on input size and interpolation
-    (one image feeds them all, and the embedding cache serves the ensemble from theirs)."""
+    """A FeatureEnsemble of the members' pretrained models (check_one_input)."""
     import hashlib
 
     import torch
@@ -484,13 +491,7 @@ def _create_ensemble(ms: ModelSpec, num_classes, drop_rate: float, image_size, s
     from transferkit.ensemble import build
 
     loaded = [_create_model(m, None, 0.0, image_size, seed, drop_path_rate) for m in ms.members]
-    views = {(tuple(lm.data_config["input_size"]), lm.data_config["interpolation"]) for lm in loaded}
-    if len(views) > 1:
-        seen = ", ".join(
-            f"{m} {lm.data_config['input_size'][-1]}px {lm.data_config['interpolation']}"
-            for m, lm in zip(ms.members, loaded)
-        )
-        raise ZooError(f"model {ms.spec!r}: its members resolve to different inputs ({seen}); set data.image_size")
+    check_one_input(ms.spec, {m: lm.data_config for m, lm in zip(ms.members, loaded)})
     norms = [(lm.data_config["mean"], lm.data_config["std"]) for lm in loaded]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # deterministic fresh head
