@@ -432,14 +432,49 @@ def test_search_respects_its_budget_and_keeps_the_val_best():
     assert rows[1]["seconds"] == 30.0 and rows[2]["seconds"] == 20.0  # c cut at the deadline
 
 
+def test_search_keeps_the_cheaper_config_unless_a_later_one_wins_beyond_noise():
+    """Crafted per-image val correctness on 200 images: +3 images is noise, +14 is a gain."""
+    import numpy as np
+
+    base = np.zeros(200, bool)
+    base[:180] = True  # 0.900
+    noisy = base.copy()
+    noisy[[0, 1]] = False  # two the probe had right, now wrong ...
+    noisy[180:185] = True  # ... five it had wrong, now right: 0.915
+    clear = base.copy()
+    clear[180:194] = True  # 14 more right, none lost: 0.970
+    vectors = {"linear-probe": base, "full": noisy, "lp-ft": clear}
+
+    def fit(config, deadline, bar):
+        c = vectors[config]
+        return Fit(None, config, "", {"val": float(c.mean())}, [{}], 1, {}, val_correct=c)
+
+    def kept(configs, confidence):
+        return search_configs(configs, fit, 60.0, clock=lambda: 0.0, confidence=confidence)
+
+    best, rows, _ = kept(["linear-probe", "full"], 0.8)
+    assert best.strategy == "linear-probe"  # +1.5 points, interval [-, +] straddles 0
+    assert rows[1]["vs_kept"]["kept"] == "linear-probe" and rows[1]["vs_kept"]["interval"][0] < 0
+    assert abs(rows[1]["vs_kept"]["gain"] - 0.015) < 1e-9
+    assert kept(["linear-probe", "full"], 0.0)[0].strategy == "full"  # 0 = any higher val accuracy
+    best, rows, _ = kept(["linear-probe", "full", "lp-ft"], 0.8)
+    assert best.strategy == "lp-ft" and rows[2]["vs_kept"]["interval"][0] > 0  # +7 points clears the interval
+    assert kept(["lp-ft", "linear-probe"], 0.8)[0].strategy == "lp-ft"  # a lower one never replaces
+
+
 def test_auto_search_on_real_data_picks_the_val_best_and_explains(tiny_target, tmp_path):
     params = load_params(None, {"data.image_size": 32, "train.epochs": 2, "train.search": ["linear-probe", "full"]})
     m = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", progress=False)
     s = m["search"]
     assert [r["strategy"] for r in s["candidates"]] == ["linear-probe", "full"]
-    best = max(s["candidates"], key=lambda r: r["val_accuracy"])  # first of equals, as the search keeps
+    lp, full = s["candidates"]
+    vs = full["vs_kept"]  # the paired comparison on the same val images, against the kept linear probe
+    assert vs["kept"] == "linear-probe" and vs["interval"][0] <= vs["gain"] <= vs["interval"][1]
+    assert abs(vs["gain"] - (full["val_accuracy"] - lp["val_accuracy"])) < 1e-5  # paired gain = accuracy gap
+    best = full if full["val_accuracy"] > lp["val_accuracy"] and vs["interval"][0] > 0 else lp
     assert m["strategy"] == s["selected"] == best["strategy"] and m["val_accuracy"] == best["val_accuracy"]
     assert f"{best['val_accuracy']:.3f}" in m["strategy_reason"] and "5-min budget" in m["strategy_reason"]
+    assert "paired 80% interval" in m["strategy_reason"]
     assert sum(r["seconds"] for r in s["candidates"]) <= 5 * 60
     assert not (tmp_path / "search").exists()
 

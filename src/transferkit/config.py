@@ -153,6 +153,13 @@ class TrainParams(_Group):
     search_prune: float = Field(
         0.1, ge=0, le=1, description="auto: a fine-tune this far below the best val accuracy at half its epochs stops"
     )
+    search_confidence: float = Field(
+        0.8,
+        ge=0,
+        lt=1,
+        description="auto: a later configuration replaces the kept one only when its paired val gain's interval "
+        "at this level is above 0 (0 = any higher val accuracy)",
+    )
     resume: bool = Field(True, description="resume a killed fine-tune from OUT/checkpoint.pt (same arguments)")
 
     @field_validator("adabn", "self_training", mode="before")
