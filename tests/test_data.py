@@ -609,6 +609,9 @@ def test_clipart_cli_prints_the_skipped_files(mini_clipart, tmp_path):
     assert "wrote 12 images of clipart (2 classes, 16px)" in r.output and "6 source files skipped" in r.output
     for p in bad.values():
         assert f"skipped {p}: " in r.output
+    r = CliRunner().invoke(app, ["data", "builtin", "clipart", "--out", str(tmp_path / "f"), "--fit", "-q"])
+    assert r.exit_code != 0 and "--fit applies to the grey datasets" in r.output
+    assert not (tmp_path / "f").exists()  # refused before anything is written
 
 
 def test_clipart_too_few_usable_images_is_one_error_naming_a_bad_file(mini_clipart, tmp_path):
