@@ -15,9 +15,10 @@ the one above it times the decay, the head keeps its own), and AdaBN (`train.ada
 re-estimated on (unlabelled) target train+val images before training, for the frozen parts of a model.
 
 `auto` is a measured choice (search_configs): the `train.search` configurations (default linear-probe, full,
-lp-ft; cheapest first) are trained on the labelled data while `train.budget_minutes` (`--budget-minutes`) lasts
-and the one with the best validation accuracy ships; `strategy_reason` and metrics.json `search` list every
-configuration's val accuracy, epochs and seconds. A fine-tune stops when its next epoch would not fit the
+lp-ft; cheapest first) are trained on the labelled data while `train.budget_minutes` (`--budget-minutes`) lasts;
+the first is kept and a later one replaces it only when better on the same val images beyond noise (paired
+interval at `train.search_confidence` above 0); `strategy_reason` and metrics.json `search` list every
+configuration's val accuracy, epochs, seconds and paired gain. A fine-tune stops when its next epoch would not fit the
 budget, or when at half its epochs it is `train.search_prune` below the best so far; a later configuration
 starts only while budget is left. A killed search starts its configurations over.
 With `train.budget_minutes: 0`, `auto` is the fixed rule (choose_strategy), in order:
