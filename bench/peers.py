@@ -525,7 +525,7 @@ def verdict(target: str, s: dict, route: str) -> dict:
 
 LABELS = {
     "transferkit-run": "`transferkit run` (CLI, defaults)",
-    "transferkit-pretrain": "`transferkit pretrain` (MNIST 8 px) + `run`",
+    "transferkit-pretrain": "`transferkit pretrain` (MNIST 8 px, `--fit`) + `run`",
     "transferkit-auto": "`transferkit train --strategy auto`",
     "timm-loop": "bare timm full fine-tune loop",
     "fastai": "fastai `fine_tune(20)`",
