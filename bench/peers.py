@@ -19,7 +19,8 @@ Methods (MobileNetV2 ImageNet weights from the zoo's packaged file for every tra
                     model whether or not the gate exported it (`exported` says which)
   transferkit-auto  `transferkit train --model mobilenetv2_100 --strategy auto`, same conditions
   transferkit-pretrain  digits10 only, the close-domain route: `transferkit data builtin mnist --size 8 --fit`
-                    (5,000 MNIST digits at the target's 8 px, size-normalised as sklearn's are), `transferkit pretrain` MobileNetV2 on it (64 px, 3 epochs),
+                    (5,000 MNIST digits at the target's 8 px, size-normalised as sklearn's are), `transferkit
+                    pretrain` MobileNetV2 on it (64 px, 3 epochs),
                     then the same `transferkit run` as transferkit-run: its defaults' `zoo:*` candidate ranks the
                     registered source beside the ImageNet ones. Wall = all three steps (`steps` splits it)
   timm-loop         the bare ~30-line timm full fine-tune: 96 px, AdamW 1e-3, wd 0.05, label smoothing 0.1,

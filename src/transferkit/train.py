@@ -232,13 +232,17 @@ def _seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _accuracy(logits, labels) -> float:
-    return float((logits.argmax(1) == labels).float().mean().item()) if len(labels) else float("nan")
-
-
 def _correct(logits, labels) -> np.ndarray:
     """Per image: is the top-1 prediction right (the search compares configurations on the same val images)."""
     return (logits.argmax(1) == labels).cpu().numpy()
+
+
+def _share(correct: np.ndarray) -> float:
+    return float(correct.mean()) if len(correct) else float("nan")
+
+
+def _accuracy(logits, labels) -> float:
+    return _share(_correct(logits, labels))
 
 
 class _EarlyStop:
@@ -640,7 +644,7 @@ def _finetune(
     model.load_state_dict(run.best_state)
     model.to("cpu").eval()
     correct = {s: correct_cpu(model, loader) for s, loader in eval_loaders.items()}
-    acc = {s: float(c.mean()) if len(c) else float("nan") for s, c in correct.items()}
+    acc = {s: _share(c) for s, c in correct.items()}
     return acc, run.history, run.stop.best_epoch, resumed, run.stopped, correct["val"]
 
 
@@ -656,8 +660,7 @@ def correct_cpu(model, loader) -> np.ndarray:
 
 
 def evaluate_cpu(model, loader) -> float:
-    c = correct_cpu(model, loader)
-    return float(c.mean()) if len(c) else float("nan")
+    return _share(correct_cpu(model, loader))
 
 
 @dataclass
@@ -704,7 +707,7 @@ def run_train(
 
 def _search(fit_args: dict, out: Path) -> tuple[Fit, dict]:
     """`auto`: train the `train.search` configurations on the labelled data under `train.budget_minutes`
-    and keep the one with the best validation accuracy (search_configs); returns it and the table."""
+    and keep the first unless a later one is better beyond noise (search_configs); returns it and the table."""
     import shutil
 
     t, ds = fit_args["params"].train, fit_args["ds"]
@@ -775,14 +778,13 @@ def search_configs(
         if best is None:
             best = f
             continue
+        better = f.acc["val"] > best.acc["val"]
         if confidence and f.val_correct is not None and best.val_correct is not None:
             from transferkit.baselines import paired_comparison
 
             vs = paired_comparison(f.val_correct, best.val_correct, confidence)
             rows[-1]["vs_kept"] = {"kept": best.strategy, "gain": vs["gain"], "interval": vs["interval"]}
-            better = f.acc["val"] > best.acc["val"] and vs["interval"][0] > 0
-        else:
-            better = f.acc["val"] > best.acc["val"]
+            better = better and vs["interval"][0] > 0
         if better:
             best = f
     return best, rows, budget_s
