@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
@@ -21,6 +21,17 @@ Strategy = Literal["auto", "linear-probe", "partial", "full", "lp-ft", "scratch"
 class _Group(BaseModel):
     # .inf / .nan are valid YAML floats: refused for every field (an infinite LR passes gt=0)
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info) -> Any:
+        # pydantic's lax mode reads YAML's true/false as 1/0 for a number field (`epochs: true` = 1 epoch)
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            kinds = {ann, *get_args(ann)}
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError("must be a number, not true/false")
+        return v
 
 
 class DataParams(_Group):
@@ -251,7 +262,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
 
     class Params(_Group):
-        seed: int = 0
+        seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seed range")
         data: DataParams = DataParams()
         drift: DriftParams = DriftParams()
         select: SelectParams = SelectParams()

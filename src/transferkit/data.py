@@ -567,6 +567,9 @@ def _scan_images(folder: Path, skipped: list[dict], report_folders: bool = False
         if _is_hidden(p) or p.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append({"path": _shown(p), "reason": "not an image file (extension)"})
             continue
+        if not p.is_file():  # opening a named pipe would block for ever
+            skipped.append({"path": _shown(p), "reason": "not a regular file (named pipe, socket or device)"})
+            continue
         reason = _check_image(p)
         if reason:
             skipped.append({"path": _shown(p), "reason": reason})
@@ -577,9 +580,16 @@ def _scan_images(folder: Path, skipped: list[dict], report_folders: bool = False
 
 def _scan_classes(split_dir: Path, skipped: list[dict], top: bool = False) -> dict[str, list[Path]]:
     classes: dict[str, list[Path]] = {}
+    real: dict[Path, str] = {}  # resolved folder -> class: a link to another class would label its images twice
     for d in sorted(p for p in split_dir.iterdir() if p.is_dir() and not _is_hidden(p)):
         if top and d.name == UNLABELLED_DIR:
             continue  # the unlabelled pool, read by load_dataset
+        if d.resolve() in real:
+            raise DataError(
+                f"{split_dir}: class folders {real[d.resolve()]!r} and {d.name!r} are one folder (a link): "
+                "its images would carry two labels"
+            )
+        real[d.resolve()] = d.name
         if _undecodable(d):
             skipped.append({"path": _shown(d), "reason": "folder name is not valid UTF-8 (not used as a class)"})
             continue
@@ -730,15 +740,16 @@ def _stratified_split(
 # --------------------------------------------------------------------------- decoding for models
 
 
-def load_rgb(path):
+def load_rgb(path, formats: list[str] | None = None):
     """Open any supported image (a path or a binary file) as upright 8-bit RGB.
 
-    EXIF orientation is applied, 16-bit is scaled, alpha is composited on black.
+    EXIF orientation is applied, 16-bit is scaled, alpha is composited on black. `formats`: only these
+    PIL formats (the server decodes with the format its size check read, never another plugin's reading).
     """
     from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    with Image.open(path) as im:
+    with Image.open(path, formats=formats) as im:
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # no-op (no copy) without an Orientation tag
         if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
