@@ -8,7 +8,11 @@ serve` polls it and hot-swaps; Triton reads the `version_policy` in config.pbtxt
 Rules:
   - only a complete version can be promoted: model.onnx, metadata.json with the contract keys and a
     `parity` record, and model.onnx's sha256 equal to the one in metadata.json. Anything else is refused
-    with a message naming the file, and `latest` stays where it was;
+    with a message naming the file, and `latest` stays where it was. promote and rollback also run the
+    servers' own load checks (warm-up, batch parity, export's reference images through the server's
+    preprocessing): a version every server would refuse never becomes `latest`;
+  - `--server URL`: wait for each server; one that refuses the version makes promote move `latest` back,
+    unless someone moved it since (their move stands; promote says who);
   - every move appends one JSON line to REPO/<name>/promotions.jsonl {time, action, version, previous,
     reason, user}: the history that `rollback` replays;
   - `rollback` returns to the version that was live before the current one (a stack: promote pushes,
@@ -145,6 +149,7 @@ def _checked_move(
     token: str | None,
     lock: bool,
     check=None,
+    load_check: bool = True,
 ) -> dict[str, Any]:
     """Move `latest` (under the lock), then wait for the live servers; a server that refused the version is an
     error with its reason, and `latest` goes back to where it was (action rollback, reason recorded)."""
@@ -155,6 +160,8 @@ def _checked_move(
     with repo_lock(model_dir) if lock else nullcontext():
         v = check() if check else version
         meta = check_version(model_dir, v)
+        if load_check:
+            _load_check(model_dir, v, action)
         rec = _move(model_dir, v, meta, action, reason() if callable(reason) else reason)
     if not servers:
         return {**rec, "servers": []}
@@ -164,11 +171,45 @@ def _checked_move(
         refused = [p for p in problems if p["detail"].startswith("refused")]
         if refused and rec["previous"] is not None and rec["previous"] != v:
             with repo_lock(model_dir) if lock else nullcontext():
-                back = check_version(model_dir, rec["previous"])
-                _move(model_dir, rec["previous"], back, "rollback", f"{action} of {v} refused: {why}"[:2000])
+                moved = _moved_since(model_dir, rec)
+                if moved is None:
+                    back = check_version(model_dir, rec["previous"])
+                    _move(model_dir, rec["previous"], back, "rollback", f"{action} of {v} refused: {why}"[:2000])
+            if moved is not None:  # someone else's move since ours is theirs to keep: never undo it
+                raise PromoteError(f"{model_dir.name} version {v}: {why}; latest not moved back: {moved}")
             raise PromoteError(f"{model_dir.name} version {v}: {why}; latest moved back to {rec['previous']}")
         raise PromoteError(f"{model_dir.name} version {v}: {why}; latest stays at {v}")
     return {**rec, "servers": done}
+
+
+def _moved_since(model_dir: Path, rec: dict[str, Any]) -> str | None:
+    """None if `latest` is still where `rec` (our move) put it and no move was recorded after it; else who
+    moved it since (the caller holds the lock, so nothing moves while it decides)."""
+    now, history = latest_version(model_dir), read_history(model_dir)
+    last = history[-1] if history else {}
+    if now == rec["version"] and last == rec:
+        return None
+    return (
+        f"it was moved since (now {now}; last record: {last.get('action')} of {last.get('version')} by "
+        f"{last.get('user')} at {last.get('time')})"
+    )
+
+
+def _load_check(model_dir: Path, version: int, action: str) -> None:
+    """The checks every server runs before a version serves (ONNX metadata, graph, warm-up, batch parity,
+    export's reference images through the server's preprocessing), run here before `latest` moves: a version
+    the servers would refuse never becomes `latest`, so it never enters the history rollback replays."""
+    from transferkit.serve.config import ServeConfig
+    from transferkit.serve.errors import LoadError
+    from transferkit.serve.model import load_version
+
+    try:
+        load_version(model_dir, version, ServeConfig(repo=model_dir.parent, threads=1))
+    except LoadError as e:
+        raise PromoteError(
+            f"{model_dir.name} version {version}: {action} refused, a server would not serve it: {e}; "
+            f"latest stays at {latest_version(model_dir)}"
+        ) from None
 
 
 def promote(
@@ -181,8 +222,11 @@ def promote(
     servers: list[str] | None = None,
     wait: float = 60.0,
     token: str | None = None,
+    load_check: bool | None = None,
 ) -> dict[str, Any]:
-    """Point REPO/<name>/latest at `version` (None: the newest) after checking it is complete.
+    """Point REPO/<name>/latest at `version` (None: the newest) after checking it is complete and that it
+    passes the servers' own load checks (`load_check`; default: unless `lock=False`, i.e. export, which
+    promotes what it has just built and parity-checked itself).
 
     Returns the history record (+ "servers": what each live server did). `servers`: base URLs of live
     `transferkit serve` processes to wait for, up to `wait` seconds each: a refusal is a PromoteError with
@@ -199,7 +243,10 @@ def promote(
             raise PromoteError(f"{model_dir}: no versions to promote (run `transferkit export` first)")
         return have[-1]
 
-    return _checked_move(model_dir, version, "promote", reason, servers, wait, token, lock, check=pick)
+    check_load = lock if load_check is None else load_check
+    return _checked_move(
+        model_dir, version, "promote", reason, servers, wait, token, lock, check=pick, load_check=check_load
+    )
 
 
 def rollback(
@@ -211,7 +258,8 @@ def rollback(
     wait: float = 60.0,
     token: str | None = None,
 ) -> dict[str, Any]:
-    """Return `latest` to the version that was live before the current one, per promotions.jsonl."""
+    """Return `latest` to the version that was live before the current one, per promotions.jsonl; refused
+    (latest stays) if that version fails the servers' load checks: it never served."""
     model_dir = find_model(repo, name)
     state: dict[str, Any] = {}
 

@@ -128,11 +128,24 @@ def next_version(model_dir: Path) -> int:
 def read_latest(model_dir: Path) -> int | None:
     """The version REPO/<name>/latest points to (None: no pointer yet); ValueError if it holds anything but
     a version number (`1.5`, `true`, ` 2`, ...: strictly ASCII digits and an optional newline)."""
+    import stat
+
     p = Path(model_dir) / LATEST
     try:
-        raw = p.read_bytes()[:64]
+        # O_NONBLOCK: a named pipe opens at once instead of waiting for a writer (servers read this on
+        # their event loop); then at most 20 bytes, whatever the file's size
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RepositoryError(f"{p}: not a regular file; promote a version to repair it")
+        if st.st_size > 20:
+            raise RepositoryError(f"{p}: {st.st_size} bytes, not a version number; promote a version to repair it")
+        raw = os.read(fd, 21)
+    finally:
+        os.close(fd)
     if not _LATEST_RE.fullmatch(raw) or int(raw) < 1:
         raise RepositoryError(f"{p}: holds {raw[:20]!r}, not a version number; promote a version to repair it")
     return int(raw)

@@ -62,6 +62,7 @@ def probe_image(data: bytes, cfg, where: str, content_type: str | None = None) -
         ) from e
     except Exception as e:  # any plugin's parse error on hostile bytes is the client's
         raise RequestError(400, f"{where}: cannot read image header ({type(e).__name__}: {str(e)[:200]})") from None
+    _same_for_every_reader(data, where, fmt, (w, h))
     if max(w, h) > cfg.max_image_side or w * h > cfg.max_image_pixels:
         raise RequestError(
             413,
@@ -73,19 +74,47 @@ def probe_image(data: bytes, cfg, where: str, content_type: str | None = None) -
     return w, h, fmt, mode
 
 
+def _same_for_every_reader(data: bytes, where: str, fmt: str, size: tuple[int, int]) -> None:
+    """415 for a polyglot: bytes that Pillow's own detection (every format it knows: what data.load_rgb does
+    in training) reads as another format or size than the allowed-format check did. A TIFF header whose
+    IFD offset spells the FLI magic is a 1x1 TIFF to the check and an 11000x11000 FLI to the detection."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # the header only, as above
+            other, other_size = im.format, im.size
+    except Exception as e:  # an earlier plugin claimed the bytes and failed on them (a bomb, a parse error)
+        other, other_size = f"an unreadable image ({type(e).__name__})", None
+    if other != fmt or other_size != size:
+        what = f"{other} {other_size[0]}x{other_size[1]}" if other_size else other
+        raise RequestError(
+            415,
+            f"{where}: reads as {fmt} {size[0]}x{size[1]} to the format check but as {what} to Pillow's "
+            "detection: an image disguised as another format is refused",
+        )
+
+
+# the PIL format an image of each reported format is opened with (JPEG's opener also makes MPO images)
+_OPENER = {"MPO": "JPEG"}
+
+
 def decode_image(data: bytes, cfg, where: str, content_type: str | None = None):
-    """Bytes -> (RGB PIL image, format), after probe_image's checks."""
+    """Bytes -> (RGB PIL image, format), after probe_image's checks, decoded by the format the check read
+    (never another plugin) and refused unless it has the size the check read (what the budget reserved)."""
     from PIL import Image
 
     from transferkit.data import load_rgb
 
-    _, _, fmt, _ = probe_image(data, cfg, where, content_type)
+    w, h, fmt, _ = probe_image(data, cfg, where, content_type)
     try:
-        return load_rgb(io.BytesIO(data)), fmt
+        img = load_rgb(io.BytesIO(data), formats=[_OPENER.get(fmt, fmt)])
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise RequestError(400, f"{where}: cannot decode {fmt} image ({type(e).__name__}: {str(e)[:200]})") from None
     except Exception as e:  # a decoder bug on hostile bytes: still the input's fault, never a 500
         raise RequestError(400, f"{where}: cannot decode {fmt} image ({type(e).__name__})") from None
+    if img.size not in ((w, h), (h, w)):  # (h, w): EXIF orientation applied
+        raise RequestError(400, f"{where}: {fmt} header says {w}x{h} px but decodes to {img.size[0]}x{img.size[1]}")
+    return img, fmt
 
 
 def preprocess(

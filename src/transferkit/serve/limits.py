@@ -74,6 +74,22 @@ class Held:
         await self.budget.release(n)
 
 
+def _local_location(key: bytes, value: bytes, host: bytes) -> tuple[bytes, bytes]:
+    """A redirect's Location as a path on this server: Starlette's slash redirect builds an absolute URL
+    `scheme://<the request's Host header><path>`, and the Host header is the client's to choose (a cache in
+    front would hand the redirect to others). Leading slashes are collapsed: `//evil.example` would be a
+    protocol-relative URL to another host."""
+    if key.lower() != b"location":
+        return key, value
+    from urllib.parse import urlsplit
+
+    for scheme in (b"http://", b"https://"):
+        if host and value.startswith(scheme + host):
+            return key, b"/" + value[len(scheme + host) :].lstrip(b"/")
+    u = urlsplit(value.decode("latin-1"))
+    return key, ("/" + u.path.lstrip("/") + (f"?{u.query}" if u.query else "")).encode("latin-1")
+
+
 PROBES = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 _MODEL_PATH = re.compile(r"/v[12]/models/([^/]+)")
 
@@ -109,11 +125,20 @@ class Guard:
         async def send_counted(msg):
             if msg["type"] == "http.response.start":
                 status.append(msg["status"])
+                if 300 <= msg["status"] < 400:
+                    host = hdrs.get(b"host", b"")
+                    msg = {**msg, "headers": [_local_location(k, v, host) for k, v in msg.get("headers", ())]}
                 if body_left[0]:
                     msg = {**msg, "headers": [*msg.get("headers", ()), (b"connection", b"close")]}
             await send(msg)
 
-        if not probe and self.inflight >= self.cfg.max_concurrency:
+        if b"content-length" in hdrs and b"transfer-encoding" in hdrs:
+            # RFC 9112 6.3: ambiguous framing; a proxy in front may have read the body the other way, so
+            # what follows it on this connection could be a smuggled request: answer once and close (the
+            # body is unread, so send_counted adds Connection: close and h11 ends the connection)
+            ambiguous = "Content-Length and Transfer-Encoding in one request: ambiguous body framing (RFC 9112 6.3)"
+            await self._answer(send_counted, send, 400, ambiguous, path)
+        elif not probe and self.inflight >= self.cfg.max_concurrency:
             busy = f"server busy: {self.inflight} requests in flight (limit {self.cfg.max_concurrency}); retry later"
             await self._answer(send_counted, send, 503, busy, path, [(b"retry-after", b"1")])
         else:

@@ -43,6 +43,7 @@ class Slot:
     reservoir: Reservoir | None = None
     fallback: dict | None = None  # serving an older version from the history because `latest` is broken
     latest_error: str | None = None  # `latest` unreadable: stays on what serves
+    latest: int | None = None  # the version `latest` named at the last poll
 
 
 def _fingerprint(model_dir: Path, version: int) -> tuple:
@@ -115,24 +116,38 @@ class Registry:
         return out
 
     def ready(self) -> tuple[bool, str]:
+        """Ready when every model named with --model serves, or (models found in the repository) when one
+        does: a broken folder beside a good model must not take the good one out of a load balancer. What
+        does not serve as `latest` says (not loaded, refused, fallback, unreadable) makes it "degraded: ..."."""
         if not self.started:
             return False, "loading"
         if not self.slots:
             return False, "no model with a `latest` pointer in the repository"
         missing = [n for n, s in self.slots.items() if s.current is None]
-        if missing:
-            return False, f"not loaded: {', '.join(missing)} " + "; ".join(
-                f"{n}: {self.slots[n].latest_error or next(iter(r for _, r in self.slots[n].failed.values()), 'pending')}"
-                for n in missing
+        why = {n: self._not_loaded(self.slots[n]) for n in missing}
+        needed = [n for n in missing if n in (self.cfg.models or ())]
+        if needed or len(missing) == len(self.slots):
+            return False, f"not loaded: {', '.join(needed or missing)} " + "; ".join(
+                f"{n}: {why[n]}" for n in needed or missing
             )
-        degraded = [
-            f"{n} serves version {s.fallback['version']} from the promotion history: latest "
-            f"({s.fallback['latest']}) refused"
-            for n, s in self.slots.items()
-            if s.fallback
-        ]
-        degraded += [f"{n}: {s.latest_error}" for n, s in self.slots.items() if s.latest_error]
+        degraded = [f"{n} not loaded: {why[n]}" for n in missing]
+        for n, s in self.slots.items():
+            if s.fallback:
+                degraded.append(
+                    f"{n} serves version {s.fallback['version']} from the promotion history: latest "
+                    f"({s.fallback['latest']}) refused"
+                )
+            elif s.latest_error:
+                degraded.append(f"{n}: {s.latest_error}")
+            elif s.current and s.latest in s.failed and s.latest != s.current.version:
+                degraded.append(
+                    f"{n} serves version {s.current.version}: latest ({s.latest}) refused: {s.failed[s.latest][1]}"
+                )
         return True, ("degraded: " + "; ".join(degraded)) if degraded else "ready"
+
+    @staticmethod
+    def _not_loaded(slot: Slot) -> str:
+        return slot.latest_error or next(iter(r for _, r in slot.failed.values()), "pending")
 
     async def _load(self, model_dir: Path, version: int) -> ServedModel:
         loop = asyncio.get_running_loop()
@@ -147,8 +162,14 @@ class Registry:
 
     async def refresh(self) -> None:
         """One poll: load any model whose `latest` moved to a version not yet tried (or changed since it failed)."""
-        for name in self.names():
+        names = self.names()
+        for name in names:
             await self._follow(self.slots.get(name) or self._new_slot(name), Path(self.cfg.repo) / name)
+        for name in [n for n, s in self.slots.items() if n not in names and s.current is None]:
+            # its folder (or `latest`) is gone and nothing of it serves: forget it, or it is "not loaded"
+            # for good. A model that serves keeps serving what it loaded.
+            del self.slots[name]
+            self.metrics.fallback.remove(name)
 
     def _new_slot(self, name: str) -> Slot:
         slot = self.slots[name] = Slot(name)
@@ -169,6 +190,7 @@ class Registry:
         except (ValueError, OSError) as e:
             slot.latest_error = self.public(str(e))
             want = None
+        slot.latest = want
         if want is None:
             if slot.current is None and slot.latest_error:
                 await self._fall_back(slot, model_dir, None, slot.latest_error)

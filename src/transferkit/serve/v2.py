@@ -15,8 +15,9 @@ that serves (the repository's `latest`, or the fallback /readyz names); any othe
 Every answer under /v2 but a 200 is the protocol's {"error": "<one readable message>"} (errors.py's handlers
 pick the shape by path). Checks, each before any inference: one input, named and typed as the graph says;
 shape [N, C, H, W] with H, W, C as the graph's and 1 <= N <= max_batch_size (413 beyond); element count or
-binary size equal to the shape's; finite values; requested outputs that exist. JSON tensors hold 16x their
-bytes of the in-flight budget while parsed (a number can be 2 bytes of JSON and 32 of Python objects).
+binary size equal to the shape's; finite values; requested outputs that exist. A JSON header holds
+parsing.json_cost of the in-flight budget while parsed (per element and per object/array, not per byte:
+2 bytes of JSON can be 64 of parse tree and Python objects, `{},` 137).
 """
 
 import asyncio
@@ -28,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from transferkit.serve.errors import RequestError, error_responses
-from transferkit.serve.parsing import parse_json, read_body
+from transferkit.serve.parsing import INLINE_JSON, json_cost, parse_json, read_body
 
 if TYPE_CHECKING:
     from transferkit.serve.context import Context
@@ -49,8 +50,6 @@ _DATATYPES = {
     "tensor(uint64)": ("UINT64", "<u8"),
     "tensor(bool)": ("BOOL", "?"),
 }
-JSON_PARSE_FACTOR = 16  # budget held per byte of JSON header while it is parsed into Python objects
-_INLINE_JSON = 256 << 10  # larger JSON headers are parsed on the decode pool, not the event loop
 
 
 # --------------------------------------------------------------------------- protocol objects (OpenAPI too)
@@ -78,7 +77,7 @@ class ServerMetadata(BaseModel):
 
 class RequestInput(BaseModel):
     name: str = Field(..., max_length=256)
-    shape: list[int] = Field(..., max_length=16)
+    shape: list[int] = Field(..., max_length=16, fail_fast=True)
     datatype: str = Field(..., max_length=16)
     parameters: dict[str, Any] | None = Field(None, description='{"binary_data_size": bytes after the JSON header}')
     data: list[Any] | None = Field(None, description="row-major values, flat or nested")
@@ -92,8 +91,8 @@ class RequestOutput(BaseModel):
 class InferenceRequest(BaseModel):
     id: str | None = Field(None, max_length=256)
     parameters: dict[str, Any] | None = Field(None, description='{"binary_data_output": true}: every output raw')
-    inputs: list[RequestInput] = Field(..., min_length=1, max_length=16)
-    outputs: list[RequestOutput] | None = Field(None, max_length=16)
+    inputs: list[RequestInput] = Field(..., min_length=1, max_length=16, fail_fast=True)
+    outputs: list[RequestOutput] | None = Field(None, max_length=16, fail_fast=True)
 
 
 class ResponseOutput(BaseModel):
@@ -301,8 +300,8 @@ async def _read_request(ctx: "Context", request, held, header_len: int | None) -
     if header_len > len(raw):
         raise RequestError(400, f"Inference-Header-Content-Length {header_len} exceeds the body's {len(raw)} bytes")
     head, binary = raw[:header_len], memoryview(raw)[header_len:]
-    await held.take((JSON_PARSE_FACTOR - 2) * len(head))
-    if len(head) > _INLINE_JSON:
+    await held.take(json_cost(head))
+    if len(head) > INLINE_JSON:
         return await asyncio.get_running_loop().run_in_executor(ctx.decode_pool, _parse_request, head), binary
     return _parse_request(head), binary
 
