@@ -264,3 +264,33 @@ def test_latest_is_parsed_strictly(repo, junk):
         read_latest(d)
     assert latest_version(d) is None
     assert promote(repo, "digits", 1)["previous"] is None and read_latest(d) == 1
+
+
+def test_rollback_never_lands_on_a_version_no_server_would_serve(repo):
+    """#34 (5): `promote 6` without --server (servers refused 6), `promote 2`, `rollback` made 6 `latest` with
+    exit 0 while every server stayed on 2. promote and rollback now run the servers' own load checks."""
+    from conftest import bad_reference
+
+    d = repo / "digits"
+    bad_reference(d, 1, 6)  # intact files, but its reference images do not replay: every server refuses it
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tk = [sys.executable, "-m", "transferkit.cli"]
+    r = subprocess.run(
+        [*tk, "promote", "--repo", str(repo), "--name", "digits", "--version", "6"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "a server would not serve it" in r.stderr and "differ from export's torch logits" in r.stderr
+    assert latest_version(d) == 2 and len(read_history(d)) == 2  # nothing moved, nothing recorded
+    # a history written before the check existed: 6 was promoted, then 2 again
+    promote(repo, "digits", 6, reason="test: as promote before #34 did", load_check=False)
+    promote(repo, "digits", 2)
+    r = subprocess.run(
+        [*tk, "rollback", "--repo", str(repo), "--name", "digits"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "version 6: rollback refused, a server would not serve it" in r.stderr and "latest stays at 2" in r.stderr
+    assert latest_version(d) == 2 and read_history(d)[-1]["version"] == 2

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -401,7 +402,9 @@ def test_broken_versions_are_never_served(server, repo, images):
     meta.update(version=5, sha256=sha256_file(d / "5" / "model.onnx"))
     meta["reference"]["sha256"] = sha256_file(d / "5" / "reference.npz")
     write_json(d / "5" / "metadata.json", meta)
-    promote(repo, "digits", 5, reason="test: reference disagrees")
+    with pytest.raises(PromoteError, match="a server would not serve it: .*differ from export's torch logits"):
+        promote(repo, "digits", 5, reason="test: reference disagrees")  # promote runs the servers' load checks
+    promote(repo, "digits", 5, reason="test: reference disagrees", load_check=False)  # as promote before #34 did
     why = wait_failed(c, 5)
     assert "differ from export's torch logits" in why and "reference.npz" in why
     time.sleep(0.3)
@@ -763,8 +766,13 @@ def test_promote_waits_for_the_server_reports_a_refusal_and_retries_a_fixed_vers
         "promote", "--repo", str(repo), "--name", "digits", "--version", "7", "--server", server["url"], "--wait", "60"
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "refused version 7" in r.stderr and "differ from export's torch logits" in r.stderr, r.stderr
-    assert "latest moved back to 2" in r.stderr and latest_version(d) == 2
+    # #34: promote runs the servers' own load checks first: 7 never becomes latest
+    assert "a server would not serve it" in r.stderr and "differ from export's torch logits" in r.stderr, r.stderr
+    assert "latest stays at 2" in r.stderr and latest_version(d) == 2 and read_history(d)[-1]["version"] == 2
+    # a refusal only the server sees (as with another provider or --int8): latest moves back
+    with pytest.raises(PromoteError, match="refused version 7: .*differ from export's torch logits.*moved back to 2"):
+        promote(repo, "digits", 7, servers=[server["url"]], wait=60, token=SERVE_TOKEN, load_check=False)
+    assert latest_version(d) == 2
     assert read_history(d)[-1]["action"] == "rollback" and "refused" in read_history(d)[-1]["reason"]
     shutil.rmtree(d / "7")
     renumber_version(d, 1, 7)  # fixed: the real files of version 1, numbered 7
@@ -808,7 +816,7 @@ def test_server_started_on_a_broken_latest_serves_the_last_good_version(repo, tm
     shutil.copytree(repo, own, ignore=shutil.ignore_patterns(".lock"))
     d = own / "digits"
     bad_reference(d, 2, 8)
-    promote(own, "digits", 8, reason="test: broken at restart")
+    promote(own, "digits", 8, reason="test: broken at restart", load_check=False)  # one only servers refuse
     proc, url = start_server(own, tmp_path)
     try:
         ready = httpx.get(f"{url}/readyz").json()
@@ -866,17 +874,60 @@ def test_a_token_standard_clients_cannot_send_is_refused_at_start(repo, tmp_path
     assert str(tmp_path / "token") in r.stderr and "RFC 6750" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def _image_bodies(fmt: str | None = None):
+    """A hypothesis strategy of image files as a hostile client sends them: real images of any size and mode
+    in the six accepted formats (or `fmt`), and the same cut short, with a byte flipped, a PNG header that
+    claims 100,000 px a side, or issue 34's TIFF that Pillow's detection reads as an 11,000 px FLI."""
+    from hypothesis import strategies as st
+    from test_serve_hostile import disguised_tiff
+
+    modes = ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "CMYK")
+
+    @st.composite
+    def image(draw) -> bytes:
+        f = fmt or draw(st.sampled_from(["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]))
+        size = draw(st.sampled_from([(1, 1), (8, 8), (33, 17), (1, 3000), (300, 200)]))
+        im = Image.new(draw(st.sampled_from(modes)), size, draw(st.integers(0, 255)))
+        buf = io.BytesIO()
+        try:
+            im.save(buf, f)
+        except (OSError, ValueError, KeyError):  # a mode the format cannot hold
+            buf = io.BytesIO()
+            im.convert("RGB").save(buf, f)
+        data = buf.getvalue()
+        how = draw(st.sampled_from(["whole", "whole", "cut", "flip", "claims-huge", "disguised"]))
+        if how == "cut":
+            return data[: draw(st.integers(1, max(1, len(data) - 1)))]
+        if how == "flip":
+            i = draw(st.integers(0, len(data) - 1))
+            return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+        if how == "claims-huge":
+            return _png_of((8, 8))[:16] + struct.pack(">II", 100_000, 100_000) + _png_of((8, 8))[24:]
+        return disguised_tiff() if how == "disguised" else data
+
+    return image()
+
+
 def test_schema_driven_fuzzing_finds_no_5xx_and_no_schema_violation(server):
     """17: a bounded schemathesis run over every operation of /openapi.json (v1, v2, probes), positive and
     negative data, with the token: no 5xx, and every answer's status, content type, headers and body as the
-    schema documents them. Not checked: positive_data_acceptance (that schema-valid data gets a 2xx): a schema
-    cannot say that base64 bytes are a PNG or that a tensor holds prod(shape) numbers, so those get a 4xx."""
+    schema documents them. #34: the image bodies (raw image/* and the JSON's base64 items) are real images,
+    damaged ones and disguised ones (_image_bodies), so decoding is fuzzed too, not only the parsers. Not
+    checked: positive_data_acceptance (that schema-valid data gets a 2xx): a damaged image or a tensor that
+    does not hold prod(shape) numbers is schema-valid and gets a 4xx."""
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
     from schemathesis.checks import positive_data_acceptance
 
+    from transferkit.serve import ALLOWED_TYPES
+
+    for ctype, fmt in ALLOWED_TYPES.items():
+        schemathesis.openapi.media_type(ctype, _image_bodies(fmt))
+    # `format: byte` is only the base64 images of /v1's JSON body in this schema
+    schemathesis.openapi.format("byte", _image_bodies().map(lambda b: base64.b64encode(b).decode()) | st.text())
     schema = schemathesis.openapi.from_url(f"{server['url']}/openapi.json")
     auth = {"Authorization": f"Bearer {SERVE_TOKEN}"}
     seen: dict[str, dict[int, int]] = {}
@@ -918,3 +969,5 @@ def test_schema_driven_fuzzing_finds_no_5xx_and_no_schema_violation(server):
     assert {"POST /v2/models/{name}/infer", "GET /v2/models/{name}", "GET /v2/health/ready"} <= v2, sorted(seen)
     assert any(400 <= code < 500 for code in seen["POST /v2/models/{name}/infer"]), seen  # bodies were checked
     assert seen["GET /v2/models/{name}"].get(200), seen  # and the served model was reached
+    predict = seen["POST /v1/models/{name}/predict"]
+    assert predict.get(200) and predict.get(415) and predict.get(400), predict  # real, disguised, damaged

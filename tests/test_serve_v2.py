@@ -364,7 +364,7 @@ def test_a_version_failing_the_reference_replay_never_serves_on_v2(server, repo)
     wait_version(c, 2)
     bad_reference(d, 1, 8)
     try:
-        promote(repo, "digits", 8, reason="test: bad reference")
+        promote(repo, "digits", 8, reason="test: bad reference", load_check=False)  # past promote's own check
         assert "differ from export's torch logits" in wait_failed(c, 8)
         assert c.get("/v2/models/digits").json()["versions"] == ["2"]
         r = c.post("/v2/models/digits/versions/8/infer", json=_tensor([1, 3, 32, 32], data=[0.0] * 3072))
