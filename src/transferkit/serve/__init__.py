@@ -9,7 +9,8 @@ Endpoints (FastAPI; OpenAPI at /docs):
                                   {"model", "version", "provider", "predictions": [{"top_k": [...]}]};
                                   the version is also in the X-Model-Version header.
   GET  /v1/models[/{name}]        what is loaded, swap history, last load failure
-  GET  /healthz /readyz /metrics  liveness; readiness (every model loaded and warmed up); Prometheus
+  GET  /healthz /readyz /metrics  liveness; readiness (every --model serves, else one found does; the rest
+                                  is "degraded: ..."); Prometheus
   GET  /                          a small upload page
   /v2/...                         the Open Inference Protocol (KServe V2 / Triton HTTP): v2.py
 
@@ -28,7 +29,9 @@ the torch transform and the predictions against an offline onnxruntime run of th
 
 Limits answer 4xx with {"detail": "..."}: 413 body / image pixels / image side / batch size, 415 content
 type or image format, 400 malformed input, 401 missing or wrong bearer token (when a token is set), 404
-unknown model, 503 not ready. Images are size-checked from their header before any pixel is decoded.
+unknown model, 503 not ready. Images are size-checked from their header before any pixel is decoded, must
+read as the same format and size to Pillow's own detection (a disguised image is 415), and are decoded by
+the format the check read. Content-Length with Transfer-Encoding is 400 and the connection closes.
 
 Monitoring: each model keeps a reservoir sample (Algorithm R, bounded count) of served images, downscaled,
 in MONITOR/<name>/images/ (PNG) with MONITOR/<name>/reservoir.json; flows/monitor.py runs `drift` on it.

@@ -358,7 +358,10 @@ def _health_routes(app, ctx: "Context") -> None:
     @app.get(
         "/v2/health/ready",
         response_class=Response,
-        responses={200: {"description": "every model loaded, checked and warmed up"}, **_errors(400)},
+        responses={
+            200: {"description": "ready as /readyz is (every --model serves, else one found does)"},
+            **_errors(400),
+        },
     )
     async def v2_ready():
         ok, why = ctx.registry.ready()
