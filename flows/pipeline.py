@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -286,59 +286,119 @@ def transfer_pipeline(
             _HELD.pop(str(root), None)
 
 
+class _Clock:
+    """Seconds per stage of one run (wall time around each task call): reported, never used to decide."""
+
+    def __init__(self):
+        self.started, self.t0, self.stages = time.time(), time.perf_counter(), {}
+
+    def __call__(self, stage: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.stages[stage] = round(self.stages.get(stage, 0.0) + time.perf_counter() - t, 2)
+
+    def record(self, out: str, ranking: dict | None = None, metrics: dict | None = None) -> dict:
+        """OUT/timings.json and its Prefect artifact: per stage, per select candidate, per search configuration.
+        Kept out of the stage files DVC hashes (ranking.json, metrics.json keep their own `seconds`)."""
+        from transferkit.io import write_json
+
+        doc = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "started_unix": round(self.started, 3),
+            "seconds": round(time.perf_counter() - self.t0, 2),
+            "stages": self.stages,
+            "select": _select_timings(ranking),
+            "train": _train_timings(metrics),
+        }
+        write_json(Path(out) / "timings.json", doc)
+        rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in self.stages.items())
+        detail = "\n".join(f"| {k} | {v:.1f} |" for k, v in {**doc["select"], **doc["train"]}.items())
+        _artifact(
+            "timings",
+            f"## Where the time went: {doc['seconds']:.0f} s\n\n| stage | seconds |\n|---|---|\n{rows}\n\n"
+            f"| step | seconds |\n|---|---|\n{detail}\n",
+            "Seconds per stage, select candidate and search configuration",
+        )
+        return doc
+
+
+def _select_timings(ranking: dict | None) -> dict:
+    if not ranking:
+        return {}
+    out = {f"select {c['model']}": c["seconds"] for c in ranking["candidates"]}
+    if ranking.get("confirm"):
+        out["select confirm"] = ranking["confirm"]["seconds"]
+    return out
+
+
+def _train_timings(metrics: dict | None) -> dict:
+    if not metrics:
+        return {}
+    rows = (metrics.get("search") or {}).get("candidates") or []
+    out = {f"train {r['strategy']}": r["seconds"] for r in rows if r.get("val_accuracy") is not None}
+    out |= {f"train {k}": v for k, v in (metrics.get("timings") or {}).items() if k != "fit" or not rows}
+    return out
+
+
 def _transfer(target, out, reference, candidates, repo, params, force, progress, root, push, reason) -> dict:
     from transferkit.config import dump_params
     from transferkit.workspace import stage_dirs
 
-    t0 = time.perf_counter()
+    clock = _Clock()
     p = params_from(params)
     pj = p.model_dump(mode="json")
     dirs = stage_dirs(out)
     dump_params(p, Path(out) / "params.yaml")  # the resolved config, saved per run: a record, never an input
     stages = _pipeline_stages(root, target, out, repo, reference, p, not candidates and not force) if root else []
-    drift, ranking, metrics, validation = _adapt(target, reference, candidates, dirs, pj, progress)
+    drift, ranking, metrics, validation = _adapt(target, reference, candidates, dirs, pj, progress, clock)
     if not validation["passed"] and not force:
-        _refuse(validation, root, stages, repo)
+        clock("dvc", _refuse_record, root, stages, repo)
+        timings = clock.record(out, ranking, metrics)
+        raise GateFailed({**validation, "timings": timings})
     meta, promoted, dvc = _publish(
-        str(dirs["train"]), repo, pj, force, progress, root, stages, push, reason or f"run {out}"
+        str(dirs["train"]), repo, pj, force, progress, root, stages, push, reason or f"run {out}", clock
     )
+    timings = clock.record(out, ranking, metrics)
     return {
         **_summary(drift, ranking, metrics, validation, meta, promoted),
         "dvc": {"root": str(root), "stages": stages, "pushed": push, **(dvc or {})} if root else None,
-        "seconds": time.perf_counter() - t0,
+        "seconds": timings["seconds"],
+        "started": clock.started,
+        "timings": timings,
     }
 
 
-def _adapt(target, reference, candidates, dirs: dict[str, Path], pj: dict, progress: bool) -> tuple:
+def _adapt(target, reference, candidates, dirs: dict[str, Path], pj: dict, progress: bool, clock: _Clock) -> tuple:
     """drift (with a reference) -> select -> train -> validate, each stage in its folder: their four results."""
-    drift = drift_task(reference, target, str(dirs["drift"]), pj, progress) if reference else None
-    ranking = select_task(target, str(dirs["select"]), pj, candidates, progress)
+    drift = clock("drift", drift_task, reference, target, str(dirs["drift"]), pj, progress) if reference else None
+    ranking = clock("select", select_task, target, str(dirs["select"]), pj, candidates, progress)
     drift_json = str(dirs["drift"] / "drift.json") if drift else None
-    metrics = train_task(target, str(dirs["train"]), pj, ranking["selected"], drift_json, progress)
-    validation = validate_task(str(dirs["train"]), pj, progress)
+    metrics = clock("train", train_task, target, str(dirs["train"]), pj, ranking["selected"], drift_json, progress)
+    validation = clock("validate", validate_task, str(dirs["train"]), pj, progress)
     return drift, ranking, metrics, validation
 
 
-def _refuse(validation: dict, root: Path | None, stages: list[str], repo: str) -> NoReturn:
+def _refuse_record(root: Path | None, stages: list[str], repo: str) -> None:
     """The gate said no: nothing is exported; the verdict is recorded like `dvc repro` records it
-    (export --skip-refused: nothing new), then GateFailed."""
+    (export --skip-refused: nothing new). The caller then raises GateFailed."""
     if stages:
         Path(repo).mkdir(parents=True, exist_ok=True)
         dvc_task(str(root), stages, None, False, "gate refused: verdict recorded, nothing exported")
-    raise GateFailed(validation)
 
 
-def _publish(train: str, repo: str, pj: dict, force, progress, root, stages, push, reason) -> tuple:
+def _publish(train: str, repo: str, pj: dict, force, progress, root, stages, push, reason, clock: _Clock) -> tuple:
     """Export without promoting, record the version in DVC (push if asked), then make it live: (meta, promoted,
     the last DVC record or None outside a workspace)."""
-    meta = export_task(train, repo, pj, force, progress, promote=False)
+    meta = clock("export", export_task, train, repo, pj, force, progress, promote=False)
     name, version = meta["name"], meta["version"]
     dvc = None
     if root:  # the version is in the DVC cache (and on the remote) before latest moves to it
-        dvc = dvc_task(str(root), stages, repo, push, f"{name} v{version} recorded before promotion")
-    promoted = promote_task(repo, name, version, reason)
+        dvc = clock("dvc", dvc_task, str(root), stages, repo, push, f"{name} v{version} recorded before promotion")
+    promoted = clock("promote", promote_task, repo, name, version, reason)
     if root:  # latest and the promotion history, recorded the same way
-        dvc = dvc_task(str(root), [], repo, push, f"{name} v{version} live")
+        dvc = clock("dvc", dvc_task, str(root), [], repo, push, f"{name} v{version} live")
     return meta, promoted, dvc
 
 

@@ -64,6 +64,7 @@ def tiny_params():
             "data.batch_size": 32,
             "train.epochs": 3,
             "train.patience": 2,
+            "train.finetune_image_size": None,  # the search's fine-tunes at the 32 px above, not at 128
             "drift.min_samples": 5,
             "select.candidates": ["mobilenetv2_100", "scratch:mobilenetv2_100"],
         },

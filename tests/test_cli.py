@@ -160,8 +160,8 @@ def test_stage_verbs_chain_on_real_data(tiny_target, tiny_reference, tmp_path, m
         str(run / "drift" / "drift.json"),
         "--out",
         str(run / "train"),
-        "--budget-minutes",
-        "0",  # the fixed rule, which reads drift.json (the search has its tests in test_train.py)
+        "--search",
+        "rule",  # the fixed rule, which reads drift.json (the search has its tests in test_train.py)
         "-q",
         *TINY,
     )

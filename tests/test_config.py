@@ -232,3 +232,14 @@ def test_cli_prints_one_line_for_bad_overrides(tmp_path):
         )
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "train." in r.stderr, r.stderr
+
+
+def test_a_retired_key_is_ignored_with_a_warning(tmp_path):
+    """Run folders and params.yaml files written before the clock-free search still load."""
+    old = tmp_path / "params.yaml"
+    old.write_text("train:\n  budget_minutes: 5\n  epochs: 7\n")
+    with pytest.warns(FutureWarning, match=r"train\.budget_minutes.*not by a clock"):
+        p = load_params(old)
+    assert p.train.epochs == 7 and p.train.search_mode == "evidence"
+    with pytest.raises(ConfigError, match="train.budget_minute"):  # a typo is still an error, not a retired key
+        load_params(None, {"train.budget_minute": 5})

@@ -49,7 +49,7 @@ def test_cached_ensemble_features_equal_the_ensemble_models_forward(tiny_target,
 
 
 def test_members_that_see_different_inputs_are_refused(tmp_path):
-    """A checkpoint trained at 48 px runs at its own side under image_size auto; a packaged source at 128:
+    """A checkpoint trained at 48 px runs at its own side under image_size auto; a packaged source at AUTO_SIZE:
     one image cannot feed both, and both the model and the cache say so naming the sides."""
     from transferkit.config import load_params
     from transferkit.embed import embeddings
@@ -58,7 +58,7 @@ def test_members_that_see_different_inputs_are_refused(tmp_path):
     ckpt = tmp_path / "m48.safetensors"
     zoo.save_checkpoint(lm.model, ckpt, {"arch": "mobilenetv2_100", "num_classes": "3", "data_config": lm.data_config})
     spec = f"file:{ckpt}+tf_efficientnet_lite0"
-    with pytest.raises(zoo.ZooError, match=r"48px.*128px"):
+    with pytest.raises(zoo.ZooError, match=rf"48px.*{zoo.AUTO_SIZE}px"):
         zoo.create_model(spec, num_classes=2, image_size="auto")
     with pytest.raises(zoo.ZooError, match="different inputs"):
         embeddings(spec, [], "md5", load_params(None, {"data.image_size": "auto"}).data, progress=False)

@@ -34,7 +34,14 @@ from transferkit.repository import (
 
 pytestmark = pytest.mark.slow
 
-PARAMS = {"data.image_size": 32, "data.batch_size": 32, "train.epochs": 1}
+# the shared export uses the dynamo exporter and int8 (not the defaults) so that both paths stay covered
+PARAMS = {
+    "data.image_size": 32,
+    "data.batch_size": 32,
+    "train.epochs": 1,
+    "export.exporter": "dynamo",
+    "export.int8": True,
+}
 
 
 def _params(run: Path | None = None, **overrides):
@@ -84,7 +91,7 @@ def run_dir(tiny_target, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(run_dir, tmp_path_factory) -> dict:
-    """One real export with the default (dynamo) exporter at opset 18, shared read-only."""
+    """One real export with the dynamo exporter at opset 18 and int8, shared read-only."""
     import time
 
     repo = tmp_path_factory.mktemp("repo")

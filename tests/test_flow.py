@@ -22,7 +22,7 @@ ARGS = [
     "--set",
     "train.patience=8",
     "--set",
-    "train.budget_minutes=0",  # auto = the fixed rule: the search (test_train.py) would add minutes here
+    "train.search_mode=rule",  # auto = the fixed rule: the search (test_train.py) would add minutes here
     "--set",
     "drift.min_samples=5",
     # flow mechanics, not the gate: raw pixels beat a 6-label probe on tiny digits, so the negative-transfer

@@ -38,7 +38,7 @@ OVERRIDES = {
     "data.image_size": 64,
     "train.epochs": 3,
     "train.patience": 3,
-    "train.budget_minutes": 0,  # auto = the fixed rule: the search (test_train.py) would add minutes here
+    "train.search_mode": "rule",  # auto = the fixed rule: the search (test_train.py) would add minutes here
     "export.int8": False,
     "export.opset": 17,
     "validate.require_gain": False,
@@ -219,7 +219,7 @@ def test_new_data_event_triggers_a_retrain_that_ships_a_model_for_that_md5(deplo
     assert sub["state_type"] == "COMPLETED"  # transfer_pipeline ran as a subflow
     arts = _api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"], sub["id"]]}}})
     # no reference: no drift; the workspace is a DVC repository: the version was recorded before promotion
-    assert {a["key"] for a in arts} == {"select", "validate", "export", "dvc", "promote"}
+    assert {a["key"] for a in arts} == {"select", "validate", "export", "dvc", "promote", "timings"}
     assert "digits v1" in next(a["data"] for a in arts if a["key"] == "promote")
 
     # the closed loop: MNIST digits in the model server's reservoir (what `serve --monitor-dir` keeps) of a

@@ -265,8 +265,18 @@ def test_confirm_fine_tunes_the_top_k_and_picks_by_validation(tiny_target, tiny_
         progress=False,
         confirm=2,
     )
-    assert auto["confirm"]["strategy"] == "linear-probe" and auto["confirm"]["epochs"] == tiny_params.train.epochs
-    assert all(x["strategy"] == "linear-probe" for x in auto["confirm"]["runs"])
+    # a linear probe is confirmed on the cached features, exactly as train fits it: one fit, no run folder
+    assert auto["confirm"]["strategy"] == "linear-probe" and auto["confirm"]["epochs"] == 1
+    assert all(x["strategy"] == "linear-probe" and x["run"] is None for x in auto["confirm"]["runs"])
+    assert not (tmp_path / "auto" / "confirm").exists()
+    from transferkit.train import run_train  # the probe confirm fitted is the one train ships: same val accuracy
+
+    m = run_train(
+        tiny_target, tmp_path / "t", tiny_params, auto["selected"], "linear-probe", progress=False, baselines=False
+    )
+    assert m["val_accuracy"] == pytest.approx(
+        next(x for x in auto["confirm"]["runs"] if x["model"] == auto["selected"])["val_accuracy"]
+    )
 
 
 def test_confirm_auto_compares_where_the_train_search_starts(tiny_target, tiny_params):
@@ -275,9 +285,9 @@ def test_confirm_auto_compares_where_the_train_search_starts(tiny_target, tiny_p
     p = tiny_params.model_copy(deep=True)
     p.select.confirm_strategy, p.train.strategy = "auto", "auto"
     p.train.linear_probe_max_per_class = 1  # 6 labels per class: the rule alone would fine-tune every layer
-    p.train.budget_minutes = 0
+    p.train.search_mode = "rule"
     assert confirm_strategy(tiny_target, p) == "full"
-    p.train.budget_minutes, p.train.search = 1, ["lp-ft", "full"]
+    p.train.search_mode, p.train.search = "evidence", ["lp-ft", "full"]
     assert confirm_strategy(tiny_target, p) == "lp-ft"  # the search's first configuration, not the rule's
     p.train.strategy = "full"  # train does not search: confirm trains what the rule ships
     assert confirm_strategy(tiny_target, p) == "full"

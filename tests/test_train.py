@@ -30,9 +30,9 @@ from transferkit.train import (
 
 @pytest.fixture(scope="module")
 def lp_run(tiny_target, tmp_path_factory):
-    # budget 0: `auto` is the fixed rule (the search has its own tests below)
+    # search_mode rule: `auto` is the fixed rule (the search has its own tests below)
     params = load_params(
-        None, {"data.image_size": 32, "train.epochs": 15, "train.patience": 15, "train.budget_minutes": 0}
+        None, {"data.image_size": 32, "train.epochs": 15, "train.patience": 15, "train.search_mode": "rule"}
     )
     out = tmp_path_factory.mktemp("lp")
     return out, run_train(tiny_target, out, params, "mobilenetv2_100", progress=False), params
@@ -268,7 +268,7 @@ def test_adabn_auto_under_detected_shift(lp_run, tiny_target, tmp_path):
     assert lp_run[1]["adabn"]["applied"] is False  # no drift.json: nothing to adapt to
     drift = tmp_path / "drift.json"
     drift.write_text(json.dumps({"drift_detected": True, "severity": "severe"}))
-    rule = {"data.image_size": 32, "train.epochs": 5, "train.budget_minutes": 0}  # auto = the fixed rule
+    rule = {"data.image_size": 32, "train.epochs": 5, "train.search_mode": "rule"}  # auto = the fixed rule
     params = load_params(None, {**rule, "train.adabn": "auto"})
     m = run_train(tiny_target, tmp_path / "run", params, "mobilenetv2_100", drift=drift, progress=False)
     assert m["strategy"] == "linear-probe" and m["adabn"] == {"applied": True, "images": 100}
@@ -387,49 +387,51 @@ def test_same_seed_same_result_whatever_ran_before(lp_run, tiny_target, tmp_path
     assert again["test_accuracy"] == first["test_accuracy"]
 
 
-def test_a_fine_tune_that_cannot_reach_half_its_epochs_in_the_budget_stops_now():
-    import time
+def test_search_fine_tunes_only_when_the_evidence_says_one_can_win():
+    """A crafted objective: the first config's val correctness against the best no-transfer baseline's decides
+    whether the fine-tunes run at all; a pruned or skipped config never replaces the kept one."""
+    import numpy as np
 
-    import torch
+    from transferkit.train import finetune_evidence
 
-    from transferkit.train import _Run
-
-    t = load_params(None, {"train.epochs": 20, "train.patience": 20}).train
-
-    def after_epoch_1(seconds: float, left: float) -> str:
-        run = _Run(t)
-        row = {"epoch": 1, "val_loss": 1.0, "seconds": seconds}
-        run.end_epoch(row, torch.nn.Linear(1, 1), time.monotonic() + left, None)
-        return run.stopped if run.done else "going on"
-
-    assert after_epoch_1(10.0, 100.0) == "going on"  # 9 more epochs to the half-way point: 90 s of 100
-    assert after_epoch_1(12.0, 100.0) == "budget"  # 108 s: it would be cut before its schedule half anneals
-    assert after_epoch_1(1.0, 0.5) == "budget"  # the next epoch alone would not fit
-    run = _Run(t)
-    run.end_epoch({"epoch": 1, "val_loss": 1.0, "seconds": 12.0}, torch.nn.Linear(1, 1), None, None)
-    assert not run.done  # no deadline (a plain train run): only early stopping ends it
-
-
-def test_search_respects_its_budget_and_keeps_the_val_best():
-    """A crafted objective on a fake clock: each config costs known seconds and reaches a known val accuracy."""
-    now = [0.0]
-    cost = {"a": 10.0, "b": 30.0, "c": 25.0, "d": 5.0, "e": 1.0}
-    val = {"a": 0.5, "b": 0.8, "c": 0.8, "d": 0.99, "e": 0.1}
     seen = []
 
-    def fit(config, deadline, bar):
-        seen.append((config, deadline, bar))
-        now[0] += min(cost[config], deadline - now[0]) if config != "a" else cost[config]  # stops at the deadline
-        return Fit(None, config, "", {"val": val[config]}, [{}], 1, {})
+    def fit(config, bar):
+        seen.append((config, bar))
+        c = np.zeros(200, bool)
+        c[: {"a": 150, "b": 180, "c": 170}[config]] = True
+        return Fit(None, config, "", {"val": float(c.mean())}, [{}], 1, {}, val_correct=c)
 
-    best, rows, budget = search_configs(list(cost), fit, 60.0, clock=lambda: now[0])
-    assert budget == 60.0 and now[0] <= 60.0  # a config ends by the deadline; none starts after it
-    assert [r["strategy"] for r in rows if r["val_accuracy"] is not None] == ["a", "b", "c"]
-    assert [r["stopped"] for r in rows[3:]] == ["skipped", "skipped"]  # d (the best!) never ran: no budget left
-    assert best.strategy == "b"  # val-best among those run; the tie with c keeps the earlier
-    assert [s[2] for s in seen] == [None, 0.5, 0.8]  # each later config knows the bar to beat
-    assert all(s[1] == 60.0 for s in seen)
-    assert rows[1]["seconds"] == 30.0 and rows[2]["seconds"] == 20.0  # c cut at the deadline
+    def go(finetune):
+        return lambda first: {"finetune": finetune, "reason": "crafted"}
+
+    best, rows, why = search_configs(["a", "b", "c"], fit, go(False), confidence=0.8)
+    assert best.strategy == "a" and [s[0] for s in seen] == ["a"] and why["reason"] == "crafted"
+    assert [r["stopped"] for r in rows] == ["", "evidence", "evidence"] and rows[1]["val_accuracy"] is None
+    seen.clear()
+    best, rows, _ = search_configs(["a", "b", "c"], fit, go(True), confidence=0.8)
+    assert [s for s in seen] == [("a", None), ("b", 0.75), ("c", 0.9)]  # each later config knows the bar to beat
+    assert best.strategy == "b"  # +15 points clears the interval; c (below b) never replaces it
+
+    # the evidence itself: the probe's val correctness against the best working baseline's, paired
+    p = load_params(None, {})
+    probe = np.zeros(200, bool)
+    probe[:170] = True  # 0.850
+
+    def rows_with(right: int, start: int = 0):  # right on images start .. start + right - 1
+        c = np.zeros(200, bool)
+        c[start : start + right] = True
+        return [{"name": "small-cnn", "val_accuracy": right / 200, "val_correct": c, "broken": False}]
+
+    first = Fit(None, "linear-probe", "", {"val": 0.85}, [{}], 1, {}, val_correct=probe)
+    clear = finetune_evidence(first, 10, p, rows_with(120))  # 0.85 vs 0.60: features fit, no fine-tune
+    assert not clear["finetune"] and clear["baseline"] == "small-cnn" and clear["interval"][0] > 0
+    close = finetune_evidence(first, 10, p, rows_with(168, 30))  # 0.85 vs 0.84, other images: noise, fine-tune
+    assert close["finetune"] and close["interval"][0] <= 0 < close["interval"][1]
+    assert finetune_evidence(first, 10, p, rows_with(190))["finetune"]  # no transfer ahead: fine-tune
+    assert finetune_evidence(first, 100, p, rows_with(120))["finetune"]  # > 50 labels per class: always
+    p.train.search_mode = "all"
+    assert finetune_evidence(first, 10, p, rows_with(120))["finetune"]
 
 
 def test_search_keeps_the_cheaper_config_unless_a_later_one_wins_beyond_noise():
@@ -445,12 +447,12 @@ def test_search_keeps_the_cheaper_config_unless_a_later_one_wins_beyond_noise():
     clear[180:194] = True  # 14 more right, none lost: 0.970
     vectors = {"linear-probe": base, "full": noisy, "lp-ft": clear}
 
-    def fit(config, deadline, bar):
+    def fit(config, bar):
         c = vectors[config]
         return Fit(None, config, "", {"val": float(c.mean())}, [{}], 1, {}, val_correct=c)
 
     def kept(configs, confidence):
-        return search_configs(configs, fit, 60.0, clock=lambda: 0.0, confidence=confidence)
+        return search_configs(configs, fit, lambda first: {"finetune": True, "reason": ""}, confidence=confidence)
 
     best, rows, _ = kept(["linear-probe", "full"], 0.8)
     assert best.strategy == "linear-probe"  # +1.5 points, interval [-, +] straddles 0
@@ -463,7 +465,17 @@ def test_search_keeps_the_cheaper_config_unless_a_later_one_wins_beyond_noise():
 
 
 def test_auto_search_on_real_data_picks_the_val_best_and_explains(tiny_target, tmp_path):
-    params = load_params(None, {"data.image_size": 32, "train.epochs": 2, "train.search": ["linear-probe", "full"]})
+    params = load_params(
+        None,
+        {
+            "data.image_size": 32,
+            "train.epochs": 2,
+            "train.search": ["linear-probe", "full"],
+            "train.search_mode": "all",
+            "train.finetune_image_size": None,
+            "validate.cnn_epochs": 2,
+        },
+    )
     m = run_train(tiny_target, tmp_path, params, "mobilenetv2_100", progress=False)
     s = m["search"]
     assert [r["strategy"] for r in s["candidates"]] == ["linear-probe", "full"]
@@ -473,10 +485,14 @@ def test_auto_search_on_real_data_picks_the_val_best_and_explains(tiny_target, t
     assert abs(vs["gain"] - (full["val_accuracy"] - lp["val_accuracy"])) < 1e-5  # paired gain = accuracy gap
     best = full if full["val_accuracy"] > lp["val_accuracy"] and vs["interval"][0] > 0 else lp
     assert m["strategy"] == s["selected"] == best["strategy"] and m["val_accuracy"] == best["val_accuracy"]
-    assert f"{best['val_accuracy']:.3f}" in m["strategy_reason"] and "5-min budget" in m["strategy_reason"]
+    assert f"{best['val_accuracy']:.3f}" in m["strategy_reason"] and "search_mode all" in m["strategy_reason"]
     assert "paired 80% interval" in m["strategy_reason"]
-    assert sum(r["seconds"] for r in s["candidates"]) <= 5 * 60
     assert not (tmp_path / "search").exists()
+    # the no-transfer baselines were fitted once, by train, for validate to read back
+    nt = json.loads((tmp_path / "no_transfer.json").read_text())
+    assert {r["name"] for r in nt["rows"]} == set(params.validate.no_transfer)
+    assert all(len(r["val_correct"]) == m["n_val"] for r in nt["rows"])
+    assert set(m["timings"]) == {"fit", "no_transfer"} and m["timings"]["no_transfer"] > 0
 
 
 def test_precise_bn_refreshes_only_the_batchnorms_that_train(tiny_target):
@@ -493,3 +509,52 @@ def test_precise_bn_refreshes_only_the_batchnorms_that_train(tiny_target):
     assert frozen and len(frozen) < len(stats)
     assert all(torch.equal(before[k], after[k]) for k in frozen)  # the source's statistics stay
     assert all(not torch.equal(before[k], after[k]) for k in stats if k not in frozen)  # the target's replace them
+
+
+def test_what_ships_does_not_depend_on_how_busy_the_machine_is(tiny_target, tmp_path, monkeypatch):
+    """The same search twice: once on an idle machine, once with a CPU-bound process competing for the cores
+    and every clock running an hour per call. Same configurations tried, same kept strategy, same weights."""
+    import hashlib
+    import subprocess
+    import sys
+    import time
+
+    params = load_params(
+        None,
+        {
+            "data.image_size": 32,
+            "train.epochs": 2,
+            "train.min_epochs": 0,
+            "train.search_mode": "all",
+            "train.finetune_image_size": None,
+            "validate.cnn_epochs": 2,
+        },
+    )
+
+    def run(out: Path) -> tuple[dict, str]:
+        m = run_train(tiny_target, out, params, "mobilenetv2_100", progress=False)
+        return m, hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+    idle, idle_sha = run(tmp_path / "idle")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a competing CPU-bound process
+    try:
+        hour = [0.0]
+
+        def slow_clock(real=time.monotonic):  # every reading an hour later than the last
+            hour[0] += 3600.0
+            return real() + hour[0]
+
+        monkeypatch.setattr(time, "monotonic", slow_clock)
+        monkeypatch.setattr(time, "perf_counter", slow_clock)
+        busy, busy_sha = run(tmp_path / "busy")
+    finally:
+        hog.kill()
+        hog.wait()
+    assert [r["seconds"] for r in busy["search"]["candidates"]] != [r["seconds"] for r in idle["search"]["candidates"]]
+
+    def decisions(m: dict) -> list:
+        return [(r["strategy"], r["val_accuracy"], r["epochs"], r["stopped"]) for r in m["search"]["candidates"]]
+
+    assert decisions(busy) == decisions(idle) and len(decisions(idle)) == 2  # both configurations trained
+    assert busy["strategy"] == idle["strategy"] and busy["test_accuracy"] == idle["test_accuracy"]
+    assert busy_sha == idle_sha  # the same checkpoint, byte for byte: the same test predictions

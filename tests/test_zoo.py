@@ -266,14 +266,13 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(a, b)
 
 
-def test_auto_image_size_is_a_trained_checkpoints_own_side_else_128(tmp_path):
+def test_auto_image_size_is_a_trained_checkpoints_own_side_else_one_side_for_all(tmp_path):
     from transferkit.zoo import AUTO_SIZE
 
-    assert create_model("tf_efficientnet_lite0", image_size="auto").data_config["input_size"] == [
-        3,
-        AUTO_SIZE,
-        AUTO_SIZE,
-    ]
+    # every ImageNet source at one side (their own are 224, 240, 260): any feature ensemble of them is valid
+    for spec in ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "mobilenetv2_100"):
+        assert create_model(spec, image_size="auto").data_config["input_size"] == [3, AUTO_SIZE, AUTO_SIZE]
+    assert create_model("tf_efficientnet_lite1", image_size=None).data_config["input_size"] == [3, 240, 240]
     lm = create_model("scratch:mobilenetv2_100", num_classes=3, image_size=48)
     path = tmp_path / "m.safetensors"
     save_checkpoint(lm.model, path, {"arch": "mobilenetv2_100", "num_classes": 3, "data_config": lm.data_config})

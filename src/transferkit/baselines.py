@@ -26,6 +26,7 @@ paired difference in accuracy, (b - c)/n +- z * sqrt(b + c - (b - c)^2/n) / n.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -144,14 +145,17 @@ def _fit_pixel_model(name: str, grid: list, x: dict, y: dict, seed: int):
 
     from sklearn.exceptions import ConvergenceWarning
 
+    from transferkit.numeric import one_blas_thread
+
     best, sweep = None, []
     for v in grid:
         if key == "k" and int(v) > len(y["train"]):
             continue
-        with warnings.catch_warnings():  # 200 lbfgs steps: within 0.2 points of convergence, 5x cheaper
+        # 200 lbfgs steps: within 0.2 points of convergence, 5x cheaper
+        with warnings.catch_warnings(), one_blas_thread():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf = make(v).fit(x["train"], y["train"])
-        acc = float((clf.predict(x["val"]) == y["val"]).mean())
+            acc = float((clf.predict(x["val"]) == y["val"]).mean())
         sweep.append({key: v, "val_accuracy": round(acc, 6)})
         if best is None or acc > best[0]:
             best = (acc, v, clf)
@@ -295,8 +299,8 @@ def fit_no_transfer(ds, params: Params, progress: bool = True) -> list[dict]:
     """Train every baseline of `validate.no_transfer` on `ds` (a transferkit.data.Dataset).
 
     Each row: name, description, hyper (what val chose), sweep, val_accuracy, test_accuracy, seconds,
-    chance/p_above_chance/broken, and `test_correct` (bool per test image, in ds.splits["test"] order;
-    callers strip it before writing JSON).
+    chance/p_above_chance/broken, and `val_correct`/`test_correct` (bool per image, in ds.splits order;
+    callers strip them before writing JSON).
     """
     from tqdm import tqdm
 
@@ -320,6 +324,66 @@ def fit_no_transfer(ds, params: Params, progress: bool = True) -> list[dict]:
         seconds = time.perf_counter() - t + load_seconds / len(names)  # loading the pixels is shared
         rows.append(_row(name, hyper, sweep, val_pred, test_pred, y, v.chance_alpha, seconds, side, channels))
     return rows
+
+
+def best_baseline(rows: list[dict]) -> dict | None:
+    """The strongest working no-transfer baseline, chosen on val accuracy (test never chooses); ties: the first."""
+    working = [r for r in rows if not r.get("broken")]
+    return max(working, key=lambda r: r["val_accuracy"]) if working else None
+
+
+def cached_no_transfer(run: Path, ds, params: Params, progress: bool = True) -> list[dict]:
+    """fit_no_transfer, reused from RUN/no_transfer.json when data, seed and baseline settings are the same:
+    train fits them once (its search measures the features against them), validate reads them back, and
+    re-validating with another gate threshold (`dvc exp run -S validate.max_gap=0.1`) costs nothing."""
+    import hashlib
+    import json
+
+    from transferkit.io import read_json, write_json
+
+    v = params.validate
+    settings = {
+        "md5": ds.md5,
+        "seed": params.seed,
+        "batch_size": params.data.batch_size,
+        "weight_decay": params.train.weight_decay,
+        "version": 2,
+        **v.model_dump(
+            mode="json",
+            include={
+                "no_transfer",
+                "pixel_size",
+                "pixel_grid",
+                "cnn_epochs",
+                "cnn_lrs",
+                "cnn_max_steps",
+                "chance_alpha",
+            },
+        ),
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = run / "no_transfer.json"
+    if path.is_file():
+        saved = read_json(path)
+        if saved.get("key") == key:
+            return [{**r, **{k: _bits(r[k]) for k in ("val_correct", "test_correct")}} for r in saved["rows"]]
+    rows = fit_no_transfer(ds, params, progress)
+    write_json(
+        path,
+        {
+            "key": key,
+            "settings": settings,
+            "rows": [
+                {**r, **{k: "".join("1" if c else "0" for c in r[k]) for k in ("val_correct", "test_correct")}}
+                for r in rows
+            ],
+        },
+    )  # per val and test image, in split order
+    return rows
+
+
+def _bits(s: str) -> np.ndarray:
+    return np.array([c == "1" for c in s], bool)
 
 
 def _fit_small_cnn(x4: dict, y: dict, n_classes: int, params: Params):
@@ -353,7 +417,10 @@ def _fit_pixel_baseline(name: str, flat: dict, y: dict, params: Params):
     """A raw-pixel classifier over its `validate.pixel_grid` values; returns (val preds, test preds, hyper, sweep)."""
     grid = list(getattr(params.validate.pixel_grid, name.split("-")[1]))
     (_, value, clf), key, sweep = _fit_pixel_model(name, grid, flat, y, params.seed)
-    return clf.predict(flat["val"]), clf.predict(flat["test"]), {key: value}, sweep
+    from transferkit.numeric import one_blas_thread
+
+    with one_blas_thread():
+        return clf.predict(flat["val"]), clf.predict(flat["test"]), {key: value}, sweep
 
 
 def _row(name, hyper, sweep, val_pred, test_pred, y, alpha, seconds, side, channels) -> dict:
@@ -370,6 +437,7 @@ def _row(name, hyper, sweep, val_pred, test_pred, y, alpha, seconds, side, chann
         "test_accuracy": round(float(test_correct.mean()), 6),
         "seconds": round(seconds, 3),
         **chance_check(val_correct, y["val"], alpha),
+        "val_correct": val_correct,
         "test_correct": test_correct,
     }
     return row

@@ -34,9 +34,13 @@ ParamsOpt = Annotated[
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="override a param: group.key=value (repeatable)")
 ]
-BudgetOpt = Annotated[
-    Optional[float],
-    typer.Option(min=0.0, help="auto: minutes the search over train.search may take (0 = the fixed rule)"),
+SearchOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--search",
+        help="auto: evidence (the probe, fine-tunes only when one can win) | all (every train.search "
+        "configuration) | rule (the fixed rule, no search); default: train.search_mode",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 ServerOpt = Annotated[
@@ -303,7 +307,7 @@ def train(
     drift_json: Annotated[
         Optional[Path], typer.Option("--drift", help="drift.json to inform the auto strategy")
     ] = None,
-    budget_minutes: BudgetOpt = None,
+    search: SearchOpt = None,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -315,9 +319,7 @@ def train(
     if (model is None) == (ranking is None):
         _fail("give exactly one of --model or --ranking")
     model = model or read_json(ranking)["selected"]
-    p = _params(params, set_)
-    if budget_minutes is not None:
-        p.train.budget_minutes = budget_minutes
+    p = _params(params, [*(set_ or []), *([f"train.search_mode={search}"] if search else [])])
     m = run_train(target, out, p, model, strategy, drift_json, progress=not quiet)
     typer.echo(
         f"train: {m['model']} strategy={m['strategy']} val={m['val_accuracy']:.3f} "
@@ -422,7 +424,7 @@ def run_cmd(
     candidates: Annotated[Optional[str], typer.Option(help="comma-separated model specs (default: params)")] = None,
     repo: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
     strategy: Annotated[Optional[str], typer.Option(help="override train.strategy")] = None,
-    budget_minutes: BudgetOpt = None,
+    search: SearchOpt = None,
     force: Annotated[bool, typer.Option(help="export even if validation fails")] = False,
     push: Annotated[bool, typer.Option(help="dvc push the new version before it goes live (DVC workspace)")] = False,
     wait: Annotated[
@@ -433,16 +435,20 @@ def run_cmd(
     quiet: QuietOpt = False,
 ):
     """Run the whole Prefect flow: drift -> select -> train -> validate -> export -> DVC record -> promote."""
-    from transferkit.orchestrate import load_flow
+    import time
+
+    from transferkit.orchestrate import load_flow, start_prefect_early
     from transferkit.validate import GateFailed
     from transferkit.workspace import WorkspaceBusy, WorkspaceError
 
+    t_cli = time.time()
+    server = start_prefect_early()  # its ~10 s start-up overlaps the imports below
     transfer_pipeline = load_flow("run")
-    p = _params(params, set_)
+    if server is not None:
+        server.join()
+    p = _params(params, [*(set_ or []), *([f"train.search_mode={search}"] if search else [])])
     if strategy:
         p.train.strategy = strategy
-    if budget_minutes is not None:
-        p.train.budget_minutes = budget_minutes
     cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
     try:
         summary = transfer_pipeline(
@@ -463,11 +469,23 @@ def run_cmd(
         _fail(str(e))
     except GateFailed as e:
         _report_gate(e.validation)
+        _print_timings(e.validation.get("timings"), t_cli)
         typer.secho(
             "validation gate failed: nothing exported (use --force to export anyway)", fg=typer.colors.RED, err=True
         )
         raise typer.Exit(3) from None
     _print_summary(summary)
+    _print_timings(summary.get("timings"), t_cli)
+
+
+def _print_timings(t: dict | None, t_cli: float) -> None:
+    """Where the run's time went: start-up (imports, the Prefect server) and each stage, in seconds."""
+    import time
+
+    if not t:
+        return
+    parts = [f"start-up {t['started_unix'] - t_cli:.0f}"] + [f"{k} {v:.0f}" for k, v in t["stages"].items()]
+    typer.echo(f"  time      : {time.time() - t_cli:.0f} s = " + ", ".join(parts) + " (timings.json)")
 
 
 def _print_summary(s: dict) -> None:
@@ -509,7 +527,6 @@ def _print_summary(s: dict) -> None:
         if d
         else "  dvc       : the model repository is not in a DVC workspace: the version is not versioned by DVC"
     )
-    typer.echo(f"  seconds   : {s['seconds']:.0f}")
 
 
 @app.command("dvc-yaml")

@@ -54,7 +54,7 @@ def source_model(spec: str, image_size: int | str | None):
     return zoo.create_model(spec, image_size=image_size)
 
 
-def _row_key(path: Path) -> str:
+def row_key(path: Path) -> str:
     """A sample's identity inside its dataset (split/class/file); the dataset md5 covers its bytes."""
     return "/".join(Path(path).parts[-3:])
 
@@ -93,7 +93,7 @@ def compute_embeddings(
     if set(stored) != arrays:  # not written by this layout: start over
         stored = {}
     index = {k: i for i, k in enumerate(stored["keys"].tolist())} if stored else {}
-    keys = [_row_key(p) for p, _ in samples]
+    keys = [row_key(p) for p, _ in samples]
     missing = sorted({k: i for i, k in enumerate(keys) if k not in index}.values())
     if missing:
         new = forward(lm, [samples[i] for i in missing], batch_size, progress, spec)

@@ -58,6 +58,46 @@ def use_prefect_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+def start_prefect_early():
+    """Start the ephemeral Prefect server `transferkit run` will use in a background thread, now; return the
+    thread to join before the flow runs (None when a server is configured: PREFECT_API_URL).
+
+    Prefect starts it on the flow's first API call: ~10 s in which this process would otherwise only wait. Started
+    here, it boots while the caller imports the flow's modules (torch, timm, scikit-learn). Prefect keeps one
+    instance per process (SubprocessASGIServer is a singleton), so the flow finds it running."""
+    import threading
+
+    use_prefect_defaults()
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # the flow's own start then raises it, with Prefect's message
+            pass
+
+    thread = threading.Thread(target=start, name="prefect-ephemeral-server", daemon=True)
+    thread.start()
+    return _Joined(thread)
+
+
+class _Joined:
+    """join() waits for the server thread, then imports what the flow's first tasks need in this thread."""
+
+    def __init__(self, thread):
+        self.thread = thread
+
+    def join(self) -> None:
+        import sklearn.linear_model  # noqa: F401  (select's first scores)
+        import timm  # noqa: F401  (and torch: every stage's first model)
+
+        self.thread.join()
+
+
 def load_flow(name: str):
     """The callable behind FLOW_ENTRYPOINTS[name], imported now (with the Prefect defaults applied)."""
     import importlib

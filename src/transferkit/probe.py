@@ -82,6 +82,13 @@ def fit_probe(
     pool: np.ndarray | None = None,
 ) -> ProbeFit:
     """The val-best probe over `grid`, then self-training on `pool` (None or empty: none)."""
+    from transferkit.numeric import one_blas_thread
+
+    with one_blas_thread():
+        return _fit_probe(train, val, n_classes, grid, pool)
+
+
+def _fit_probe(train, val, n_classes: int, grid: list[float], pool) -> ProbeFit:
     x, y = (np.asarray(a, np.float64) for a in train)
     xv, yv = np.asarray(val[0], np.float64), np.asarray(val[1])
     y = y.astype(int)

@@ -13,8 +13,9 @@ Scores (higher is better), computed on cached penultimate features of the labell
 Two controls take part and are never selected: `scratch:ARCH` (random-init features) and `pixels` (the raw
 pixels themselves, as the no-transfer baselines of `validate` see them). When a control scores higher than
 every pretrained candidate, ranking.json says so before any training: no source model beats no transfer.
-`select.confirm` K > 0 fine-tunes the top K briefly (train.run_train) and selects by validation
-accuracy: no score ranked candidates reliably enough in bench/results/select.md to trust it alone.
+`select.confirm` K > 0 trains the top K as the train stage starts (by default its linear probe, fitted on the
+features cached here) and selects by validation accuracy: no score ranked candidates reliably enough in
+bench/results/select.md to trust it alone.
 
 Pipeline: prepare (data + candidates) -> score_candidate per model -> finish (rank, confirm, write);
 run_select does it in-process, flows/select.py maps the scoring over a Prefect task runner.
@@ -180,12 +181,15 @@ def score_candidate(spec: str, samples, data_md5: str, params: Params, progress:
         "knn": lambda: knn_accuracy(f, y, k=params.select.knn_k),
         "probe": lambda: probe_accuracy(f, y, seed=params.seed),
     }
+    from transferkit.numeric import one_blas_thread
+
     for name in SCORES:
         if name == "probe" and not params.select.probe and params.select.metric != "probe":
             row[name] = None  # switched off (select.probe=false)
             continue
         t = time.perf_counter()
-        row[name] = fns[name]()
+        with one_blas_thread():
+            row[name] = fns[name]()
         timings[name] = time.perf_counter() - t
     row["feature_dim"] = int(f.shape[1])
     row["control"] = spec.startswith("scratch:") or spec == PIXELS
@@ -287,7 +291,7 @@ def rank(rows: list[dict], plan: Plan, metric: str) -> dict:
 
 def confirm_strategy(target: Path, params: Params) -> str:
     """How confirm trains its candidates: `select.confirm_strategy`, where `auto` = train.search's first
-    (cheapest) configuration when the train stage searches (auto with a budget), else what train's rule
+    (cheapest) configuration when the train stage searches (auto, search_mode evidence or all), else what train's rule
     ships for these labels."""
     from transferkit.data import load_with_params
     from transferkit.train import choose_strategy
@@ -295,7 +299,7 @@ def confirm_strategy(target: Path, params: Params) -> str:
     strategy = params.select.confirm_strategy
     if strategy != "auto":
         return strategy
-    if params.train.strategy == "auto" and params.train.budget_minutes > 0:
+    if params.train.strategy == "auto" and params.train.search_mode != "rule":
         # fashion-100's 3-epoch fine-tune confirms took 4 of its run's 15 minutes, then the search shipped a
         # linear probe: under a search, compare where it starts
         return params.train.search[0]
@@ -304,25 +308,82 @@ def confirm_strategy(target: Path, params: Params) -> str:
 
 
 def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, progress: bool = True) -> dict:
-    """Fine-tune the top `k` pretrained candidates briefly and select the best by validation accuracy.
+    """Train the top `k` pretrained candidates as train would start and select the best by validation accuracy.
 
-    Each run is a normal train run folder in OUT/confirm/<model>/. Ties go to the lower validation
+    A linear probe (the default: train's search starts there) is fitted here, on the features select already
+    cached, exactly as train fits it (transferkit.probe, C on val): a second or so per candidate. Any other
+    `confirm_strategy` is a brief normal train run in OUT/confirm/<model>/. Ties go to the lower validation
     loss at the best epoch, then to the better score. Test accuracy is never used to choose.
     """
-    from transferkit.repository import sanitize_name
-    from transferkit.train import run_train
-
     t0 = time.perf_counter()
     top = [r["model"] for r in result["candidates"] if not r["control"]][:k]
     strategy = confirm_strategy(target, params)
+    if strategy == "linear-probe" and params.train.probe == "lbfgs" and params.train.adabn == "off":
+        runs, epochs = _confirm_probes(top, target, params, progress), 1
+    else:
+        runs, epochs = _confirm_runs(top, target, out, params, strategy, progress)
+    best = max(runs, key=lambda r: (r["val_accuracy"], -(r["val_loss"] or 0.0), -r["score_rank"]))
+    return {
+        **result,
+        "selected": best["model"],
+        "selected_by": "confirm",
+        "confirm": {
+            "k": k,
+            "strategy": strategy,
+            "epochs": epochs,
+            "selected": best["model"],
+            "score_selected": result["selected"],
+            "runs": runs,
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    }
+
+
+def _confirm_probes(top: list[str], target: Path, params: Params, progress: bool) -> list[dict]:
+    """The L-BFGS probe of each candidate on its cached train/val features (train's linear probe, same grid)."""
+    from transferkit.data import load_with_params
+    from transferkit.embed import embeddings
+    from transferkit.probe import fit_probe
+
+    ds = load_with_params(target, params)
+    runs = []
+    for order, spec in enumerate(top):
+        t0 = time.perf_counter()
+        tr, va = (embeddings(spec, ds.splits[s], ds.md5, params.data, progress) for s in ("train", "val"))
+        fit = fit_probe(
+            (tr["features"], tr["labels"]), (va["features"], va["labels"]), len(ds.classes), params.train.probe_c
+        )
+        row = next(g for g in fit.grid if g["C"] == fit.C)
+        runs.append(
+            {
+                "model": spec,
+                "strategy": "linear-probe",
+                "val_accuracy": row["val_accuracy"],
+                "val_loss": row["val_loss"],
+                "train_accuracy": row["train_accuracy"],
+                "epochs": 1,
+                "C": fit.C,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "run": None,
+                "score_rank": order + 1,
+            }
+        )
+    return runs
+
+
+def _confirm_runs(top: list[str], target: Path, out: Path, params: Params, strategy: str, progress: bool):
+    """Brief train runs of `strategy` (select.confirm_epochs for fine-tunes), one folder per candidate."""
+    from transferkit.repository import sanitize_name
+    from transferkit.train import run_train
+
     p = params.model_copy(deep=True)
-    if strategy != "linear-probe":  # a linear probe takes seconds on cached features: give it the full budget
+    if strategy != "linear-probe":
         p.train.epochs = params.select.confirm_epochs
         p.train.min_epochs = min(p.train.min_epochs, p.train.epochs)
     runs = []
     for order, spec in enumerate(top):
         folder = Path(out) / "confirm" / sanitize_name(spec, lower=False, default="source")
-        m = run_train(Path(target), folder, p, spec, strategy=strategy, progress=progress)
+        m = run_train(Path(target), folder, p, spec, strategy=strategy, progress=progress, baselines=False)
         best = m["history"][m["best_epoch"] - 1] if m["history"] and m["best_epoch"] else {}
         runs.append(
             {
@@ -337,21 +398,7 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
                 "score_rank": order + 1,
             }
         )
-    best = max(runs, key=lambda r: (r["val_accuracy"], -(r["val_loss"] or 0.0), -r["score_rank"]))
-    return {
-        **result,
-        "selected": best["model"],
-        "selected_by": "confirm",
-        "confirm": {
-            "k": k,
-            "strategy": strategy,
-            "epochs": p.train.epochs,
-            "selected": best["model"],
-            "score_selected": result["selected"],
-            "runs": runs,
-            "seconds": round(time.perf_counter() - t0, 2),
-        },
-    }
+    return runs, p.train.epochs
 
 
 def ensemble_spec(rows: list[dict], k: int) -> str | None:

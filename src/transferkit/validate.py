@@ -80,6 +80,8 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
     probs, y, classes = predict_test(run, metrics, params)
     checks = overfitting_checks(metrics, params)
     rows = no_transfer_rows(run, metrics, params, probs.argmax(1) == y, baseline, progress)
+    from transferkit.baselines import best_baseline
+
     best = best_baseline(rows)
     gain_check = gain_verdict(metrics, best, params)
     _generalisation_rule(checks, metrics, best)
@@ -87,7 +89,7 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
     if gain_check["blocking"]:
         reasons.append(gain_check["message"])
 
-    baselines = [{k: val for k, val in r.items() if k != "test_correct"} for r in rows]
+    baselines = [{k: val for k, val in r.items() if k not in ("val_correct", "test_correct")} for r in rows]
     if metrics["strategy"] != "linear-probe":
         lp = _linear_probe_baseline(run, metrics, params, progress)
         baselines.append(lp)
@@ -188,66 +190,16 @@ def no_transfer_rows(
                 "epochs": bm["epochs"],
                 "seconds": bm.get("seconds"),
                 **chance_check(val_probs.argmax(1) == val_y, val_y, v.chance_alpha),
+                "val_correct": val_probs.argmax(1) == val_y,
                 "test_correct": test_probs.argmax(1) == test_y,
             }
         )
-    rows = _cached_no_transfer(run, ds, params, progress) + rows
+    from transferkit.baselines import cached_no_transfer
+
+    rows = cached_no_transfer(run, ds, params, progress) + rows
     for r in rows:
         r.update(paired_comparison(correct, r["test_correct"], v.confidence))
     return rows
-
-
-def _cached_no_transfer(run: Path, ds, params: Params, progress: bool) -> list[dict]:
-    """fit_no_transfer, reused from RUN/no_transfer.json when data, seed and baseline settings are the same
-    (re-validating with another gate threshold, e.g. `dvc exp run -S validate.max_gap=0.1`, costs nothing)."""
-    import hashlib
-    import json
-
-    from transferkit.baselines import fit_no_transfer
-    from transferkit.io import read_json, write_json
-
-    v = params.validate
-    settings = {
-        "md5": ds.md5,
-        "seed": params.seed,
-        "batch_size": params.data.batch_size,
-        "weight_decay": params.train.weight_decay,
-        "version": 1,
-        **v.model_dump(
-            mode="json",
-            include={
-                "no_transfer",
-                "pixel_size",
-                "pixel_grid",
-                "cnn_epochs",
-                "cnn_lrs",
-                "cnn_max_steps",
-                "chance_alpha",
-            },
-        ),
-    }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    path = run / "no_transfer.json"
-    if path.is_file():
-        saved = read_json(path)
-        if saved.get("key") == key:
-            return [{**r, "test_correct": np.array([c == "1" for c in r["test_correct"]], bool)} for r in saved["rows"]]
-    rows = fit_no_transfer(ds, params, progress)
-    write_json(
-        path,
-        {
-            "key": key,
-            "settings": settings,
-            "rows": [{**r, "test_correct": "".join("1" if c else "0" for c in r["test_correct"])} for r in rows],
-        },
-    )  # per test image, in split order
-    return rows
-
-
-def best_baseline(rows: list[dict]) -> dict | None:
-    """The strongest working no-transfer baseline, chosen on val accuracy (test never chooses); ties: the first."""
-    working = [r for r in rows if not r.get("broken")]
-    return max(working, key=lambda r: r["val_accuracy"]) if working else None
 
 
 def gain_verdict(metrics: dict, best: dict | None, params: Params) -> dict:
@@ -543,7 +495,9 @@ def _baseline_metrics(folder: Path, metrics: dict, params: Params, model: str, s
 
     if _reusable_baseline(folder, metrics, params):
         return read_json(folder / "metrics.json")
-    return run_train(Path(metrics["target"]), folder, params, model, strategy=strategy, progress=progress)
+    return run_train(
+        Path(metrics["target"]), folder, params, model, strategy=strategy, progress=progress, baselines=False
+    )
 
 
 def _reusable_baseline(folder: Path, metrics: dict, params: Params) -> bool:
@@ -604,19 +558,48 @@ def predict_test(
     from transferkit import zoo
     from transferkit.data import DataError, load_with_params, make_loader
     from transferkit.embed import torch_threads
+    from transferkit.numeric import softmax
 
     ds = load_with_params(Path(metrics["target"]), params, seed=int(metrics.get("seed", params.seed)))
     if ds.md5 != metrics.get("data_md5"):
         raise DataError(f"{metrics['target']}: data changed since training (md5 differs); re-train before validating")
     torch_threads()
     lm = zoo.create_model(f"file:{run / 'model.safetensors'}")
-    loader = make_loader(ds.splits[split], zoo.eval_transform(lm.data_config), params.data.batch_size)
-    probs, labels = [], []
+    samples = ds.splits[split]
+    transform = zoo.eval_transform(lm.data_config)
+    stored = _checked_test_logits(run, metrics, samples, lm.model, transform) if split == "test" else None
+    labels = np.array([y for _, y in samples], dtype=np.int64)
+    if stored is not None:
+        return softmax(stored).astype(np.float32), labels, list(ds.classes)
+    loader = make_loader(samples, transform, params.data.batch_size)
+    probs = []
     with torch.inference_mode():
-        for xb, yb in loader:
+        for xb, _ in loader:
             probs.append(torch.softmax(lm.model(xb).float(), dim=1))
-            labels.append(yb)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), list(ds.classes)
+    return torch.cat(probs).numpy(), labels, list(ds.classes)
+
+
+# train's stored test logits stand for the checkpoint's when a seeded sample of this many test images, run
+# through the checkpoint here, reproduces them to LOGIT_ATOL (float32 on one CPU: ~1e-5 between batchings)
+LOGIT_CHECK_IMAGES = 32
+LOGIT_ATOL = 1e-3
+
+
+def _checked_test_logits(run: Path, metrics: dict, samples: list, model, transform):
+    """Train's test logits (OUT/test_logits.npz) once the checkpoint reproduces them on a sample, else None."""
+    import torch
+
+    from transferkit.data import make_loader, subsample
+    from transferkit.train import read_test_logits
+
+    stored = read_test_logits(run, samples, metrics.get("checkpoint_sha256"))
+    if stored is None or len(samples) == 0:
+        return None
+    idx = sorted(subsample(list(range(len(samples))), LOGIT_CHECK_IMAGES, 0))
+    with torch.inference_mode():
+        got = torch.cat([model(x).float() for x, _ in make_loader([samples[i] for i in idx], transform, 32)])
+    diff = float(np.max(np.abs(got.numpy() - stored[idx])))
+    return stored if diff <= LOGIT_ATOL else None
 
 
 def quality_report(run: Path, metrics: dict, params: Params, predictions=None) -> dict:

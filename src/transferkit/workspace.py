@@ -29,11 +29,12 @@ from typing import Any
 
 from transferkit.errors import TransferkitError
 
-# the modules each stage runs (a changed module re-runs the stage); select confirms with train's code
+# the modules each stage runs (a changed module re-runs the stage); select confirms with train's probe, and
+# train fits the no-transfer baselines its search measures against (validate reads them back)
 _CODE = {
     "drift": ["drift.py", "embed.py", "data.py"],
-    "select": ["select.py", "embed.py", "zoo.py", "train.py"],
-    "train": ["train.py", "zoo.py"],
+    "select": ["select.py", "embed.py", "zoo.py", "train.py", "probe.py"],
+    "train": ["train.py", "zoo.py", "embed.py", "probe.py", "baselines.py"],
     "validate": ["validate.py", "baselines.py", "train.py", "zoo.py"],
     "export": ["export.py", "repository.py", "runtime.py"],
 }
@@ -78,6 +79,13 @@ def _select_stage(target: str, select: str) -> dict[str, Any]:
     }
 
 
+# the validate params the no-transfer baselines are fitted with (in the train stage, for its search's evidence)
+NO_TRANSFER_PARAMS = [
+    f"validate.{k}"
+    for k in ("no_transfer", "pixel_size", "pixel_grid", "cnn_epochs", "cnn_lrs", "cnn_max_steps", "chance_alpha")
+]
+
+
 def _train_stage(target: str, ranking: str, drift_json: str | None, train: str) -> dict[str, Any]:
     q = shlex.quote
     return {
@@ -85,8 +93,8 @@ def _train_stage(target: str, ranking: str, drift_json: str | None, train: str) 
         + (f" --drift {q(drift_json)}" if drift_json else "")
         + f" --out {q(train)} -q",
         "deps": [target, ranking, *([drift_json] if drift_json else []), *_code("train")],
-        "params": ["seed", "data", "train"],
-        "outs": [f"{train}/model.safetensors"],
+        "params": ["seed", "data", "train", *NO_TRANSFER_PARAMS],
+        "outs": [f"{train}/model.safetensors", f"{train}/no_transfer.json", f"{train}/test_logits.npz"],
         "metrics": [{f"{train}/metrics.json": {"cache": False}}],
         "plots": [{f"{train}/history.csv": {"cache": False}}],
     }
@@ -97,9 +105,15 @@ def _validate_stage(target: str, train: str) -> dict[str, Any]:
     # export --skip-refused then publishes nothing, so `dvc exp run -S validate.max_gap=...` compares verdicts
     return {
         "cmd": f"transferkit validate --run {shlex.quote(train)} --record -q",
-        "deps": [f"{train}/model.safetensors", f"{train}/metrics.json", target, *_code("validate")],
+        "deps": [
+            f"{train}/model.safetensors",
+            f"{train}/metrics.json",
+            f"{train}/no_transfer.json",
+            f"{train}/test_logits.npz",
+            target,
+            *_code("validate"),
+        ],
         "params": ["seed", "data", "validate", "train"],
-        "outs": [f"{train}/no_transfer.json"],
         "metrics": [{f"{train}/validation.json": {"cache": False}}, {f"{train}/report.json": {"cache": False}}],
         "plots": [
             {f"{train}/confusion.csv": {"cache": False}},
@@ -114,7 +128,13 @@ def _export_stage(target: str, train: str, repo: str) -> dict[str, Any]:
     return {
         "cmd": f"transferkit export --run {q(train)} --repo {q(repo)} --skip-refused -q",
         # parity runs on the target's test split, int8 calibrates on its train split
-        "deps": [f"{train}/model.safetensors", f"{train}/validation.json", target, *_code("export")],
+        "deps": [
+            f"{train}/model.safetensors",
+            f"{train}/validation.json",
+            f"{train}/test_logits.npz",
+            target,
+            *_code("export"),
+        ],
         "params": ["data", "export"],
         "outs": [{repo: {"persist": True}}],  # the model repository: every version, latest, history
     }
