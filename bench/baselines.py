@@ -50,7 +50,7 @@ def main() -> None:
             p = load_params(ROOT / "params.yaml", {"seed": seed, "validate.no_transfer": names})
             t0 = time.perf_counter()
             for r in fit_no_transfer(ds, p, progress=False):
-                r.pop("test_correct")
+                r.pop("test_correct"), r.pop("val_correct", None)
                 rows.append({"target": target, "seed": seed, **r})
                 print(
                     f"{target:10s} seed {seed} {r['name']:14s} val {r['val_accuracy']:.3f} test {r['test_accuracy']:.3f} "

@@ -81,7 +81,19 @@ SOURCES = {
 }
 PEERS = ("timm-loop", "fastai")
 NO_TRANSFER = ("pixels", "small-cnn")
-METHODS = (*TRANSFERKIT, *PEERS, *NO_TRANSFER)
+# The 20-line alternative (issue 29): frozen features of one packaged model + scikit-learn logistic regression,
+# C on val. `fprobe-ARCH-SIDE`: SIDE 128 (transferkit's default side) or `own` (the model's pretrained side, as
+# timm's resolve_data_config gives it: 224/224/240/260). Deterministic: one run per target serves every seed.
+FPROBE_MODELS = {
+    "mnv2": "mobilenetv2_100",
+    "lite0": "tf_efficientnet_lite0",
+    "lite1": "tf_efficientnet_lite1",
+    "lite2": "tf_efficientnet_lite2",
+}
+FPROBE = tuple(f"fprobe-{m}-{side}" for m in FPROBE_MODELS for side in ("128", "own"))
+FPROBE_C = (0.01, 0.1, 1.0, 10.0)
+DETERMINISTIC = ("pixels", *FPROBE)
+METHODS = (*TRANSFERKIT, *PEERS, *FPROBE, *NO_TRANSFER)
 PIXEL_NAMES = ("pixels-logreg", "pixels-knn", "pixels-svm")
 MODEL = "mobilenetv2_100"
 SIZE = 96  # the peers' input side (transferkit chooses its own)
@@ -223,6 +235,49 @@ def cell_fastai(data: Path, seed: int, quick: bool) -> dict:
     }
 
 
+def cell_feature_probe(data: Path, method: str) -> dict:
+    """The 20-line alternative a user writes first: a packaged model's frozen penultimate features, scikit-learn
+    LogisticRegression on them (standardised), C chosen on val from FPROBE_C, test read once."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    from transferkit.zoo import create_model
+
+    _threads()
+    _, arch, side = method.split("-")
+    lm = create_model(FPROBE_MODELS[arch])  # the packaged ImageNet weights
+    model, cfg = lm.model.eval(), lm.data_config
+    size = int(cfg["input_size"][-1]) if side == "own" else int(side)
+    tf = transforms.Compose(
+        [
+            transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize(cfg["mean"], cfg["std"]),
+        ]
+    )
+
+    def features(split: str):
+        xs, ys = [], []
+        with torch.inference_mode():
+            for x, y in torch.utils.data.DataLoader(ImageFolder(data / split, tf), batch_size=64):
+                xs.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
+                ys.append(y.numpy())
+        return np.concatenate(xs), np.concatenate(ys)
+
+    (xt, yt), (xv, yv), (xs, ys) = features("train"), features("val"), features("test")
+    with threadpool_limits(1):  # BLAS threads on top of torch's stalled scikit-learn for minutes on 2 cores
+        fits = [make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(xt, yt) for c in FPROBE_C]
+        best = max(fits, key=lambda f: f.score(xv, yv))  # ties: the smaller C
+        return {"val_accuracy": best.score(xv, yv), "test_accuracy": best.score(xs, ys), "image_size": size}
+
+
 def cell_no_transfer(data: Path, seed: int, quick: bool, names: list[str]) -> dict:
     from transferkit.baselines import fit_no_transfer
     from transferkit.config import load_params
@@ -234,7 +289,7 @@ def cell_no_transfer(data: Path, seed: int, quick: bool, names: list[str]) -> di
     rows = fit_no_transfer(load_dataset(data), load_params(None, over), progress=False)
     out = {}
     for r in rows:
-        r.pop("test_correct")
+        r.pop("test_correct"), r.pop("val_correct", None)
         out[r["name"]] = {k: r[k] for k in ("val_accuracy", "test_accuracy", "hyper", "seconds", "model", "broken")}
     if len(out) == 1:
         return {**next(iter(out.values()))}
@@ -250,6 +305,8 @@ def run_cell(method: str, data: Path, seed: int, quick: bool) -> dict:
         return cell_no_transfer(data, seed, quick, list(PIXEL_NAMES))
     if method == "small-cnn":
         return cell_no_transfer(data, seed, quick, ["small-cnn"])
+    if method in FPROBE:
+        return cell_feature_probe(data, method)
     raise ValueError(f"unknown in-process method {method!r}")
 
 
@@ -322,6 +379,11 @@ def read_transferkit(method: str, folder: Path, rc: int) -> dict:
         ranking = folder / "run" / "select" / "ranking.json"
         if ranking.is_file():
             out["selected"] = json.loads(ranking.read_text()).get("selected")
+        timings = folder / "run" / "timings.json"  # where the run's time went (issue 29's stage breakdown)
+        if timings.is_file():
+            t = json.loads(timings.read_text())
+            out["stage_seconds"] = {**t["stages"], **t.get("select", {}), **t.get("train", {})}
+        out["search"] = m.get("search")
     return out
 
 
@@ -521,6 +583,15 @@ def verdict(target: str, s: dict, route: str) -> dict:
         v["goal"] = goal
         v["goal_met"] = tk["test_mean"] >= goal
     v["run_within_10_minutes"] = run_wall <= 600
+    probes = {n: s[n] for n in FPROBE if n in s}
+    if probes:  # issue 29's bar: the best 20-line probe by test accuracy, its accuracy and 3x its wall time
+        bf = max(probes, key=lambda n: (probes[n]["test_mean"], -probes[n]["wall_mean"]))
+        v["best_feature_probe"] = bf
+        v["margin_vs_feature_probe_points"] = round(100 * (tk["test_mean"] - probes[bf]["test_mean"]), 1)
+        v["run_wall_vs_feature_probe"] = round(run_wall / probes[bf]["wall_mean"], 2)
+        v["feature_probe_bar_met"] = (
+            tk["test_mean"] >= probes[bf]["test_mean"] and run_wall <= 3 * probes[bf]["wall_mean"]
+        )
     return v
 
 
@@ -534,6 +605,12 @@ LABELS = {
     "pixels-knn": "raw pixels: kNN",
     "pixels-svm": "raw pixels: RBF SVM",
     "small-cnn": "small CNN from scratch",
+    **{
+        m: f"20-line probe: {FPROBE_MODELS[m.split('-')[1]]} features "
+        + ("at 128 px" if m.endswith("128") else "at its own side")
+        + " + sklearn LogisticRegression"
+        for m in FPROBE
+    },
 }
 
 
@@ -572,6 +649,51 @@ def markdown(res: dict) -> str:
             bp, bb = v.get("best_peer"), v.get("best_no_transfer")
             route = "`run`" if v["route"] == "transferkit-run" else "`pretrain` + `run`"
             lines.append(_verdict_row(target, route, tk, r, v, bp, bb))
+    lines += [
+        "",
+        "## Against the 20-line alternative (issue 29's bar)",
+        "",
+        "The best of the 8 frozen-feature + scikit-learn logistic-regression probes by test accuracy (chosen with "
+        "hindsight: a user would have to pick one), against `transferkit run` with defaults: accuracy at least "
+        "the probe's and wall time at most 3x its.",
+        "",
+        "| target | `run` test | best 20-line probe | its test | margin (points) | `run` wall s | probe wall s | ratio | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for target, e in summ.items():
+        v, r = e.get("verdict") or {}, e["rows"]
+        if "best_feature_probe" not in v:
+            continue
+        tk, bf = r[v["route"]], r[v["best_feature_probe"]]
+        lines.append(
+            f"| {target} | {tk['test_mean']:.3f} ± {tk['test_sd']:.3f} | {LABELS[v['best_feature_probe']]} | "
+            f"{bf['test_mean']:.3f} | {v['margin_vs_feature_probe_points']:+.1f} | {tk['wall_mean']:.0f} | "
+            f"{bf['wall_mean']:.0f} | {v['run_wall_vs_feature_probe']:.2f} | "
+            f"{'yes' if v['feature_probe_bar_met'] else '**no**'} |"
+        )
+    stage_rows = []
+    for target in summ:
+        cs = [
+            c
+            for c in res["cells"]
+            if c["target"] == target and c["method"] == "transferkit-run" and "stage_seconds" in c
+        ]
+        if cs:
+            keys = [k for k in cs[0]["stage_seconds"] if not k.startswith(("select ", "train "))]
+            mean = {k: statistics.fmean(c["stage_seconds"].get(k, 0.0) for c in cs) for k in keys}
+            wall = statistics.fmean(c["wall_seconds"] for c in cs)
+            startup = wall - sum(mean.values())
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in mean.items())
+            stage_rows.append(f"| {target} | {wall:.0f} | {startup:.0f} | {parts} | {len(cs)} |")
+    if stage_rows:
+        lines += [
+            "",
+            "## Where `transferkit run`'s time goes (seconds, mean over seeds; timings.json of each run)",
+            "",
+            "| target | wall | start-up, imports, Prefect server | stages | seeds |",
+            "|---|---|---|---|---|",
+            *stage_rows,
+        ]
     for target, e in summ.items():
         lines += [
             "",
@@ -673,7 +795,7 @@ def main() -> None:
                 for method in methods:
                     if method == "transferkit-pretrain" and target not in SOURCES:
                         continue  # no close-domain source for this target
-                    s = 0 if method == "pixels" else seed  # deterministic: one run serves every seed
+                    s = 0 if method in DETERMINISTIC else seed  # deterministic: one run serves every seed
                     key = (target, method, s)
                     if key in mine:
                         continue
