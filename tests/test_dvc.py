@@ -44,6 +44,21 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def test_the_committed_dvc_lock_was_recorded_from_the_code_in_this_tree():
+    """Every code file a stage of the committed dvc.lock depends on has the md5 recorded there, and every stage of
+    dvc.yaml is in it with the same code deps: a fresh clone's `dvc status` does not start out of date (after a
+    stage's code changes, `make demo` or `dvc repro` and commit dvc.lock)."""
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(lock) == set(spec)
+    stale = []
+    for name, stage in lock.items():
+        code = {d["path"]: d["md5"] for d in stage["deps"] if d["path"].startswith("src/")}
+        assert set(code) == {d for d in spec[name]["deps"] if d.startswith("src/")}, name
+        stale += [f"{name}: {p}" for p, md5 in code.items() if _md5(ROOT / p) != md5]
+    assert stale == [], f"dvc.lock is older than these files: {stale}"
+
+
 @pytest.fixture(scope="module")
 def dvc_ws(tiny_target, prefect_server, tmp_path_factory):
     """A git + DVC project like the repository (dvc.yaml from the same wiring, for the digits slice; no

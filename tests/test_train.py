@@ -493,6 +493,15 @@ def test_auto_search_on_real_data_picks_the_val_best_and_explains(tiny_target, t
     assert {r["name"] for r in nt["rows"]} == set(params.validate.no_transfer)
     assert all(len(r["val_correct"]) == m["n_val"] for r in nt["rows"])
     assert set(m["timings"]) == {"fit", "no_transfer"} and m["timings"]["no_transfer"] > 0
+    # the kept configuration's test logits (a probe's test split is embedded only once it is kept)
+    import numpy as np
+
+    from transferkit.train import read_test_logits
+
+    ds = load_dataset(tiny_target)
+    logits = read_test_logits(tmp_path, ds.splits["test"], m["checkpoint_sha256"])
+    labels = np.array([y for _, y in ds.splits["test"]])
+    assert logits.shape == (m["n_test"], 10) and float((logits.argmax(1) == labels).mean()) == m["test_accuracy"]
 
 
 def test_precise_bn_refreshes_only_the_batchnorms_that_train(tiny_target):
@@ -558,3 +567,16 @@ def test_what_ships_does_not_depend_on_how_busy_the_machine_is(tiny_target, tmp_
     assert decisions(busy) == decisions(idle) and len(decisions(idle)) == 2  # both configurations trained
     assert busy["strategy"] == idle["strategy"] and busy["test_accuracy"] == idle["test_accuracy"]
     assert busy_sha == idle_sha  # the same checkpoint, byte for byte: the same test predictions
+
+
+def test_a_kept_probe_gets_its_deferred_test_split(tiny_target, tmp_path):
+    """The search embeds a probe's test images only once it is kept: the result equals a plain linear probe's."""
+    over = {"data.image_size": 32, "train.search": ["linear-probe"], "validate.cnn_epochs": 2}
+    searched = run_train(tiny_target, tmp_path / "s", load_params(None, over), "mobilenetv2_100", progress=False)
+    plain = run_train(
+        tiny_target, tmp_path / "p", load_params(None, over), "mobilenetv2_100", "linear-probe", progress=False
+    )
+    assert searched["strategy"] == "linear-probe" and searched["search"]["candidates"][0]["strategy"] == "linear-probe"
+    assert searched["test_accuracy"] == plain["test_accuracy"] and searched["val_accuracy"] == plain["val_accuracy"]
+    assert (tmp_path / "s" / "test_logits.npz").read_bytes() != b""
+    assert searched["checkpoint_sha256"] == plain["checkpoint_sha256"]

@@ -272,12 +272,12 @@ def _features(lm, samples, ds, params: Params, progress: bool, adapted: bool) ->
     return embeddings(lm.spec.spec, samples, ds.md5, params.data, progress)["features"]
 
 
-def _probe_features(lm, ds, params: Params, progress: bool, adapted: bool) -> dict:
+def _probe_features(lm, ds, params: Params, progress: bool, adapted: bool, splits=("train", "val", "test")) -> dict:
     """{split: (features, labels)} as tensors (_features)."""
     import torch
 
     out = {}
-    for s in ("train", "val", "test"):
+    for s in splits:
         labels = torch.tensor([lbl for _, lbl in ds.splits[s]], dtype=torch.long)
         out[s] = (torch.from_numpy(_features(lm, ds.splits[s], ds, params, progress, adapted)), labels)
     return out
@@ -301,18 +301,20 @@ def _probe_epoch(head, opt, x, y, perm, t, batch_size: int) -> float:
     return tot / len(y)
 
 
-def _linear_probe(lm, ds, params: Params, progress: bool, adapted: bool) -> tuple[dict, list[dict], int, dict]:
+def _linear_probe(
+    lm, ds, params: Params, progress: bool, adapted: bool, test: bool = True
+) -> tuple[dict, list[dict], int, dict]:
     """Train a linear head on frozen features (`train.probe`); returns (split accuracies, history, best
-    epoch, what the probe did)."""
+    epoch, what the probe did). `test=False` leaves the test split out (finish_test adds it if the fit ships)."""
     import torch
 
-    data = _probe_features(lm, ds, params, progress, adapted)
+    data = _probe_features(lm, ds, params, progress, adapted, ("train", "val", "test") if test else ("train", "val"))
     _seed_everything(params.seed)  # after embedding: loading a model may consume the global RNG
     if params.train.probe == "sgd":
         head = lm.model.get_classifier()
         acc, history, best, val_correct = _sgd_probe(head, data, params)
         with torch.no_grad():
-            test_logits = head(data["test"][0]).numpy()
+            test_logits = head(data["test"][0]).numpy() if "test" in data else None
         return acc, history, best, {"method": "sgd", "val_correct": val_correct, "test_logits": test_logits}
     return _lbfgs_probe(lm, ds, data, params, progress, adapted)
 
@@ -344,7 +346,7 @@ def _lbfgs_probe(lm, ds, data: dict, params: Params, progress: bool, adapted: bo
     row = {"epoch": 1, "train_loss": loss["train"], "train_accuracy": acc["train"], "val_loss": loss["val"]}
     row |= {"val_accuracy": acc["val"], "lr": 0.0, "seconds": round(time.perf_counter() - t0, 4)}
     with torch.no_grad():
-        test_logits = head(data["test"][0]).numpy()
+        test_logits = head(data["test"][0]).numpy() if "test" in data else None
     info = {"method": "lbfgs", "C": fit.C, "grid": fit.grid, "val_correct": val_correct, "test_logits": test_logits}
     if fit.rounds:
         info["self_training"] = {"pool": len(pool), "kept_round": fit.kept_round, "rounds": fit.rounds}
@@ -770,7 +772,9 @@ def _search(fit_args: dict, out: Path, bar: _NoTransfer | None) -> tuple[Fit, di
                 p = params.model_copy(deep=True)
                 p.data.image_size = t.finetune_image_size
         args = {**fit_args, "model": model, "params": p}
-        f = _fit(**args, strategy=strategy, out=out / "search" / strategy, prune=prune)
+        # a probe's test split is embedded only if it ships: digits-10's 1,400 test images through a two-backbone
+        # ensemble took 60 s, wasted when the fine-tune was kept
+        f = _fit(**args, strategy=strategy, out=out / "search" / strategy, prune=prune, defer_test=True)
         f.model = model
         return f
 
@@ -779,6 +783,8 @@ def _search(fit_args: dict, out: Path, bar: _NoTransfer | None) -> tuple[Fit, di
 
     best, rows, why = search_configs(t.search, fit, evidence, confidence=t.search_confidence)
     shutil.rmtree(out / "search", ignore_errors=True)
+    if "test" not in best.acc:
+        finish_test(best, ds, params, fit_args["progress"])  # only probes defer it, at the run's own side
     rule, rule_why = choose_strategy(params, ds.min_per_class("train"), fit_args["drift_report"])
     table = ", ".join(_search_row_text(r) for r in rows)
     kept = (
@@ -843,6 +849,18 @@ def finetune_evidence(first: Fit, labels_per_class: int, params: Params, no_tran
         "reason": f"{said}: the frozen features do not beat no transfer beyond noise, so the backbone is fine-tuned",
         **detail,
     }
+
+
+def finish_test(fit: Fit, ds, params: Params, progress: bool) -> None:
+    """The test split of a probe whose search deferred it: its features (the same cache) through the fitted head."""
+    import torch
+
+    x = _features(fit.lm, ds.splits["test"], ds, params, progress, fit.info["adabn"]["applied"])
+    y = torch.tensor([lbl for _, lbl in ds.splits["test"]], dtype=torch.long)
+    head = fit.lm.model.get_classifier()
+    with torch.no_grad():
+        logits = head(torch.from_numpy(x))
+    fit.acc["test"], fit.test_logits = _accuracy(logits, y), logits.numpy()
 
 
 def _search_row_text(r: dict) -> str:
@@ -958,8 +976,9 @@ def _train(lm, ds, params: Params, strategy: str, progress: bool, out: Path, fin
     """(split accuracies, history, best epoch, info) of `strategy`; info gains the LP-FT phase and resume epoch."""
     adapted = info["adabn"]["applied"]
     info["linear_probe_phase"], info["resumed_from_epoch"] = None, 0
-    if strategy == "linear-probe":  # seconds: no limits
-        acc, history, best, info["probe"] = _linear_probe(lm, ds, params, progress, adapted=adapted)
+    test = not limits.pop("defer_test", False)
+    if strategy == "linear-probe":  # seconds: no limits; a search defers its test split (finish_test)
+        acc, history, best, info["probe"] = _linear_probe(lm, ds, params, progress, adapted=adapted, test=test)
         info["val_correct"] = info["probe"].pop("val_correct")
         info["test_logits"] = info["probe"].pop("test_logits")
         return acc, history, best, info
