@@ -569,14 +569,25 @@ def test_what_ships_does_not_depend_on_how_busy_the_machine_is(tiny_target, tmp_
     assert busy_sha == idle_sha  # the same checkpoint, byte for byte: the same test predictions
 
 
-def test_a_kept_probe_gets_its_deferred_test_split(tiny_target, tmp_path):
-    """The search embeds a probe's test images only once it is kept: the result equals a plain linear probe's."""
-    over = {"data.image_size": 32, "train.search": ["linear-probe"], "validate.cnn_epochs": 2}
+@pytest.mark.parametrize("strategy", ["linear-probe", "full"])
+def test_the_kept_configuration_gets_its_deferred_test_split(tiny_target, tmp_path, strategy):
+    """The search reads the test images only for the configuration it keeps: the result equals a plain run's."""
+    over = {
+        "data.image_size": 32,
+        "train.search": [strategy],
+        "train.finetune_image_size": None,
+        "train.epochs": 2,
+        "train.min_epochs": 0,
+        "validate.cnn_epochs": 2,
+    }
     searched = run_train(tiny_target, tmp_path / "s", load_params(None, over), "mobilenetv2_100", progress=False)
-    plain = run_train(
-        tiny_target, tmp_path / "p", load_params(None, over), "mobilenetv2_100", "linear-probe", progress=False
-    )
-    assert searched["strategy"] == "linear-probe" and searched["search"]["candidates"][0]["strategy"] == "linear-probe"
+    plain = run_train(tiny_target, tmp_path / "p", load_params(None, over), "mobilenetv2_100", strategy, progress=False)
+    assert searched["strategy"] == strategy and searched["search"]["candidates"][0]["strategy"] == strategy
     assert searched["test_accuracy"] == plain["test_accuracy"] and searched["val_accuracy"] == plain["val_accuracy"]
-    assert (tmp_path / "s" / "test_logits.npz").read_bytes() != b""
     assert searched["checkpoint_sha256"] == plain["checkpoint_sha256"]
+    ds = load_dataset(tiny_target)
+    from transferkit.train import read_test_logits
+
+    a = read_test_logits(tmp_path / "s", ds.splits["test"], searched["checkpoint_sha256"])
+    b = read_test_logits(tmp_path / "p", ds.splits["test"], plain["checkpoint_sha256"])
+    assert a is not None and b is not None and abs(a - b).max() <= 1e-5

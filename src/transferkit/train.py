@@ -604,7 +604,8 @@ def _finetune(
     out: Path,
     fingerprint: str,
     prune: Callable[[list[dict]], bool] | None = None,
-) -> tuple[dict, list[dict], int, int, str, np.ndarray, np.ndarray]:
+    test: bool = True,
+) -> tuple[dict, list[dict], int, int, str, np.ndarray, np.ndarray | None]:
     """Fine-tune (partial/full/lp-ft) or train from scratch with early stopping; keeps the best epoch.
 
     `prune(history)` true ends it after that epoch (the search's limit). Returns (split accuracies, history,
@@ -649,10 +650,10 @@ def _finetune(
     bar.close()
     model.load_state_dict(run.best_state)
     model.to("cpu").eval()
-    out = {s: logits_cpu(model, loader) for s, loader in eval_loaders.items()}
+    out = {s: logits_cpu(model, loader) for s, loader in eval_loaders.items() if test or s != "test"}
     correct = {s: _correct(logits, labels) for s, (logits, labels) in out.items()}
     acc = {s: _share(c) for s, c in correct.items()}
-    test_logits = out["test"][0].float().numpy()
+    test_logits = out["test"][0].float().numpy() if test else None
     return acc, run.history, run.stop.best_epoch, resumed, run.stopped, correct["val"], test_logits
 
 
@@ -772,8 +773,8 @@ def _search(fit_args: dict, out: Path, bar: _NoTransfer | None) -> tuple[Fit, di
                 p = params.model_copy(deep=True)
                 p.data.image_size = t.finetune_image_size
         args = {**fit_args, "model": model, "params": p}
-        # a probe's test split is embedded only if it ships: digits-10's 1,400 test images through a two-backbone
-        # ensemble took 60 s, wasted when the fine-tune was kept
+        # the test split is read only by the configuration that ships: digits-10's 1,400 test images through a
+        # two-backbone ensemble took 60 s, wasted when the fine-tune was kept (and 8 s through a fine-tune)
         f = _fit(**args, strategy=strategy, out=out / "search" / strategy, prune=prune, defer_test=True)
         f.model = model
         return f
@@ -784,7 +785,7 @@ def _search(fit_args: dict, out: Path, bar: _NoTransfer | None) -> tuple[Fit, di
     best, rows, why = search_configs(t.search, fit, evidence, confidence=t.search_confidence)
     shutil.rmtree(out / "search", ignore_errors=True)
     if "test" not in best.acc:
-        finish_test(best, ds, params, fit_args["progress"])  # only probes defer it, at the run's own side
+        finish_test(best, ds, params, fit_args["progress"])
     rule, rule_why = choose_strategy(params, ds.min_per_class("train"), fit_args["drift_report"])
     table = ", ".join(_search_row_text(r) for r in rows)
     kept = (
@@ -852,15 +853,22 @@ def finetune_evidence(first: Fit, labels_per_class: int, params: Params, no_tran
 
 
 def finish_test(fit: Fit, ds, params: Params, progress: bool) -> None:
-    """The test split of a probe whose search deferred it: its features (the same cache) through the fitted head."""
+    """The test split of the kept configuration, which the search deferred: a probe's features (the same cache)
+    through its fitted head, a fine-tune's images through the fine-tuned model."""
     import torch
 
-    x = _features(fit.lm, ds.splits["test"], ds, params, progress, fit.info["adabn"]["applied"])
+    from transferkit import zoo
+    from transferkit.data import make_loader
+
     y = torch.tensor([lbl for _, lbl in ds.splits["test"]], dtype=torch.long)
-    head = fit.lm.model.get_classifier()
-    with torch.no_grad():
-        logits = head(torch.from_numpy(x))
-    fit.acc["test"], fit.test_logits = _accuracy(logits, y), logits.numpy()
+    if fit.strategy == "linear-probe":
+        x = _features(fit.lm, ds.splits["test"], ds, params, progress, fit.info["adabn"]["applied"])
+        with torch.no_grad():
+            logits = fit.lm.model.get_classifier()(torch.from_numpy(x))
+    else:
+        loader = make_loader(ds.splits["test"], zoo.eval_transform(fit.lm.data_config), params.data.batch_size)
+        logits, y = logits_cpu(fit.lm.model.to("cpu").eval(), loader)
+    fit.acc["test"], fit.test_logits = _accuracy(logits, y), logits.float().numpy()
 
 
 def _search_row_text(r: dict) -> str:
@@ -993,7 +1001,7 @@ def _train(lm, ds, params: Params, strategy: str, progress: bool, out: Path, fin
             "probe": probe,
         }
     acc, history, best, info["resumed_from_epoch"], info["stopped"], info["val_correct"], info["test_logits"] = (
-        _finetune(lm, ds, params, strategy, progress, out, fingerprint, **limits)
+        _finetune(lm, ds, params, strategy, progress, out, fingerprint, test=test, **limits)
     )
     return acc, history, best, info
 
