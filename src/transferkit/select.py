@@ -323,9 +323,6 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
     else:
         runs, epochs = _confirm_runs(top, target, out, params, strategy, progress)
     best = max(runs, key=lambda r: (r["val_accuracy"], -(r["val_loss"] or 0.0), -r["score_rank"]))
-    best = _single_unless_clearly_better(best, runs, params.train.search_confidence)
-    for r in runs:
-        r.pop("val_correct", None)
     return {
         **result,
         "selected": best["model"],
@@ -340,20 +337,6 @@ def confirm_top(result: dict, target: Path, out: Path, params: Params, k: int, p
             "seconds": round(time.perf_counter() - t0, 2),
         },
     }
-
-
-def _single_unless_clearly_better(best: dict, runs: list[dict], confidence: float) -> dict:
-    """An ensemble costs every member's forward pass in train, validate, export and serving: it is kept over the
-    best single source only when its val gain's paired interval (the search's keep rule) lies above 0."""
-    singles = [r for r in runs if "+" not in r["model"]]
-    if "+" not in best["model"] or not singles or not confidence or best.get("val_correct") is None:
-        return best
-    from transferkit.baselines import paired_comparison
-
-    single = max(singles, key=lambda r: (r["val_accuracy"], -(r["val_loss"] or 0.0), -r["score_rank"]))
-    vs = paired_comparison(best["val_correct"], single["val_correct"], confidence)
-    best["vs_single"] = {"single": single["model"], "gain": vs["gain"], "interval": vs["interval"]}
-    return best if vs["interval"][0] > 0 else single
 
 
 def _confirm_probes(top: list[str], target: Path, params: Params, progress: bool) -> list[dict]:
@@ -371,7 +354,6 @@ def _confirm_probes(top: list[str], target: Path, params: Params, progress: bool
             (tr["features"], tr["labels"]), (va["features"], va["labels"]), len(ds.classes), params.train.probe_c
         )
         row = next(g for g in fit.grid if g["C"] == fit.C)
-        val_correct = fit.logits(va["features"]).argmax(1) == va["labels"]
         runs.append(
             {
                 "model": spec,
@@ -384,7 +366,6 @@ def _confirm_probes(top: list[str], target: Path, params: Params, progress: bool
                 "seconds": round(time.perf_counter() - t0, 3),
                 "run": None,
                 "score_rank": order + 1,
-                "val_correct": val_correct,
             }
         )
     return runs
