@@ -336,17 +336,15 @@ def _lbfgs_probe(lm, ds, data: dict, params: Params, progress: bool, adapted: bo
         head.weight.copy_(torch.from_numpy(fit.weight).to(head.weight.dtype))
         head.bias.copy_(torch.from_numpy(fit.bias).to(head.bias.dtype))
     head.eval()
-    acc, loss = {}, {}
+    acc, loss, logits = {}, {}, {}
     with torch.no_grad():
         for s, (x, y) in data.items():
-            logits = head(x)
-            acc[s], loss[s] = _accuracy(logits, y), float(torch.nn.functional.cross_entropy(logits, y))
-            if s == "val":
-                val_correct = _correct(logits, y)
+            logits[s] = head(x)
+            acc[s], loss[s] = _accuracy(logits[s], y), float(torch.nn.functional.cross_entropy(logits[s], y))
+    val_correct = _correct(logits["val"], data["val"][1])
+    test_logits = logits["test"].numpy() if "test" in logits else None
     row = {"epoch": 1, "train_loss": loss["train"], "train_accuracy": acc["train"], "val_loss": loss["val"]}
     row |= {"val_accuracy": acc["val"], "lr": 0.0, "seconds": round(time.perf_counter() - t0, 4)}
-    with torch.no_grad():
-        test_logits = head(data["test"][0]).numpy() if "test" in data else None
     info = {"method": "lbfgs", "C": fit.C, "grid": fit.grid, "val_correct": val_correct, "test_logits": test_logits}
     if fit.rounds:
         info["self_training"] = {"pool": len(pool), "kept_round": fit.kept_round, "rounds": fit.rounds}

@@ -595,7 +595,7 @@ def _checked_test_logits(run: Path, metrics: dict, samples: list, model, transfo
     stored = read_test_logits(run, samples, metrics.get("checkpoint_sha256"))
     if stored is None or len(samples) == 0:
         return None
-    idx = sorted(subsample(list(range(len(samples))), LOGIT_CHECK_IMAGES, 0))
+    idx = subsample(list(range(len(samples))), LOGIT_CHECK_IMAGES, 0)  # in split order
     with torch.inference_mode():
         got = torch.cat([model(x).float() for x, _ in make_loader([samples[i] for i in idx], transform, 32)])
     diff = float(np.max(np.abs(got.numpy() - stored[idx])))
