@@ -134,6 +134,29 @@ def test_after_the_flow_dvc_status_is_clean_and_the_live_model_is_in_the_cache(d
     assert "Running stage" not in again and len(list((ws / "models").rglob("model.onnx"))) == 1
 
 
+def test_editing_a_module_a_stage_imports_makes_dvc_status_report_that_stage(dvc_ws):
+    """Stage deps are derived from the imports: the default linear probe lives in probe.py and the features come
+    from embed.py, neither of which is the train stage's own module; editing either must leave train stale."""
+    from transferkit.workspace import stage_code
+
+    ws, env = dvc_ws["ws"], dvc_ws["env"]
+    lock_stages = set(yaml.safe_load((ws / "dvc.lock").read_text())["stages"])
+    for module in ("probe.py", "embed.py"):
+        dep = f"src/transferkit/{module}"
+        assert dep in stage_code("train")
+        path = ws / dep
+        before = path.read_bytes()
+        try:
+            path.write_bytes(before + b"\n# an edit DVC must see\n")
+            status = json.loads(_sh([DVC, "status", "--json"], ws, env).stdout.strip() or "{}")
+        finally:
+            path.write_bytes(before)
+        stale = {s for s, changes in status.items() if any(dep in c.get("changed deps", {}) for c in changes)}
+        assert stale == {s for s in lock_stages if dep in stage_code(s)}, (module, status)
+        assert "train" in stale and "drift" not in stale
+    assert json.loads(_sh([DVC, "status", "--json"], ws, env).stdout.strip() or "{}") == {}
+
+
 def test_a_second_run_in_the_same_workspace_is_refused_and_writes_nothing(dvc_ws):
     """While one process holds the workspace (here: the test, as a running flow would), another
     `transferkit run` is refused with a clear message before it writes anything, and `dvc repro` too."""

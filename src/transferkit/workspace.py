@@ -29,15 +29,48 @@ from typing import Any
 
 from transferkit.errors import TransferkitError
 
-# the modules each stage runs (a changed module re-runs the stage); select confirms with train's probe, and
-# train fits the no-transfer baselines its search measures against (validate reads them back)
-_CODE = {
-    "drift": ["drift.py", "embed.py", "data.py"],
-    "select": ["select.py", "embed.py", "zoo.py", "train.py", "probe.py"],
-    "train": ["train.py", "zoo.py", "embed.py", "probe.py", "baselines.py"],
-    "validate": ["validate.py", "baselines.py", "train.py", "zoo.py"],
-    "export": ["export.py", "repository.py", "runtime.py"],
-}
+# DVC's stages whose code deps are derived (`stage_code`): the stage's own module and every project module it
+# imports, directly or through others, at import time or inside a function (a lazy import still runs)
+STAGES = ("drift", "select", "train", "validate", "export")
+
+
+def _imported(module: str, files: dict[str, Path]) -> set[str]:
+    """The project modules MODULE's source imports anywhere (read with `ast`, nothing is imported)."""
+    import ast
+
+    path = files[module]
+    package = module if path.stem == "__init__" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in files}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x / from .serve import y
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found |= {m for m in (base, *(f"{base}.{a.name}" for a in node.names)) if m in files}
+    return found
+
+
+def stage_code(stage: str) -> list[str]:
+    """The source files a stage runs, as repository paths (`src/transferkit/...`): its module and the closure of
+    its imports. Derived, not listed by hand, so that editing any of them makes `dvc status` report the stage.
+    The CLI (`cli.py`) that parses the stage's arguments is left out: it decides nothing the stage computes."""
+    root = Path(__file__).resolve().parent
+    files = {}
+    for f in root.rglob("*.py"):
+        parts = ["transferkit", *f.relative_to(root).with_suffix("").parts]
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    seen: set[str] = set()
+    todo = [f"transferkit.{stage}"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            parents = {m.rsplit(".", k)[0] for k in range(1, m.count(".") + 1)}  # importing a.b runs a/__init__
+            todo += sorted((_imported(m, files) | (parents & files.keys())) - seen)
+    return sorted(f"src/transferkit/{files[m].relative_to(root).as_posix()}" for m in seen)
 
 
 class WorkspaceBusy(TransferkitError):
@@ -54,15 +87,11 @@ def stage_dirs(out: str | Path) -> dict[str, Path]:
     return {"drift": out / "drift", "select": out / "select", "train": out / "train"}
 
 
-def _code(stage: str) -> list[str]:
-    return [f"src/transferkit/{m}" for m in _CODE[stage]]
-
-
 def _drift_stage(reference: str, target: str, drift: str) -> dict[str, Any]:
     q = shlex.quote
     return {
         "cmd": f"transferkit drift --reference {q(reference)} --current {q(target)} --out {q(drift)} -q",
-        "deps": [reference, target, *_code("drift")],
+        "deps": [reference, target, *stage_code("drift")],
         "params": ["seed", "data", "drift"],
         "outs": [f"{drift}/drift.html"],
         "metrics": [{f"{drift}/drift.json": {"cache": False}}],
@@ -73,7 +102,7 @@ def _select_stage(target: str, select: str) -> dict[str, Any]:
     q = shlex.quote
     return {
         "cmd": f"transferkit select --target {q(target)} --out {q(select)} -q",
-        "deps": [target, *_code("select")],
+        "deps": [target, *stage_code("select")],
         "params": ["seed", "data", "select", "train"],
         "metrics": [{f"{select}/ranking.json": {"cache": False}}],
     }
@@ -92,7 +121,7 @@ def _train_stage(target: str, ranking: str, drift_json: str | None, train: str) 
         "cmd": f"transferkit train --target {q(target)} --ranking {q(ranking)}"
         + (f" --drift {q(drift_json)}" if drift_json else "")
         + f" --out {q(train)} -q",
-        "deps": [target, ranking, *([drift_json] if drift_json else []), *_code("train")],
+        "deps": [target, ranking, *([drift_json] if drift_json else []), *stage_code("train")],
         "params": ["seed", "data", "train", *NO_TRANSFER_PARAMS],
         "outs": [f"{train}/model.safetensors", f"{train}/no_transfer.json", f"{train}/test_logits.npz"],
         "metrics": [{f"{train}/metrics.json": {"cache": False}}],
@@ -111,7 +140,7 @@ def _validate_stage(target: str, train: str) -> dict[str, Any]:
             f"{train}/no_transfer.json",
             f"{train}/test_logits.npz",
             target,
-            *_code("validate"),
+            *stage_code("validate"),
         ],
         "params": ["seed", "data", "validate", "train"],
         "metrics": [{f"{train}/validation.json": {"cache": False}}, {f"{train}/report.json": {"cache": False}}],
@@ -133,7 +162,7 @@ def _export_stage(target: str, train: str, repo: str) -> dict[str, Any]:
             f"{train}/validation.json",
             f"{train}/test_logits.npz",
             target,
-            *_code("export"),
+            *stage_code("export"),
         ],
         "params": ["data", "export"],
         "outs": [{repo: {"persist": True}}],  # the model repository: every version, latest, history
