@@ -415,6 +415,76 @@ def export(
     )
 
 
+@app.command()
+@_guard
+def predict(
+    inputs: Annotated[
+        Optional[list[Path]], typer.Argument(help="image files and folders (walked recursively)", show_default=False)
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="NAME (its latest), NAME@VERSION, or an exported .onnx file")
+    ] = ...,
+    repo: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
+    out: Annotated[
+        Optional[Path], typer.Option(help="output file, written atomically (default: CSV on stdout)")
+    ] = None,
+    format_: Annotated[
+        Optional[str], typer.Option("--format", help="csv | json (default: from --out's suffix)")
+    ] = None,
+    list_file: Annotated[
+        Optional[Path], typer.Option("--list", help="a text file of image paths, one a line (relative: to its folder)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="images per onnxruntime call (or per server request)")] = 32,
+    top_k: Annotated[int, typer.Option(help="labels per image")] = 5,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0: its default)")] = 0,
+    workers: Annotated[int, typer.Option(help="threads decoding the next batch while one runs")] = 2,
+    server: Annotated[
+        Optional[str], typer.Option(help="send the images to a running `transferkit serve` at this URL instead")
+    ] = None,
+    token_file: PromoteTokenOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Predict a folder or list of images with a repository model (onnxruntime, or a server's /v1) -> CSV/JSON."""
+    from transferkit import predict as pr
+
+    fmt = pr.output_format(out, format_)
+    files, skipped = pr.collect_images(list(inputs or []), list_file)
+    if server:
+        token = _token(token_file)
+        m = pr.server_model(model, repo)
+        r = pr.predict_server(m, files, server, batch_size=batch_size, top_k=top_k, token=token, progress=not quiet)
+    else:
+        m = pr.resolve_model(model, repo)
+        r = pr.predict_local(
+            m, files, batch_size=batch_size, top_k=top_k, threads=threads, workers=workers, progress=not quiet
+        )
+    r.skipped = skipped + r.skipped
+    for s in r.skipped:
+        typer.secho(f"skipped: {s['path']}: {s['reason']}", fg=typer.colors.YELLOW, err=True)
+    if out is None:
+        typer.echo(pr.render(r, fmt), nl=False)
+    else:
+        pr.write_predictions(r, out, fmt)
+    version = r.served_version if r.served_version is not None else m.version
+    typer.echo(
+        f"predict: {len(r.rows)} images, {len(r.skipped)} skipped; {m.name} v{version} via {r.source}"
+        + (f" ({r.provider})" if r.provider else "")
+        + (f" -> {out}" if out else ""),
+        err=True,
+    )
+
+
+def _token(token_file: Optional[Path]) -> Optional[str]:
+    """The servers' bearer token from --token-file, else $TRANSFERKIT_SERVE_TOKEN (None: no token)."""
+    import os
+
+    from transferkit.serve.config import TOKEN_ENV
+
+    if token_file is not None:
+        return token_file.read_text().strip() or None
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
 @app.command("run")
 @_guard
 def run_cmd(
