@@ -346,3 +346,30 @@ def test_a_failed_promotes_revert_never_undoes_another_promote(server, repo, tmp
         _wait(lambda: server["client"].get("/v1/models/digits").json()["version"] == 2, what="back to 2")
         shutil.rmtree(d / "5")
         shutil.rmtree(d / "6")
+
+
+def test_one_table_maps_every_server_error_to_its_status():
+    """The KServe way: code raises typed errors, and only `STATUS` (and `HEADERS`) choose the numbers. No call
+    site in the server passes a status code, and every error type has exactly one."""
+    import ast
+    import inspect
+
+    from transferkit.serve import errors
+
+    types = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.RequestError)]
+    assert set(errors.STATUS) == set(types) - {errors.RequestError}
+    assert set(errors.HEADERS) <= set(errors.STATUS)
+    assert errors.ServerBusy("x").headers == {"Retry-After": "1"} and errors.NotFound("x").headers == {}
+    assert errors.Unauthorized("x").status == 401 and errors.reason(errors.HeadersTooLarge("x")) == (
+        "Request Header Fields Too Large"
+    )
+    names = {c.__name__ for c in types}
+    offenders = []
+    for f in sorted(__import__("pathlib").Path(errors.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in names:
+                if node.func.id == "RequestError" or (
+                    node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, int)
+                ):
+                    offenders.append(f"{f.name}:{node.lineno}")
+    assert offenders == [], f"raise a typed error instead of choosing a status: {offenders}"

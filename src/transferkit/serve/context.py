@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from transferkit.serve.config import ServeConfig
-from transferkit.serve.errors import RequestError
+from transferkit.serve.errors import Unauthorized
 from transferkit.serve.limits import Budget, Held
 from transferkit.serve.metrics import Metrics
 from transferkit.serve.registry import Registry
@@ -43,7 +43,7 @@ class Context:
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             value.strip().encode("utf-8", "replace"), self.cfg.token.encode()
         ):
-            raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
 
     def held(self) -> Held:
         """A request's share of the in-flight budget, waiting at most queue_timeout_s for room."""

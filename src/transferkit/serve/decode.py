@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 
-from transferkit.serve.errors import RequestError
+from transferkit.serve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 ALLOWED_TYPES = {
     "image/png": "PNG",
@@ -43,34 +43,32 @@ def probe_image(data: bytes, cfg, where: str, content_type: str | None = None) -
     if content_type is not None:
         ct = content_type.split(";")[0].strip().lower()
         if ct not in ALLOWED_TYPES and ct != OCTET:
-            raise RequestError(
-                415,
+            raise UnsupportedMediaType(
                 f"{where}: content type {ct[:80] or 'none'} not accepted "
                 f"(accepted: {', '.join(sorted(ALLOWED_TYPES))})",
             )
     if not data:
-        raise RequestError(400, f"{where}: empty image")
+        raise InvalidInput(f"{where}: empty image")
     formats = sorted(set(ALLOWED_TYPES.values()))
     try:
         with Image.open(io.BytesIO(data), formats=formats) as im:  # reads the header only
             w, h, fmt, mode = im.size[0], im.size[1], im.format, im.mode
     except UnidentifiedImageError:
-        raise RequestError(415, f"{where}: not an image in an accepted format ({', '.join(formats)})") from None
+        raise UnsupportedMediaType(f"{where}: not an image in an accepted format ({', '.join(formats)})") from None
     except Image.DecompressionBombError as e:  # PIL's own guard, from the header: far above our limits too
-        raise RequestError(
-            413, f"{where}: {e}; limits are {cfg.max_image_side} px a side and {cfg.max_image_pixels} pixels"
+        raise PayloadTooLarge(
+            f"{where}: {e}; limits are {cfg.max_image_side} px a side and {cfg.max_image_pixels} pixels"
         ) from e
     except Exception as e:  # any plugin's parse error on hostile bytes is the client's
-        raise RequestError(400, f"{where}: cannot read image header ({type(e).__name__}: {str(e)[:200]})") from None
+        raise InvalidInput(f"{where}: cannot read image header ({type(e).__name__}: {str(e)[:200]})") from None
     _same_for_every_reader(data, where, fmt, (w, h))
     if max(w, h) > cfg.max_image_side or w * h > cfg.max_image_pixels:
-        raise RequestError(
-            413,
+        raise PayloadTooLarge(
             f"{where}: image is {w}x{h} px; limits are {cfg.max_image_side} px a side and "
             f"{cfg.max_image_pixels} pixels",
         )
     if w < 1 or h < 1:
-        raise RequestError(400, f"{where}: image has no pixels ({w}x{h})")
+        raise InvalidInput(f"{where}: image has no pixels ({w}x{h})")
     return w, h, fmt, mode
 
 
@@ -87,8 +85,7 @@ def _same_for_every_reader(data: bytes, where: str, fmt: str, size: tuple[int, i
         other, other_size = f"an unreadable image ({type(e).__name__})", None
     if other != fmt or other_size != size:
         what = f"{other} {other_size[0]}x{other_size[1]}" if other_size else other
-        raise RequestError(
-            415,
+        raise UnsupportedMediaType(
             f"{where}: reads as {fmt} {size[0]}x{size[1]} to the format check but as {what} to Pillow's "
             "detection: an image disguised as another format is refused",
         )
@@ -109,11 +106,11 @@ def decode_image(data: bytes, cfg, where: str, content_type: str | None = None):
     try:
         img = load_rgb(io.BytesIO(data), formats=[_OPENER.get(fmt, fmt)])
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise RequestError(400, f"{where}: cannot decode {fmt} image ({type(e).__name__}: {str(e)[:200]})") from None
+        raise InvalidInput(f"{where}: cannot decode {fmt} image ({type(e).__name__}: {str(e)[:200]})") from None
     except Exception as e:  # a decoder bug on hostile bytes: still the input's fault, never a 500
-        raise RequestError(400, f"{where}: cannot decode {fmt} image ({type(e).__name__})") from None
+        raise InvalidInput(f"{where}: cannot decode {fmt} image ({type(e).__name__})") from None
     if img.size not in ((w, h), (h, w)):  # (h, w): EXIF orientation applied
-        raise RequestError(400, f"{where}: {fmt} header says {w}x{h} px but decodes to {img.size[0]}x{img.size[1]}")
+        raise InvalidInput(f"{where}: {fmt} header says {w}x{h} px but decodes to {img.size[0]}x{img.size[1]}")
     return img, fmt
 
 

@@ -1,18 +1,92 @@
-"""Errors -> status codes: the two error types, the error object's shape per protocol, the app's handlers."""
+"""Errors -> status codes, in one table (the KServe way): the server raises typed errors, `STATUS` maps each type
+to its HTTP code and `HEADERS` to the headers its answer carries; the error object's shape per protocol; the
+app's handlers. No code path chooses a number."""
 
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from transferkit.errors import TransferkitError
 
 
 class RequestError(Exception):
-    """A client error: its status code and one readable message."""
+    """A client error with one readable message; its type says which (`STATUS`)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, message: str):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return next(STATUS[t] for t in type(self).__mro__ if t in STATUS)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return next((HEADERS[t] for t in type(self).__mro__ if t in HEADERS), {})
+
+
+class InvalidInput(RequestError):
+    """The request cannot be read or does not fit the model: bad image bytes, tensor, field, framing."""
+
+
+class InvalidParameter(RequestError):
+    """A path or query parameter out of its declared range (FastAPI's validation)."""
+
+
+class Unauthorized(RequestError):
+    """The bearer token is missing or wrong."""
+
+
+class NotFound(RequestError):
+    """No such model, version or route."""
+
+
+class RequestTimeout(RequestError):
+    """The request's headers or body did not arrive in time."""
+
+
+class PayloadTooLarge(RequestError):
+    """Over a size limit: body, image pixels, images per request, batch, in-flight budget."""
+
+
+class UnsupportedMediaType(RequestError):
+    """Not an image format the server decodes."""
+
+
+class HeadersTooLarge(RequestError):
+    """Request line + headers over the limit."""
+
+
+class InternalError(RequestError):
+    """A bug on the server's side (logged), answered in the same shape."""
+
+
+class ServerBusy(RequestError):
+    """Over a concurrency or budget limit for now, or nothing of the model is loaded yet: retry later."""
+
+
+STATUS: dict[type[RequestError], int] = {
+    InvalidInput: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    RequestTimeout: 408,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InvalidParameter: 422,
+    HeadersTooLarge: 431,
+    InternalError: 500,
+    ServerBusy: 503,
+}
+HEADERS: dict[type[RequestError], dict[str, str]] = {
+    Unauthorized: {"WWW-Authenticate": "Bearer"},
+    ServerBusy: {"Retry-After": "1"},
+}
+
+
+def reason(error: RequestError) -> str:
+    """The status line's reason phrase."""
+    return HTTPStatus(error.status).phrase
 
 
 class LoadError(TransferkitError, ValueError):
@@ -24,11 +98,12 @@ def error_key(path: str) -> str:
     return "error" if path == "/v2" or path.startswith("/v2/") else "detail"
 
 
-def raw_error(status: int, detail: str, headers: list[tuple[bytes, bytes]] = (), path: str = "") -> tuple[dict, dict]:
+def raw_error(error: RequestError, path: str = "") -> tuple[dict, dict]:
     """The two ASGI messages of an error answer, for layers outside FastAPI (the Guard middleware)."""
-    body = json.dumps({error_key(path): detail}).encode()
-    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
-    return {"type": "http.response.start", "status": status, "headers": hdrs}, {
+    body = json.dumps({error_key(path): error.message}).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    hdrs += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    return {"type": "http.response.start", "status": error.status, "headers": hdrs}, {
         "type": "http.response.body",
         "body": body,
     }
@@ -56,14 +131,11 @@ def add_handlers(app) -> None:
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        if e.status == 503:
-            headers = {"Retry-After": "1"}
-        return JSONResponse({error_key(request.url.path): e.message}, status_code=e.status, headers=headers)
+        return JSONResponse({error_key(request.url.path): e.message}, status_code=e.status, headers=e.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
-        return JSONResponse({error_key(request.url.path): _validation_message(e)}, status_code=422)
+        return await _request_error(request, InvalidParameter(_validation_message(e)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):

@@ -8,7 +8,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from transferkit.serve.errors import RequestError, raw_error
+from transferkit.serve.errors import InternalError, InvalidInput, PayloadTooLarge, RequestError, ServerBusy, raw_error
 
 if TYPE_CHECKING:
     from transferkit.serve.config import ServeConfig
@@ -29,14 +29,14 @@ class Budget:
         if n <= 0:
             return
         if n > self.total:
-            raise RequestError(413, f"request needs {n} bytes of the in-flight budget, more than its {self.total}")
+            raise PayloadTooLarge(f"request needs {n} bytes of the in-flight budget, more than its {self.total}")
         self._cond = self._cond or asyncio.Condition()
         async with self._cond:
             try:
                 await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.total), timeout)
             except asyncio.TimeoutError:
-                raise RequestError(
-                    503, f"server busy: {self.used} of {self.total} in-flight bytes held for {timeout:g} s; retry later"
+                raise ServerBusy(
+                    f"server busy: {self.used} of {self.total} in-flight bytes held for {timeout:g} s; retry later"
                 ) from None
             self.used += n
             if self.gauge is not None:
@@ -137,10 +137,10 @@ class Guard:
             # what follows it on this connection could be a smuggled request: answer once and close (the
             # body is unread, so send_counted adds Connection: close and h11 ends the connection)
             ambiguous = "Content-Length and Transfer-Encoding in one request: ambiguous body framing (RFC 9112 6.3)"
-            await self._answer(send_counted, send, 400, ambiguous, path)
+            await self._answer(send_counted, send, InvalidInput(ambiguous), path)
         elif not probe and self.inflight >= self.cfg.max_concurrency:
             busy = f"server busy: {self.inflight} requests in flight (limit {self.cfg.max_concurrency}); retry later"
-            await self._answer(send_counted, send, 503, busy, path, [(b"retry-after", b"1")])
+            await self._answer(send_counted, send, ServerBusy(busy), path)
         else:
             await self._pass(scope, receive_tracked, send_counted, send, status, path)
         if not probe:
@@ -154,14 +154,14 @@ class Guard:
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), path[:200])
             if not status:
-                await self._answer(send_counted, send, 500, "internal error (logged on the server)", path)
+                await self._answer(send_counted, send, InternalError("internal error (logged on the server)"), path)
         finally:
             self.inflight -= 1
             self.metrics.inflight.set(self.inflight)
 
     @staticmethod
-    async def _answer(send_start, send, status: int, detail: str, path: str, headers=()) -> None:
-        start, body = raw_error(status, detail, list(headers), path)
+    async def _answer(send_start, send, error: RequestError, path: str) -> None:
+        start, body = raw_error(error, path)
         await send_start(start)
         await send(body)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, Field, ValidationError
 
 from transferkit.serve.decode import ALLOWED_TYPES, OCTET
-from transferkit.serve.errors import RequestError
+from transferkit.serve.errors import InvalidInput, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from transferkit.serve.config import ServeConfig
@@ -47,9 +47,9 @@ def parse_json(model: type[BaseModel], raw: bytes, what: str, wrong: str, where:
     except ValidationError as e:
         err = e.errors()[0]
         if err["type"] == "json_invalid":
-            raise RequestError(400, f"{what} is not valid JSON ({err['msg'][:200]})") from None
+            raise InvalidInput(f"{what} is not valid JSON ({err['msg'][:200]})") from None
         loc = ".".join(str(x) for x in err["loc"]) or where or what
-        raise RequestError(400, wrong.format(loc=loc, msg=err["msg"][:200])) from None
+        raise InvalidInput(wrong.format(loc=loc, msg=err["msg"][:200])) from None
 
 
 async def read_body(request, cfg: ServeConfig, held: Held) -> bytes:
@@ -61,9 +61,9 @@ async def read_body(request, cfg: ServeConfig, held: Held) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
-            raise RequestError(400, f"Content-Length {declared[:40]!r} is not a number")
+            raise InvalidInput(f"Content-Length {declared[:40]!r} is not a number")
         if int(declared) > cfg.max_body_bytes:
-            raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {cfg.max_body_bytes}")
+            raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {cfg.max_body_bytes}")
         await held.take(2 * int(declared))
     chunks, total = [], 0
     try:
@@ -71,16 +71,16 @@ async def read_body(request, cfg: ServeConfig, held: Held) -> bytes:
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > cfg.max_body_bytes:
-                    raise RequestError(413, f"request body exceeds the limit of {cfg.max_body_bytes} bytes")
+                    raise PayloadTooLarge(f"request body exceeds the limit of {cfg.max_body_bytes} bytes")
                 if declared is None:
                     await held.take(2 * len(chunk))
                 chunks.append(chunk)
     except TimeoutError:
-        raise RequestError(
-            408, f"request body not complete within {cfg.body_timeout_s:g} s ({total} bytes received)"
+        raise RequestTimeout(
+            f"request body not complete within {cfg.body_timeout_s:g} s ({total} bytes received)"
         ) from None
     except ClientDisconnect:
-        raise RequestError(400, f"client disconnected after {total} bytes of the body") from None
+        raise InvalidInput(f"client disconnected after {total} bytes of the body") from None
     return b"".join(chunks)
 
 
@@ -103,15 +103,14 @@ async def request_images(request, cfg: ServeConfig, held: Held) -> list[ImageByt
     elif ctype in ALLOWED_TYPES or ctype == OCTET:
         out = [(body, "request body", ctype)]
     else:
-        raise RequestError(
-            415,
+        raise UnsupportedMediaType(
             f"content type {ctype[:80] or 'none'} not accepted: send multipart/form-data, "
             f'application/json {{"images": [base64]}}, or one image/* body',
         )
     if not out:
-        raise RequestError(400, "no image in the request")
+        raise InvalidInput("no image in the request")
     if len(out) > cfg.max_images:
-        raise RequestError(413, f"{len(out)} images in one request; the limit is {cfg.max_images}")
+        raise PayloadTooLarge(f"{len(out)} images in one request; the limit is {cfg.max_images}")
     return out
 
 
@@ -128,7 +127,7 @@ async def _form_images(request, body: bytes, cfg: ServeConfig) -> list[ImageByte
             max_files=cfg.max_images + 1, max_fields=cfg.max_images + 16, max_part_size=cfg.max_body_bytes
         )
     except Exception as e:
-        raise RequestError(400, f"malformed multipart body ({str(getattr(e, 'detail', e))[:200]})") from None
+        raise InvalidInput(f"malformed multipart body ({str(getattr(e, 'detail', e))[:200]})") from None
     try:
         out = []
         for key, value in form.multi_items():
@@ -143,7 +142,7 @@ async def _form_images(request, body: bytes, cfg: ServeConfig) -> list[ImageByte
 def _json_images(body: bytes, cfg: ServeConfig) -> list[ImageBytes]:
     doc = parse_json(PredictJSON, body, "body", 'JSON body must be {{"images": ["<base64>", ...]}} ({loc}: {msg})')
     if len(doc.images) > cfg.max_images:
-        raise RequestError(413, f"{len(doc.images)} images in one request; the limit is {cfg.max_images}")
+        raise PayloadTooLarge(f"{len(doc.images)} images in one request; the limit is {cfg.max_images}")
     out = []
     for i, b64 in enumerate(doc.images):
         if b64.startswith("data:"):  # a data URL from a browser
@@ -151,5 +150,5 @@ def _json_images(body: bytes, cfg: ServeConfig) -> list[ImageBytes]:
         try:
             out.append((base64.b64decode(b64, validate=True), f"images[{i}]", None))
         except (binascii.Error, ValueError):
-            raise RequestError(400, f"images[{i}]: not valid base64") from None
+            raise InvalidInput(f"images[{i}]: not valid base64") from None
     return out

@@ -9,6 +9,8 @@ import sys
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from transferkit.serve.errors import HeadersTooLarge, InvalidInput, RequestError, RequestTimeout, reason
+
 
 def bounded_h11(cfg) -> type:
     """The protocol class uvicorn instantiates per connection, with cfg's (a ServeConfig) header limits."""
@@ -19,10 +21,10 @@ def bounded_h11(cfg) -> type:
     )
 
 
-def _raw(status: int, reason: str, detail: str) -> bytes:
-    body = json.dumps({"detail": detail}).encode()
+def _raw(error: RequestError) -> bytes:
+    body = json.dumps({"detail": error.message}).encode()
     return (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"HTTP/1.1 {error.status} {reason(error)}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
     ).encode() + body
 
@@ -51,20 +53,16 @@ class BoundedH11Protocol(H11Protocol):
             self._head += len(data) if end < 0 else end + 4 - len(self._tail)
             self._tail = seen[-3:]
             if self._head > self.max_header_bytes:
-                self._refuse(
-                    431,
-                    "Request Header Fields Too Large",
-                    f"request line + headers exceed {self.max_header_bytes} bytes",
-                )
+                self._refuse(HeadersTooLarge(f"request line + headers exceed {self.max_header_bytes} bytes"))
                 return
             if end >= 0:
                 self._counting, self._head, self._tail = False, 0, b""
         super().data_received(data)
 
-    def _refuse(self, status: int, reason: str, detail: str) -> None:
+    def _refuse(self, error: RequestError) -> None:
         self._disarm()
         if not self.transport.is_closing():
-            self.transport.write(_raw(status, reason, detail))
+            self.transport.write(_raw(error))
             self.transport.close()
 
     def _arm(self) -> None:
@@ -78,7 +76,7 @@ class BoundedH11Protocol(H11Protocol):
 
     def _header_timeout(self) -> None:
         if self.conn.our_state is h11.IDLE:
-            self._refuse(408, "Request Timeout", f"request headers not complete within {self.header_timeout_s:g} s")
+            self._refuse(RequestTimeout(f"request headers not complete within {self.header_timeout_s:g} s"))
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -105,11 +103,7 @@ class BoundedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         exc = sys.exc_info()[1]  # called inside uvicorn's `except h11.RemoteProtocolError`
         status = getattr(exc, "error_status_hint", 400) if isinstance(exc, h11.RemoteProtocolError) else 400
-        if status == 431:
-            self._refuse(
-                431,
-                "Request Header Fields Too Large",
-                f"request line + headers exceed {self.max_header_bytes} bytes",
-            )
+        if status == 431:  # h11's own hint
+            self._refuse(HeadersTooLarge(f"request line + headers exceed {self.max_header_bytes} bytes"))
         else:
-            self._refuse(400, "Bad Request", f"invalid HTTP request ({str(exc)[:120] if exc else msg})")
+            self._refuse(InvalidInput(f"invalid HTTP request ({str(exc)[:120] if exc else msg})"))

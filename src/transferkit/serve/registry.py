@@ -17,7 +17,7 @@ import numpy as np
 
 from transferkit.repository import LATEST
 from transferkit.serve.batcher import Batcher
-from transferkit.serve.errors import LoadError, RequestError
+from transferkit.serve.errors import LoadError, NotFound, RequestError, ServerBusy
 from transferkit.serve.model import ServedModel, load_version
 from transferkit.serve.reservoir import Reservoir
 
@@ -96,7 +96,7 @@ class Registry:
         return list(self.cfg.models) if self.cfg.models else list_models(self.cfg.repo)
 
     def unknown(self, name: str) -> RequestError:
-        return RequestError(404, f"no model named {name[:64]!r} (serving: {sorted(self.slots) or 'none'})")
+        return NotFound(f"no model named {name[:64]!r} (serving: {sorted(self.slots) or 'none'})")
 
     def lookup(self, name: str) -> Slot:
         """The slot of a model that serves: 404 for an unknown name, 503 while nothing of it is loaded."""
@@ -104,7 +104,7 @@ class Registry:
         if s is None:
             raise self.unknown(name)
         if s.current is None:
-            raise RequestError(503, f"model {name!r} is not loaded yet ({self.ready()[1]})")
+            raise ServerBusy(f"model {name!r} is not loaded yet ({self.ready()[1]})")
         return s
 
     async def infer(self, model: ServedModel, x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from transferkit.numeric import softmax
 from transferkit.serve.decode import ALLOWED_TYPES, decode_cost, decode_image, probe_image
-from transferkit.serve.errors import RequestError, error_responses
+from transferkit.serve.errors import error_responses, PayloadTooLarge
 from transferkit.serve.parsing import ImageBytes, PredictJSON, request_images
 
 if TYPE_CHECKING:
@@ -156,8 +156,7 @@ async def _reserve_decode(ctx: "Context", images: list[ImageBytes], held: "Held"
     ]
     pixels = sum(w * h for w, h, _, _ in probes)
     if pixels > ctx.cfg.max_request_pixels:
-        raise RequestError(
-            413,
+        raise PayloadTooLarge(
             f"{len(images)} images of {pixels} pixels in all; the limit is {ctx.cfg.max_request_pixels} pixels per request",
         )
     await held.take(max(decode_cost(w * h, mode) for w, h, _, mode in probes))

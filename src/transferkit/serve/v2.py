@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from transferkit.serve.errors import RequestError, error_responses
+from transferkit.serve.errors import error_responses, InvalidInput, NotFound, PayloadTooLarge
 from transferkit.serve.parsing import INLINE_JSON, json_cost, parse_json, read_body
 
 if TYPE_CHECKING:
@@ -174,24 +174,24 @@ def input_tensor(req: InferenceRequest, binary: memoryview, model, max_batch: in
     name, want_dt, want_shape = meta_in["name"], meta_in["datatype"], meta_in["shape"]
     if len(req.inputs) != 1 or req.inputs[0].name != name:
         got = [i.name[:64] for i in req.inputs]
-        raise RequestError(400, f"model {model.name!r} takes one input {name!r} ({want_dt} {want_shape}); got {got}")
+        raise InvalidInput(f"model {model.name!r} takes one input {name!r} ({want_dt} {want_shape}); got {got}")
     t = req.inputs[0]
     if t.datatype != want_dt:
-        raise RequestError(400, f"input {name!r}: datatype {t.datatype[:16]!r}, the model takes {want_dt}")
+        raise InvalidInput(f"input {name!r}: datatype {t.datatype[:16]!r}, the model takes {want_dt}")
     shape = t.shape
     if len(shape) != len(want_shape) or any(w >= 0 and s != w for s, w in zip(shape, want_shape)) or min(shape) < 0:
-        raise RequestError(400, f"input {name!r}: shape {shape}, the model takes {want_shape}")
+        raise InvalidInput(f"input {name!r}: shape {shape}, the model takes {want_shape}")
     if not 1 <= shape[0]:
-        raise RequestError(400, f"input {name!r}: batch size {shape[0]}: at least 1")
+        raise InvalidInput(f"input {name!r}: batch size {shape[0]}: at least 1")
     if shape[0] > max_batch:
-        raise RequestError(413, f"input {name!r}: batch size {shape[0]}; the limit is {max_batch} (max_batch_size)")
+        raise PayloadTooLarge(f"input {name!r}: batch size {shape[0]}; the limit is {max_batch} (max_batch_size)")
     if want_dt != "FP32":  # every graph export writes is FP32 in; anything else is not a transferkit model
-        raise RequestError(400, f"input {name!r}: datatype {want_dt} is not served")
+        raise InvalidInput(f"input {name!r}: datatype {want_dt} is not served")
     size = (t.parameters or {}).get("binary_data_size")
     x = _binary_input(t, size, binary) if size is not None else _json_input(t, binary)
     bad = int(np.count_nonzero(~np.isfinite(x)))
     if bad:
-        raise RequestError(400, f"input {name!r}: {bad} values are not finite FP32 numbers")
+        raise InvalidInput(f"input {name!r}: {bad} values are not finite FP32 numbers")
     return x
 
 
@@ -202,17 +202,14 @@ def _binary_input(t: RequestInput, size, binary: memoryview) -> np.ndarray:
     """An FP32 input sent as raw bytes after the JSON header (binary tensor data extension)."""
     count, item = int(np.prod(t.shape)), _FP32.itemsize
     if t.data is not None:
-        raise RequestError(400, f"input {t.name!r}: both binary_data_size and data")
+        raise InvalidInput(f"input {t.name!r}: both binary_data_size and data")
     if not isinstance(size, int) or isinstance(size, bool) or size != count * item:
-        raise RequestError(
-            400,
+        raise InvalidInput(
             f"input {t.name!r}: binary_data_size {str(size)[:32]} for shape {t.shape} "
             f"({count} x {item} bytes = {count * item})",
         )
     if len(binary) != size:
-        raise RequestError(
-            400, f"input {t.name!r}: binary_data_size {size}, but {len(binary)} bytes follow the JSON header"
-        )
+        raise InvalidInput(f"input {t.name!r}: binary_data_size {size}, but {len(binary)} bytes follow the JSON header")
     return np.frombuffer(binary, dtype=_FP32).reshape(t.shape)
 
 
@@ -220,18 +217,18 @@ def _json_input(t: RequestInput, binary: memoryview) -> np.ndarray:
     """An FP32 input sent as JSON numbers (flat or nested, row-major)."""
     count = int(np.prod(t.shape))
     if len(binary):
-        raise RequestError(400, f"{len(binary)} bytes after the JSON header, but no input has binary_data_size")
+        raise InvalidInput(f"{len(binary)} bytes after the JSON header, but no input has binary_data_size")
     if t.data is None:
-        raise RequestError(400, f'input {t.name!r}: no data (JSON "data" or binary_data_size)')
+        raise InvalidInput(f'input {t.name!r}: no data (JSON "data" or binary_data_size)')
     try:
         a = np.asarray(t.data)
     except (ValueError, TypeError):
-        raise RequestError(400, f"input {t.name!r}: data is not a regular array of numbers") from None
+        raise InvalidInput(f"input {t.name!r}: data is not a regular array of numbers") from None
     if a.dtype.kind not in "iuf":
         what = {"U": "strings", "S": "strings", "b": "booleans"}.get(a.dtype.kind, "values of mixed types")
-        raise RequestError(400, f"input {t.name!r}: data holds {what}, not numbers")
+        raise InvalidInput(f"input {t.name!r}: data holds {what}, not numbers")
     if a.size != count:
-        raise RequestError(400, f"input {t.name!r}: {a.size} values for shape {t.shape} ({count})")
+        raise InvalidInput(f"input {t.name!r}: {a.size} values for shape {t.shape} ({count})")
     with np.errstate(over="ignore"):
         return a.astype(np.float32).reshape(t.shape)
 
@@ -241,7 +238,7 @@ def _outputs_wanted(req: InferenceRequest, served: str) -> bool:
     binary = bool((req.parameters or {}).get("binary_data_output", False))
     for o in req.outputs or []:
         if o.name != served:
-            raise RequestError(400, f"requested output {o.name[:64]!r}: the model's output is {served!r}")
+            raise InvalidInput(f"requested output {o.name[:64]!r}: the model's output is {served!r}")
         if "binary_data" in (o.parameters or {}):
             binary = bool(o.parameters["binary_data"])
     return binary
@@ -261,8 +258,7 @@ def _served(ctx: "Context", name: str, version: str | None) -> "ServedModel":
     """The version that answers: the slot's current one, which a path version must name."""
     model = ctx.registry.lookup(name).current
     if version is not None and version != str(model.version):
-        raise RequestError(
-            404,
+        raise NotFound(
             f"model {name!r} version {version[:32]!r} is not loaded (serving version "
             f"{model.version}; a version serves once `latest` names it)",
         )
@@ -287,7 +283,7 @@ def _ready(ctx: "Context", name: str, version: str | None):
     if name not in ctx.registry.slots:
         raise ctx.registry.unknown(name)
     if ctx.registry.slots[name].current is None:
-        raise RequestError(400, f"model {name!r} is not ready ({ctx.registry.ready()[1]})")
+        raise InvalidInput(f"model {name!r} is not ready ({ctx.registry.ready()[1]})")
     _served(ctx, name, version)
     return Response(status_code=200)
 
@@ -298,7 +294,7 @@ async def _read_request(ctx: "Context", request, held, header_len: int | None) -
     if header_len is None:
         header_len = len(raw)
     if header_len > len(raw):
-        raise RequestError(400, f"Inference-Header-Content-Length {header_len} exceeds the body's {len(raw)} bytes")
+        raise InvalidInput(f"Inference-Header-Content-Length {header_len} exceeds the body's {len(raw)} bytes")
     head, binary = raw[:header_len], memoryview(raw)[header_len:]
     await held.take(json_cost(head))
     if len(head) > INLINE_JSON:
@@ -328,7 +324,7 @@ def _answer(name: str, model: "ServedModel", req: InferenceRequest, out: np.ndar
 
     out = np.ascontiguousarray(out, dtype="<f4")
     if not np.isfinite(out).all():  # JSON has no NaN/inf; never send what a client cannot parse
-        raise RequestError(400, "these inputs give non-finite logits")
+        raise InvalidInput("these inputs give non-finite logits")
     tensor: dict[str, Any] = {"name": model.output_name, "shape": list(out.shape), "datatype": "FP32"}
     answer: dict[str, Any] = {"model_name": name, "model_version": str(model.version)}
     if req.id is not None:
@@ -366,7 +362,7 @@ def _health_routes(app, ctx: "Context") -> None:
     async def v2_ready():
         ok, why = ctx.registry.ready()
         if not ok:
-            raise RequestError(400, f"not ready: {why}")
+            raise InvalidInput(f"not ready: {why}")
         return Response(status_code=200)
 
 
