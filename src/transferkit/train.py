@@ -120,18 +120,11 @@ def choose_strategy(
 
 
 def stage_groups(model) -> list[list[str]]:
-    """Parameter names per timm stage, input side first, the classifier excluded (timm's group_matcher)."""
-    from timm.models import group_parameters
+    """Parameter names per timm stage (a CNN stage, a transformer block), input side first, the classifier
+    excluded (timm's group_matcher; a final norm stays with the top block: transferkit.arch.block_groups)."""
+    from transferkit.arch import block_groups
 
-    if not hasattr(model, "group_matcher"):
-        return []
-    head = {id(p) for p in model.get_classifier().parameters()}
-    layer = group_parameters(model, model.group_matcher(coarse=True), reverse=True)
-    groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters():
-        if id(p) not in head:
-            groups.setdefault(layer[name], []).append(name)
-    return [groups[k] for k in sorted(groups)]
+    return block_groups(model)
 
 
 def set_trainable(model, strategy: str, unfreeze_blocks: int) -> dict:
@@ -186,9 +179,9 @@ def _precise_bn(model, samples, transform, batch_size: int) -> None:
 
 
 def has_batchnorm(model) -> bool:
-    from torch.nn.modules.batchnorm import _BatchNorm
+    from transferkit.arch import has_batchnorm as any_bn
 
-    return any(isinstance(m, _BatchNorm) for m in model.modules())
+    return any_bn(model)
 
 
 def adapt_batchnorm(model, samples, transform, batch_size: int, progress: bool = False) -> int:
@@ -283,8 +276,9 @@ def _probe_features(lm, ds, params: Params, progress: bool, adapted: bool, split
     return out
 
 
-def _probe_epoch(head, opt, x, y, perm, t, batch_size: int) -> float:
-    """One epoch of the linear head over cached features (dropout on the features); the mean loss."""
+def _probe_epoch(head, opt, x, y, perm, t, batch_size: int, weight=None) -> float:
+    """One epoch of the linear head over cached features (dropout on the features); the mean loss.
+    `weight`: per-class loss weights (transferkit.imbalance), or None."""
     import torch.nn.functional as F
 
     head.train()
@@ -292,7 +286,10 @@ def _probe_epoch(head, opt, x, y, perm, t, batch_size: int) -> float:
     for i in range(0, len(y), batch_size):
         idx = perm[i : i + batch_size]
         loss = F.cross_entropy(
-            head(F.dropout(x[idx], p=t.drop_rate, training=True)), y[idx], label_smoothing=t.label_smoothing
+            head(F.dropout(x[idx], p=t.drop_rate, training=True)),
+            y[idx],
+            weight=weight,
+            label_smoothing=t.label_smoothing,
         )
         opt.zero_grad()
         loss.backward()
@@ -327,10 +324,15 @@ def _lbfgs_probe(lm, ds, data: dict, params: Params, progress: bool, adapted: bo
     from transferkit.probe import fit_probe
 
     t = params.train
+    from transferkit.imbalance import loss_weights
+
     pool = _pool_features(lm, ds, params, progress, adapted) if t.self_training == "auto" else None
     (xt, yt), (xv, yv) = data["train"], data["val"]
     t0 = time.perf_counter()
-    fit = fit_probe((xt.numpy(), yt.numpy()), (xv.numpy(), yv.numpy()), len(ds.classes), t.probe_c, pool)
+    weights = loss_weights(yt.numpy(), len(ds.classes), t)
+    fit = fit_probe(
+        (xt.numpy(), yt.numpy()), (xv.numpy(), yv.numpy()), len(ds.classes), t.probe_c, pool, class_weight=weights
+    )
     head = lm.model.get_classifier()
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(fit.weight).to(head.weight.dtype))
@@ -371,9 +373,14 @@ def _sgd_probe(head, data: dict, params: Params) -> tuple[dict, list[dict], int,
     g = torch.Generator().manual_seed(params.seed)
     stop, history, best_state = _EarlyStop(t.patience, t.min_epochs), [], None
     (xt, yt), (xv, yv) = data["train"], data["val"]
+    from transferkit.imbalance import loss_weights
+
+    w = loss_weights(yt.numpy(), head.out_features, t)
+    w = None if w is None else torch.as_tensor(w, dtype=torch.float32)
     for epoch in range(1, t.epochs + 1):
         t0 = time.perf_counter()
-        loss = _probe_epoch(head, opt, xt, yt, torch.randperm(len(yt), generator=g), t, params.data.batch_size)
+        perm = torch.randperm(len(yt), generator=g)
+        loss = _probe_epoch(head, opt, xt, yt, perm, t, params.data.batch_size, weight=w)
         sched.step()
         head.eval()
         with torch.no_grad():
@@ -483,14 +490,17 @@ def _set_rng_state(state: dict, loader_gen) -> None:
 
 def _loaders(lm, ds, params: Params):
     """The shuffled (augmented) train loader and unshuffled eval loaders for every split."""
-    from transferkit import zoo
+    from transferkit import distributed, zoo
     from transferkit.data import make_loader
 
     cfg, bs = lm.data_config, params.data.batch_size
     aug = zoo.train_transform(cfg) if params.train.augment else zoo.eval_transform(cfg)
-    train = make_loader(
-        ds.splits["train"], aug, bs, shuffle=True, seed=params.seed, num_workers=params.data.num_workers
-    )
+    if distributed.active():  # this rank's share of each global batch (transferkit.distributed)
+        train = distributed.train_loader(ds.splits["train"], aug, bs, params.seed, params.data.num_workers)
+    else:
+        train = make_loader(
+            ds.splits["train"], aug, bs, shuffle=True, seed=params.seed, num_workers=params.data.num_workers
+        )
     return train, {s: make_loader(ds.splits[s], zoo.eval_transform(cfg), bs) for s in ("train", "val", "test")}
 
 
@@ -531,10 +541,13 @@ def _evaluate(model, loader, dev) -> tuple[float, float]:
     return float(F.cross_entropy(lg, lb)), _accuracy(lg, lb)
 
 
-def _train_epoch(model, loader, opt, sched, dev, t) -> dict:
-    """One pass over the train loader; returns the epoch's mean loss and (train-mode) accuracy."""
+def _train_epoch(model, loader, opt, sched, dev, t, weight=None) -> dict:
+    """One pass over the train loader; returns the epoch's mean loss and (train-mode) accuracy. `weight`: per-class
+    loss weights (transferkit.imbalance), or None."""
     import torch
     import torch.nn.functional as F
+
+    from transferkit import distributed
 
     model.train()
     _freeze_bn(model, all_stats=t.bn_stats == "frozen")
@@ -545,7 +558,7 @@ def _train_epoch(model, loader, opt, sched, dev, t) -> dict:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(dev):
             logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=t.label_smoothing)
+            loss = F.cross_entropy(logits.float(), yb, weight=weight, label_smoothing=t.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -553,6 +566,7 @@ def _train_epoch(model, loader, opt, sched, dev, t) -> dict:
         tot += loss.item() * len(yb)
         correct += int((logits.argmax(1) == yb).sum())
         n += len(yb)
+    tot, correct, n = distributed.all_sum(tot, correct, n)  # over every rank's share of the epoch
     return {"train_loss": tot / n, "train_accuracy": correct / n}
 
 
@@ -593,6 +607,17 @@ class _Run:
         return self.start
 
 
+def _on_device(model, dev):
+    """`model` on `dev`, and the module the training steps call: DDP over it under torchrun (SyncBatchNorm on
+    GPU: transferkit.distributed); evaluation and checkpoints use `model`, whose weights it shares."""
+    import torch
+
+    from transferkit import distributed
+
+    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
+    return model, distributed.wrap(model, dev)
+
+
 def _finetune(
     lm,
     ds,
@@ -613,10 +638,13 @@ def _finetune(
 
     from transferkit import zoo
     from transferkit.embed import device
+    from transferkit.imbalance import loss_weights
 
     t, dev = params.train, device()
-    model = lm.model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else lm.model.to(dev)
+    model, step_model = _on_device(lm.model, dev)
     train_loader, eval_loaders = _loaders(lm, ds, params)
+    weight = loss_weights([y for _, y in ds.splits["train"]], len(ds.classes), t)
+    weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32, device=dev)
     opt, sched = _optimizer(model, t, strategy, t.epochs * max(1, len(train_loader)))
     run, ckpt, resumed = _Run(t), out / "checkpoint.pt", 0
     state = _load_resume(ckpt, fingerprint) if t.resume else None
@@ -637,8 +665,8 @@ def _finetune(
         if run.done:
             break
         t0 = time.perf_counter()
-        row = {"epoch": epoch, **_train_epoch(model, train_loader, opt, sched, dev, t)}
-        if t.bn_stats == "precise":  # eval-mode statistics of the current weights, not a lagging average
+        row = {"epoch": epoch, **_train_epoch(step_model, train_loader, opt, sched, dev, t, weight)}
+        if t.bn_stats == "precise" and has_batchnorm(model):  # current weights' statistics, not a lagging average
             _precise_bn(model, ds.splits["train"], zoo.eval_transform(lm.data_config), params.data.batch_size)
         row["val_loss"], row["val_accuracy"] = _evaluate(model, eval_loaders["val"], dev)
         row |= {"lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
@@ -708,10 +736,11 @@ def run_train(
     `baselines`: also fit the no-transfer baselines into OUT/no_transfer.json (the bar the search's evidence
     and validate's gate measure against; validate reuses the file). Off for select's confirm runs and
     validate's own linear-probe baseline, which are compared, not gated."""
+    from transferkit import distributed
     from transferkit.embed import torch_threads
 
     t_start = time.perf_counter()
-    out, strategy = Path(out), strategy or params.train.strategy
+    out, strategy = distributed.rank_out(Path(out)), strategy or params.train.strategy  # rank 0 alone writes OUT
     ds, drift_report = _inputs(target, params, model, strategy, drift)
     torch_threads()
     fit_args = dict(ds=ds, params=params, model=model, drift_report=drift_report, progress=progress)
@@ -720,12 +749,15 @@ def run_train(
         fit, search = _search(fit_args, out, bar)
     else:
         fit, search = _fit(**fit_args, strategy=strategy, out=out), None
+    if fit.info["imbalance"]["skewed"] or fit.info["imbalance"]["weighted"]:
+        fit.reason += f"; imbalance: {fit.info['imbalance']['reason']}"
     timings = {"fit": fit.seconds}
     if bar is not None:
         bar.rows()  # fitted now unless the search's evidence already needed them
         timings["no_transfer"] = bar.seconds
     metrics = _metrics(fit, ds, params, target, fit.model or model, drift, drift_report, search)
     metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    metrics["distributed"] = distributed.summary()
     _write_run(out, fit, ds, params, fit.model or model, metrics, t_start)
     return metrics
 
@@ -739,11 +771,14 @@ class _NoTransfer:
         self.seconds = 0.0
 
     def rows(self) -> list[dict]:
+        from transferkit import distributed
         from transferkit.baselines import cached_no_transfer
 
-        if self._rows is None:
+        if self._rows is None:  # under DDP rank 0 fits them and every rank gets its rows (same decisions)
             t0 = time.perf_counter()
-            self._rows = cached_no_transfer(self.out, self.ds, self.params, self.progress)
+            mine = distributed.is_main() or not distributed.active()
+            rows = cached_no_transfer(self.out, self.ds, self.params, self.progress) if mine else None
+            self._rows = distributed.from_main(rows)
             self.seconds = time.perf_counter() - t0
         return self._rows
 
@@ -937,6 +972,7 @@ def _inputs(target: Path, params: Params, model: str, strategy: str, drift: Path
 def _fit(ds, params: Params, model: str, drift_report, progress: bool, strategy: str, out: Path, **limits) -> Fit:
     """Build the model, settle the strategy (the rule for `auto`), train it; `limits` go to _finetune."""
     from transferkit import zoo
+    from transferkit.arch import describe
 
     t, t0 = params.train, time.perf_counter()
     scratch_spec = strategy == "scratch" and not model.startswith("scratch:")
@@ -960,9 +996,10 @@ def _fit(ds, params: Params, model: str, drift_report, progress: bool, strategy:
         reason = f"requested explicitly ({strategy})"
     info = set_trainable(lm.model, "full" if strategy in ("lp-ft", "scratch") else strategy, t.unfreeze_blocks)
     info["adabn"] = _maybe_adabn(lm, ds, params, strategy, drift_report, progress)
+    info["imbalance"] = _imbalance(ds, params)
     if info["adabn"]["applied"]:
         reason += f"; AdaBN: BatchNorm statistics re-estimated on {info['adabn']['images']} unlabelled target images"
-    info |= {"model_params": n_params, "spec": spec}
+    info |= {"model_params": n_params, "spec": spec, "architecture": describe(lm.model, zoo.parse_spec(spec).arch)}
     fingerprint = _fingerprint(
         model=model,
         spec=spec,
@@ -1011,6 +1048,14 @@ def _lpft_params(params: Params) -> Params:
     p = params.model_copy(deep=True)
     p.train.probe = "sgd"
     return p
+
+
+def _imbalance(ds, params: Params) -> dict:
+    """Whether the loss is class-weighted and which metric the gate judges (transferkit.imbalance.decide)."""
+    from transferkit.imbalance import decide
+
+    t = params.train
+    return decide([y for _, y in ds.splits["train"]], len(ds.classes), t.class_weights, t.imbalance_ratio)
 
 
 def _maybe_adabn(lm, ds, params: Params, strategy: str, drift_report, progress: bool) -> dict:

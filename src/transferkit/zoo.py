@@ -244,21 +244,26 @@ def register(name: str, checkpoint: Path, card: dict[str, Any], render_md=None, 
 
 def _hf_cached_file(arch: str) -> Path | None:
     """The locally cached hub weights for a timm name, if any (never downloads)."""
-    try:
-        import timm
-        from huggingface_hub import try_to_load_from_cache
+    from transferkit.hub import cached_file
 
-        cfg = timm.models.get_pretrained_cfg(arch)
-        repo = getattr(cfg, "hf_hub_id", None) if cfg else None
-        if not repo:
-            return None
-        for fname in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
-            hit = try_to_load_from_cache(repo, fname)
-            if isinstance(hit, str):
-                return Path(hit)
+    try:
+        return cached_file(arch)
     except Exception:
         return None
-    return None
+
+
+def hub_pins() -> Path:
+    """Where `zoo fetch` pins hub files' sha256 (transferkit.hub)."""
+    from transferkit.hub import PINS_FILE
+
+    return registry_dir() / PINS_FILE
+
+
+def fetch(arch: str) -> dict[str, Any]:
+    """`transferkit zoo fetch NAME`: fill the local HF cache with a hub model and pin its sha256."""
+    from transferkit.hub import fetch as hub_fetch
+
+    return hub_fetch(arch, hub_pins())
 
 
 def availability(spec: str) -> tuple[bool, str]:
@@ -294,7 +299,7 @@ def availability(spec: str) -> tuple[bool, str]:
     cached = _hf_cached_file(ms.arch)
     if cached:
         return True, f"hub cache {cached}"
-    return False, "needs the Hugging Face hub (not cached here)"
+    return False, f"needs the Hugging Face hub (not cached here): `transferkit zoo fetch {ms.arch}` online"
 
 
 def list_entries() -> list[dict[str, Any]]:
@@ -339,6 +344,9 @@ def list_entries() -> list[dict[str, Any]]:
             "note": "",
         }
     )
+    from transferkit.hub import recommended_rows
+
+    rows += recommended_rows()
     rows.append(
         {
             "model": "<timm name>",
@@ -433,6 +441,8 @@ def _create_model(
     import timm
     import torch
 
+    from transferkit import arch as archs
+
     ms = parse_spec(spec)
     # only when asked: a few timm architectures take no drop_path_rate argument at all
     reg = {"drop_rate": drop_rate, **({"drop_path_rate": drop_path_rate} if drop_path_rate > 0 else {})}
@@ -440,10 +450,15 @@ def _create_model(
     meta: dict = {}
     if ms.kind == "ensemble":
         return _create_ensemble(ms, num_classes, drop_rate, image_size, seed, drop_path_rate)
+    if image_size == "auto" and (ms.kind == "timm" or (ms.kind == "scratch" and ms.arch not in PACKAGED)):
+        image_size = archs.native_side(ms.arch) or AUTO_SIZE  # a hub model at its pretrained config's side
+    side = image_size if isinstance(image_size, int) else None
     if ms.kind == "scratch":
         with torch.random.fork_rng(devices=[]):  # seeded init, without disturbing the caller's RNG
             torch.manual_seed(seed)
-            model = timm.create_model(ms.arch, pretrained=False, num_classes=num_classes or 1000, **reg)
+            model = timm.create_model(
+                ms.arch, pretrained=False, num_classes=num_classes or 1000, **reg, **archs.size_kwargs(ms.arch, side)
+            )
     elif ms.kind == "packaged":
         entry = PACKAGED[ms.spec]
         path = packaged_path(entry)
@@ -456,15 +471,7 @@ def _create_model(
     elif ms.kind in ("file", "zoo"):
         model, sha, meta = _load_checkpoint(ms, reg)
     else:
-        try:
-            model = timm.create_model(ms.arch, pretrained=True, **reg)
-        except Exception as e:
-            raise ZooError(
-                f"model {spec!r}: pretrained weights unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                "offline, use one of the packaged models (`transferkit zoo list`)"
-            ) from None
-        cached = _hf_cached_file(ms.arch)
-        sha = sha256_file(cached) if cached else None
+        model, sha = _load_hub(ms, reg, side)
     if num_classes is not None and model.num_classes != num_classes:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # deterministic fresh head
@@ -475,6 +482,27 @@ def _create_model(
     if meta.get("data_config") and not image_size:
         cfg = json.loads(meta["data_config"])  # a trained checkpoint carries its own preprocessing
     return LoadedModel(model.eval(), ms, sha, cfg, meta)
+
+
+def _load_hub(ms: ModelSpec, reg: dict, side: int | None):
+    """(model, sha256) of a timm hub name through timm's own loader (HF cache, HF_HUB_OFFLINE honoured), at
+    `side` px for fixed-grid models; one line on how to get weights that are not here (transferkit.hub)."""
+    import timm
+
+    from transferkit import arch as archs
+    from transferkit import hub
+
+    if _hf_cached_file(ms.arch) is None and hub.offline():
+        raise ZooError(hub.how_to_get(ms.arch, "HF_HUB_OFFLINE=1"))
+    try:
+        model = timm.create_model(ms.arch, pretrained=True, **reg, **archs.size_kwargs(ms.arch, side))
+    except Exception as e:
+        why = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        raise ZooError(
+            hub.how_to_get(ms.arch, why) if _hf_cached_file(ms.arch) is None else f"model {ms.spec!r}: {why}"
+        ) from None
+    cached = _hf_cached_file(ms.arch)
+    return model, (hub.check_pin(ms.arch, cached, hub_pins()) if cached else None)
 
 
 def check_one_input(spec: str, configs: dict[str, dict]) -> None:
@@ -521,6 +549,8 @@ def _load_checkpoint(ms: ModelSpec, reg: dict):
     """(model, sha256, header metadata) of a `file:` or `zoo:` safetensors checkpoint."""
     import timm
 
+    from transferkit import arch as archs
+
     meta = _file_meta(ms.path)
     if ms.kind == "zoo":  # registered weights load only if they are still the bytes the card pins
         sha = read_card(ms.spec.split(":", 1)[1])["sha256"]
@@ -531,8 +561,11 @@ def _load_checkpoint(ms: ModelSpec, reg: dict):
     n = int(meta.get("num_classes", 1000))
     if "+" in meta["arch"]:
         model = _ensemble_from_archs(meta["arch"], n, reg)
-    else:
-        model = timm.create_model(meta["arch"], pretrained=False, num_classes=n, **reg)
+    else:  # a fixed-grid model at the side it was trained at
+        side = json.loads(meta["data_config"])["input_size"][-1] if meta.get("data_config") else None
+        model = timm.create_model(
+            meta["arch"], pretrained=False, num_classes=n, **reg, **archs.size_kwargs(meta["arch"], side)
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
