@@ -6,7 +6,8 @@
 
 Tasks are named like the stages, CLI verbs and DVC stages; each calls one library function and
 passes only paths and plain dicts (stage contracts are files in the run folder). Key tables are
-published as Prefect markdown artifacts. A failed validation gate raises `GateFailed` before export.
+published as Prefect markdown artifacts. A run the validation gate refuses stops before export and completes
+with its verdict (`refused: true` in the result): a "no" is an answer, not a crash.
 The folders come from transferkit.workspace.stage_dirs, the table dvc.yaml is written from. In a DVC workspace
 the flow holds DVC's lock, and the `dvc` task records each new version (dvc commit of the stages it reproduced,
 the model repository, `dvc push` if asked) before `promote` moves `latest` (README "DVC").
@@ -18,12 +19,11 @@ into the run folder, skips when the live model was already built from this data,
 `transfer_pipeline` as a subflow (which records, pushes if asked, and promotes), queueing up to `wait_s` for the
 DVC workspace while another run holds it.
 
-Failure states: GateFailed (the model is not good enough: nothing exported), StaleData (the folder
+Failure states (a refused gate is not one: that run completes, nothing exported): StaleData (the folder
 changed after the event; the newer event starts its own run), anything else is a bug or bad input and
 fails the run with the library's one-line message; WorkspaceBusy: another DVC process held the workspace
 longer than `wait_s`. Only I/O tasks retry (export, dvc, promote, check_data), with exponential back-off
-and only on OSError/subprocess errors: a deterministic ValueError or a failed gate would fail identically
-on every retry.
+and only on OSError/subprocess errors: a deterministic ValueError would fail identically on every retry.
 
 Caching: DVC is the cache, not Prefect's result cache. Stage outputs are files (checkpoints, ONNX,
 reports) that a cached task *return value* cannot restore, and a cache hit would hand back paths into a
@@ -43,7 +43,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from transferkit.config import params_from
-from transferkit.validate import GateFailed
 from transferkit.watch import StaleData
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
@@ -133,11 +132,14 @@ def _select_artifact(r: dict) -> None:
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(target: str, out: str, params: dict, model: str, drift: str | None, progress: bool) -> dict:
+    """`train.nproc_per_node` > 1: DDP in that many torchrun processes (transferkit.distributed)."""
+    from transferkit.distributed import launch_train, should_launch
     from transferkit.train import run_train
 
-    return run_train(
-        Path(target), Path(out), params_from(params), model, drift=Path(drift) if drift else None, progress=progress
-    )
+    p, drift_path = params_from(params), Path(drift) if drift else None
+    if should_launch(p.train.nproc_per_node):
+        return launch_train(Path(target), Path(out), p, model, drift=drift_path, progress=progress)
+    return run_train(Path(target), Path(out), p, model, drift=drift_path, progress=progress)
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -188,10 +190,36 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
         f"| **this run** | {r.get('val_accuracy', float('nan')):.3f} | {r['test_accuracy']:.3f} | | | |\n{base}\n\n"
         f"### Test split: {rep['n']} images, accuracy {rep['accuracy']:.3f}, macro F1 {rep['macro_f1']:.3f}, "
         f"ECE {rep['ece']:.3f} ({rep['ece_bins']} bins)\n\n"
-        f"| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n\nPlots: {plots}\n",
+        f"| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n\nPlots: {plots}\n"
+        + _errors_line(Path(run), r.get("errors_report")),
         "Validation gate, overfitting checks, baselines and per-class quality",
     )
+    _errors_artifact(Path(run), r.get("errors_report"))
     return r
+
+
+def _errors_line(run: Path, rep: dict | None) -> str:
+    """The validate artifact's pointer to the error-analysis page (transferkit.report)."""
+    if not rep:
+        return ""
+    pairs = ", ".join(f"{_cell(t)} -> {_cell(p)} ({n})" for t, p, n in rep.get("confused_pairs") or []) or "none"
+    return (
+        f"\nError analysis: `{run / rep['path']}` (most confused: {pairs}; "
+        f"label-error candidates in train: {rep.get('label_doubts', 0)})\n"
+    )
+
+
+def _errors_artifact(run: Path, rep: dict | None) -> None:
+    if not rep:
+        return
+    from prefect.artifacts import create_link_artifact
+
+    create_link_artifact(
+        key="validate-errors",
+        link=(run / rep["path"]).resolve().as_uri(),
+        link_text="Error analysis: highest-loss images, confused pairs, doubted labels (HTML)",
+        description="Open on the machine that ran the flow",
+    )
 
 
 @task(name="export", cache_policy=NO_CACHE, retry_condition_fn=_io_error, **IO_RETRIES)
@@ -356,7 +384,14 @@ def _transfer(target, out, reference, candidates, repo, params, force, progress,
     if not validation["passed"] and not force:
         clock("dvc", _refuse_record, root, stages, repo)
         timings = clock.record(out, ranking, metrics)
-        raise GateFailed({**validation, "timings": timings})
+        print(f"validation gate refused the model, nothing exported: {'; '.join(validation['reasons'])}")
+        return {
+            **_summary(drift, ranking, metrics, validation, None, None),
+            "validation": validation,
+            "seconds": timings["seconds"],
+            "started": clock.started,
+            "timings": timings,
+        }
     meta, promoted, dvc = _publish(
         str(dirs["train"]), repo, pj, force, progress, root, stages, push, reason or f"run {out}", clock
     )
@@ -382,7 +417,7 @@ def _adapt(target, reference, candidates, dirs: dict[str, Path], pj: dict, progr
 
 def _refuse_record(root: Path | None, stages: list[str], repo: str) -> None:
     """The gate said no: nothing is exported; the verdict is recorded like `dvc repro` records it
-    (export --skip-refused: nothing new). The caller then raises GateFailed."""
+    (export --skip-refused: nothing new). The run then completes with the verdict."""
     if stages:
         Path(repo).mkdir(parents=True, exist_ok=True)
         dvc_task(str(root), stages, None, False, "gate refused: verdict recorded, nothing exported")
@@ -402,8 +437,10 @@ def _publish(train: str, repo: str, pj: dict, force, progress, root, stages, pus
     return meta, promoted, dvc
 
 
-def _summary(drift, ranking: dict, metrics: dict, validation: dict, meta: dict, promoted: dict) -> dict:
-    """The run's summary from each stage's result (the flow's return value, retrain.json's `summary`)."""
+def _summary(drift, ranking: dict, metrics: dict, validation: dict, meta: dict | None, promoted: dict | None) -> dict:
+    """The run's summary from each stage's result (the flow's return value, retrain.json's `summary`); a run
+    the gate refused has no export (`refused`, and None for what export and promote give)."""
+    meta, promoted = meta or {}, promoted or {}
     return {
         "drift": drift,
         "selected": ranking["selected"],
@@ -427,11 +464,12 @@ def _summary(drift, ranking: dict, metrics: dict, validation: dict, meta: dict, 
             if b.get("test_accuracy") is not None
         ],
         "passed": validation["passed"],
-        "onnx": str(Path(meta["path"]) / "model.onnx"),
-        "parity": meta["parity"],
-        "name": meta["name"],
-        "version": meta["version"],
-        "live": promoted["live"],
+        "refused": not meta,
+        "onnx": str(Path(meta["path"]) / "model.onnx") if meta else None,
+        "parity": meta.get("parity"),
+        "name": meta.get("name"),
+        "version": meta.get("version"),
+        "live": promoted.get("live"),
     }
 
 
@@ -577,6 +615,7 @@ def _shipped(run: Path, record: dict, name: str, summary: dict, push: bool) -> d
         "version": summary["version"],
         "live": summary["live"],
         "pushed": push,
+        "refused": summary["refused"],
         "summary": summary,
     }
     write_json(run / "retrain.json", result)

@@ -132,6 +132,14 @@ class TrainParams(_Group):
         description="lbfgs probe: pseudo-label the target's unlabelled/ pool (auto = when it has images; kept "
         "only if val improves). Off by default: measured within noise of the plain probe",
     )
+    class_weights: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="class-weighted loss and probe (balanced weights, transferkit.imbalance): auto = when the train "
+        "label counts are skewed (max/min >= imbalance_ratio); the gate then judges balanced accuracy",
+    )
+    imbalance_ratio: float = Field(
+        3.0, ge=1, description="train label counts with max/min at or above this are skewed (class_weights auto)"
+    )
     augment: bool = True
     bn_stats: Literal["frozen", "update", "precise"] = Field(
         "precise",
@@ -179,12 +187,15 @@ class TrainParams(_Group):
         "at this level is above 0 (0 = any higher val accuracy)",
     )
     resume: bool = Field(True, description="resume a killed fine-tune from OUT/checkpoint.pt (same arguments)")
+    nproc_per_node: int = Field(
+        1, ge=1, le=1024, description="fine-tune with DDP in this many torchrun processes (transferkit.distributed)"
+    )
 
-    @field_validator("adabn", "self_training", mode="before")
+    @field_validator("adabn", "self_training", "class_weights", mode="before")
     @classmethod
     def _yaml_on_off(cls, v, info):
         # YAML 1.1 (and DVC rewriting params.yaml for `exp run -S`) reads off as false and on as true
-        on = "on" if info.field_name == "adabn" else "auto"
+        on = "auto" if info.field_name == "self_training" else "on"
         return {True: on, False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
@@ -280,6 +291,20 @@ class ExportParams(_Group):
     triton_max_queue_delay_us: int = Field(100, ge=0, description="config.pbtxt dynamic_batching delay")
 
 
+class SuggestParams(_Group):
+    """Which unlabelled images to label next (transferkit.suggest)."""
+
+    n: int = Field(20, ge=1, le=100_000, description="how many pool images to suggest")
+    strategy: Literal["uncertain-diverse", "uncertain", "diverse", "random"] = Field(
+        "uncertain-diverse",
+        description="uncertain-diverse: small margin x distance to the labelled and earlier picks x predicted-class "
+        "balance; uncertain: smallest margins; diverse: k-center greedy; random: the seeded control",
+    )
+    balance: float = Field(
+        1.0, ge=0, le=10, description="exponent of the predicted-minority bonus (0 = ignore class balance)"
+    )
+
+
 with warnings.catch_warnings():
     # `validate` shadows pydantic's deprecated BaseModel.validate; the group name is the DVC stage name.
     warnings.simplefilter("ignore", UserWarning)
@@ -292,6 +317,7 @@ with warnings.catch_warnings():
         train: TrainParams = TrainParams()
         validate: ValidateParams = ValidateParams()
         export: ExportParams = ExportParams()
+        suggest: SuggestParams = SuggestParams()
 
 
 class ConfigError(TransferkitError, ValueError):
