@@ -326,10 +326,11 @@ def fit_no_transfer(ds, params: Params, progress: bool = True) -> list[dict]:
     return rows
 
 
-def best_baseline(rows: list[dict]) -> dict | None:
-    """The strongest working no-transfer baseline, chosen on val accuracy (test never chooses); ties: the first."""
+def best_baseline(rows: list[dict], key: str = "val_accuracy") -> dict | None:
+    """The strongest working no-transfer baseline, chosen on val accuracy (test never chooses); ties: the first.
+    `key`: another val score of the rows (val_balanced_accuracy when validate judges skewed classes)."""
     working = [r for r in rows if not r.get("broken")]
-    return max(working, key=lambda r: r["val_accuracy"]) if working else None
+    return max(working, key=lambda r: r[key]) if working else None
 
 
 def cached_no_transfer(run: Path, ds, params: Params, progress: bool = True) -> list[dict]:

@@ -343,6 +343,7 @@ def write_builtin(
     progress: bool = True,
     unlabelled_per_class: int = 0,
     fit: bool = False,
+    imbalance: float | None = None,
 ) -> dict:
     """Materialise a built-in dataset as PNGs, byte-for-byte the same on every run.
 
@@ -352,24 +353,36 @@ def write_builtin(
     OUT/unlabelled/, shuffled across classes and numbered so that no name or order gives a label away.
     Source files that cannot be used are listed in the result's `skipped` (path and reason).
     `fit` size-normalises each image (`fit_box`; the grey datasets only).
+    `imbalance` (>= 1, needs `train_per_class`): an imbalanced target: train class sizes decay geometrically from
+    `train_per_class` (first class) to `train_per_class / imbalance` (last; transferkit.imbalance), the train
+    images a class does not get are left out, and val/test stay as they are (balanced: every class is measured
+    on as many images, so the minority's recall is measured as well as the majority's).
+    The result's `unlabelled_labels` (class per OUT/unlabelled/ file, in name order) is for benchmarks that
+    play the labeller; nothing written carries it.
     """
     _check_builtin_args(size, per_class, unlabelled_per_class)
+    _imbalanced_train_sizes(imbalance, train_per_class, 1)  # refuse bad arguments before reading any source
     if fit and name == "clipart":
         raise DataError("--fit applies to the grey datasets (mnist, digits, fashion-mnist), not clipart")
     src = _clipart_source(size) if name == "clipart" else _array_source(name, size, fit)
+    train_sizes = _imbalanced_train_sizes(imbalance, train_per_class, len(src.classes))
     out = Path(out)
     ready: dict = {}  # key -> PNG bytes made while drawing (file sources)
     rng = np.random.default_rng(seed)
     plan: list[tuple[Path, object]] = []
     pool: list = []
+    pool_class: list[int] = []
     for c, cname in enumerate(src.classes):
         labelled, unlabelled = _draw_class(name, src, c, rng, per_class, unlabelled_per_class, ready)
         pool += unlabelled
-        plan += _class_plan(name, src, cname, labelled, out, train_per_class, val_per_class)
+        plan += _class_plan(name, src, cname, labelled, out, train_per_class, val_per_class, train_sizes, c)
+        pool_class += [c] * len(unlabelled)
     n_labelled = len(plan)
     # One shuffle across classes: neither the names nor the order of OUT/unlabelled/ tell the label.
+    pool_labels = []
     for j, i in enumerate(np.random.default_rng([seed, 1]).permutation(len(pool))):
         plan.append((out / UNLABELLED_DIR / f"{j:05d}.png", pool[i]))
+        pool_labels.append(pool_class[i])
 
     _clear_builtin_out(out)
     _write_plan(name, src, plan, ready, progress)
@@ -381,11 +394,26 @@ def write_builtin(
         "classes": src.classes,
         "size": size,
         "fit": fit,
+        "imbalance": imbalance,
         "skipped": src.skipped,
+        "unlabelled_labels": pool_labels,
     }
     if src.from_files:
         info["sources"] = {p.relative_to(out).as_posix(): src.describe(k) for p, k in plan}
     return info
+
+
+def _imbalanced_train_sizes(ratio: float | None, train_per_class: int | None, n_classes: int) -> list[int] | None:
+    """Per-class train sizes of `--imbalance RATIO` (None: every class gets train_per_class)."""
+    if ratio is None:
+        return None
+    if train_per_class is None:
+        raise DataError("--imbalance needs --train-per-class (it decays the train split only)")
+    if not ratio >= 1 or ratio > 1000:
+        raise DataError(f"--imbalance must be a ratio from 1 to 1000 (largest / smallest train class), got {ratio}")
+    from transferkit.imbalance import imbalanced_counts
+
+    return imbalanced_counts(train_per_class, ratio, n_classes)
 
 
 def _check_builtin_args(size: int, per_class: int | None, unlabelled_per_class: int) -> None:
@@ -428,8 +456,11 @@ def _class_plan(
     out: Path,
     train_per_class: int | None,
     val_per_class: int | None,
+    train_sizes: list[int] | None = None,
+    c: int = 0,
 ) -> list[tuple[Path, object]]:
-    """(path, key) for one class's labelled images: OUT/<class>/, or OUT/<split>/<class>/ with train_per_class."""
+    """(path, key) for one class's labelled images: OUT/<class>/, or OUT/<split>/<class>/ with train_per_class
+    (the first `train_sizes[c]` of its train images only, with --imbalance)."""
     if train_per_class is None:
         return [(out / cname / f"{src.stem(k)}.png", k) for k in labelled]
     n_val = train_per_class if val_per_class is None else val_per_class
@@ -439,7 +470,7 @@ def _class_plan(
             f"{n_val} val and a non-empty test split"
         )
     parts = {
-        "train": labelled[:train_per_class],
+        "train": labelled[: train_per_class if train_sizes is None else train_sizes[c]],
         "val": labelled[train_per_class : train_per_class + n_val],
         "test": labelled[train_per_class + n_val :],
     }

@@ -40,28 +40,40 @@ class ProbeFit:
     grid: list[dict]  # per C: train/val accuracy and loss
     rounds: list[dict] = field(default_factory=list)  # self-training: per round, pseudo-labels and val
     kept_round: int = 0
+    class_weight: dict | None = None  # {class: loss weight} when the fit was class-weighted (transferkit.imbalance)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float64) @ self.weight.T + self.bias
 
 
 def _scores(fit: ProbeFit, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy in nats) of `fit` on (x, y)."""
+    """(accuracy, mean cross-entropy in nats) of `fit` on (x, y); a class-weighted fit is scored with every class
+    of y weighing the same (balanced accuracy, class-averaged loss): C is then chosen for the minority too."""
     from transferkit.numeric import softmax
 
     p = softmax(fit.logits(x))
-    loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
-    return float(np.mean(p.argmax(1) == y)), loss
+    w = np.ones(len(y))
+    if fit.class_weight is not None and len(y):
+        w = 1.0 / np.bincount(y)[y]  # each class's images sum to 1
+    w = w / w.sum() if len(y) else w
+    loss = float(-np.sum(w * np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
+    return float(np.sum(w * (p.argmax(1) == y))), loss
 
 
-def _solve(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, mean, std, warm=None) -> tuple[ProbeFit, object]:
+def _solve(
+    x: np.ndarray, y: np.ndarray, C: float, n_classes: int, mean, std, warm=None, class_weight=None
+) -> tuple[ProbeFit, object]:
     """Logistic regression at C on standardised x; the weights mapped back to raw features, and the solver.
 
     `warm`: a LogisticRegression already fitted on the same x at another C, refitted from its solution (the
-    optimum is the same, convex problem; L-BFGS gets there in fewer steps)."""
+    optimum is the same, convex problem; L-BFGS gets there in fewer steps). `class_weight`: {class: weight}."""
     from sklearn.linear_model import LogisticRegression
 
-    clf = warm if warm is not None else LogisticRegression(max_iter=2000, tol=1e-6, warm_start=True)
+    clf = (
+        warm
+        if warm is not None
+        else LogisticRegression(max_iter=2000, tol=1e-6, warm_start=True, class_weight=class_weight)
+    )
     clf.set_params(C=C)
     clf.fit((x - mean) / std, y)
     coef, icpt = clf.coef_, clf.intercept_
@@ -71,7 +83,7 @@ def _solve(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, mean, std, wa
     b = np.full(n_classes, -1e4)  # a class absent from the fit never wins
     w[clf.classes_] = coef / std
     b[clf.classes_] = icpt - w[clf.classes_] @ mean
-    return ProbeFit(w, b, C, []), clf
+    return ProbeFit(w, b, C, [], class_weight=class_weight), clf
 
 
 def fit_probe(
@@ -80,15 +92,18 @@ def fit_probe(
     n_classes: int,
     grid: list[float],
     pool: np.ndarray | None = None,
+    class_weight: np.ndarray | None = None,
 ) -> ProbeFit:
-    """The val-best probe over `grid`, then self-training on `pool` (None or empty: none)."""
+    """The val-best probe over `grid`, then self-training on `pool` (None or empty: none). `class_weight`:
+    per-class loss weights [n_classes] (transferkit.imbalance.loss_weights), or None for the plain loss."""
     from transferkit.numeric import one_blas_thread
 
+    cw = None if class_weight is None else {c: float(w) for c, w in enumerate(class_weight) if w > 0}
     with one_blas_thread():
-        return _fit_probe(train, val, n_classes, grid, pool)
+        return _fit_probe(train, val, n_classes, grid, pool, cw)
 
 
-def _fit_probe(train, val, n_classes: int, grid: list[float], pool) -> ProbeFit:
+def _fit_probe(train, val, n_classes: int, grid: list[float], pool, class_weight=None) -> ProbeFit:
     x, y = (np.asarray(a, np.float64) for a in train)
     xv, yv = np.asarray(val[0], np.float64), np.asarray(val[1])
     y = y.astype(int)
@@ -99,7 +114,7 @@ def _fit_probe(train, val, n_classes: int, grid: list[float], pool) -> ProbeFit:
     std = np.maximum(std, np.median(std) if np.median(std) > 0 else 1.0)
     best, rows, solver = None, [], None
     for C in grid:  # each C starts from the previous one's solution
-        fit, solver = _solve(x, y, C, n_classes, mean, std, warm=solver)
+        fit, solver = _solve(x, y, C, n_classes, mean, std, warm=solver, class_weight=class_weight)
         (tr_acc, tr_loss), (va_acc, va_loss) = _scores(fit, x, y), _scores(fit, xv, yv)
         rows.append(
             {"C": C, "train_accuracy": tr_acc, "train_loss": tr_loss, "val_accuracy": va_acc, "val_loss": va_loss}
@@ -131,7 +146,13 @@ def self_train(base: ProbeFit, train, val, pool: np.ndarray, n_classes: int, mea
             keep += idx[np.argsort(-conf[idx], kind="stable")][: int(np.ceil(frac * per_class))].tolist()
         keep = np.sort(np.asarray(keep, dtype=int))
         current = _solve(
-            np.concatenate([x, pool[keep]]), np.concatenate([y, pred[keep]]), base.C, n_classes, mean, std
+            np.concatenate([x, pool[keep]]),
+            np.concatenate([y, pred[keep]]),
+            base.C,
+            n_classes,
+            mean,
+            std,
+            class_weight=base.class_weight,
         )[0]
         va_acc, va_loss = _scores(current, xv, yv)
         rounds.append(
