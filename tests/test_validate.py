@@ -342,3 +342,17 @@ def test_non_linear_probe_run_is_compared_with_a_linear_probe(tiny_target, tmp_p
     stamp = (out / "baseline_linear_probe" / "model.safetensors").stat().st_mtime_ns
     run_validate(out, params, progress=False)
     assert (out / "baseline_linear_probe" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_validate_writes_the_error_report_and_the_model_card_links_it(sound_validated):
+    from transferkit.export import _card_errors
+    from transferkit.report import TOP_LOSS
+
+    out, _, r = sound_validated
+    rep = r["errors_report"]
+    assert rep["path"] == "errors.html" and (out / "errors.html").is_file()
+    assert json.loads((out / "validation.json").read_text())["errors_report"] == rep
+    data = json.loads((out / "errors.json").read_text())
+    assert len(data["top_loss_test"]) == min(TOP_LOSS, r["n_test"]) and data["label_doubts"]["n_train"] > 0
+    card = "\n".join(_card_errors({"run": str(out)}, r))
+    assert (out / "errors.html").resolve().as_uri() in card

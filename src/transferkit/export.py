@@ -922,7 +922,23 @@ def _shift_line(shift: dict | None) -> str:
 
 def model_card(meta: dict, metrics: dict, validation: dict | None) -> str:
     """model_card.md: the model, its data and metrics, parity, int8, limitations and provenance."""
-    return "\n".join([*_card_model(meta), *_card_data(meta, metrics), *_card_checks(meta), *_card_provenance(meta)])
+    parts = [*_card_model(meta), *_card_data(meta, metrics), *_card_errors(meta, validation)]
+    return "\n".join([*parts, *_card_checks(meta), *_card_provenance(meta)])
+
+
+def _card_errors(meta: dict, validation: dict | None) -> list[str]:
+    """A link to validate's error-analysis page in the run folder (transferkit.report), when it wrote one."""
+    rep = (validation or {}).get("errors_report")
+    if not isinstance(rep, dict) or not rep.get("path"):
+        return []
+    pairs = ", ".join(f"{t} -> {p} ({n})" for t, p, n in rep.get("confused_pairs") or []) or "none"
+    return [
+        "## Error analysis",
+        f"- [{Path(meta['run']) / rep['path']}]({(Path(meta['run']) / rep['path']).resolve().as_uri()}): "
+        "highest-loss test and train images, most confused class pairs, train labels a held-out fit doubts",
+        f"- Most confused (test): {pairs}; label-error candidates in train: {rep.get('label_doubts', 0)}",
+        "",
+    ]
 
 
 def _card_model(meta: dict) -> list[str]:

@@ -44,6 +44,8 @@ Quality report of the shipped checkpoint on the test split (re-evaluated from mo
   RUN/confusion.csv      one row per test image (actual, predicted): DVC's confusion template
   RUN/reliability.csv    per-bin confidence/accuracy/count (DVC plot)
   RUN/plots/{confusion,reliability,learning_curves}.png
+  RUN/errors.html        error analysis (transferkit.report): highest-loss test and train images, the most
+                         confused class pairs, train labels a held-out fit doubts; RUN/errors.json the same data
 Writes RUN/validation.json with `passed` and plain-words `reasons`.
 """
 
@@ -56,17 +58,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.config import Params, load_params
-from transferkit.errors import TransferkitError
 
 _OVERFIT_CHECKS = ("accuracy_gap", "loss_gap", "divergence")
-
-
-class GateFailed(TransferkitError):
-    """The validation gate refused the run: nothing may be exported. `validation` is validation.json."""
-
-    def __init__(self, validation: dict):
-        super().__init__("validation gate failed: " + "; ".join(validation["reasons"]))
-        self.validation = validation
 
 
 def run_validate(run: Path, params: Params | None = None, baseline: Path | None = None, progress: bool = True) -> dict:
@@ -80,10 +73,11 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
     probs, y, classes = predict_test(run, metrics, params)
     checks = overfitting_checks(metrics, params)
     rows = no_transfer_rows(run, metrics, params, probs.argmax(1) == y, baseline, progress)
+    judged = _judged_metric(metrics, params, rows, probs.argmax(1) == y, y)
     from transferkit.baselines import best_baseline
 
-    best = best_baseline(rows)
-    gain_check = gain_verdict(metrics, best, params)
+    best = best_baseline(rows, judged["val_key"])
+    gain_check = gain_verdict(metrics, best, params, judged)
     _generalisation_rule(checks, metrics, best)
     reasons = [c["message"] for c in checks if c["failed"] and c["blocking"]]
     if gain_check["blocking"]:
@@ -97,8 +91,17 @@ def run_validate(run: Path, params: Params | None = None, baseline: Path | None 
 
     report = quality_report(run, metrics, params, (probs, y, classes))
     result = _validation_result(metrics, params, checks, rows, best, gain_check, reasons, baselines, report, len(y))
+    result["errors_report"] = _error_report(run, metrics, params, (probs, y, classes), progress)
     write_json(run / "validation.json", result)
     return result
+
+
+def _error_report(run: Path, metrics: dict, params: Params, test, progress: bool) -> dict:
+    """RUN/errors.html and errors.json (transferkit.report), written once the verdict is decided: report only."""
+    from transferkit.report import write_error_report
+
+    train = predict_test(run, metrics, params, "train")
+    return write_error_report(run, metrics, params, test, train, progress)
 
 
 def _linear_probe_reasons(lp: dict, metrics: dict, params: Params) -> list[str]:
@@ -129,6 +132,8 @@ def _validation_result(metrics, params, checks, rows, best, gain_check, reasons,
         "gain_p_value": gain_check["p_value"],
         "verdict": gain_check["verdict"],
         "verdict_message": gain_check["message"],
+        "gain_metric": gain_check["metric"],
+        "gain_metric_reason": gain_check["metric_reason"],
         "recommendation": None if helps else recommendation(gain_check, best, metrics),
         "reasons": reasons,
         "warnings": _warnings(checks, gain_check),
@@ -138,6 +143,7 @@ def _validation_result(metrics, params, checks, rows, best, gain_check, reasons,
         "report": {
             "path": "report.json",
             "test_accuracy": report["accuracy"],
+            "balanced_accuracy": report["balanced_accuracy"],
             "macro_f1": report["macro_f1"],
             "ece": report["ece"],
             "plots": report["plots"],
@@ -202,14 +208,34 @@ def no_transfer_rows(
     return rows
 
 
-def gain_verdict(metrics: dict, best: dict | None, params: Params) -> dict:
+def _judged_metric(metrics: dict, params: Params, rows: list[dict], correct, y) -> dict:
+    """The metric the gain is judged on (transferkit.imbalance.gate_metric): with skewed train labels the rows'
+    gains are re-measured on balanced accuracy in place (same test images) and the bar is chosen on val
+    balanced accuracy. {metric, reason, val_key, model}: `model` is this run's test score on the metric."""
+    from transferkit.imbalance import gate_metric, judge_rows
+
+    g = gate_metric(metrics)
+    if g["metric"] != "balanced_accuracy":
+        return {**g, "val_key": "val_accuracy", "model": metrics["test_accuracy"]}
+    from transferkit.data import load_with_params
+
+    ds = load_with_params(Path(metrics["target"]), params, seed=int(metrics.get("seed", params.seed)))
+    val_y = np.array([lbl for _, lbl in ds.splits["val"]])
+    model = judge_rows(rows, correct, y, val_y, params.validate.confidence)["test_balanced_accuracy"]
+    return {**g, "val_key": "val_balanced_accuracy", "model": model}
+
+
+def gain_verdict(metrics: dict, best: dict | None, params: Params, judged: dict | None = None) -> dict:
     """The gate's gain rule: the interval of the test gain over the best baseline must clear `validate.min_gain`.
 
     verdict: "transfer helps" (lower bound > min_gain), "negative transfer" (upper bound < 0), "no clear
     gain" (the interval straddles: noise is never called a gain), or "not a transfer run" / "no baseline".
+    `judged` (_judged_metric): the metric the gain is on; accuracy by default, balanced accuracy for skewed labels.
     """
     v = params.validate
-    out = {"gain": None, "interval": None, "p_value": None, "blocking": False}
+    metric = (judged or {}).get("metric", "accuracy")
+    out = {"gain": None, "interval": None, "p_value": None, "blocking": False, "metric": metric}
+    out["metric_reason"] = (judged or {}).get("reason", "")
     if metrics["strategy"] == "scratch":
         return {**out, "gain": 0.0, "verdict": "not a transfer run", "message": "a scratch run is not a transfer"}
     if best is None:
@@ -220,10 +246,14 @@ def gain_verdict(metrics: dict, best: dict | None, params: Params) -> dict:
         }
     lo, hi = best["interval"]
     n, pct = best["n"], int(round(v.confidence * 100))
+    balanced = metric == "balanced_accuracy"
+    base_score = best["test_balanced_accuracy"] if balanced else best["test_accuracy"]
+    model_score = judged["model"] if balanced else metrics["test_accuracy"]
     stats = (
-        f"{best['description']} {best['test_accuracy']:.3f} vs this model {metrics['test_accuracy']:.3f} on "
+        f"{best['description']} {base_score:.3f} vs this model {model_score:.3f}"
+        f"{' balanced accuracy (skewed train labels)' if balanced else ''} on "
         f"{n:,} test images (gain {best['gain']:+.3f}, {pct}% CI [{lo:+.3f}, {hi:+.3f}], "
-        f"McNemar p = {best['p_value']:.2g})"
+        f"{'paired normal-test' if balanced else 'McNemar'} p = {best['p_value']:.2g})"
     )
     if lo > v.min_gain:
         verdict, msg = "transfer helps", f"transfer helps: {stats}"
@@ -608,6 +638,7 @@ def quality_report(run: Path, metrics: dict, params: Params, predictions=None) -
     `predictions`: (probs, labels, classes) from predict_test, when the caller has them already."""
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
+    from transferkit.imbalance import balanced_accuracy
     from transferkit.io import atomic_write_text, write_json
 
     probs, y, classes = predictions if predictions is not None else predict_test(run, metrics, params)
@@ -633,6 +664,7 @@ def quality_report(run: Path, metrics: dict, params: Params, predictions=None) -
         "accuracy": round(float((pred == y).mean()), 6),
         "accuracy_in_metrics": metrics["test_accuracy"],
         "macro_f1": round(float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)), 6),
+        "balanced_accuracy": round(balanced_accuracy(pred == y, y), 6),
         "ece": round(ece, 6),
         "ece_bins": params.validate.calibration_bins,
         "mean_confidence": round(float(conf.mean()), 6),
