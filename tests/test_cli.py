@@ -29,7 +29,9 @@ def test_help_does_not_import_heavy_libraries():
     assert out.stdout.strip() == ""
 
 
-@pytest.mark.parametrize("verb", ["data", "zoo", "drift", "select", "train", "validate", "export", "run", "serve"])
+@pytest.mark.parametrize(
+    "verb", ["data", "zoo", "drift", "select", "train", "validate", "export", "run", "serve", "predict"]
+)
 def test_every_verb_has_help(verb):
     r = tk(verb, "--help")
     assert r.exit_code == 0
