@@ -764,12 +764,22 @@ def server(
     pool: Annotated[str, typer.Option(help="process work pool to create and poll")] = "transferkit-process",
     deploy: Annotated[bool, typer.Option(help="register flows/deployments.py (cron + event triggers)")] = True,
     home: Annotated[Optional[Path], typer.Option(help="PREFECT_HOME (its SQLite db); default: the user's")] = None,
+    database: Annotated[
+        Optional[str],
+        typer.Option(help="postgresql://USER:PASSWORD@HOST:PORT/DB for concurrent flow runs (default: SQLite)"),
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option(min=1, help="flow runs the worker runs at once (default: 1 on SQLite, 4 else)")
+    ] = None,
 ):
     """Start a Prefect server (UI + API), register the retrain deployments and run a process worker."""
+    from transferkit import database as db
     from transferkit.orchestrate import serve_forever
 
+    env = {db.ENV: db.check(database)} if database else None  # one line and exit 1 when it cannot work
+    limit = limit or (4 if database else 1)
     try:
-        serve_forever(host, port, pool, deploy, Path.cwd(), str(home) if home else None, echo=typer.echo)
+        serve_forever(host, port, pool, deploy, Path.cwd(), str(home) if home else None, typer.echo, env, limit)
     except (RuntimeError, TimeoutError) as e:
         _fail(str(e))
 

@@ -284,9 +284,19 @@ class PrefectServer:
 
 
 def serve_forever(
-    host: str, port: int, pool: str, deploy: bool, root: Path, home: str | None = None, echo=print
+    host: str,
+    port: int,
+    pool: str,
+    deploy: bool,
+    root: Path,
+    home: str | None = None,
+    echo=print,
+    env: dict[str, str] | None = None,
+    limit: int = 1,
 ) -> None:
-    """`transferkit server`: server + pool + deployments + worker until Ctrl-C or one of them exits."""
+    """`transferkit server`: server + pool + deployments + worker until Ctrl-C or one of them exits. `env`: extra
+    settings of the server and worker (the database URL: transferkit.database); `limit`: the worker's
+    concurrent flow runs."""
 
     def _term(signum, frame):  # `docker stop`/systemd send SIGTERM: stop the children like Ctrl-C does
         raise KeyboardInterrupt
@@ -294,7 +304,7 @@ def serve_forever(
     signal.signal(signal.SIGTERM, _term)
     logs = root / ".prefect-logs"
     logs.mkdir(exist_ok=True)
-    srv = PrefectServer(host, port, home=home, log=logs / "server.log")
+    srv = PrefectServer(host, port, home=home, log=logs / "server.log", env=env)
     echo(f"starting prefect server on {srv.ui_url} (log: {srv.log}) ...")
     with srv:
         echo(f"server up after {srv.startup_seconds:.0f} s; UI {srv.ui_url}, API {srv.api_url}")
@@ -311,7 +321,7 @@ def serve_forever(
             if p.returncode != 0:
                 raise RuntimeError(f"registering deployments failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
             echo(p.stdout.rstrip())
-        srv.start_worker(pool, log=logs / "worker.log", cwd=root)
+        srv.start_worker(pool, log=logs / "worker.log", cwd=root, limit=limit)
         echo(f"process worker polling pool {pool!r} (log: {logs / 'worker.log'})")
         echo(f"in another shell: export PREFECT_API_URL={srv.api_url}")
         echo("Ctrl-C stops the worker and the server")
