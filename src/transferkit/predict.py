@@ -33,6 +33,8 @@ from transferkit.errors import TransferkitError
 
 FORMATS = ("csv", "json")
 SERVER_RETRIES = 3  # a 503 (busy) is retried this many times before the run stops
+# image bytes per server request: base64 makes 5 MB about 6.7 MB of JSON, under serve's default 8 MB body limit
+MAX_REQUEST_BYTES = 5 << 20
 
 
 class PredictError(TransferkitError, ValueError):
@@ -325,7 +327,7 @@ def predict_server(
     progress: bool = True,
 ) -> Predictions:
     """The same images as raw bytes to URL's POST /v1/models/<name>/predict, `batch_size` a request (JSON
-    base64 batch). A request refused for its images (400/413/415) is resent one image at a time, so only the
+    base64 batch; fewer where their bytes pass MAX_REQUEST_BYTES). A request refused for its images (400/413/415) is resent one image at a time, so only the
     images the server refuses are skipped, with its reason. Other refusals (401, 404, 5xx, no server) stop the
     run with a PredictError; a version named with NAME@VERSION must be the one the server answers with."""
     import httpx
@@ -339,7 +341,7 @@ def predict_server(
         for i in range(0, len(files), batch_size):
             chunk = files[i : i + batch_size]
             sent = _read_bytes(chunk, result.skipped)
-            for p, body in _answers(post, sent, result.skipped):
+            for p, body in (a for group in _by_size(sent) for a in _answers(post, group, result.skipped)):
                 if model.pinned and body["version"] != model.version:
                     raise PredictError(
                         f"{url}: serves {model.name} version {body['version']}, not the version {model.version} "
@@ -349,6 +351,19 @@ def predict_server(
                 result.rows.append(_row(p, body["top_k"]))
             bar.update(len(chunk))
     return result
+
+
+def _by_size(sent: list[tuple[Path, bytes]]) -> Iterator[list[tuple[Path, bytes]]]:
+    """Consecutive groups of at most MAX_REQUEST_BYTES of image bytes (one image alone may exceed it)."""
+    group, size = [], 0
+    for item in sent:
+        if group and size + len(item[1]) > MAX_REQUEST_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += len(item[1])
+    if group:
+        yield group
 
 
 def _read_bytes(chunk: list[Path], skipped: list[dict[str, str]]) -> list[tuple[Path, bytes]]:
