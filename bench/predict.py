@@ -10,8 +10,9 @@ image of the dataset folder (train, val, test; PNG), read from disk each pass. B
 data.load_rgb and preprocess with serve.decode.preprocess; onnxruntime gets --threads intra-op threads on both
 sides (the server process also gets OMP_NUM_THREADS=1, as in the serve tests). Each figure is images/s over a
 whole pass (decode + inference; the server's also HTTP, base64 and JSON), mean +- sd over --repeats passes,
-after one warm-up pass. The ratio is predict / server per batch size; `agreement` is the share of images
-where both give the same label.
+after one warm-up pass. The ratio is predict / server per batch size; CPU ms per image counts predict's
+process, or the client's plus the server process's (what a loaded machine disturbs least); `agreement` is the
+share of images where both give the same label.
 
 Writes bench/results/predict.json and bench/results/predict.md and prints the table.
 """
@@ -88,15 +89,28 @@ def start_server(repo: Path, log: Path, threads: int) -> tuple[subprocess.Popen,
     raise RuntimeError(f"server not ready: {log.read_text()[-2000:]}")
 
 
-def passes(fn, repeats: int, n: int) -> tuple[list[float], object]:
-    """images/s of `repeats` timed passes after one warm-up pass; the last pass's result."""
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process (pid None) or of another one (/proc/PID/stat)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def passes(fn, repeats: int, n: int, server_pid: int | None = None) -> tuple[list[float], list[float], object]:
+    """images/s and CPU ms per image (this process + the server's) of `repeats` timed passes after one warm-up
+    pass; the last pass's result. CPU time is what a loaded machine disturbs least."""
     out = fn()
-    rates = []
+    rates, cpu = [], []
     for _ in range(repeats):
+        c0 = cpu_seconds() + (cpu_seconds(server_pid) if server_pid else 0.0)
         t0 = time.perf_counter()
         out = fn()
         rates.append(n / (time.perf_counter() - t0))
-    return rates, out
+        c1 = cpu_seconds() + (cpu_seconds(server_pid) if server_pid else 0.0)
+        cpu.append(1000 * (c1 - c0) / n)
+    return rates, cpu, out
 
 
 def main() -> None:
@@ -117,13 +131,16 @@ def main() -> None:
     rows = []
     try:
         for bs in [int(b) for b in a.batch_sizes.split(",")]:
-            local, lr = passes(
+            local, local_cpu, lr = passes(
                 lambda bs=bs: predict_local(model, files, batch_size=bs, threads=a.threads, progress=False),
                 a.repeats,
                 len(files),
             )
-            served, sr = passes(
-                lambda bs=bs: predict_server(model, files, url, batch_size=bs, progress=False), a.repeats, len(files)
+            served, served_cpu, sr = passes(
+                lambda bs=bs: predict_server(model, files, url, batch_size=bs, progress=False),
+                a.repeats,
+                len(files),
+                proc.pid,
             )
             same = sum(x["label"] == y["label"] for x, y in zip(lr.rows, sr.rows)) / len(files)
             row = {
@@ -135,6 +152,9 @@ def main() -> None:
                 "server_mean": round(statistics.mean(served), 1),
                 "server_sd": round(statistics.stdev(served), 1) if len(served) > 1 else 0.0,
                 "ratio": round(statistics.mean(local) / statistics.mean(served), 2),
+                "predict_cpu_ms_per_image": round(statistics.mean(local_cpu), 2),
+                "server_cpu_ms_per_image": round(statistics.mean(served_cpu), 2),  # client + server process
+                "cpu_ratio": round(statistics.mean(served_cpu) / statistics.mean(local_cpu), 2),
                 "agreement": same,
                 "n_images": len(files),
                 "skipped": len(lr.skipped) + len(sr.skipped),
@@ -167,13 +187,15 @@ def write(rows: list[dict], a, model) -> None:
         f"ORT threads {a.threads}; mean +- sd of {a.repeats} passes; measured under load, "
         f"load average {meta['load_average_at_end'][0]:.1f} on {meta['cpus']} CPUs)",
         "",
-        "| batch size | predict images/s | server images/s | predict / server | same label |",
-        "|---|---|---|---|---|",
+        "| batch size | predict images/s | server images/s | predict / server | CPU ms/image predict | "
+        "CPU ms/image server (+ client) | same label |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['batch_size']} | {r['predict_mean']} +- {r['predict_sd']} | {r['server_mean']} +- "
-            f"{r['server_sd']} | {r['ratio']}x | {100 * r['agreement']:.1f}% |"
+            f"{r['server_sd']} | {r['ratio']}x | {r['predict_cpu_ms_per_image']} | {r['server_cpu_ms_per_image']} | "
+            f"{100 * r['agreement']:.1f}% |"
         )
     (res / "predict.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ def write_error_report(
     from transferkit.data import load_with_params
     from transferkit.io import atomic_write_text, write_json
 
+    t0 = time.perf_counter()
     run = Path(run)
     ds = load_with_params(Path(metrics["target"]), params, seed=int(metrics.get("seed", params.seed)))
     classes = list(test[2])
@@ -72,6 +74,7 @@ def write_error_report(
         "confused_pairs": [[c["true"], c["predicted"], c["count"]] for c in data["confused_pairs"][:3]],
         "label_doubts": len(doubts.get("candidates", [])),
         "label_doubt_method": doubts.get("method"),
+        "seconds": round(time.perf_counter() - t0, 2),  # recorded, never decides anything
     }
 
 
