@@ -246,6 +246,51 @@ def drift(
     )
 
 
+@app.command("embed-pool")
+@_guard
+def embed_pool(
+    pool: Annotated[Path, typer.Option(help="image folder to embed (flat, or a dataset with DIR/unlabelled/)")],
+    model: Annotated[Optional[str], typer.Option(help="model spec (default: drift.model)")] = None,
+    runner: Annotated[str, typer.Option(help="local (this process) | dask (shards on Dask workers)")] = "local",
+    workers: Annotated[int, typer.Option(min=1, help="Dask LocalCluster worker processes")] = 2,
+    dask_address: Annotated[Optional[str], typer.Option(help="an existing Dask scheduler (tcp://HOST:8786)")] = None,
+    shard_size: Annotated[
+        Optional[int], typer.Option(min=1, help="images per shard, a multiple of data.batch_size (default 16 batches)")
+    ] = None,
+    max_shards: Annotated[
+        Optional[int], typer.Option(min=0, help="embed at most this many new shards, then stop")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="also write the summary here (JSON)")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Embed a large image pool into the embedding cache, shard by shard, on Dask workers or here (resumable)."""
+    from transferkit.io import write_json
+    from transferkit.pool import embed_pool as run
+
+    p = _params(params, set_)
+    r = run(
+        pool,
+        model or p.drift.model,
+        p.data.image_size,
+        p.data.batch_size,
+        shard_size,
+        runner,
+        workers,
+        dask_address,
+        max_shards,
+        progress=not quiet,
+    )
+    if out:
+        write_json(out, r)
+    state = "complete" if r["complete"] else "partial (run again to continue)"
+    typer.echo(
+        f"embed-pool: {r['images']} images in {r['shards']} shards, {len(r['computed'])} computed, "
+        f"{len(r['reused'])} reused; {state} -> {r['cache']}"
+    )
+
+
 @app.command()
 @_guard
 def select(
