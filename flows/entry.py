@@ -4,7 +4,8 @@ Each flow module ends in `if __name__ == "__main__": main(<its flows>)`. The fla
 parameters (`monitor_dir` -> `--monitor-dir`), so they cannot drift from the signature that deployments and
 `transferkit` call; values are YAML like `transferkit --set` values (`3`, `true`, `null`, `{"train.epochs": 3}`),
 except for `str` parameters, which take the text as it is. The flow's return value is printed as JSON.
-Expected failures (transferkit's errors) print one line and exit 1; a failed validation gate exits 3.
+Expected failures (transferkit's errors) print one line and exit with their code from
+`transferkit.errors.EXIT_CODES`; a run the validation gate refused completes, prints its result and exits 3.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ def _value(text: str) -> Any:
 def main(*flows, argv: list[str] | None = None) -> None:
     """Run one of FLOWS with ARGV as its parameters and print the result; with several flows the first
     argument names which (the flow function's name)."""
-    from transferkit.errors import TransferkitError
-    from transferkit.validate import GateFailed
+    from transferkit.errors import EXIT_REFUSED, TransferkitError, exit_code
 
     doc = sys.modules[flows[0].fn.__module__].__doc__ or ""
     ap = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])
@@ -59,10 +59,9 @@ def main(*flows, argv: list[str] | None = None) -> None:
     args.pop("flow", None)
     try:
         result = chosen(**args)
-    except GateFailed as e:
+    except (TransferkitError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except TransferkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exit_code(e))
     print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, dict) and (result.get("refused") or (result.get("summary") or {}).get("refused")):
+        sys.exit(EXIT_REFUSED)

@@ -141,13 +141,17 @@ def test_flow_stops_at_a_failed_gate_and_exports_nothing(flow_run, tiny_target, 
     )
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert "transfer does not help here" in p.stderr and "nothing exported" in p.stderr
+    # a refusal is the run's answer, not a crash: no traceback, and every flow run of it completed
+    assert "Traceback" not in p.stdout + p.stderr and "ERROR" not in p.stdout + p.stderr
     assert not list((tmp / "models2").rglob("model.onnx")) if (tmp / "models2").exists() else True
     assert json.loads((tmp / "run2" / "train" / "validation.json").read_text())["passed"] is False
 
     with sqlite3.connect(tmp / "prefect" / "prefect.db") as db:
         tasks = [n for (n,) in db.execute("SELECT name FROM task_run")]
         flows = {n for (n,) in db.execute("SELECT name FROM flow")}
+        states = {s for (s,) in db.execute("SELECT state_type FROM flow_run")}
     assert sum(n.startswith("score-") for n in tasks) == 2 and "select" in flows, (tasks, flows)
+    assert states == {"COMPLETED"}, states
     first, second = (json.loads((tmp / r / "select" / "ranking.json").read_text()) for r in ("run", "run2"))
     assert second["selected"] == first["selected"]
     assert [(c["model"], c["logme"]) for c in second["candidates"]] == [

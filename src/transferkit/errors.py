@@ -16,3 +16,20 @@ class TransferkitError(Exception):
 
 class InputError(TransferkitError, ValueError):
     """A file or value that belongs to no single stage and is not what it must be (e.g. malformed JSON)."""
+
+
+class Busy(TransferkitError):
+    """Another process holds what this one needs (a DVC workspace): nothing was done, try again later."""
+
+
+# Exit codes of the CLI and of `python -m flows...`, in one table. A refused gate is not an error: it is a
+# completed run whose verdict is "no"; scripts still see it as EXIT_REFUSED.
+EXIT_ERROR = 1  # bad input or a refused operation (a TransferkitError), a missing or unreadable file (OSError)
+EXIT_REFUSED = 3  # the validation gate refused the model: nothing exported
+EXIT_BUSY = 75  # EX_TEMPFAIL (sysexits.h): nothing was written, try again later
+EXIT_CODES: dict[type[BaseException], int] = {Busy: EXIT_BUSY, TransferkitError: EXIT_ERROR, OSError: EXIT_ERROR}
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of an expected error (`EXIT_CODES`, most specific type first); None for a bug."""
+    return next((EXIT_CODES[t] for t in type(error).__mro__ if t in EXIT_CODES), None)

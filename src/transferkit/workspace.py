@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import Busy, TransferkitError
 
 # DVC's stages whose code deps are derived (`stage_code`): the stage's own module and every project module it
 # imports, directly or through others, at import time or inside a function (a lazy import still runs)
@@ -73,7 +73,7 @@ def stage_code(stage: str) -> list[str]:
     return sorted(f"src/transferkit/{files[m].relative_to(root).as_posix()}" for m in seen)
 
 
-class WorkspaceBusy(TransferkitError):
+class WorkspaceBusy(Busy):
     """Another DVC process (dvc repro, dvc exp run, a transferkit run) holds the workspace."""
 
 
