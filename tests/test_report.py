@@ -47,7 +47,7 @@ def noisy_clipart(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reported(noisy_clipart, tmp_path_factory):
     target, moved = noisy_clipart
-    params = load_params(None, {"data.image_size": 96})
+    params = load_params(None, {"data.image_size": 64})  # the images are 64 px
     run = tmp_path_factory.mktemp("report-run")
     metrics = run_train(
         target, run, params, "mobilenetv2_100", strategy="linear-probe", progress=False, baselines=False
