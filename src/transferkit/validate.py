@@ -336,6 +336,8 @@ def _contract_baseline(best: dict | None, metrics: dict) -> dict:
         "interval",
         "p_value",
         "epochs",
+        "test_balanced_accuracy",  # with skewed train labels (the metric the gain is on)
+        "val_balanced_accuracy",
     )
     return {k: best[k] for k in keep if k in best}
 
