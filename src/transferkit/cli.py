@@ -460,6 +460,8 @@ def validate(
     # ./params.yaml (or --params) + --set, like every stage: RUN/params.yaml is train's record, never an input
     r = run_validate(run, _params(params, set_), baseline, progress=not quiet)
     _report_gate(r)
+    if r.get("errors_report"):
+        typer.echo(f"  error analysis: {run / r['errors_report']['path']}")
     if not r["passed"] and not record:
         raise typer.Exit(EXIT_REFUSED)
 
