@@ -219,7 +219,10 @@ def test_new_data_event_triggers_a_retrain_that_ships_a_model_for_that_md5(deplo
     assert sub["state_type"] == "COMPLETED"  # transfer_pipeline ran as a subflow
     arts = _api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"], sub["id"]]}}})
     # no reference: no drift; the workspace is a DVC repository: the version was recorded before promotion
-    assert {a["key"] for a in arts} == {"select", "validate", "export", "dvc", "promote", "timings"}
+    assert {a["key"] for a in arts} == {"select", "validate", "validate-errors", "export", "dvc", "promote", "timings"}
+    link = next(a["data"] for a in arts if a["key"] == "validate-errors")  # "[text](file:///.../errors.html)"
+    errors = Path(link.rpartition("](file://")[2].rstrip(")"))
+    assert errors.name == "errors.html" and errors.is_file()
     assert "digits v1" in next(a["data"] for a in arts if a["key"] == "promote")
 
     # the closed loop: MNIST digits in the model server's reservoir (what `serve --monitor-dir` keeps) of a
