@@ -177,7 +177,7 @@ def collect_images(inputs: list[Path], list_file: Path | None = None) -> tuple[l
     skipped: list[dict[str, str]] = []
     named = list(inputs)
     if list_file is not None:
-        named += _read_list(Path(list_file), skipped)
+        named += _read_list(Path(list_file))
     for p in inputs:
         if not p.exists():
             raise PredictError(f"{p}: no such file or folder")
@@ -197,7 +197,7 @@ def collect_images(inputs: list[Path], list_file: Path | None = None) -> tuple[l
     return unique, skipped
 
 
-def _read_list(list_file: Path, skipped: list[dict[str, str]]) -> list[Path]:
+def _read_list(list_file: Path) -> list[Path]:
     try:
         text = list_file.read_text()
     except UnicodeDecodeError:
