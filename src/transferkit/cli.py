@@ -453,9 +453,8 @@ def validate(
     quiet: QuietOpt = False,
 ):
     """Gate a trained run: overfitting checks, negative transfer vs scratch/linear-probe baselines, quality report."""
-    from transferkit.validate import run_validate
-
     from transferkit.errors import EXIT_REFUSED
+    from transferkit.validate import run_validate
 
     # ./params.yaml (or --params) + --set, like every stage: RUN/params.yaml is train's record, never an input
     r = run_validate(run, _params(params, set_), baseline, progress=not quiet)

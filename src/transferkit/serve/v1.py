@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from transferkit.numeric import softmax
 from transferkit.serve.decode import ALLOWED_TYPES, decode_cost, decode_image, probe_image
-from transferkit.serve.errors import error_responses, PayloadTooLarge
+from transferkit.serve.errors import PayloadTooLarge, error_responses
 from transferkit.serve.parsing import ImageBytes, PredictJSON, request_images
 
 if TYPE_CHECKING:

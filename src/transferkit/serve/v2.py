@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from transferkit.serve.errors import error_responses, InvalidInput, NotFound, PayloadTooLarge
+from transferkit.serve.errors import InvalidInput, NotFound, PayloadTooLarge, error_responses
 from transferkit.serve.parsing import INLINE_JSON, json_cost, parse_json, read_body
 
 if TYPE_CHECKING:
