@@ -45,7 +45,7 @@ DATASETS = {
     "fashion": ("fashion-mnist", 32, 42, 2, 10, 40),
     "digits": ("digits", 32, 42, 2, 10, 40),
 }
-STRATEGIES = ("uncertain-diverse", "uncertain", "diverse")
+STRATEGIES = ("uncertain-diverse", "uncertain", "diverse", "typical")
 
 
 def _probe_accuracy(feats: dict, y: dict, add_x, add_y, n_classes: int, params) -> tuple[np.ndarray, float]:

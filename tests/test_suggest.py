@@ -77,7 +77,8 @@ def test_suggestions_favour_uncertain_images(pool_target, tmp_path):
         pool_target, tmp_path / "all", _params(**{"suggest.strategy": "uncertain"}), model=MODEL, n=60, progress=False
     )
     pool_margin = np.mean([s["margin"] for s in everything["suggestions"]])
-    picked = run_suggest(pool_target, tmp_path / "top", _params(), model=MODEL, n=10, progress=False)
+    combined = _params(**{"suggest.strategy": "uncertain-diverse"})
+    picked = run_suggest(pool_target, tmp_path / "top", combined, model=MODEL, n=10, progress=False)
     assert np.mean([s["margin"] for s in picked["suggestions"]]) < pool_margin
     rand = run_suggest(
         pool_target, tmp_path / "rand", _params(**{"suggest.strategy": "random"}), model=MODEL, n=10, progress=False
@@ -95,19 +96,25 @@ def test_near_duplicates_are_suggested_once(pool_target, tmp_path):
     copies = {top["path"], *(f"unlabelled/copy{k}.png" for k in range(3))}
     plain = run_suggest(target, tmp_path / "u", uncertain, model=MODEL, n=8, progress=False)
     assert copies <= set(_paths(plain))  # uncertainty alone takes every copy
-    spread = run_suggest(target, tmp_path / "d", _params(), model=MODEL, n=8, progress=False)
-    assert len(copies & set(_paths(spread))) <= 1
-    # and no two suggestions are near-duplicates in the features the ranking used
+    for strategy in ("uncertain-diverse", "typical"):
+        spread = run_suggest(
+            target, tmp_path / strategy, _params(**{"suggest.strategy": strategy}), model=MODEL, n=8, progress=False
+        )
+        assert len(copies & set(_paths(spread))) <= 1, strategy
+        # and no two suggestions are near-duplicates in the features the ranking used
+        f = _features(target, _paths(spread))
+        assert ((f @ f.T)[~np.eye(len(f), dtype=bool)] < 1 - 1e-6).all(), strategy
+
+
+def _features(target, paths: list[str]) -> np.ndarray:
+    """L2-normalised cached features of TARGET's images `paths`."""
     from transferkit.data import load_with_params
     from transferkit.embed import embeddings
 
     p = _params()
     ds = load_with_params(target, p)
-    picked = [(target / s, -1) for s in _paths(spread)]
-    f = embeddings(MODEL, picked, ds.md5, p.data, progress=False)["features"]
-    f = f / np.linalg.norm(f, axis=1, keepdims=True)
-    cos = f @ f.T
-    assert (cos[~np.eye(len(f), dtype=bool)] < 1 - 1e-6).all()
+    f = embeddings(MODEL, [(target / s, -1) for s in paths], ds.md5, p.data, progress=False)["features"]
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
 
 
 def test_random_is_seeded_and_a_run_checkpoint_ranks_too(pool_target, tmp_path):

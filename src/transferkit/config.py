@@ -295,10 +295,11 @@ class SuggestParams(_Group):
     """Which unlabelled images to label next (transferkit.suggest)."""
 
     n: int = Field(20, ge=1, le=100_000, description="how many pool images to suggest")
-    strategy: Literal["uncertain-diverse", "uncertain", "diverse", "random"] = Field(
+    strategy: Literal["uncertain-diverse", "uncertain", "diverse", "typical", "random"] = Field(
         "uncertain-diverse",
         description="uncertain-diverse: small margin x distance to the labelled and earlier picks x predicted-class "
-        "balance; uncertain: smallest margins; diverse: k-center greedy; random: the seeded control",
+        "balance; uncertain: smallest margins; diverse: k-center greedy; typical: TypiClust (the most typical image of "
+        "each large unlabelled k-means cluster); random: the seeded control",
     )
     balance: float = Field(
         1.0, ge=0, le=10, description="exponent of the predicted-minority bonus (0 = ignore class balance)"

@@ -20,6 +20,9 @@ Strategies (`suggest.strategy`), each a greedy pick of N images, one at a time:
                      classes are favoured
   uncertain          the N smallest margins (uncertainty sampling, Lewis & Gale 1994), no spreading
   diverse            k-center greedy on the features alone (balance and distance, no uncertainty)
+  typical            TypiClust (Hacohen et al. 2022, for small budgets): k-means of labelled + pool features into
+                     labelled + N clusters; from the largest clusters no label covers yet, each one's most typical
+                     image (the smallest mean distance to its nearest neighbours in the cluster)
   random             a seeded random draw: the control every strategy is measured against (bench/suggest.py)
 Outputs in OUT: suggestions.csv and suggestions.json (rank, path, score, predicted label, confidence, margin,
 distance, reason), contact_sheet.png (a grid of the N with rank and prediction) and contact_sheet.html.
@@ -35,7 +38,7 @@ import numpy as np
 from transferkit.config import Params
 from transferkit.errors import TransferkitError
 
-STRATEGIES = ("uncertain-diverse", "uncertain", "diverse", "random")
+STRATEGIES = ("uncertain-diverse", "uncertain", "diverse", "typical", "random")
 
 
 class SuggestError(TransferkitError, ValueError):
@@ -80,6 +83,9 @@ def rank_pool(
     if strategy == "uncertain":
         order = np.argsort(margin, kind="stable")[:n]
         return [_pick(int(i), float(1 - margin[i]), margin, dist, pred) for i in order]
+    if strategy == "typical":
+        order, typ = _typical(f, lab, n, seed)
+        return [_pick(int(i), float(typ[i]), margin, dist, pred) for i in order]
     uncertainty = 1.0 - margin if strategy == "uncertain-diverse" else np.ones(len(probs))
     taken = np.zeros(len(probs), bool)
     picks = []
@@ -93,6 +99,41 @@ def rank_pool(
         counts[pred[i]] += 1
         dist = np.minimum(dist, np.maximum(1.0 - f @ f[i], 0.0))
     return picks
+
+
+def _typical(f: np.ndarray, lab: np.ndarray, n: int, seed: int, neighbours: int = 20):
+    """TypiClust's picks (pool indices) and every pool image's typicality (1 / mean distance to its nearest
+    neighbours within its k-means cluster)."""
+    from sklearn.cluster import KMeans
+
+    from transferkit.numeric import one_blas_thread
+
+    both = np.concatenate([lab, f])
+    k = min(len(lab) + n, len(both))
+    with one_blas_thread():
+        assign = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(both).labels_
+    covered, cl = set(assign[: len(lab)].tolist()), assign[len(lab) :]
+    typ = np.zeros(len(f))
+    for c in np.unique(cl):
+        idx = np.flatnonzero(cl == c)
+        if len(idx) == 1:
+            typ[idx] = 1.0
+            continue
+        d = np.sqrt(np.maximum(2 - 2 * f[idx] @ f[idx].T, 0))
+        d.sort(axis=1)
+        typ[idx] = 1.0 / (d[:, 1 : 1 + neighbours].mean(1) + 1e-9)
+    sizes = np.bincount(cl, minlength=k)
+    # rounds over the clusters, the largest uncovered first, then the covered ones (ties: lower cluster id); each
+    # round takes every cluster's most typical image not yet picked
+    by_size = [int(c) for c in np.argsort(-sizes, kind="stable") if sizes[c]]
+    order = [c for c in by_size if c not in covered] + [c for c in by_size if c in covered]
+    members = {c: list(np.flatnonzero(cl == c)[np.argsort(-typ[cl == c], kind="stable")]) for c in order}
+    picks: list[int] = []
+    for r in range(int(sizes.max())):
+        picks += [int(members[c][r]) for c in order if r < len(members[c])]
+        if len(picks) >= n:
+            break
+    return picks[:n], typ
 
 
 def _pick(i: int, score: float, margin, dist, pred) -> dict:
