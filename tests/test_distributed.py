@@ -135,3 +135,22 @@ def test_two_processes_train_resume_after_rank0_is_killed_and_match_one_process(
     se = math.sqrt(sum(a * (1 - a) for a in (one["test_accuracy"], m["test_accuracy"])) / n)
     assert abs(m["test_accuracy"] - one["test_accuracy"]) <= 3 * se + 1 / n, (one["test_accuracy"], m["test_accuracy"])
     assert m["test_accuracy"] > 0.1 + 3 * math.sqrt(0.09 / n)  # and it learned: above chance (10 classes)
+
+
+def test_several_nodes_need_a_rendezvous_endpoint(digits, tmp_path):
+    cmd = _train_cmd(digits, tmp_path / "out", 2) + ["--nnodes", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--nnodes > 1 needs --rdzv-endpoint HOST:PORT" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_global_batches_split_evenly_and_fold_a_short_tail():
+    from transferkit.distributed import DistributedError, GlobalBatchSampler
+
+    # 37 images, global batch 16, 2 ranks: batches 16, 16, 5 -> 8+8, 8+8, 3+2 (no image twice, none dropped)
+    ranks = [GlobalBatchSampler(37, 16, r, 2, None).global_batches(list(range(37))) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and [len(b) for b in ranks[0]] == [16, 16, 5]
+    # 34 images: the tail of 2 would leave each rank 1 image (BatchNorm needs 2): folded into the batch before
+    assert [len(b) for b in GlobalBatchSampler(34, 16, 0, 2, None).global_batches(list(range(34)))] == [16, 18]
+    with pytest.raises(DistributedError, match="at least 2 images for each of 4 ranks"):
+        GlobalBatchSampler(100, 6, 0, 4, None)

@@ -158,7 +158,8 @@ class GlobalBatchSampler:
     def global_batches(self, perm: list[int]) -> list[list[int]]:
         b = [perm[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
         if len(b) > 1 and len(b[-1]) < 2 * self.world:
-            b[-2] = b[-2] + b.pop()
+            tail = b.pop()
+            b[-1] = b[-1] + tail
         return b
 
     def __iter__(self):
