@@ -9,7 +9,7 @@ started together, each running RUNS flow runs at once of a small flow with TASKS
 (tests/prefect_load.py). Counted: flow runs the server recorded COMPLETED, client errors, and "database is
 locked" / OperationalError lines in the server log. Wall seconds are from a shared 2-core machine (under load)
 and serve only to compare the two backends within one run.
-Writes bench/results/prefect_db.json and bench/results/prefect_db.md.
+Writes bench/results/prefect_db.json and bench/results/prefect_db.md (or --name's).
 """
 
 from __future__ import annotations
@@ -82,12 +82,13 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=3)
     ap.add_argument("--runs", type=int, default=8)
     ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument("--name", default="prefect_db", help="results file stem (bench/results/NAME.json/.md)")
     a = ap.parse_args()
     load0 = os.getloadavg()[0]
     rows = [measure(b, a.procs, a.runs, a.tasks) for b in ("sqlite", "postgresql")]
     res = {"rows": rows, "setup": {**vars(a), "load_avg_1m_at_start": load0, "cores": len(os.sched_getaffinity(0))}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "prefect_db.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = [
         "# Prefect server database: concurrent flow runs, SQLite vs PostgreSQL",
         "",
@@ -104,7 +105,7 @@ def main() -> None:
         )
     errs = [f"- {r['backend']}: {e[:200]}" for r in rows for e in r["client_errors"][:3]]
     lines += ["", *(["first client errors:", *errs, ""] if errs else [])]
-    (RESULTS / "prefect_db.md").write_text("\n".join(lines))
+    (RESULTS / f"{a.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -16,7 +16,7 @@ from transferkit import database
 from transferkit.orchestrate import free_port, prefect_env, stop, wait_healthy
 
 pytestmark = pytest.mark.skipif(
-    not database.available(), reason="PostgreSQL server binaries (initdb, postgres) missing"
+    not database.available(), reason="PostgreSQL server binaries missing, or root without a postgres user to run them"
 )
 TK = str(Path(sys.executable).parent / "transferkit")
 LOCK_ERRORS = ("database is locked", "OperationalError", "deadlock detected")

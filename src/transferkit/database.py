@@ -96,10 +96,14 @@ def _bin(name: str) -> str:
 
 
 def available() -> bool:
-    """PostgreSQL server binaries (initdb, postgres) on this machine."""
+    """PostgreSQL server binaries (initdb, postgres) on this machine, and as root the `postgres` user to run them."""
+    import pwd
+
     try:
         _bin("initdb"), _bin("postgres")
-    except DatabaseError:
+        if os.geteuid() == 0:
+            pwd.getpwnam("postgres")
+    except (DatabaseError, KeyError):
         return False
     return True
 
