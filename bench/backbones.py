@@ -7,7 +7,7 @@ Random weights (`timm.create_model(..., pretrained=False)`): compute per image d
 the weights, so no download is needed. For each model: forward (eval, no grad) and one train step (train mode,
 forward + cross-entropy + backward + AdamW step, every parameter trainable: a full fine-tune) on a batch of
 random images at the model's pretrained input size (timm's pretrained config), ms per image as mean +- sd over
-`--repeats` timed batches after one warm-up, and the ratio to MobileNetV2-100 at 224 px measured in the same
+`--repeats` rounds (round robin over the models after one warm-up call each), and the ratio to MobileNetV2-100 at 224 px measured in the same
 process. DINOv2 is measured at its native 518 px and at 224 px (timm resamples its position embedding), the
 side a user would pick to make it affordable. Wall-clock figures: the machine may be shared; the 1-minute load
 average before and after is recorded next to them.
@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/select.py would shadow the standard library's `select` with this folder first on sys.path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 BASELINE = "mobilenetv2_100"
@@ -41,17 +43,8 @@ MODELS = (
 )
 
 
-def _ms_per_image(fn, batch: int, repeats: int) -> dict:
-    fn()  # warm-up: allocator, oneDNN kernels
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000 / batch)
-    return {"mean": statistics.mean(times), "sd": statistics.stdev(times) if len(times) > 1 else 0.0, "n": len(times)}
-
-
-def measure(name: str, side: int | None, batch: int, repeats: int) -> dict:
+def build(name: str, side: int | None, batch: int) -> dict:
+    """The model at its side with a random batch, and its two timed calls (forward; a full fine-tune step)."""
     import timm
     import torch
 
@@ -76,13 +69,34 @@ def measure(name: str, side: int | None, batch: int, repeats: int) -> dict:
         opt.step()
 
     n = sum(p.numel() for p in model.parameters())
-    return {
-        "model": name,
-        "side": side,
-        "params_m": round(n / 1e6, 2),
-        "forward_ms": _ms_per_image(forward, batch, repeats),
-        "train_step_ms": _ms_per_image(train_step, batch, repeats),
-    }
+    return {"side": side, "params_m": round(n / 1e6, 2), "calls": {"forward": forward, "train_step": train_step}}
+
+
+def measure(batch: int, repeats: int) -> list[dict]:
+    """ms per image, mean +- sd over `repeats` rounds; each round times every model once (round robin after one
+    warm-up call each), so a change in the machine's load falls on every model alike, the baseline included."""
+    models = []
+    for label, name, side in MODELS:
+        m = {"label": label, "model": name, **build(name, side, batch)}
+        for fn in m["calls"].values():
+            fn()  # warm-up: allocator, oneDNN kernels
+        models.append(m)
+    times = {(m["label"], k): [] for m in models for k in m["calls"]}
+    for r in range(repeats):
+        for m in models:
+            for k, fn in m["calls"].items():
+                t0 = time.perf_counter()
+                fn()
+                times[(m["label"], k)].append((time.perf_counter() - t0) * 1000 / batch)
+        print(f"round {r + 1}/{repeats} done", flush=True)
+    rows = []
+    for m in models:
+        row = {k: v for k, v in m.items() if k != "calls"}
+        for k in m["calls"]:
+            t = times[(m["label"], k)]
+            row[f"{k}_ms"] = {"mean": statistics.mean(t), "sd": statistics.stdev(t) if len(t) > 1 else 0.0, "n": len(t)}
+        rows.append(row)
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -111,11 +125,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)  # set deliberately: the same for every model
     load_before = os.getloadavg()[0]
-    rows = []
-    for label, name, side in MODELS:
-        r = {"label": label, **measure(name, side, args.batch, args.repeats)}
-        rows.append(r)
-        print(f"{label}: forward {r['forward_ms']['mean']:.1f} ms/img, train step {r['train_step_ms']['mean']:.1f}")
+    rows = measure(args.batch, args.repeats)
     base = rows[0]
     for r in rows:
         r["forward_ratio"] = r["forward_ms"]["mean"] / base["forward_ms"]["mean"]

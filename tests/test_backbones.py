@@ -131,6 +131,8 @@ def _trained(runs: dict, target: Path, fam: str, strategy: str) -> Path:
     if key not in runs:
         out = runs["root"] / f"{fam}-{strategy}"
         run_train(target, out, _params(fam), FAMILIES[fam][0], strategy=strategy, progress=False)
+        if strategy != "linear-probe":  # validate reuses the family's probe as its baseline (same source)
+            shutil.copytree(_trained(runs, target, fam, "linear-probe"), out / "baseline_linear_probe")
         run_validate(out, _params(fam), progress=False)
         runs[key] = out
     return runs[key]
@@ -242,6 +244,10 @@ def test_every_strategy_trains_and_the_gate_judges_it(hub, target, runs, fam, st
     else:
         assert m["frozen_params"] == 0
     assert isinstance(v["passed"], bool) and (v["passed"] or v["reasons"])  # a verdict, with reasons if refused
+    if strategy != "linear-probe":  # judged against the linear probe of the same source
+        probe = read_json(runs[(fam, "linear-probe")] / "metrics.json")
+        lp = next(b for b in v["baselines"] if b["strategy"] == "linear-probe")
+        assert lp["model"] == FAMILIES[fam][0] and lp["test_accuracy"] == probe["test_accuracy"]
 
 
 def test_partial_trains_the_top_block_and_its_final_norm(hub):
