@@ -24,6 +24,8 @@ from conftest import serving
 from transferkit.config import load_params
 from transferkit.io import read_json
 
+pytestmark = pytest.mark.slow
+
 # family -> (timm hub name, side in px): the smallest of each family, at a side its patch grid divides
 FAMILIES = {
     "vit": ("vit_tiny_patch16_224.augreg_in21k_ft_in1k", 32),
@@ -163,6 +165,19 @@ def test_hub_weights_load_offline_at_the_asked_side_with_the_pretrained_preproce
         assert lm.model(torch.zeros(2, 3, side, side)).shape[0] == 2
     # `auto`: a hub model at its pretrained config's own side
     assert zoo.create_model(name, image_size="auto").data_config["input_size"][-1] == cfg.input_size[-1]
+
+
+def test_zoo_list_shows_recommended_sources_by_family_and_which_are_here(hub):
+    from transferkit import zoo
+
+    rows = {r["model"]: r for r in zoo.list_entries() if r["kind"] == "hub"}
+    assert {r["family"] for r in rows.values()} >= {"vit", "dinov2", "convnext", "clip"}
+    for name, _ in FAMILIES.values():
+        assert rows[name]["available"] is True and str(hub["cache"]) in rows[name]["detail"]
+    big = rows["vit_base_patch16_clip_224.openai"]  # not in this cache: how to get it
+    assert big["available"] is False and "zoo fetch vit_base_patch16_clip_224.openai" in big["detail"]
+    assert big["input_size"] == 224 and 80 < big["params_m"] < 95 and big["mb"] > 300 and big["license"]
+    assert rows["vit_small_patch14_dinov2.lvd142m"]["input_size"] == 518
 
 
 def test_zoo_fetch_pins_the_cached_file_and_a_changed_file_is_refused(hub, tmp_path):
