@@ -607,6 +607,20 @@ class _Run:
         return self.start
 
 
+def _epoch_bar(run, epochs: int, desc: str, progress: bool):
+    """The epochs left to train (from run.start, after a resume), as a progress bar."""
+    from tqdm import tqdm
+
+    return tqdm(
+        range(run.start, epochs + 1),
+        desc=desc,
+        unit="epoch",
+        initial=run.start - 1,
+        total=epochs,
+        disable=not progress or run.done,
+    )
+
+
 def _on_device(model, dev):
     """`model` on `dev`, and the module the training steps call: DDP over it under torchrun (SyncBatchNorm on
     GPU: transferkit.distributed); evaluation and checkpoints use `model`, whose weights it shares."""
@@ -634,7 +648,6 @@ def _finetune(
     `prune(history)` true ends it after that epoch (the search's limit). Returns (split accuracies, history,
     best epoch, epoch resumed from or 0, why it stopped early: "" or "pruned", per-image val correctness)."""
     import torch
-    from tqdm import tqdm
 
     from transferkit import zoo
     from transferkit.embed import device
@@ -653,14 +666,7 @@ def _finetune(
         print(f"train: resuming {out} from epoch {resumed} ({ckpt})", file=sys.stderr)
     else:
         _seed_everything(params.seed)  # same dropout/augmentation draws whatever ran before in this process
-    bar = tqdm(
-        range(run.start, t.epochs + 1),
-        desc=f"train {strategy} {lm.spec.spec}",
-        unit="epoch",
-        initial=run.start - 1,
-        total=t.epochs,
-        disable=not progress or run.done,
-    )
+    bar = _epoch_bar(run, t.epochs, f"train {strategy} {lm.spec.spec}", progress)
     for epoch in bar:
         if run.done:
             break
