@@ -18,6 +18,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--rdzv-backend=c10d"
 SETS = {
     "data.image_size": 32,
     "data.batch_size": 16,
+    "train.strategy": "full",  # in the params too: the Prefect task's run below must have the same fingerprint
     "train.epochs": 2,
     "train.min_epochs": 2,
     "train.patience": 2,
@@ -92,9 +93,10 @@ def _rank0(launcher: int):
 
 
 @pytest.mark.slow
-def test_two_processes_train_resume_after_rank0_is_killed_and_match_one_process(digits, tmp_path):
+def test_two_processes_train_resume_after_rank0_is_killed_and_match_one_process(digits, tmp_path, capfd, monkeypatch):
     import torch
 
+    from flows.pipeline import train_task
     from transferkit.config import load_params
     from transferkit.train import run_train
 
@@ -103,7 +105,8 @@ def test_two_processes_train_resume_after_rank0_is_killed_and_match_one_process(
     )
 
     out, env = tmp_path / "two", _env(tmp_path)
-    proc = subprocess.Popen(_train_cmd(digits, out, 2), env=env, stderr=subprocess.PIPE, text=True)
+    # cwd without a params.yaml: the defaults + SETS, as in the 1-process run above
+    proc = subprocess.Popen(_train_cmd(digits, out, 2), env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     ckpt, deadline, killed = out / "checkpoint.pt", time.time() + 300, None
     while killed is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -118,11 +121,16 @@ def test_two_processes_train_resume_after_rank0_is_killed_and_match_one_process(
     killed_at = torch.load(ckpt, weights_only=True)["epoch"]
     assert killed_at == 1
 
-    again = subprocess.run(_train_cmd(digits, out, 2), env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming {out} from epoch {killed_at + 1}" in again.stderr
-    assert again.stdout.count("train: mobilenetv2_100 strategy=full") == 1  # rank 0 alone reports
-    m = json.loads((out / "metrics.json").read_text())
+    # resumed by the Prefect train task (the flow's route: train.nproc_per_node launches torchrun itself)
+    for k in ("OMP_NUM_THREADS", "TMPDIR"):
+        monkeypatch.setenv(k, env[k])
+    params = load_params(None, {**SETS, "train.nproc_per_node": 2}).model_dump(mode="json")
+    capfd.readouterr()
+    m = train_task.fn(str(digits), str(out), params, "mobilenetv2_100", None, False)
+    again = capfd.readouterr()
+    assert f"resuming {out} from epoch {killed_at + 1}" in again.err
+    assert again.out.count("train: mobilenetv2_100 strategy=") == 1  # rank 0 alone reports
+    assert m == json.loads((out / "metrics.json").read_text()) and m["strategy"] == "full"
     assert m["distributed"] == {"world_size": 2, "backend": "gloo", "nnodes": 1}
     assert m["resumed_from_epoch"] == killed_at + 1 and [h["epoch"] for h in m["history"]] == [1, 2]
     assert not ckpt.exists() and sorted(p.name for p in out.iterdir()) == sorted(
