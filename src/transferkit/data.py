@@ -353,17 +353,11 @@ def write_builtin(
     OUT/unlabelled/, shuffled across classes and numbered so that no name or order gives a label away.
     Source files that cannot be used are listed in the result's `skipped` (path and reason).
     `fit` size-normalises each image (`fit_box`; the grey datasets only).
-    `imbalance` (>= 1, needs `train_per_class`): an imbalanced target: train class sizes decay geometrically from
-    `train_per_class` (first class) to `train_per_class / imbalance` (last; transferkit.imbalance), the train
-    images a class does not get are left out, and val/test stay as they are (balanced: every class is measured
-    on as many images, so the minority's recall is measured as well as the majority's).
-    The result's `unlabelled_labels` (class per OUT/unlabelled/ file, in name order) is for benchmarks that
-    play the labeller; nothing written carries it.
+    `imbalance` (needs `train_per_class`): train class sizes decay geometrically from `train_per_class` to
+    `train_per_class / imbalance` (transferkit.imbalance); val/test stay balanced, the same images as without.
+    The result's `unlabelled_labels` (class per OUT/unlabelled/ file, in name order) is for benchmarks.
     """
-    _check_builtin_args(size, per_class, unlabelled_per_class)
-    _imbalanced_train_sizes(imbalance, train_per_class, 1)  # refuse bad arguments before reading any source
-    if fit and name == "clipart":
-        raise DataError("--fit applies to the grey datasets (mnist, digits, fashion-mnist), not clipart")
+    _check_builtin_args(name, size, per_class, unlabelled_per_class, fit, imbalance, train_per_class)
     src = _clipart_source(size) if name == "clipart" else _array_source(name, size, fit)
     train_sizes = _imbalanced_train_sizes(imbalance, train_per_class, len(src.classes))
     out = Path(out)
@@ -378,11 +372,8 @@ def write_builtin(
         plan += _class_plan(name, src, cname, labelled, out, train_per_class, val_per_class, train_sizes, c)
         pool_class += [c] * len(unlabelled)
     n_labelled = len(plan)
-    # One shuffle across classes: neither the names nor the order of OUT/unlabelled/ tell the label.
-    pool_labels = []
-    for j, i in enumerate(np.random.default_rng([seed, 1]).permutation(len(pool))):
-        plan.append((out / UNLABELLED_DIR / f"{j:05d}.png", pool[i]))
-        pool_labels.append(pool_class[i])
+    pool_plan, pool_labels = _pool_plan(out, pool, pool_class, seed)
+    plan += pool_plan
 
     _clear_builtin_out(out)
     _write_plan(name, src, plan, ready, progress)
@@ -403,6 +394,14 @@ def write_builtin(
     return info
 
 
+def _pool_plan(out: Path, pool: list, pool_class: list[int], seed: int) -> tuple[list, list[int]]:
+    """(path, key) of the unlabelled pool and each one's class. One shuffle across classes: neither the names nor
+    the order of OUT/unlabelled/ tell the label."""
+    order = np.random.default_rng([seed, 1]).permutation(len(pool))
+    plan = [(out / UNLABELLED_DIR / f"{j:05d}.png", pool[i]) for j, i in enumerate(order)]
+    return plan, [pool_class[i] for i in order]
+
+
 def _imbalanced_train_sizes(ratio: float | None, train_per_class: int | None, n_classes: int) -> list[int] | None:
     """Per-class train sizes of `--imbalance RATIO` (None: every class gets train_per_class)."""
     if ratio is None:
@@ -416,7 +415,13 @@ def _imbalanced_train_sizes(ratio: float | None, train_per_class: int | None, n_
     return imbalanced_counts(train_per_class, ratio, n_classes)
 
 
-def _check_builtin_args(size: int, per_class: int | None, unlabelled_per_class: int) -> None:
+def _check_builtin_args(
+    name: str, size: int, per_class: int | None, unlabelled_per_class: int, fit: bool, imbalance, train_per_class
+) -> None:
+    """Refuse bad arguments before reading any source."""
+    if fit and name == "clipart":
+        raise DataError("--fit applies to the grey datasets (mnist, digits, fashion-mnist), not clipart")
+    _imbalanced_train_sizes(imbalance, train_per_class, 1)
     if size < 8 or size > 512:
         raise DataError(f"--size must be between 8 and 512 px, got {size}")
     if per_class is not None and per_class < 1:
