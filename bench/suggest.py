@@ -60,7 +60,7 @@ def _probe_accuracy(feats: dict, y: dict, add_x, add_y, n_classes: int, params) 
     return correct, balanced_accuracy(correct, y["test"])
 
 
-def one_seed(name: str, seed: int, budgets: list[int], draws: int, model: str, side: int) -> dict:
+def one_seed(name: str, seed: int, budgets: list[int], draws: int, model: str, side: int, warm: int = 0) -> dict:
     from transferkit.config import load_params
     from transferkit.data import load_with_params, write_builtin
     from transferkit.embed import embeddings
@@ -72,10 +72,10 @@ def one_seed(name: str, seed: int, budgets: list[int], draws: int, model: str, s
     info = write_builtin(
         builtin, target, per_class, size, tpc, vpc, seed=seed, progress=False, unlabelled_per_class=upc
     )
-    truth = np.array(info["unlabelled_labels"])
     base = {"seed": seed, "data.image_size": side}
     params = load_params(None, base)
     ds = load_with_params(target, params)
+    truth = np.array([ds.classes.index(c) for c in info["unlabelled_labels"]])  # names: folders sort by name
     pool_index = {p: i for i, p in enumerate(ds.unlabelled)}
     samples = {s: ds.splits[s] for s in ("train", "val", "test")} | {"pool": [(p, -1) for p in ds.unlabelled]}
     feats = {s: embeddings(model, v, ds.md5, params.data, progress=False)["features"] for s, v in samples.items()}
@@ -85,6 +85,10 @@ def one_seed(name: str, seed: int, budgets: list[int], draws: int, model: str, s
     row = {"dataset": name, "seed": seed, "pool": len(truth), "start": {"accuracy": float(start_correct.mean())}}
     row["start"]["balanced_accuracy"] = start_bal
     row["budgets"] = {}
+    if warm:
+        row["budgets"] = _warm_budgets(feats, y, truth, k, params, budgets, draws, warm, seed)
+        row["start"] = row["budgets"].pop("start")
+        budgets = []
     for n in budgets:
         res = {}
         runs = [(s, {"suggest.strategy": s}) for s in STRATEGIES]
@@ -106,6 +110,41 @@ def one_seed(name: str, seed: int, budgets: list[int], draws: int, model: str, s
         row["budgets"][str(n)] = res
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def _warm_budgets(feats, y, truth, k, params, budgets, draws, warm, seed) -> dict:
+    """--warm K: K random pool images per class count as labelled first (a later labelling round); the strategies
+    then rank the rest with transferkit.suggest.rank_pool on the probe refitted with them, as run_suggest does on a
+    folder (here on arrays: moving files would re-embed the whole changed dataset)."""
+    from transferkit.imbalance import loss_weights
+    from transferkit.numeric import softmax
+    from transferkit.probe import fit_probe
+    from transferkit.suggest import rank_pool
+
+    first = np.random.default_rng([seed, 7]).choice(len(truth), warm * k, replace=False)
+    rest = np.setdiff1d(np.arange(len(truth)), first)
+    xl, yl = np.concatenate([feats["train"], feats["pool"][first]]), np.concatenate([y["train"], truth[first]])
+    w = loss_weights(yl, k, params.train)
+    fit = fit_probe((xl, yl), (feats["val"], y["val"]), k, params.train.probe_c, None, w)
+    probs = softmax(fit.logits(feats["pool"][rest]))
+    lab = np.concatenate([xl, feats["val"]])
+    counts = np.bincount(np.concatenate([yl, y["val"]]), minlength=k)
+    correct, bal = _probe_accuracy(feats, y, feats["pool"][first], truth[first], k, params)
+    out = {"start": {"accuracy": float(correct.mean()), "balanced_accuracy": bal, "warm": warm * k}}
+    for n in budgets:
+        res = {}
+        runs = [(s, s, seed) for s in STRATEGIES] + [(f"random-{d}", "random", 1000 * seed + d) for d in range(draws)]
+        for label, strategy, sd in runs:
+            picks = rank_pool(probs, feats["pool"][rest], lab, counts, n, strategy, params.suggest.balance, sd)
+            idx = np.concatenate([first, rest[[p["index"] for p in picks]]])
+            correct, bal = _probe_accuracy(feats, y, feats["pool"][idx], truth[idx], k, params)
+            res[label] = {
+                "accuracy": float(correct.mean()),
+                "balanced_accuracy": bal,
+                "correct": "".join("1" if c else "0" for c in correct),
+            }
+        out[str(n)] = res
+    return out
 
 
 def _t_interval(d: np.ndarray) -> list[float]:
@@ -153,7 +192,8 @@ def markdown(summary: list[dict], meta: dict) -> str:
     lines = [
         "# Label suggestions: suggested vs random labels (bench/suggest.py)",
         "",
-        f"Model {meta['model']} at {meta['image_size']} px (linear probe on cached features), seeds {meta['seeds']}, {meta['draws']} random "
+        f"Model {meta['model']} at {meta['image_size']} px (linear probe on cached features), "
+        f"{meta['warm']} random pool labels per class first, seeds {meta['seeds']}, {meta['draws']} random "
         f"draws per seed. Test accuracy after labelling N pool images and refitting; gain = strategy - mean random "
         "per seed (mean +- sd, 95% t interval over seeds); paired = per-image interval vs one random draw, all "
         "seeds' test images together.",
@@ -184,6 +224,7 @@ def main() -> None:
     ap.add_argument("--random-draws", type=int, default=5)
     ap.add_argument("--model", default="mobilenetv2_100")
     ap.add_argument("--image-size", type=int, default=128, help="embedding side (the pipeline's default is 192)")
+    ap.add_argument("--warm", type=int, default=0, help="random pool labels per class before the strategies pick")
     args = ap.parse_args()
     from transferkit.numeric import one_blas_thread
 
@@ -192,7 +233,9 @@ def main() -> None:
     with one_blas_thread():
         for name in args.datasets:
             for seed in args.seeds:
-                rows.append(one_seed(name, seed, args.budgets, args.random_draws, args.model, args.image_size))
+                rows.append(
+                    one_seed(name, seed, args.budgets, args.random_draws, args.model, args.image_size, args.warm)
+                )
                 print(
                     f"{name} seed {seed}: {json.dumps({n: {k: round(v['accuracy'], 3) for k, v in b.items()} for n, b in rows[-1]['budgets'].items()})}",
                     flush=True,
@@ -201,6 +244,7 @@ def main() -> None:
     meta = {
         "model": args.model,
         "image_size": args.image_size,
+        "warm": args.warm,
         "seeds": args.seeds,
         "draws": args.random_draws,
         "datasets": {k: DATASETS[k] for k in args.datasets},
@@ -209,9 +253,10 @@ def main() -> None:
         "seconds": time.perf_counter() - t0,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "suggest.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    stem = f"suggest-warm{args.warm}" if args.warm else "suggest"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     md = markdown(summary, meta)
-    (RESULTS / "suggest.md").write_text(md)
+    (RESULTS / f"{stem}.md").write_text(md)
     print(md)
     shutil.rmtree(WORK / "out", ignore_errors=True)
 

@@ -355,7 +355,7 @@ def write_builtin(
     `fit` size-normalises each image (`fit_box`; the grey datasets only).
     `imbalance` (needs `train_per_class`): train class sizes decay geometrically from `train_per_class` to
     `train_per_class / imbalance` (transferkit.imbalance); val/test stay balanced, the same images as without.
-    The result's `unlabelled_labels` (class per OUT/unlabelled/ file, in name order) is for benchmarks.
+    The result's `unlabelled_labels` (class name per OUT/unlabelled/ file, in name order) is for benchmarks.
     """
     _check_builtin_args(name, size, per_class, unlabelled_per_class, fit, imbalance, train_per_class)
     src = _clipart_source(size) if name == "clipart" else _array_source(name, size, fit)
@@ -365,12 +365,12 @@ def write_builtin(
     rng = np.random.default_rng(seed)
     plan: list[tuple[Path, object]] = []
     pool: list = []
-    pool_class: list[int] = []
+    pool_class: list[str] = []
     for c, cname in enumerate(src.classes):
         labelled, unlabelled = _draw_class(name, src, c, rng, per_class, unlabelled_per_class, ready)
         pool += unlabelled
         plan += _class_plan(name, src, cname, labelled, out, train_per_class, val_per_class, train_sizes, c)
-        pool_class += [c] * len(unlabelled)
+        pool_class += [cname] * len(unlabelled)
     n_labelled = len(plan)
     pool_plan, pool_labels = _pool_plan(out, pool, pool_class, seed)
     plan += pool_plan
@@ -394,7 +394,7 @@ def write_builtin(
     return info
 
 
-def _pool_plan(out: Path, pool: list, pool_class: list[int], seed: int) -> tuple[list, list[int]]:
+def _pool_plan(out: Path, pool: list, pool_class: list[str], seed: int) -> tuple[list, list[str]]:
     """(path, key) of the unlabelled pool and each one's class. One shuffle across classes: neither the names nor
     the order of OUT/unlabelled/ tell the label."""
     order = np.random.default_rng([seed, 1]).permutation(len(pool))

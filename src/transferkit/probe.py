@@ -52,12 +52,13 @@ def _scores(fit: ProbeFit, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     from transferkit.numeric import softmax
 
     p = softmax(fit.logits(x))
-    w = np.ones(len(y))
-    if fit.class_weight is not None and len(y):
-        w = 1.0 / np.bincount(y)[y]  # each class's images sum to 1
-    w = w / w.sum() if len(y) else w
-    loss = float(-np.sum(w * np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
-    return float(np.sum(w * (p.argmax(1) == y))), loss
+    nll = -np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))
+    if fit.class_weight is None or not len(y):
+        return float(np.mean(p.argmax(1) == y)), float(np.mean(nll))
+    from transferkit.imbalance import balanced_accuracy
+
+    w = 1.0 / np.bincount(y)[y]  # each class's images weigh 1 in all
+    return balanced_accuracy(p.argmax(1) == y, y), float(np.sum(w * nll) / w.sum())
 
 
 def _solve(
