@@ -427,7 +427,8 @@ def suggest(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ):
-    """Rank the unlabelled pool: which images to label next (uncertain, diverse, predicted-minority first)."""
+    """Which unlabelled pool images to label next: a list and a contact sheet (suggest.strategy: random by default,
+    as measured; uncertain-diverse, uncertain, diverse, typical rank by the model)."""
     from transferkit.suggest import run_suggest
 
     r = run_suggest(target, out, _params(params, set_), model, run, n, progress=not quiet)

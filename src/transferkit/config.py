@@ -300,8 +300,10 @@ class SuggestParams(_Group):
 
     n: int = Field(20, ge=1, le=100_000, description="how many pool images to suggest")
     strategy: Literal["uncertain-diverse", "uncertain", "diverse", "typical", "random"] = Field(
-        "uncertain-diverse",
-        description="uncertain-diverse: small margin x distance to the labelled and earlier picks x predicted-class "
+        "random",
+        description="random by default: no ranking beat a seeded random draw beyond noise in bench/suggest.py "
+        "(clipart, fashion; 2 and 7 labels per class). uncertain-diverse: small margin x distance to the labelled "
+        "and earlier picks x predicted-class "
         "balance; uncertain: smallest margins; diverse: k-center greedy; typical: TypiClust (the most typical image of "
         "each large unlabelled k-means cluster); random: the seeded control",
     )

@@ -10,7 +10,7 @@ The model's view of the pool (`TARGET/unlabelled/`), from the embedding cache th
 Only the train and val splits' labels are read: test labels never take part (a shuffled test split gives the
 same suggestions), and nothing here draws a random number unless `suggest.strategy` is random (seeded).
 
-Strategies (`suggest.strategy`), each a greedy pick of N images, one at a time:
+Strategies (`suggest.strategy`; random by default: no ranking beat it beyond noise in bench/suggest.py):
   uncertain-diverse  score = (1 - margin) * balance(predicted class) * distance. margin: top-1 minus top-2
                      probability (small = the model hesitates between two classes); distance: cosine distance
                      (of L2-normalised features) to the nearest labelled (train/val) or already suggested image,
@@ -23,7 +23,7 @@ Strategies (`suggest.strategy`), each a greedy pick of N images, one at a time:
   typical            TypiClust (Hacohen et al. 2022, for small budgets): k-means of labelled + pool features into
                      labelled + N clusters; from the largest clusters no label covers yet, each one's most typical
                      image (the smallest mean distance to its nearest neighbours in the cluster)
-  random             a seeded random draw: the control every strategy is measured against (bench/suggest.py)
+  random             a seeded random draw (the default): the control every strategy is measured against
 Outputs in OUT: suggestions.csv and suggestions.json (rank, path, score, predicted label, confidence, margin,
 distance, reason), contact_sheet.png (a grid of the N with rank and prediction) and contact_sheet.html.
 """
