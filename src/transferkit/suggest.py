@@ -273,12 +273,14 @@ THUMB = 96  # px, contact sheet cell
 
 
 def _thumb(path: Path):
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from transferkit.data import load_rgb
 
     im = load_rgb(path)
-    im.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+    # small images (digits' 32 px) are enlarged too: pixels kept sharp (NEAREST), large ones reduced (LANCZOS)
+    small = max(im.size) < THUMB
+    im = ImageOps.contain(im, (THUMB, THUMB), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
     cell = Image.new("RGB", (THUMB, THUMB), (255, 255, 255))
     cell.paste(im, ((THUMB - im.width) // 2, (THUMB - im.height) // 2))
     return cell
@@ -302,7 +304,7 @@ def _contact_sheet(out: Path, rows: list[dict], root: Path, title: str) -> None:
         cell = _thumb(root / r["path"])
         x, y = (k % cols) * (THUMB + 8) + 4, (k // cols) * (THUMB + caption + 8) + 4
         sheet.paste(cell, (x, y))
-        draw.text((x, y + THUMB + 1), f"#{r['rank']} {r['predicted'][:11]}", fill=(0, 0, 0))
+        draw.text((x, y + THUMB + 1), f"#{r['rank']}: {r['predicted'][:11]}", fill=(0, 0, 0))
         draw.text((x, y + THUMB + 13), f"p={r['confidence']:.2f} m={r['margin']:.2f}", fill=(90, 90, 90))
         buf = io.BytesIO()
         cell.save(buf, format="PNG")
