@@ -51,7 +51,7 @@ data: install
 	$(DVC) add -q data
 
 # Two targets, both outcomes of the gate: 8-px digits, where raw pixels and a small CNN beat ImageNet
-# features (refused as negative transfer: exit 3 is the expected answer), and colour clipart, where
+# features (refused by the gate: exit 3 is the expected answer), and colour clipart, where
 # transfer wins by a margin whose interval excludes 0 (exported to models/clipart/). The clipart run is the
 # DVC pipeline's run (dvc.yaml: data/clipart -> runs/dvc): it commits every stage, so dvc status is clean.
 demo: data

@@ -351,7 +351,9 @@ def test_validate_writes_the_error_report_and_the_model_card_links_it(sound_vali
     out, _, r = sound_validated
     rep = r["errors_report"]
     assert rep["path"] == "errors.html" and (out / "errors.html").is_file()
-    assert json.loads((out / "validation.json").read_text())["errors_report"] == rep
+    # an earlier test may have re-validated this run: the same report, timed again (`seconds` is wall time)
+    on_disk = json.loads((out / "validation.json").read_text())["errors_report"]
+    assert {k: v for k, v in on_disk.items() if k != "seconds"} == {k: v for k, v in rep.items() if k != "seconds"}
     data = json.loads((out / "errors.json").read_text())
     assert len(data["top_loss_test"]) == min(TOP_LOSS, r["n_test"]) and data["label_doubts"]["n_train"] > 0
     card = "\n".join(_card_errors({"run": str(out)}, r))
