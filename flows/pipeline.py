@@ -10,7 +10,7 @@ published as Prefect markdown artifacts. A run the validation gate refuses stops
 with its verdict (`refused: true` in the result): a "no" is an answer, not a crash.
 The folders come from transferkit.workspace.stage_dirs, the table dvc.yaml is written from. In a DVC workspace
 the flow holds DVC's lock, and the `dvc` task records each new version (dvc commit of the stages it reproduced,
-the model repository, `dvc push` if asked) before `promote` moves `latest` (README "DVC").
+the model repository, `dvc push` if asked) before `promote` moves `latest` (docs/operations.md, "DVC").
 
 `retrain` (flow "transferkit-retrain") is what the deployments in flows/deployments.py run, on a cron
 schedule and on `transferkit.dataset.updated` / `transferkit.drift.detected` events: it checks the data

@@ -151,7 +151,7 @@ def _fit_pixel_model(name: str, grid: list, x: dict, y: dict, seed: int):
     for v in grid:
         if key == "k" and int(v) > len(y["train"]):
             continue
-        # 200 lbfgs steps: within 0.2 points of convergence, 5x cheaper
+        # 200 lbfgs steps: within noise of convergence, at a fraction of the cost
         with warnings.catch_warnings(), one_blas_thread():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf = make(v).fit(x["train"], y["train"])

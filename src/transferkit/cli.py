@@ -630,7 +630,7 @@ def run_cmd(
     from transferkit.orchestrate import load_flow, start_prefect_early
 
     t_cli = time.time()
-    server = start_prefect_early()  # its ~10 s start-up overlaps the imports below
+    server = start_prefect_early()  # its start-up overlaps the imports below
     transfer_pipeline = load_flow("run")
     if server is not None:
         server.join()

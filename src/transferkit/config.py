@@ -37,9 +37,9 @@ class _Group(BaseModel):
 class DataParams(_Group):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="split off train when val/ is missing")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="split off train when test/ is missing")
-    # auto, as in params.yaml: a checkpoint trained here (zoo:, file:) at the side it was trained at (MNIST-8px
-    # source on digits-10: 0.957 at its 64 px, 0.927 at 128); packaged sources at one side, 192 (zoo.AUTO_SIZE:
-    # any feature ensemble of them is valid; it beat 128 and the models' own sides on clipart-10 and fashion-10)
+    # auto, as in params.yaml: a checkpoint trained here (zoo:, file:) at the side it was trained at (it lost
+    # accuracy at other sides); packaged sources at one side, 192 (zoo.AUTO_SIZE: any feature ensemble of them
+    # is valid; measured against 128 and the models' own sides in docs/stages.md)
     # hub models (any timm name) at their pretrained config's side, the scale their position embeddings and
     # features were learnt at (docs/backbones.md)
     image_size: int | Literal["auto"] | None = Field(

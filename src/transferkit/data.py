@@ -151,7 +151,7 @@ def fit_box(image: np.ndarray, size: int) -> np.ndarray:
     so its longer side fills a 4*size square, centred, then 4x4 box means down to `size`.
 
     MNIST instead centres a 20-px box by mass in 28 px: at 8 px its digits are ~6 px tall and sklearn's 8, a
-    scale shift a source pretrained for those digits should not carry (digits-10 from MNIST-8px: 0.949 -> 0.957).
+    scale shift a source pretrained for those digits should not carry (measured in docs/stages.md, `pretrain`).
     """
     from PIL import Image
 

@@ -31,8 +31,8 @@ What a successful export guarantees (tests/test_export.py checks each point):
 
 Exporter and opset (torch 2.14, onnxscript 0.7, onnx 1.23, onnxruntime 1.31, checked on mobilenetv2):
   - `export.exporter: torchscript` (default): torch.onnx.export(dynamo=False) emits the requested opset (13, 17
-    and 18 checked) in 1.3 s for clipart-10's two-backbone ensemble; the dynamo exporter (torch.export based)
-    took 13.9 s for the same graph and the same parity.
+    and 18 checked), an order of magnitude faster than the dynamo exporter (torch.export based) for the same
+    graph and the same parity (docs/stages.md, Export).
   - `export.exporter: dynamo`: opset >= 18 only (it has no implementations below 18; it warns, its down-
     conversion fails and it silently keeps 18). 18, 20, 21 and 23 export and match torch to ~1e-5.
   - if the chosen exporter raises (or cannot emit the opset), the other is tried; "exporter" and

@@ -7,15 +7,15 @@ A linear head on frozen features is a convex problem: multinomial logistic regre
 on features standardised with the train split's mean and std (each std floored at the median feature's),
 its L2 strength C picked on validation
 (accuracy, ties to the lower val loss). This is the probe of the literature (CLIP's, Kornblith et al. 2019)
-and it beats an SGD head stopped early: on the same cached features the epoch-wise AdamW head scored 7-8
-points lower on fashion-10 and clipart-10, where validation loss stopped it after one or two epochs (README).
+and it beats an SGD head stopped early: on the same cached features the epoch-wise AdamW head scored lower,
+as validation loss stopped it after one or two epochs (docs/stages.md, Training strategies).
 
 Self-training (curriculum labelling, Cascante-Bonilla et al. 2021): the fitted probe labels the pool; each
 round keeps, per predicted class, the most confident `fraction` of the pool's share of that class, and
 refits from scratch on labelled + pseudo-labelled features with the same C (the pseudo-labels of a round
 come from the previous round's model). The round with the best validation accuracy ships (round 0 is the
 plain probe, so self-training is kept only when validation says it helps). Test images are never read.
-Measured it is within noise of the plain probe (README), so `train.self_training` is off by default.
+Measured it is within noise of the plain probe (docs/stages.md), so `train.self_training` is off by default.
 
 The returned weights act on raw features (the standardisation is folded in), so the head exports as one
 nn.Linear.
@@ -110,8 +110,8 @@ def _fit_probe(train, val, n_classes: int, grid: list[float], pool, class_weight
     y = y.astype(int)
     mean, std = x.mean(0), x.std(0)
     # Each std floored at the median feature's: near-constant features (ReLUs that barely fire on the target)
-    # scaled to unit variance became weights of up to 92 on digits-10, noise the probe fitted (0.853 test vs
-    # 0.875 floored, val 0.850 vs 0.875) and that an ONNX parity check or an LP-FT start cannot absorb.
+    # scaled to unit variance became very large weights on digits, noise the probe fitted (lower val and test
+    # accuracy than floored) and that an ONNX parity check or an LP-FT start cannot absorb.
     std = np.maximum(std, np.median(std) if np.median(std) > 0 else 1.0)
     best, rows, solver = None, [], None
     for C in grid:  # each C starts from the previous one's solution

@@ -33,7 +33,7 @@ With `train.search_mode: rule`, `auto` is the fixed rule (choose_strategy), in o
   4. otherwise full.
   AdaBN (`train.adabn`, off by default): `auto` applies it when drift.json says shift was detected, the
   model has BatchNorm and some of it stays frozen (linear-probe, partial). It is not on by default because
-  bench/transfer.py measured it costing a linear probe 12-24 points: the head is retrained on the target
+  bench/transfer.py measured it costing a linear probe accuracy: the head is retrained on the target
   anyway, and statistics from a few hundred small target images are a worse normaliser than ImageNet's.
 
 BatchNorm while fine-tuning (`train.bn_stats`): precise (default) re-estimates the statistics of the
@@ -804,16 +804,16 @@ def _search(fit_args: dict, out: Path, bar: _NoTransfer | None) -> tuple[Fit, di
             return bar_acc is not None and len(history) >= t.epochs // 2 and best < bar_acc - t.search_prune
 
         # a fine-tune of a feature ensemble trains every member: its best-ranked member alone fine-tunes at a
-        # fraction of the cost (digits-10: 80 s vs 210 s for 20 epochs, val within noise)
+        # fraction of the cost, val within noise (docs/stages.md)
         model, p = fit_args["model"], params
         if strategy != "linear-probe":
             model = model.split("+")[0]
-            if t.finetune_image_size:  # 3x cheaper per epoch than 224 px; 8-px digits collapsed there (README)
+            if t.finetune_image_size:  # cheaper per epoch than 224 px; 8-px digits collapsed there (docs/stages.md)
                 p = params.model_copy(deep=True)
                 p.data.image_size = t.finetune_image_size
         args = {**fit_args, "model": model, "params": p}
-        # the test split is read only by the configuration that ships: digits-10's 1,400 test images through a
-        # two-backbone ensemble took 60 s, wasted when the fine-tune was kept (and 8 s through a fine-tune)
+        # the test split is read only by the configuration that ships: a large test split through a
+        # two-backbone ensemble is wasted time when the fine-tune is kept
         f = _fit(**args, strategy=strategy, out=out / "search" / strategy, prune=prune, defer_test=True)
         f.model = model
         return f
@@ -850,7 +850,7 @@ def finetune_evidence(first: Fit, labels_per_class: int, params: Params, no_tran
     images beyond noise (paired interval at `search_confidence` above 0): then the frozen features do not fit
     the target (domain shift, task mismatch) and the gate would refuse them, so only a fine-tune can help.
     Otherwise no: with few labels a fine-tune did not beat the probe in any of 18 searches where the probe
-    cleared that bar (clipart-10, fashion-10, bench/results/peers.md), and it costs 10-50x the probe."""
+    cleared that bar (bench/results/peers.md), and it costs many times the probe."""
     from transferkit.baselines import best_baseline, paired_comparison
 
     t = params.train
@@ -1082,7 +1082,7 @@ def _maybe_adabn(lm, ds, params: Params, strategy: str, drift_report, progress: 
 
 
 def _metrics(fit: Fit, ds, params: Params, target, model: str, drift, drift_report, search) -> dict:
-    """metrics.json (the train contract in the README, plus what explains the run)."""
+    """metrics.json (the train contract in docs/stages.md, plus what explains the run)."""
     t, lm = params.train, fit.lm
     drop_path_blocks = sum(1 for m in lm.model.modules() if float(getattr(m, "drop_prob", 0) or 0) > 0)
     info = {k: v for k, v in fit.info.items() if k != "spec"}

@@ -48,9 +48,8 @@ class Packaged:
 
 # data.image_size "auto" for sources without a side of their own (ImageNet weights): one side for every source,
 # so that feature ensembles of any of them are served from their members' cached features. 192 px beat the
-# models' own 224-260 and 128 on clipart-10 and fashion-10 for the best single source (lite1 linear probe: val
-# 0.67 / 0.82, test 0.663 / 0.786, against own-side 0.643 / 0.779 and 128 px 0.647 / 0.740), at 0.5-0.7x the
-# compute of their own side (params.yaml, data.image_size)
+# models' own 224-260 and 128 for the best single source on the built-in colour and clothing targets, at less
+# compute than their own side (docs/stages.md, params.yaml data.image_size)
 AUTO_SIZE = 192
 
 PACKAGED: dict[str, Packaged] = {
