@@ -63,30 +63,13 @@ def build_repo(work: Path, size: int) -> tuple[Path, Path]:
 
 
 def start_server(repo: Path, log: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    import httpx
+    """bench/serve.py's server start (a real `transferkit serve`, ready on /readyz), at THREADS onnxruntime threads."""
+    import importlib.util
 
-    from transferkit.serve.config import TOKEN_ENV
-
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop(TOKEN_ENV, None)
-    cmd = [sys.executable, "-m", "transferkit.cli", "serve", "--repo", str(repo), "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--threads", str(threads)], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-2000:])
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server not ready: {log.read_text()[-2000:]}")
+    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).with_name("serve.py"))
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    return serve.start_server(repo, log, "--threads", str(threads))
 
 
 def cpu_seconds(pid: int | None = None) -> float:

@@ -63,5 +63,5 @@ def main(*flows, argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(exit_code(e))
     print(json.dumps(result, indent=2, default=str))
-    if isinstance(result, dict) and (result.get("refused") or (result.get("summary") or {}).get("refused")):
+    if isinstance(result, dict) and result.get("refused"):  # the pipeline's summary and retrain's result carry it
         sys.exit(EXIT_REFUSED)
