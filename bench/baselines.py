@@ -5,7 +5,7 @@
 
 Same targets and folders as bench/transfer.py (written deterministically: the same train/val/test images).
 Per target: raw-pixel logistic regression, kNN and RBF SVM (deterministic: one run) and the small CNN from
-scratch (seeds 0/1/2), each trained on train and tuned on val only (transferkit.baselines, the project's
+scratch (seeds 0/1/2), each trained on train and tuned on val only (transferkit.models.baselines, the project's
 params). Then, against bench/results/transfer.json's best transfer row per target (chosen by mean test
 accuracy there, 3 seeds), the "Targets vs no transfer" table: which one wins, by how much, and whether the
 difference is outside both rows' seed spread.
@@ -38,9 +38,9 @@ def main() -> None:
     bt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bt)
 
-    from transferkit.baselines import fit_no_transfer
-    from transferkit.config import load_params
-    from transferkit.data import load_dataset
+    from transferkit.core.config import load_params
+    from transferkit.data.folder import load_dataset
+    from transferkit.models.baselines import fit_no_transfer
 
     rows = []
     for target in a.targets.split(","):
@@ -114,7 +114,7 @@ def markdown(res: dict) -> str:
         "# bench/baselines: no transfer on the transfer benchmark's splits",
         "",
         "Raw-pixel classifiers at the native 32 px (one run: deterministic) and a small CNN from scratch "
-        '(mean ± sd over seeds), trained on train and tuned on val only (`transferkit.baselines`). "Best" on both '
+        '(mean ± sd over seeds), trained on train and tuned on val only (`transferkit.models.baselines`). "Best" on both '
         "sides is the row with the best mean test accuracy: the strongest alternative as a reader of both tables "
         "would compare them (the gate itself picks its bar on val).",
         "",

@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--size", type=int, default=64)
     a = ap.parse_args()
-    from transferkit.data import write_builtin
+    from transferkit.data.builtin import write_builtin
 
     target = WORK / "digits"
     if not target.is_dir():

@@ -35,7 +35,8 @@ RESULTS = ROOT / "bench" / "results"
 
 def build_pools() -> dict[str, Path]:
 
-    from transferkit.data import FASHION_MNIST_DIR, write_builtin
+    from transferkit.data.arrays import FASHION_MNIST_DIR
+    from transferkit.data.builtin import write_builtin
 
     pools = {"mnist": WORK / "mnist", "digits": WORK / "digits"}
     if not pools["mnist"].exists():
@@ -50,9 +51,9 @@ def build_pools() -> dict[str, Path]:
 
 
 def pool_arrays(folder: Path, params, timings: dict, name: str) -> dict:
-    from transferkit.data import load_dataset
-    from transferkit.drift import compute_image_stats
-    from transferkit.embed import compute_embeddings
+    from transferkit.data.folder import load_dataset
+    from transferkit.drift.detect import compute_image_stats
+    from transferkit.models.embed import compute_embeddings
 
     ds = load_dataset(folder, require_labels=False, min_classes=1, split_missing=False)
     samples = ds.all_samples()
@@ -86,7 +87,7 @@ def mild_pool(mnist: dict, idx_b: np.ndarray, seed: int) -> Path:
 
 
 def take(pool: dict, idx: np.ndarray):
-    from transferkit.drift import Side
+    from transferkit.drift.detect import Side
 
     logits = pool["logits"][idx] if pool["logits"] is not None else None
     return Side(pool["stats"][idx], pool["features"][idx], logits)
@@ -102,8 +103,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TRANSFERKIT_CACHE", str(WORK / "cache"))
 
-    from transferkit.config import load_params
-    from transferkit.drift import compare
+    from transferkit.core.config import load_params
+    from transferkit.drift.detect import compare
 
     params = load_params(ROOT / "params.yaml")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -185,7 +186,7 @@ def cost_5000(params) -> dict:
     import shutil
     import tempfile
 
-    from transferkit.drift import run_drift
+    from transferkit.drift.detect import run_drift
 
     p = params.model_copy(update={"drift": params.drift.model_copy(update={"max_samples": 5000})})
     cache = Path(tempfile.mkdtemp(prefix="tk-drift-cost-"))

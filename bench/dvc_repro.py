@@ -71,7 +71,7 @@ def main() -> None:
     WORK.mkdir(parents=True)
     shutil.copytree(ROOT / "src", WORK / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     sys.path.insert(0, str(ROOT / "src"))
-    from transferkit.workspace import dvc_yaml_text
+    from transferkit.orchestration.workspace import dvc_yaml_text
 
     (WORK / "dvc.yaml").write_text(dvc_yaml_text("data/target", "runs/dvc", "models", "data/reference"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -6,12 +6,12 @@ skewed target?
 
 Protocol, per dataset and seed (real data, `transferkit data builtin ... --imbalance RATIO`, a different draw per
 seed): train class sizes decay geometrically from `train_per_class` (first class) to train_per_class / RATIO (last);
-val (10 per class) and test stay balanced. The linear probe train ships (transferkit.probe.fit_probe on the cached
+val (10 per class) and test stay balanced. The linear probe train ships (transferkit.train.probe.fit_probe on the cached
 features of the source, C on val) is fitted twice on the same features: class-weighted (balanced weights, what
 `train.class_weights: auto` does at this skew) and plain (`off`). Reported: test accuracy (= balanced accuracy on
 the balanced test split), macro F1 and the recall of the three smallest train classes, mean +- sd over seeds, and
 the gain of weighting: per seed, mean +- sd with the 95% t interval over seeds, and the per-image balanced-accuracy
-interval (transferkit.imbalance.balanced_comparison) on every seed's test images together.
+interval (transferkit.core.imbalance.balanced_comparison) on every seed's test images together.
 Writes bench/results/imbalance.json and bench/results/imbalance.md. Wall times are measured under load.
 """
 
@@ -45,11 +45,12 @@ MINORITY = 3  # the smallest train classes whose recall is reported
 def one_seed(name: str, seed: int, ratio: float, model: str, side: int) -> dict:
     from sklearn.metrics import f1_score
 
-    from transferkit.config import load_params
-    from transferkit.data import load_with_params, write_builtin
-    from transferkit.embed import embeddings
-    from transferkit.imbalance import balanced_weights, decide
-    from transferkit.probe import fit_probe
+    from transferkit.core.config import load_params
+    from transferkit.core.imbalance import balanced_weights, decide
+    from transferkit.data.builtin import write_builtin
+    from transferkit.data.folder import load_with_params
+    from transferkit.models.embed import embeddings
+    from transferkit.train.probe import fit_probe
 
     builtin, size, per_class, tpc, vpc = DATASETS[name]
     target = WORK / f"{name}-r{ratio:g}-s{seed}"
@@ -89,7 +90,7 @@ def _t95(d: np.ndarray) -> list[float]:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    from transferkit.imbalance import balanced_comparison
+    from transferkit.core.imbalance import balanced_comparison
 
     out = []
     for name in sorted({r["dataset"] for r in rows}):

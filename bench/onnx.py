@@ -203,7 +203,7 @@ def fp32_noise_agreement(run, batches, rel: float = 0.01) -> float:
 
 
 def _batches(samples, transform, batch_size=32):
-    from transferkit.data import make_loader
+    from transferkit.data.loader import make_loader
 
     return [(x.numpy(), y.numpy()) for x, y in make_loader(samples, transform, batch_size=batch_size)]
 
@@ -218,8 +218,8 @@ def _int8(fp32: Path, out: Path, train, test, transform, fp32_acc: float, fp32_r
     """Quantize exactly as the export stage does, but always write the file (bound 100 points) so it is
     measured; whether `export` would keep it (1 point) is reported separately. `fp32_resolution=0`:
     every Conv int8 (the contrast row)."""
-    from transferkit.config import load_params
-    from transferkit.export import quantize_int8
+    from transferkit.core.config import load_params
+    from transferkit.export.quantize import quantize_int8
 
     over = {"export.int8_max_drop": 1.0}
     if fp32_resolution is not None:
@@ -233,12 +233,12 @@ def _int8(fp32: Path, out: Path, train, test, transform, fp32_acc: float, fp32_r
 def demo_model(args, work: Path) -> tuple[dict, list]:
     import torch
 
-    from transferkit import zoo
-    from transferkit.config import load_params
-    from transferkit.data import load_with_params
-    from transferkit.export import onnx_accuracy
-    from transferkit.io import read_json, sha256_file
-    from transferkit.repository import INT8_FILE, latest_version
+    from transferkit.core.config import load_params
+    from transferkit.core.io import read_json, sha256_file
+    from transferkit.data.folder import load_with_params
+    from transferkit.export.quantize import onnx_accuracy
+    from transferkit.modelrepo.repository import INT8_FILE, latest_version
+    from transferkit.models import zoo
 
     model_dir = Path(args.model_dir) if args.model_dir else None
     if model_dir is None:
@@ -280,11 +280,11 @@ def demo_model(args, work: Path) -> tuple[dict, list]:
 
 def _train_demo(work: Path) -> Path:
     """No exported model: a quick linear probe on digits, validated-by-force, exported to a temp repo."""
-    from transferkit.config import load_params
-    from transferkit.data import write_builtin
-    from transferkit.export import run_export
-    from transferkit.io import write_json
-    from transferkit.train import run_train
+    from transferkit.core.config import load_params
+    from transferkit.core.io import write_json
+    from transferkit.data.builtin import write_builtin
+    from transferkit.export.stage import run_export
+    from transferkit.train.stage import run_train
 
     data = work / "digits"
     write_builtin("digits", data, per_class=60, size=32, train_per_class=20, val_per_class=10, progress=False)
@@ -299,8 +299,9 @@ def full_model(args, work: Path, ds) -> dict:
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from transferkit import zoo
-    from transferkit.export import export_onnx, onnx_accuracy
+    from transferkit.export.convert import export_onnx
+    from transferkit.export.quantize import onnx_accuracy
+    from transferkit.models import zoo
 
     loaded = zoo.create_model("mobilenetv2_100", num_classes=len(ds.classes), image_size=224)
     model = loaded.model.eval()

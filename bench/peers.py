@@ -28,9 +28,9 @@ Methods (MobileNetV2 ImageNet weights from the zoo's packaged file for every tra
   fastai            fastai `vision_learner(dls, "mobilenetv2_100")` + `fine_tune(20)`, its default recipe
                     (no augmentation, Resize(96)) but batch 16 (see FASTAI_BS), the packaged weights loaded
                     into its timm body
-  pixels            raw-pixel logistic regression / kNN / RBF SVM (transferkit.baselines; deterministic:
+  pixels            raw-pixel logistic regression / kNN / RBF SVM (transferkit.models.baselines; deterministic:
                     one run per target, shown with every seed)
-  small-cnn         the small CNN from scratch (transferkit.baselines), per seed
+  small-cnn         the small CNN from scratch (transferkit.models.baselines), per seed
 Every cell runs in its own process (CLI or `bench/peers.py --cell`); wall time is that process's, start-up
 and imports included, on this machine's cores (`machine` in the JSON). Each cell has its own empty feature
 cache and model registry (TRANSFERKIT_CACHE, TRANSFERKIT_ZOO), as a new user has. Cells are cached in the JSON by
@@ -136,7 +136,7 @@ def dataset(name: str) -> Path:
 
 
 def _threads() -> None:
-    from transferkit.embed import torch_threads
+    from transferkit.models.embed import torch_threads
 
     torch_threads()  # the cores transferkit itself uses
 
@@ -152,7 +152,7 @@ def cell_timm_loop(data: Path, seed: int, quick: bool) -> dict:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
-    from transferkit.zoo import create_model
+    from transferkit.models.zoo import create_model
 
     _threads()
     torch.manual_seed(seed)
@@ -204,7 +204,7 @@ def cell_fastai(data: Path, seed: int, quick: bool) -> dict:
         vision_learner,
     )
 
-    from transferkit.zoo import create_model
+    from transferkit.models.zoo import create_model
 
     _threads()
     set_seed(seed, reproducible=True)
@@ -247,7 +247,7 @@ def cell_feature_probe(data: Path, method: str) -> dict:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
-    from transferkit.zoo import create_model
+    from transferkit.models.zoo import create_model
 
     _threads()
     _, arch, side = method.split("-")
@@ -279,9 +279,9 @@ def cell_feature_probe(data: Path, method: str) -> dict:
 
 
 def cell_no_transfer(data: Path, seed: int, quick: bool, names: list[str]) -> dict:
-    from transferkit.baselines import fit_no_transfer
-    from transferkit.config import load_params
-    from transferkit.data import load_dataset
+    from transferkit.core.config import load_params
+    from transferkit.data.folder import load_dataset
+    from transferkit.models.baselines import fit_no_transfer
 
     over = {"seed": seed, "validate.no_transfer": names}
     if quick:
@@ -470,7 +470,7 @@ def save(path: Path, res: dict, mine: dict | None = None) -> None:
     under a lock, so that two bench processes (say peers and transferkit rows at once) keep each other's cells."""
     import fcntl
 
-    from transferkit.io import write_json
+    from transferkit.core.io import write_json
 
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -772,7 +772,7 @@ def main() -> None:
     ap.add_argument("--cell-out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.cell:  # child process: one in-process method on one target and seed
-        from transferkit.io import write_json
+        from transferkit.core.io import write_json
 
         write_json(a.cell_out, run_cell(a.cell, WORK / "data" / a.target, a.seed, a.quick))
         return

@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--size", type=int, default=64)
     a = ap.parse_args()
-    from transferkit.data import write_builtin
+    from transferkit.data.builtin import write_builtin
 
     pool = WORK / f"flat-{a.images}"
     if not pool.is_dir():

@@ -42,11 +42,11 @@ WORK = ROOT / "bench" / ".work" / "predict"
 
 def build_repo(work: Path, size: int) -> tuple[Path, Path]:
     """clipart data, a linear probe, one export; reused when already there."""
-    from transferkit.config import load_params
-    from transferkit.data import write_builtin
-    from transferkit.export import run_export
-    from transferkit.repository import list_versions
-    from transferkit.train import run_train
+    from transferkit.core.config import load_params
+    from transferkit.data.builtin import write_builtin
+    from transferkit.export.stage import run_export
+    from transferkit.modelrepo.repository import list_versions
+    from transferkit.train.stage import run_train
 
     data, run, repo = work / "clipart", work / "run", work / "repo"
     if list_versions(repo / "clipart"):
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads on both sides")
     a = ap.parse_args()
 
-    from transferkit.predict import collect_images, predict_local, predict_server, resolve_model
+    from transferkit.tools.predict import collect_images, predict_local, predict_server, resolve_model
 
     WORK.mkdir(parents=True, exist_ok=True)
     repo, data = build_repo(WORK / f"{a.size}px", a.size)

@@ -35,8 +35,8 @@ LOCK = ("database is locked", "OperationalError", "deadlock detected")
 
 
 def measure(backend: str, procs: int, runs: int, tasks: int) -> dict:
-    from transferkit import database
-    from transferkit.orchestrate import PrefectServer, free_port, prefect_env
+    from transferkit.orchestration import database
+    from transferkit.orchestration.prefect import PrefectServer, free_port, prefect_env
 
     with tempfile.TemporaryDirectory(prefix=f"tk-{backend}-") as tmp:
         Path(tmp).chmod(0o711)

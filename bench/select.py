@@ -65,7 +65,7 @@ SIZE = 64
 
 
 def params(epochs: int = 8):
-    from transferkit.config import load_params
+    from transferkit.core.config import load_params
 
     return load_params(
         None,
@@ -82,7 +82,7 @@ def params(epochs: int = 8):
 
 
 def build_data() -> dict[str, Path]:
-    from transferkit.data import write_builtin
+    from transferkit.data.builtin import write_builtin
 
     out = {}
     src = WORK / "data" / "mnist"
@@ -98,27 +98,27 @@ def build_data() -> dict[str, Path]:
 
 
 def pretrain_source(src: Path) -> dict:
-    from transferkit import zoo
-    from transferkit.pretrain import run_pretrain
+    from transferkit.models import registry
+    from transferkit.train.pretrain import run_pretrain
 
     name = SOURCE.split(":", 1)[1]
-    if (zoo.registry_dir() / name / "card.json").is_file():
-        return zoo.read_card(name)
+    if (registry.registry_dir() / name / "card.json").is_file():
+        return registry.read_card(name)
     p = params(epochs=3)
     return run_pretrain(src, "mobilenetv2_100", p, name=name, progress=False)
 
 
 def _slug(spec: str) -> str:
-    from transferkit.repository import sanitize_name
+    from transferkit.modelrepo.repository import sanitize_name
 
     return sanitize_name(spec, lower=False, default="source")
 
 
 def measure(target: str, folder: Path, spec: str) -> dict:
     """Score (cold cache) and fine-tune one candidate on one target; the row is stored on disk."""
-    from transferkit.embed import source_model
-    from transferkit.select import prepare, score_candidate
-    from transferkit.train import run_train
+    from transferkit.models.embed import source_model
+    from transferkit.select.rank import prepare, score_candidate
+    from transferkit.train.stage import run_train
 
     row_path = WORK / "rows" / target / f"{_slug(spec)}.json"
     if row_path.is_file():
@@ -148,7 +148,7 @@ def measure(target: str, folder: Path, spec: str) -> dict:
             "n_test": m["n_test"],
         }
     )
-    from transferkit.io import write_json
+    from transferkit.core.io import write_json
 
     write_json(row_path, row)
     return row
@@ -319,9 +319,9 @@ def markdown(res: dict) -> str:
 
 def measure_pixels(target: str, folder: Path) -> dict:
     """The raw-pixel control's scores and the best no-transfer baseline's test accuracy on one target."""
-    from transferkit.baselines import fit_no_transfer
-    from transferkit.data import load_dataset
-    from transferkit.select import prepare, score_candidate
+    from transferkit.data.folder import load_dataset
+    from transferkit.models.baselines import fit_no_transfer
+    from transferkit.select.rank import prepare, score_candidate
 
     p = params(TARGETS[target][4])
     plan = prepare(folder, p, ["pixels"])
@@ -373,7 +373,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TRANSFERKIT_ZOO", str(WORK / "zoo"))
     if args.pixels:
-        from transferkit.io import atomic_write_text, read_json, write_json
+        from transferkit.core.io import atomic_write_text, read_json, write_json
 
         res = read_json(RESULTS / "select.json")
         folders = build_data()
@@ -383,7 +383,7 @@ def main() -> None:
         print(pixels_markdown(res))
         return
     if args.reanalyse:  # new analysis of the measured rows (no measuring; the file keeps its setup and times)
-        from transferkit.io import atomic_write_text, read_json, write_json
+        from transferkit.core.io import atomic_write_text, read_json, write_json
 
         res = read_json(RESULTS / "select.json")
         res["analysis"] = analyse(res["rows"])
@@ -412,11 +412,11 @@ def main() -> None:
         if len(rows[target]) < 3:
             rows.pop(target)
     if card is None:
-        from transferkit import zoo
+        from transferkit.models import registry
 
         try:
-            card = zoo.read_card(SOURCE.split(":", 1)[1])
-        except zoo.ZooError:
+            card = registry.read_card(SOURCE.split(":", 1)[1])
+        except registry.ZooError:
             card = None
     import torch
 
@@ -437,7 +437,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from transferkit.io import atomic_write_text, read_json, write_json
+    from transferkit.core.io import atomic_write_text, read_json, write_json
 
     if args.report and (RESULTS / "select.json").is_file():  # keep the measuring run's wall time
         res["wall_seconds"] = read_json(RESULTS / "select.json").get("wall_seconds", res["wall_seconds"])

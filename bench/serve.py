@@ -51,11 +51,11 @@ TARGET_RATIO = 2.0
 
 def build_repo(work: Path, size: int) -> tuple[Path, Path]:
     """digits data, a short linear-probe training, two exports; reused when already there."""
-    from transferkit.config import load_params
-    from transferkit.data import write_builtin
-    from transferkit.export import run_export
-    from transferkit.repository import list_versions
-    from transferkit.train import run_train
+    from transferkit.core.config import load_params
+    from transferkit.data.builtin import write_builtin
+    from transferkit.export.stage import run_export
+    from transferkit.modelrepo.repository import list_versions
+    from transferkit.train.stage import run_train
 
     data, run, repo = work / "digits", work / "run", work / "repo"
     if len(list_versions(repo / "digits")) >= 2:
@@ -307,7 +307,7 @@ def inference_only(repo: Path, a) -> dict:
 
 
 def broken_version(repo: Path, src: int, dst: int) -> None:
-    from transferkit.io import read_json, sha256_file, write_json
+    from transferkit.core.io import read_json, sha256_file, write_json
 
     d = repo / "digits"
     shutil.rmtree(d / str(dst), ignore_errors=True)
@@ -321,7 +321,7 @@ def broken_version(repo: Path, src: int, dst: int) -> None:
 def hot_swap(repo: Path, png: bytes, a, logs: Path) -> dict:
     import httpx
 
-    from transferkit.promote import promote, rollback
+    from transferkit.export.promote import promote, rollback
 
     promote(repo, "digits", 2, reason="bench: start on v2")
     broken_version(repo, 1, 3)
@@ -465,7 +465,7 @@ def side_by_side(repo: Path, a, logs: Path) -> dict:
     import httpx
     import onnxruntime as ort
 
-    from transferkit.repository import latest_version
+    from transferkit.modelrepo.repository import latest_version
 
     version = latest_version(repo / "digits")
     onnx = repo / "digits" / str(version) / "model.onnx"

@@ -8,14 +8,14 @@ Protocol, per dataset and seed (real data via `transferkit data builtin`, a diff
   start   `train_per_class` labels per class in train, 10 per class in val, the rest of `per_class` in test,
           and `unlabelled_per_class` per class in TARGET/unlabelled/ (shuffled, nameless). The pool's true labels
           come back from write_builtin (`unlabelled_labels`) and stay here: the bench plays the labeller.
-  pick    N pool images by each strategy through `transferkit.suggest.run_suggest` (the CLI's code: the linear
+  pick    N pool images by each strategy through `transferkit.tools.suggest.run_suggest` (the CLI's code: the linear
           probe on the cached source features of train, C on val), N in `--budgets`; `random` is drawn
           `--random-draws` times per seed (its seed varies) and averaged, the control.
-  retrain the linear probe train ships (transferkit.probe.fit_probe, C on val) on train + the N labelled picks.
+  retrain the linear probe train ships (transferkit.train.probe.fit_probe, C on val) on train + the N labelled picks.
   measure test accuracy and balanced accuracy on the untouched test split.
 Reported per dataset, budget and strategy: mean +- sd over seeds, and the gain over random: per seed (strategy -
 mean of the random draws), mean +- sd with the 95% t interval over seeds, and the per-image paired interval
-(transferkit.baselines.paired_comparison) of the strategy against the first random draw on every seed's test
+(transferkit.models.baselines.paired_comparison) of the strategy against the first random draw on every seed's test
 images together (independent test draws). Writes bench/results/suggest.json and bench/results/suggest.md.
 Wall times are measured on a machine shared with other jobs.
 """
@@ -49,8 +49,8 @@ STRATEGIES = ("uncertain-diverse", "uncertain", "diverse", "typical")
 
 
 def _probe_accuracy(feats: dict, y: dict, add_x, add_y, n_classes: int, params) -> tuple[np.ndarray, float]:
-    from transferkit.imbalance import balanced_accuracy, loss_weights
-    from transferkit.probe import fit_probe
+    from transferkit.core.imbalance import balanced_accuracy, loss_weights
+    from transferkit.train.probe import fit_probe
 
     xt = np.concatenate([feats["train"], add_x]) if len(add_x) else feats["train"]
     yt = np.concatenate([y["train"], add_y]) if len(add_y) else y["train"]
@@ -61,10 +61,11 @@ def _probe_accuracy(feats: dict, y: dict, add_x, add_y, n_classes: int, params) 
 
 
 def one_seed(name: str, seed: int, budgets: list[int], draws: int, model: str, side: int, warm: int = 0) -> dict:
-    from transferkit.config import load_params
-    from transferkit.data import load_with_params, write_builtin
-    from transferkit.embed import embeddings
-    from transferkit.suggest import run_suggest
+    from transferkit.core.config import load_params
+    from transferkit.data.builtin import write_builtin
+    from transferkit.data.folder import load_with_params
+    from transferkit.models.embed import embeddings
+    from transferkit.tools.suggest import run_suggest
 
     builtin, size, per_class, tpc, vpc, upc = DATASETS[name]
     target = WORK / f"{name}-s{seed}"
@@ -114,12 +115,12 @@ def one_seed(name: str, seed: int, budgets: list[int], draws: int, model: str, s
 
 def _warm_budgets(feats, y, truth, k, params, budgets, draws, warm, seed) -> dict:
     """--warm K: K random pool images per class count as labelled first (a later labelling round); the strategies
-    then rank the rest with transferkit.suggest.rank_pool on the probe refitted with them, as run_suggest does on a
+    then rank the rest with transferkit.tools.suggest.rank_pool on the probe refitted with them, as run_suggest does on a
     folder (here on arrays: moving files would re-embed the whole changed dataset)."""
-    from transferkit.imbalance import loss_weights
-    from transferkit.numeric import softmax
-    from transferkit.probe import fit_probe
-    from transferkit.suggest import rank_pool
+    from transferkit.core.imbalance import loss_weights
+    from transferkit.core.numeric import softmax
+    from transferkit.tools.suggest import rank_pool
+    from transferkit.train.probe import fit_probe
 
     first = np.random.default_rng([seed, 7]).choice(len(truth), warm * k, replace=False)
     rest = np.setdiff1d(np.arange(len(truth)), first)
@@ -157,7 +158,7 @@ def _t_interval(d: np.ndarray) -> list[float]:
 
 
 def summarise(rows: list[dict], draws: int) -> list[dict]:
-    from transferkit.baselines import paired_comparison
+    from transferkit.models.baselines import paired_comparison
 
     out = []
     for name in sorted({r["dataset"] for r in rows}):
@@ -226,7 +227,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=128, help="embedding side (the pipeline's default is 192)")
     ap.add_argument("--warm", type=int, default=0, help="random pool labels per class before the strategies pick")
     args = ap.parse_args()
-    from transferkit.numeric import one_blas_thread
+    from transferkit.core.numeric import one_blas_thread
 
     t0 = time.perf_counter()
     rows = []

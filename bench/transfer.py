@@ -64,7 +64,7 @@ MNIST_RUNS = [
 
 
 def dataset(name: str) -> Path:
-    from transferkit.data import write_builtin
+    from transferkit.data.builtin import write_builtin
 
     builtin, kw = TARGETS[name]
     out = WORK / "data" / name
@@ -75,9 +75,9 @@ def dataset(name: str) -> Path:
 
 def mnist_source(epochs: int) -> str:
     """A domain-related source: ImageNet mobilenetv2_100 fine-tuned on 2,000 MNIST digits (seed 0)."""
-    from transferkit.config import load_params
-    from transferkit.data import write_builtin
-    from transferkit.train import run_train
+    from transferkit.core.config import load_params
+    from transferkit.data.builtin import write_builtin
+    from transferkit.train.stage import run_train
 
     ckpt = WORK / "mnist-pre" / "model.safetensors"
     if not ckpt.is_file():
@@ -97,8 +97,8 @@ def done_cells() -> set[tuple]:
 
 
 def run_cells(targets: list[str], seeds: list[int], epochs_override: int | None) -> None:
-    from transferkit.config import load_params
-    from transferkit.train import run_train
+    from transferkit.core.config import load_params
+    from transferkit.train.stage import run_train
 
     done = done_cells()
     for target in targets:
@@ -311,8 +311,8 @@ def overhead(epochs: int = 3, rounds: int = 2) -> dict:
     from timm.data import create_transform, resolve_data_config
     from torchvision.datasets import ImageFolder
 
-    from transferkit.config import load_params
-    from transferkit.train import run_train
+    from transferkit.core.config import load_params
+    from transferkit.train.stage import run_train
 
     data = dataset("fashion100")
     over = {

@@ -1,7 +1,7 @@
 """Deployments of the retrain and monitor flows on a process work pool (`transferkit server` registers them).
 
     transferkit server                                   # starts server + worker and runs this module
-    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.deployments --pool transferkit-process
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m transferkit.flows.deployments --pool transferkit-process
 
 Two deployments of one flow (flows/pipeline.py `retrain`):
   transferkit-retrain/nightly      cron (default 03:00 UTC daily), and a trigger on
@@ -34,7 +34,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from transferkit.events import EVENT_DATASET_UPDATED, EVENT_DRIFT_DETECTED, dataset_resource, model_resource
+from transferkit.core.events import EVENT_DATASET_UPDATED, EVENT_DRIFT_DETECTED, dataset_resource, model_resource
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = "flows/pipeline.py:retrain"

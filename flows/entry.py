@@ -1,11 +1,11 @@
-"""The one style of entry point of the flow modules: `python -m flows.<module> [FLOW] --param value ...`.
+"""The one style of entry point of the flow modules: `python -m transferkit.flows.<module> [FLOW] --param value ...`.
 
 Each flow module ends in `if __name__ == "__main__": main(<its flows>)`. The flags are the flow's own
 parameters (`monitor_dir` -> `--monitor-dir`), so they cannot drift from the signature that deployments and
 `transferkit` call; values are YAML like `transferkit --set` values (`3`, `true`, `null`, `{"train.epochs": 3}`),
 except for `str` parameters, which take the text as it is. The flow's return value is printed as JSON.
 Expected failures (transferkit's errors) print one line and exit with their code from
-`transferkit.errors.EXIT_CODES`; a run the validation gate refused completes, prints its result and exits 3.
+`transferkit.core.errors.EXIT_CODES`; a run the validation gate refused completes, prints its result and exits 3.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _value(text: str) -> Any:
 def main(*flows, argv: list[str] | None = None) -> None:
     """Run one of FLOWS with ARGV as its parameters and print the result; with several flows the first
     argument names which (the flow function's name)."""
-    from transferkit.errors import EXIT_REFUSED, TransferkitError, exit_code
+    from transferkit.core.errors import EXIT_REFUSED, TransferkitError, exit_code
 
     doc = sys.modules[flows[0].fn.__module__].__doc__ or ""
     ap = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])

@@ -1,6 +1,6 @@
 """The serving monitor as a Prefect flow: drift of served inputs vs the model's training data -> an event.
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.monitor --repo models --name digits --monitor-dir monitor
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m transferkit.flows.monitor --repo models --name digits --monitor-dir monitor
     # schedulable like any flow: monitor_flow.serve(name="monitor", cron="*/30 * * * *", parameters={...})
 
 `transferkit serve --monitor-dir MONITOR` keeps a bounded reservoir sample of served images in
@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from transferkit.flows.pipeline import drift_task
 
-from flows.pipeline import drift_task
-from transferkit.events import EVENT_DRIFT_DETECTED, model_resource
+from transferkit.core.events import EVENT_DRIFT_DETECTED, model_resource
 
 SUMMARY_KEYS = ("drift_detected", "severity", "method", "score", "threshold", "n_reference", "n_current")
 
 
 def training_reference(repo: Path, name: str) -> Path:
     """The dataset the promoted version was trained on, from its metadata and train run."""
-    from transferkit.io import read_json
-    from transferkit.repository import latest_version
+    from transferkit.core.io import read_json
+    from transferkit.modelrepo.repository import latest_version
 
     model_dir = Path(repo) / name
     version = latest_version(model_dir)
@@ -78,8 +78,8 @@ def monitor_flow(
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Drift of MONITOR/<name>/images vs the training data; emits transferkit.drift.detected on drift."""
-    from transferkit.config import params_from
-    from transferkit.repository import latest_version
+    from transferkit.core.config import params_from
+    from transferkit.modelrepo.repository import latest_version
 
     logger = get_run_logger()
     p = params_from(params)
@@ -115,6 +115,6 @@ def monitor_flow(
 
 
 if __name__ == "__main__":
-    from flows.entry import main
+    from transferkit.flows.entry import main
 
     main(monitor_flow)

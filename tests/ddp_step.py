@@ -1,4 +1,4 @@
-"""torchrun helper of tests/test_distributed.py (not a test): one DDP step of the packaged MobileNetV2 on real
+"""torchrun helper of tests/train/test_distributed.py (not a test): one DDP step of the packaged MobileNetV2 on real
 digits, each rank on its own share of the global batch, then this rank's weights and the image indices it
 was given over one epoch, saved to OUT/rank<R>.pt.
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transferkit import distributed, zoo
-from transferkit.config import load_params
-from transferkit.data import load_with_params
+from transferkit.core.config import load_params
+from transferkit.data.folder import load_with_params
+from transferkit.models import zoo
+from transferkit.train import distributed
 
 
 def main(target: str, out: str) -> None:

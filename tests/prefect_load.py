@@ -1,4 +1,4 @@
-"""Helper of tests/test_postgres.py and bench/prefect_db.py (not a test): N flow runs of a small flow at once
+"""Helper of tests/orchestration/test_postgres.py and bench/prefect_db.py (not a test): N flow runs of a small flow at once
 against the Prefect API in PREFECT_API_URL, each with T concurrent tasks; prints one JSON line with every
 run's final state as the server recorded it (read back through the API) and the errors raised.
 

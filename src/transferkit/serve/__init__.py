@@ -24,7 +24,7 @@ the failure is reported in /v1/models/{name} and transferkit_model_load_failures
 
 Preprocessing is zoo.eval_transform's (timm eval, crop_pct 1.0) in numpy/PIL, so the image needs no torch:
 RGB as data.load_rgb makes it, resize the shorter side to H with the metadata's interpolation (torchvision's
-size rule), centre crop HxW, /255, (x - mean) / std, NCHW float32. tests/test_serve.py checks it against
+size rule), centre crop HxW, /255, (x - mean) / std, NCHW float32. tests/serve/test_serve.py checks it against
 the torch transform and the predictions against an offline onnxruntime run of the same file.
 
 Limits answer 4xx with {"detail": "..."}: 413 body / image pixels / image side / batch size, 415 content

@@ -68,7 +68,7 @@ class ServeConfig(BaseModel):
     @field_validator("models")
     @classmethod
     def _model_names(cls, v: list[str] | None) -> list[str] | None:
-        from transferkit.repository import check_model_name
+        from transferkit.modelrepo.repository import check_model_name
 
         for name in v or []:
             check_model_name(name)

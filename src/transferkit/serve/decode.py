@@ -100,7 +100,7 @@ def decode_image(data: bytes, cfg, where: str, content_type: str | None = None):
     (never another plugin) and refused unless it has the size the check read (what the budget reserved)."""
     from PIL import Image
 
-    from transferkit.data import load_rgb
+    from transferkit.data.images import load_rgb
 
     w, h, fmt, _ = probe_image(data, cfg, where, content_type)
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-from transferkit.errors import TransferkitError
+from transferkit.core.errors import TransferkitError
 
 
 class RequestError(Exception):

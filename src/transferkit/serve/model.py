@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from transferkit.repository import INPUT_NAME, OUTPUT_NAME
+from transferkit.modelrepo.repository import INPUT_NAME, OUTPUT_NAME
 from transferkit.serve.decode import preprocess
 from transferkit.serve.errors import LoadError
 
@@ -75,7 +75,7 @@ class ServedModel:
 
 def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> ServedModel:
     """Load, check against metadata.json, warm up and parity-check one version; LoadError if it must not serve."""
-    from transferkit.repository import REFERENCE_FILE
+    from transferkit.modelrepo.repository import REFERENCE_FILE
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -92,7 +92,7 @@ def load_version(model_dir: Path, version: int, cfg: ServeConfig) -> ServedModel
 
 def _checked_files(model_dir: Path, version: int, int8: bool) -> tuple[dict, Path]:
     """metadata.json and the file to serve, once every file's sha256 and the embedded metadata agree."""
-    from transferkit.repository import INT8_FILE, check_version, read_onnx_metadata
+    from transferkit.modelrepo.repository import INT8_FILE, check_version, read_onnx_metadata
 
     try:
         meta = check_version(model_dir, version, embedded=False)  # every file's sha256, int8 included
@@ -119,7 +119,7 @@ def _checked_files(model_dir: Path, version: int, int8: bool) -> tuple[dict, Pat
 
 
 def _open(name: str, version: int, path: Path, meta: dict, threads: int) -> ServedModel:
-    from transferkit.runtime import ort_session
+    from transferkit.modelrepo.runtime import ort_session
 
     try:
         sess, provider = ort_session(path, threads=threads)

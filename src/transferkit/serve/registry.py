@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from transferkit.repository import LATEST
+from transferkit.modelrepo.repository import LATEST
 from transferkit.serve.batcher import Batcher
 from transferkit.serve.errors import LoadError, NotFound, RequestError, ServerBusy
 from transferkit.serve.model import ServedModel, load_version
@@ -91,7 +91,7 @@ class Registry:
     def names(self) -> list[str]:
         """The models to serve: those configured, else every folder export could have made with a `latest`
         pointer (valid or not: a broken one is reported, not hidden)."""
-        from transferkit.repository import list_models
+        from transferkit.modelrepo.repository import list_models
 
         return list(self.cfg.models) if self.cfg.models else list_models(self.cfg.repo)
 
@@ -182,7 +182,7 @@ class Registry:
 
     async def _follow(self, slot: Slot, model_dir: Path) -> None:
         """Serve what `latest` names if it loads; otherwise keep what serves (or fall back if nothing does)."""
-        from transferkit.repository import read_latest
+        from transferkit.modelrepo.repository import read_latest
 
         try:
             want = read_latest(model_dir)
@@ -220,7 +220,7 @@ class Registry:
     async def _fall_back(self, slot: Slot, model_dir: Path, latest: int | None, why: str) -> None:
         """Nothing serves and `latest` is broken: serve the newest earlier live version (promotion history)
         that loads, and say so in /readyz, /v1/models/<name> and transferkit_model_fallback."""
-        from transferkit.repository import live_stack, read_history
+        from transferkit.modelrepo.repository import live_stack, read_history
 
         try:
             history = live_stack(read_history(model_dir))

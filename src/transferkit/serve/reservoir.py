@@ -13,7 +13,7 @@ class Reservoir:
     """A uniform sample of at most `size` served images (Algorithm R), kept on disk across restarts."""
 
     def __init__(self, folder: Path, size: int, px: int, seed: int = 0):
-        from transferkit.io import read_json
+        from transferkit.core.io import read_json
 
         self.folder, self.size, self.px = Path(folder), size, px
         self.images = self.folder / "images"
@@ -29,7 +29,7 @@ class Reservoir:
 
     def offer(self, img, version: int) -> bool:
         """Keep `img` with probability size/seen; returns whether it was stored."""
-        from transferkit.io import atomic_write_bytes, write_json
+        from transferkit.core.io import atomic_write_bytes, write_json
 
         with self.lock:
             self.seen += 1

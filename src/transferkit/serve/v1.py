@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from transferkit.numeric import softmax
+from transferkit.core.numeric import softmax
 from transferkit.serve.decode import ALLOWED_TYPES, decode_cost, decode_image, probe_image
 from transferkit.serve.errors import PayloadTooLarge, error_responses
 from transferkit.serve.parsing import ImageBytes, PredictJSON, request_images

@@ -1,0 +1,1 @@
+"""The ground floor: typed params (config), the error types and their exit codes, atomic file writes, small numeric helpers, class-imbalance weights and metrics, event names. Imports nothing else of transferkit."""
