@@ -63,13 +63,11 @@ def build_repo(work: Path, size: int) -> tuple[Path, Path]:
 
 
 def start_server(repo: Path, log: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    """bench/serve.py's server start (a real `transferkit serve`, ready on /readyz), at THREADS onnxruntime threads."""
-    import importlib.util
+    """A real `transferkit serve` (ready on /readyz) at THREADS onnxruntime threads, one BLAS thread."""
+    from transferkit.serve import launch
 
-    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).with_name("serve.py"))
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
-    return serve.start_server(repo, log, "--threads", str(threads))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return launch.start(repo, log, "--poll-interval", "0.2", "--threads", str(threads), env=env)
 
 
 def cpu_seconds(pid: int | None = None) -> float:

@@ -35,8 +35,9 @@ LOCK = ("database is locked", "OperationalError", "deadlock detected")
 
 
 def measure(backend: str, procs: int, runs: int, tasks: int) -> dict:
+    from transferkit.core.procs import free_port
     from transferkit.orchestration import database
-    from transferkit.orchestration.prefect import PrefectServer, free_port, prefect_env
+    from transferkit.orchestration.prefect import PrefectServer, prefect_env
 
     with tempfile.TemporaryDirectory(prefix=f"tk-{backend}-") as tmp:
         Path(tmp).chmod(0o711)

@@ -36,7 +36,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -45,6 +44,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from transferkit.core.procs import free_port
+from transferkit.serve import launch
+
 WORK = ROOT / "bench" / ".work" / "serve"
 TARGET_RATIO = 2.0
 
@@ -80,56 +83,10 @@ def build_repo(work: Path, size: int) -> tuple[Path, Path]:
     return repo, data
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(repo: Path, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = free_port()
+    """A real `transferkit serve` on a free loopback port (one BLAS thread per server), once /readyz says 200."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "transferkit.cli",
-            "serve",
-            "--repo",
-            str(repo),
-            "--port",
-            str(port),
-            "--poll-interval",
-            "0.2",
-            *args,
-        ],
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-2000:])
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server not ready: {log.read_text()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return launch.start(repo, log, "--poll-interval", "0.2", *args, env=env)
 
 
 async def load(url: str, png: bytes, concurrency: int, seconds: float, max_requests: int, events=None) -> dict:
@@ -280,7 +237,7 @@ def throughput(repo: Path, png: bytes, png_path: Path, a, logs: Path) -> tuple[l
                     flush=True,
                 )
         finally:
-            stop(proc)
+            launch.stop(proc)
     return rows, client
 
 
@@ -343,7 +300,7 @@ def hot_swap(repo: Path, png: bytes, a, logs: Path) -> dict:
         r = asyncio.run(load(url, png, 8, a.swap_seconds, 10**9, events))
         status = httpx.get(f"{url}/v1/models/digits").json()
     finally:
-        stop(proc)
+        launch.stop(proc)
         promote(repo, "digits", 2, reason="bench: restore")
     rec = r.pop("_records")
 
@@ -480,7 +437,7 @@ def side_by_side(repo: Path, a, logs: Path) -> dict:
         log = logs / f"v2-{kind}.log"
         if kind == "transferkit":
             proc, url = start_server(repo, log, "--threads", str(a.threads_batching))
-            why, stop_fn = None, stop
+            why, stop_fn = None, launch.stop
         else:
             proc, url, why = start_peer(kind, onnx, log, a.threads_batching)
             stop_fn = stop_peer

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from transferkit.orchestration.prefect import use_prefect_defaults
+from transferkit.serve import launch
 
 use_prefect_defaults()  # before anything imports prefect
 
@@ -284,53 +284,12 @@ def repo(model_repo, tmp_path_factory) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(repo: Path, port: int, *args: str) -> list[str]:
-    """argv of `transferkit serve` on `repo` at loopback `port`, as a user runs it."""
-    return [sys.executable, "-m", "transferkit.cli", "serve", "--repo", str(repo), "--port", str(port), *args]
-
-
 def start_server(repo: Path, tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
     """A real `transferkit serve` process on a free loopback port, once /readyz says 200: (process, url)."""
-    import httpx
-
-    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("TRANSFERKIT_SERVE_TOKEN", None)
-    log = open(tmp / f"server-{port}.log", "w")
-    proc = subprocess.Popen(
-        serve_command(repo, port, "--poll-interval", "0.2", "--threads", "1", *args),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {(tmp / f'server-{port}.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server not ready in 120 s: {(tmp / f'server-{port}.log').read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM (a clean uvicorn shutdown), SIGKILL after 15 s."""
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    log = tmp / f"server-{uuid.uuid4().hex[:8]}.log"
+    return launch.start(repo, log, "--poll-interval", "0.2", "--threads", "1", *args, env=env)
 
 
 @contextmanager
@@ -348,7 +307,7 @@ def serving(repo: Path, tmp: Path, *args: str, token: str | None = SERVE_TOKEN):
         yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "client": client, "proc": proc}
     finally:
         client.close()
-        stop_server(proc)
+        launch.stop(proc)
 
 
 def read_metric(text: str, key: str) -> float:

@@ -379,7 +379,7 @@ def test_transferkit_server_starts_registers_serves_the_ui_and_stops(tmp_path):
     import signal
     import socket
 
-    from transferkit.orchestration.prefect import free_port
+    from transferkit.core.procs import free_port
 
     port, home, out = free_port(), tmp_path / "home", tmp_path / "server.out"
     env = {k: v for k, v in prefect_env(home=home).items() if k != "PREFECT_API_URL"}

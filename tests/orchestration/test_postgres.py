@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from transferkit.core.procs import free_port
 from transferkit.orchestration import database
-from transferkit.orchestration.prefect import free_port, prefect_env, stop, wait_healthy
+from transferkit.orchestration.prefect import prefect_env, stop, wait_healthy
 
 pytestmark = pytest.mark.skipif(
     not database.available(), reason="PostgreSQL server binaries missing, or root without a postgres user to run them"

@@ -29,20 +29,19 @@ import pytest
 from conftest import (
     SERVE_TOKEN,
     bad_reference,
-    free_port,
     read_metric,
-    serve_command,
     serving,
     start_server,
-    stop_server,
     wait_failed,
     wait_version,
 )
 from PIL import Image
 
 from transferkit.core.io import read_json, write_json
+from transferkit.core.procs import free_port
 from transferkit.export.promote import PromoteError, promote, read_history, rollback
 from transferkit.modelrepo.repository import latest_version
+from transferkit.serve import launch
 
 pytestmark = pytest.mark.slow
 
@@ -839,7 +838,7 @@ def test_server_started_on_a_broken_latest_serves_the_last_good_version(repo, tm
         assert httpx.get(f"{url}/readyz").json()["detail"] == "ready"
         assert read_metric(httpx.get(f"{url}/metrics").text, 'transferkit_model_fallback{model="digits"}') == 0
     finally:
-        stop_server(proc)
+        launch.stop(proc)
 
 
 def test_a_version_linked_or_copied_under_another_number_is_never_served(server, repo):
@@ -865,7 +864,7 @@ def test_a_token_standard_clients_cannot_send_is_refused_at_start(repo, tmp_path
     """9: a non-ASCII token could not be sent by standard clients; `serve` now refuses it, naming the file."""
     (tmp_path / "token").write_text("pässwörd\n")
     r = subprocess.run(
-        serve_command(repo, free_port(), "--token-file", str(tmp_path / "token")),
+        launch.serve_argv(repo, free_port(), "--token-file", str(tmp_path / "token")),
         capture_output=True,
         text=True,
         timeout=120,

@@ -25,11 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psutil
 import pytest
-from conftest import SERVE_TOKEN, bad_reference, renumber_version, serving, start_server, stop_server, wait_failed
+from conftest import SERVE_TOKEN, bad_reference, renumber_version, serving, start_server, wait_failed
 from PIL import Image
 
 from transferkit.export.promote import PromoteError, promote, read_history
 from transferkit.modelrepo.repository import latest_version
+from transferkit.serve import launch
 
 pytestmark = pytest.mark.slow
 
@@ -341,7 +342,7 @@ def test_a_failed_promotes_revert_never_undoes_another_promote(server, repo, tmp
         assert latest_version(d) == 5 and read_history(d)[-1]["version"] == 5
         assert server["client"].get("/v1/models/digits").json()["version"] == 5
     finally:
-        stop_server(slow)
+        launch.stop(slow)
         promote(repo, "digits", 2, reason="test: back to 2")
         _wait(lambda: server["client"].get("/v1/models/digits").json()["version"] == 2, what="back to 2")
         shutil.rmtree(d / "5")

@@ -24,13 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from transferkit.core.procs import free_port
+
 DEFAULT_POOL = "transferkit-process"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # No telemetry; a fresh PREFECT_HOME migrates its SQLite database first, and on 2 busy cores that outlasts
