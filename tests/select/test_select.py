@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from transferkit.select.rank import (
+    cv_logreg_accuracy,
     knn_accuracy,
     leep,
     logme,
     logme_evidence,
     logme_fixed_point,
-    probe_accuracy,
     rank,
     run_select,
 )
@@ -96,13 +96,13 @@ def test_leep_matches_a_hand_calculation():
     )  # label values don't matter
 
 
-def test_probe_accuracy_separable_and_random():
+def test_cv_logreg_accuracy_separable_and_random():
     rng = np.random.default_rng(4)
     y = np.repeat(np.arange(3), 12)
     f = rng.normal(size=(36, 10)) * 0.1
     f[np.arange(36), y] += 2.0
-    assert probe_accuracy(f, y) == 1.0
-    assert probe_accuracy(rng.normal(size=(36, 10)), y) < 0.7
+    assert cv_logreg_accuracy(f, y) == 1.0
+    assert cv_logreg_accuracy(rng.normal(size=(36, 10)), y) < 0.7
 
 
 def test_rank_never_selects_the_control_and_puts_missing_scores_last():

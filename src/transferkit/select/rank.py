@@ -136,8 +136,10 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
     return correct / len(labels)
 
 
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 3, seed: int = 0) -> float:
-    """Stratified k-fold accuracy of a standardised multinomial logistic regression (linear probe)."""
+def cv_logreg_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 3, seed: int = 0) -> float:
+    """select's `probe` score: stratified k-fold accuracy of a standardised multinomial logistic regression at a
+    fixed C. It is a ranking score, not the probe train ships (transferkit.train.probe.fit_probe picks C on the
+    val split and may self-train): a score must be cheap for every candidate and use the labelled images alone."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -179,7 +181,7 @@ def score_candidate(spec: str, samples, data_md5: str, params: Params, progress:
         "logme": lambda: logme(f, y),
         "leep": lambda: leep(emb["logits"], y) if "logits" in emb else None,  # needs a source head
         "knn": lambda: knn_accuracy(f, y, k=params.select.knn_k),
-        "probe": lambda: probe_accuracy(f, y, seed=params.seed),
+        "probe": lambda: cv_logreg_accuracy(f, y, seed=params.seed),
     }
     from transferkit.core.numeric import one_blas_thread
 
