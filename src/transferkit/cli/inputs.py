@@ -229,7 +229,7 @@ def suggest(
     quiet: QuietOpt = False,
 ):
     """Which unlabelled pool images to label next: a list and a contact sheet (suggest.strategy: random by default,
-    as measured; uncertain-diverse, uncertain, diverse, typical rank by the model)."""
+    no ranking beat it beyond noise; uncertain-diverse, uncertain, diverse, typical rank by the model)."""
     from transferkit.tools.suggest import run_suggest
 
     r = run_suggest(target, out, resolve_params(params, set_), model, run, n, progress=not quiet)

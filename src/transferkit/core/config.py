@@ -85,16 +85,16 @@ class SelectParams(_Group):
         5,
         ge=0,
         le=20,
-        description="train the top K as train starts (its linear probe on the cached features: about a second "
-        "each), pick the best by val accuracy (0 = trust the score; no score reached Kendall tau >= 0.6 on "
-        "every target in bench/results/select.md)",
+        description="train the top K as train starts (its linear probe on the cached features: cheap), pick the "
+        "best by val accuracy (0 = trust the score; no score ranked the candidates reliably on every benchmark "
+        "target: docs/stages.md)",
     )
     ensemble: int = Field(
         2,
         ge=0,
         le=8,
         description="also score the top K pretrained candidates as one feature ensemble (SPEC+SPEC; 0/1 = off): "
-        "fashion-100's lite0+lite1 probe scored 0.855 in 3-fold CV against 0.838 for its best member",
+        "an ensemble's probe can beat its best member's (docs/stages.md)",
     )
     confirm_epochs: int = Field(3, ge=1, le=100, description="epochs of each fine-tuning --confirm run")
     confirm_strategy: Literal["auto", "linear-probe", "full"] = Field(
@@ -134,7 +134,7 @@ class TrainParams(_Group):
     self_training: Literal["auto", "off"] = Field(
         "off",
         description="lbfgs probe: pseudo-label the target's unlabelled/ pool (auto = when it has images; kept "
-        "only if val improves). Off by default: measured within noise of the plain probe",
+        "only if val improves). Off by default: it did not beat the plain probe beyond noise (docs/stages.md)",
     )
     class_weights: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -175,7 +175,7 @@ class TrainParams(_Group):
         ge=16,
         le=1024,
         description="auto search: the side its fine-tunes train at (null = data.image_size); the probe keeps the "
-        "model's own side. A fine-tune costs every epoch what one embedding pass costs three times over",
+        "model's own side. A fine-tune pays for its side every epoch, the probe once (docs/stages.md)",
     )
     search: list[Literal["linear-probe", "partial", "full", "lp-ft"]] = Field(
         ["linear-probe", "full"], min_length=1, description="auto: configurations tried, cheapest first"
@@ -226,7 +226,7 @@ class ValidateParams(_Group):
     no_transfer: list[Literal["pixels-logreg", "pixels-knn", "pixels-svm", "small-cnn", "scratch"]] = Field(
         ["pixels-logreg", "pixels-knn", "pixels-svm", "small-cnn"],
         description="no-transfer baselines trained on the same splits; scratch = the same architecture from random "
-        "init (off by default: minutes per run, and at chance with 10 labels per class)",
+        "init (off by default: it costs a full training run, and it stays near chance with few labels per class)",
     )
     pixel_size: int = Field(32, ge=4, le=128, description="raw-pixel baselines: the native side, capped here")
     pixel_grid: PixelGrid = PixelGrid()
@@ -258,15 +258,15 @@ class ExportParams(_Group):
     opset: int = Field(18, ge=13, le=23)
     exporter: Literal["torchscript", "dynamo"] = Field(
         "torchscript",
-        description="torchscript (torch.onnx.export dynamo=False: 1.3 s for clipart's two-backbone ensemble) or "
-        "dynamo (torch.export based: 13.9 s); the other is tried when the first fails, the parity gate checks both",
+        description="torchscript (torch.onnx.export dynamo=False, the faster one) or dynamo (torch.export based, "
+        "slower: docs/stages.md); the other is tried when the first fails, the parity gate checks both",
     )
     parity_atol: float = Field(1e-4, gt=0)
     min_top1_agreement: float = Field(0.999, ge=0, le=1)
     int8: bool = Field(
         False,
         description="also write model.int8.onnx (static QDQ), kept only within int8_max_drop; off by default: "
-        "calibrating and checking it took 22 s, as long as the rest of export (clipart-10)",
+        "calibrating and checking it adds a large share to export's time (docs/stages.md)",
     )
     int8_max_drop: float = Field(
         0.01, ge=0, le=1, description="largest test-accuracy loss int8 may cost (0.01 = 1 point)"
@@ -304,8 +304,8 @@ class SuggestParams(_Group):
     n: int = Field(20, ge=1, le=100_000, description="how many pool images to suggest")
     strategy: Literal["uncertain-diverse", "uncertain", "diverse", "typical", "random"] = Field(
         "random",
-        description="random by default: no ranking beat a seeded random draw beyond noise in bench/suggest.py "
-        "(clipart, fashion; 2 and 7 labels per class). uncertain-diverse: small margin x distance to the labelled "
+        description="random by default: no ranking beat a seeded random draw beyond noise "
+        "(docs/labels-and-imbalance.md). uncertain-diverse: small margin x distance to the labelled "
         "and earlier picks x predicted-class "
         "balance; uncertain: smallest margins; diverse: k-center greedy; typical: TypiClust (the most typical image of "
         "each large unlabelled k-means cluster); random: the seeded control",

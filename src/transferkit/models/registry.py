@@ -35,7 +35,7 @@ PACKAGED: dict[str, Packaged] = {
         "weights/mobilenet_v2-b0353104.pth",
         "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
         "BSD-3-Clause (torchvision)",
-        "torchvision ImageNet MobileNetV2 (71.9% top-1), keys mapped in order onto timm",
+        "torchvision ImageNet MobileNetV2, keys mapped in order onto timm",
     ),
     "tf_efficientnet_lite0": Packaged(
         "tf_efficientnet_lite0",

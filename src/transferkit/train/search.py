@@ -126,7 +126,8 @@ def finetune_evidence(first: Fit, labels_per_class: int, params: Params, no_tran
         return {
             "finetune": False,
             "reason": f"{said}: the frozen features beat no transfer beyond noise with {labels_per_class} labels per "
-            "class, so no fine-tune was tried (it would cost 10-50x the probe for a gain not seen in that case)",
+            "class, so no fine-tune was tried (a fine-tune costs far more than the probe, for a gain not seen in "
+            "that case: docs/stages.md)",
             **detail,
         }
     return {
