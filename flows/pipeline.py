@@ -121,6 +121,7 @@ def train_task(target: str, out: str, params: dict, model: str, drift: str | Non
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(run: str, params: dict, progress: bool) -> dict:
     from transferkit.core.io import read_json
+    from transferkit.core.results import GateResult
     from transferkit.validate.stage import run_validate
 
     r = run_validate(Path(run), params_from(params), progress=progress)
@@ -133,24 +134,7 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
         for c in r["checks"]
     )
 
-    def base_row(b: dict) -> str:
-        if b.get("test_accuracy") is None:
-            return f"| {b['strategy']} ({b['model']}) | n/a | n/a | n/a | n/a | n/a |"
-        iv, pv = b.get("interval"), b.get("p_value")
-        broken = " **broken** (at chance)" if b.get("broken") else ""
-        return (
-            f"| {md_cell(b.get('description', b['strategy']))} (`{md_cell(b['model'])}`){broken} | "
-            f"{b['val_accuracy']:.3f} | {b['test_accuracy']:.3f} | {b['gain']:+.3f} | "
-            + (f"[{iv[0]:+.3f}, {iv[1]:+.3f}] | {pv:.2g} |" if iv else "- | - |")
-        )
-
-    base = "\n".join(base_row(b) for b in r["baselines"])
-    rec = r.get("recommendation") or {}
-    advice = (
-        "\n\n" + "\n".join(f"- {md_cell(x)}" for x in [f"likely reason: {rec['likely_reason']}", *rec["options"]])
-        if rec
-        else ""
-    )
+    transfer = "\n".join(GateResult.from_validation(r).markdown("###"))
     per_class = "\n".join(
         f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
         for c, m in rep["per_class"].items()
@@ -161,9 +145,7 @@ def validate_task(run: str, params: dict, progress: bool) -> dict:
         f"## Gate: **{'passed' if r['passed'] else 'FAILED'}** ({r['strategy']}, {r['model']})\n\n"
         f"Reasons:\n{reasons}\n\nWarnings:\n{warnings}\n\n"
         f"### Overfitting checks\n\n| check | value | threshold | result | detail |\n|---|---|---|---|---|\n{checks}\n\n"
-        f"### Transfer vs no transfer: **{r.get('verdict')}**\n\n{md_cell(r.get('verdict_message', ''))}{advice}\n\n"
-        f"| baseline | val | test | gain of this run | interval | McNemar p |\n|---|---|---|---|---|---|\n"
-        f"| **this run** | {r.get('val_accuracy', float('nan')):.3f} | {r['test_accuracy']:.3f} | | | |\n{base}\n\n"
+        f"{transfer}\n\n"
         f"### Test split: {rep['n']} images, accuracy {rep['accuracy']:.3f}, macro F1 {rep['macro_f1']:.3f}, "
         f"ECE {rep['ece']:.3f} ({rep['ece_bins']} bins)\n\n"
         f"| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n{per_class}\n\nPlots: {plots}\n"

@@ -189,7 +189,7 @@ def test_stage_verbs_chain_on_real_data(tiny_target, tiny_reference, tmp_path, m
     r = tk("export", "--run", str(run / "train"), "--repo", str(tmp_path / "models"), "--force", "-q", *TINY)
     assert r.exit_code == 0, r.output
     card = (tmp_path / "models" / "digits" / "1" / "model_card.md").read_text()
-    assert "forced past a closed gate" in card and f"Verdict: **{v['verdict']}**" in card
+    assert "forced past a closed gate" in card and f"Transfer vs no transfer (same splits): **{v['verdict']}" in card
     assert "raw-pixel" in card and "McNemar p" in card
     meta = json.loads((tmp_path / "models" / "digits" / "1" / "metadata.json").read_text())
     assert meta["parity"]["max_abs_diff"] <= 1e-4 and meta["classes"] == [str(i) for i in range(10)]

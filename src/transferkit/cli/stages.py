@@ -160,6 +160,8 @@ def validate(
 
 
 def report_gate(r: dict) -> None:
+    from transferkit.core.results import GateResult
+
     status = "PASSED" if r["passed"] else "FAILED"
     base = r["baseline"]
     vs = (
@@ -169,10 +171,9 @@ def report_gate(r: dict) -> None:
         else "no working baseline"
     )
     typer.echo(f"validate: {status}  gap={r['train_val_gap']:.3f}  test={r['test_accuracy']:.3f}  {vs}")
-    if r.get("gain_interval"):
-        lo, hi = r["gain_interval"]
-        on = " on balanced accuracy (skewed train labels)" if r.get("gain_metric") == "balanced_accuracy" else ""
-        typer.echo(f"  verdict: {r['verdict']}{on} (CI [{lo:+.3f}, {hi:+.3f}], p = {r['gain_p_value']:.2g})")
+    gate = GateResult.from_validation(r)
+    if gate.interval is not None:
+        typer.echo(f"  verdict: {gate.verdict_line()}")
     for reason in r["reasons"]:
         typer.secho(f"  - {reason}", fg=typer.colors.RED, err=True)
     for warning in r.get("warnings", []):
@@ -184,13 +185,9 @@ def report_gate(r: dict) -> None:
                 f"  {b.get('name', b['strategy']):<14} val={b['val_accuracy']:.3f} test={b['test_accuracy']:.3f} "
                 f"gain={b['gain']:+.3f}{broken}"
             )
-    rec = r.get("recommendation")
-    if rec and not r["passed"]:
-        if rec.get("better_model"):
-            typer.secho(f"  better model here: {rec['better_model']}", err=True)
-        typer.secho(f"  likely reason: {rec['likely_reason']}", err=True)
-        for o in rec["options"]:
-            typer.secho(f"  option: {o}", err=True)
+    if not r["passed"]:
+        for line in gate.advice():
+            typer.secho(f"  {line}", err=True)
     if "report" in r:
         rep = r["report"]
         bal = f" balanced_accuracy={rep['balanced_accuracy']:.3f}" if "balanced_accuracy" in rep else ""

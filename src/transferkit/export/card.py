@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transferkit.core.results import GateResult
 from transferkit.modelrepo.repository import (
     INT8_FILE,
 )
@@ -35,6 +36,9 @@ def transfer_record(validation) -> dict | None:
         "gain": validation.get("transfer_gain"),
         "interval": validation.get("gain_interval"),
         "p_value": validation.get("gain_p_value"),
+        "gain_metric": validation.get("gain_metric", "accuracy"),
+        "test_accuracy": validation.get("test_accuracy"),
+        "val_accuracy": validation.get("val_accuracy"),
         "recommendation": validation.get("recommendation"),
         "baselines": [{k: b[k] for k in keep if k in b} for b in validation.get("baselines", [])],
     }
@@ -43,32 +47,7 @@ def transfer_record(validation) -> dict | None:
 def _transfer_lines(transfer: dict | None) -> list[str]:
     if not transfer:
         return []
-    lines = [
-        "",
-        "## Transfer vs no transfer (same splits; test accuracy)",
-        f"- Verdict: **{transfer['verdict']}**: {transfer['message']}",
-        "",
-        "| baseline | val | test | gain of this model | interval | McNemar p |",
-        "|---|---|---|---|---|---|",
-    ]
-    for b in transfer["baselines"]:
-        if b.get("test_accuracy") is None:
-            continue
-        name = b.get("description") or b.get("strategy")
-        name += " (broken: at chance, not the bar)" if b.get("broken") else ""
-        iv = b.get("interval")
-        lines.append(
-            f"| {name} | {_pct(b.get('val_accuracy'))} | {_pct(b['test_accuracy'])} | "
-            f"{100 * b['gain']:+.1f} points | "
-            + (f"[{100 * iv[0]:+.1f}, {100 * iv[1]:+.1f}]" if iv else "-")
-            + " | "
-            + (f"{b['p_value']:.2g}" if b.get("p_value") is not None else "-")
-            + " |"
-        )
-    rec = transfer.get("recommendation")
-    if rec:
-        lines += ["", f"- Likely reason: {rec['likely_reason']}", *[f"- Option: {o}" for o in rec["options"]]]
-    return lines
+    return ["", *GateResult.from_transfer(transfer).markdown("##")]
 
 
 def _pct(x) -> str:

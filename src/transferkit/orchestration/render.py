@@ -5,10 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-
-def md_cell(text: str) -> str:
-    """Text for a markdown table cell: a literal | would end the cell (the UI shows HTML entities as typed)."""
-    return str(text).replace("|", "\\|")
+from transferkit.core.results import md_cell  # noqa: F401  (the flows render their tables with it)
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
