@@ -328,7 +328,7 @@ def run_report(cols: Columns, dp, thr: float, embeddings_in_report: bool):
     reference_ds = EvDataset.from_pandas(cols.ref, data_definition=definition)
     emb = {"score": None, "drifted": False, "name": "model", "error": None}
     with warnings.catch_warnings(), threadpool_limits(1):
-        # One OpenMP thread: the t-SNE plot inside EmbeddingsDrift runs ~10x slower when it shares
+        # One OpenMP thread: the t-SNE plot inside EmbeddingsDrift runs far slower when it shares
         # two busy cores between threads, and our inputs are capped at max_samples per side.
         warnings.simplefilter("ignore")  # constant columns make numpy warn inside the plots
         try:

@@ -52,13 +52,10 @@ def onnx_accuracy(path: Path, samples: list, transform, providers: list | None =
 def high_resolution_convs(model_path: Path, fraction: float) -> list[str]:
     """Names of the Conv nodes whose input feature map is at least `fraction` of the image side.
 
-    These stay float32 in model.int8.onnx. Measured on mobilenetv2_100 (224 px, linear probe on sklearn
-    digits, 150 test images, fp32 95.3%): int8 on the stem conv alone -> 66.0%, on the first depthwise
-    conv alone -> 38.0%, on any single conv from the 28x28 stage on -> >= 94.0%. All convs int8: 25%
-    on 700 images (fp32 86.6%); the five convs at >= 112 px kept float32: 84.6%. The fp32 model is
-    itself fragile on these smooth upscaled images (Gaussian input noise of 1% of the input std flips
-    91% of its predictions): rounding noise at high resolution looks like fine texture, which ImageNet
-    features respond to strongly. The low-resolution layers keep most of the int8 speed-up.
+    These stay float32 in model.int8.onnx. int8 rounding in the stem and the first depthwise convs costs far
+    more accuracy than in any later layer, and the fp32 model is itself fragile on smooth upscaled images:
+    rounding noise at high resolution looks like fine texture, which ImageNet features respond to strongly.
+    The low-resolution layers keep most of the int8 speed-up (measurements: docs/stages.md, export).
     """
     import onnx
 
@@ -171,7 +168,7 @@ def _quantize_static(fp32_path: Path, work: Path, calibration: list, transform, 
             per_channel=True,
             activation_type=QuantType.QUInt8 if ep.int8_activation == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            reduce_range=ep.int8_reduce_range,  # without it: 85% -> 62% on mobilenetv2 (AVX2, no VNNI)
+            reduce_range=ep.int8_reduce_range,  # without it, int8 accuracy drops on AVX2 without VNNI (saturation)
             nodes_to_exclude=keep,
             # MinMax: Percentile and Entropy were no better here (bench notes), and their histogram
             # collection fails on a short last batch in onnxruntime 1.31

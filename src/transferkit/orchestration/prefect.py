@@ -48,7 +48,7 @@ def start_prefect_early():
     """Start the ephemeral Prefect server `transferkit run` will use in a background thread, now; return the
     thread to join before the flow runs (None when a server is configured: PREFECT_API_URL).
 
-    Prefect starts it on the flow's first API call: ~10 s in which this process would otherwise only wait. Started
+    Prefect starts it on the flow's first API call, seconds in which this process would otherwise only wait. Started
     here, it boots while the caller imports the flow's modules (torch, timm, scikit-learn). Prefect keeps one
     instance per process (SubprocessASGIServer is a singleton), so the flow finds it running."""
     import threading

@@ -59,7 +59,7 @@ def _optimizer(model, t, strategy: str, steps: int):
 
     lr = t.scratch_lr if strategy == "scratch" else t.lr
     # partial: a fresh head on mostly frozen features learns fast at head_lr. full: at the body's LR, as in a
-    # bare timm loop (10x faster made val accuracy swing on 100 images); LP-FT's head is trained already
+    # bare timm loop (a faster head made val accuracy swing on small val splits); LP-FT's head is trained already
     head_lr = max(lr, t.head_lr) if strategy == "partial" else lr
     groups = param_groups(model, lr, head_lr, t.weight_decay, t.layer_decay if strategy != "scratch" else None)
     opt = torch.optim.AdamW(groups)
