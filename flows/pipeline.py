@@ -319,19 +319,11 @@ def check_data_task(dataset: str, data_md5: str | None) -> dict:
 def promote_task(repo: str, name: str, version: int, reason: str) -> dict:
     """Make VERSION live (the flow's export publishes without promoting, so that DVC records it first); never
     demotes a newer version that went live meanwhile."""
-    from transferkit.export.promote import promote
-    from transferkit.modelrepo.repository import latest_version, read_history
+    from transferkit.export.promote import promote_unless_newer_live
+    from transferkit.modelrepo.repository import latest_version
 
     model_dir = Path(repo) / name
-    live = latest_version(model_dir)
-    if live == version:
-        rec = next((r for r in reversed(read_history(model_dir)) if r["version"] == version), None)
-        action = "already live (promoted by export)"
-    elif live is None or live < version:
-        rec = promote(Path(repo), name, version, reason=reason)
-        action = f"promoted {live} -> {version}"
-    else:
-        rec, action = None, f"left alone: newer version {live} is live"
+    action, rec = promote_unless_newer_live(Path(repo), name, version, reason)
     publish_markdown(
         "promote",
         f"## {name} v{version}: {action}\n\nLive: `{model_dir / 'latest'}` = {latest_version(model_dir)}; "

@@ -19,7 +19,14 @@ import pytest
 from conftest import renumber_version
 
 from transferkit.core.io import read_json, write_json
-from transferkit.export.promote import HISTORY, PromoteError, promote, read_history, rollback
+from transferkit.export.promote import (
+    HISTORY,
+    PromoteError,
+    promote,
+    promote_unless_newer_live,
+    read_history,
+    rollback,
+)
 from transferkit.modelrepo.repository import latest_version
 
 pytestmark = pytest.mark.slow  # the shared fixture exports two models
@@ -44,6 +51,21 @@ def test_export_promotes_through_the_history(repo):
     assert [(h["action"], h["version"], h["previous"]) for h in hist] == [("promote", 1, None), ("promote", 2, 1)]
     assert all(h["reason"].startswith("export of ") and len(h["sha256"]) == 64 for h in hist)
     assert "versions: [ 2 ]" in (d / "config.pbtxt").read_text()
+
+
+def test_the_flows_promotion_never_demotes(repo):
+    """The retrain flow's promotion (after DVC recorded the version): already live is a no-op, an older version
+    never replaces a newer live one, a newer one goes live through promote (history, Triton config)."""
+    d = repo / "digits"
+    n = len(read_history(d))
+    action, rec = promote_unless_newer_live(repo, "digits", 2, "retrain")
+    assert action.startswith("already live") and rec["version"] == 2 and len(read_history(d)) == n
+    action, rec = promote_unless_newer_live(repo, "digits", 1, "retrain")
+    assert action == "left alone: newer version 2 is live" and rec is None and latest_version(d) == 2
+    _add_version(repo, 1, 3)
+    action, rec = promote_unless_newer_live(repo, "digits", 3, "retrain")
+    assert action == "promoted 2 -> 3" and rec["version"] == 3 and latest_version(d) == 3
+    assert read_history(d)[-1]["reason"] == "retrain" and "versions: [ 3 ]" in (d / "config.pbtxt").read_text()
 
 
 def test_promote_specific_and_newest_and_rollback_stack(repo):

@@ -249,6 +249,22 @@ def promote(
     )
 
 
+def promote_unless_newer_live(
+    repo: Path, name: str, version: int, reason: str = ""
+) -> tuple[str, dict[str, Any] | None]:
+    """Make VERSION live unless it already is, and never demote a newer version that went live meanwhile (the
+    retrain flow publishes without promoting, records the version in DVC, then comes here). Returns what was done
+    and the history record of VERSION's promotion (None when it was left alone)."""
+    model_dir = Path(repo) / name
+    live = latest_version(model_dir)
+    if live == version:
+        rec = next((r for r in reversed(read_history(model_dir)) if r["version"] == version), None)
+        return "already live (promoted by export)", rec
+    if live is None or live < version:
+        return f"promoted {live} -> {version}", promote(Path(repo), name, version, reason=reason)
+    return f"left alone: newer version {live} is live", None
+
+
 def rollback(
     repo: Path,
     name: str,
