@@ -337,7 +337,8 @@ def overhead(epochs: int = 3, rounds: int = 2) -> dict:
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         cfg = resolve_data_config({"input_size": (3, 48, 48), "crop_pct": 1.0}, model=model)
-        # the same augmentation train uses (zoo.train_transform), so only the loops differ
+        # timm's transform with the operations and ranges train uses (zoo.train_transform draws them per image
+        # from a seeded generator), so only the loops differ
         tr = create_transform(**cfg, is_training=True, scale=(0.75, 1.0), ratio=(0.9, 1.1), hflip=0.0, color_jitter=0.2)
         ev = create_transform(**cfg)
         pin = dev.type == "cuda"

@@ -71,6 +71,30 @@ def tiny_params():
     )
 
 
+@contextmanager
+def drawing_thread():
+    """Another thread drawing from Python's global generator for as long as the block runs, as Prefect's event
+    client does in every flow (it pings its server with random.getrandbits). Yields a one-item list: the draws."""
+    import random
+    import threading
+
+    stop, draws = threading.Event(), [0]
+
+    def run():
+        while not stop.is_set():
+            random.getrandbits(32)
+            draws[0] += 1
+            time.sleep(1e-4)  # often, without holding the GIL from the thread under test
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield draws
+    finally:
+        stop.set()
+        thread.join()
+
+
 def write_fake_run(run: Path, target: Path, params: dict, seed: int = 0, head_noise: float = 0.0) -> Path:
     """A validated train-run folder without the train stage: scratch mobilenetv2_100 at 32 px with batch-norm
     statistics moved off their init and one gentle SGD step, metrics.json, validation.json (passed) and

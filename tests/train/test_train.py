@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import drawing_thread
 
 from transferkit.core.config import load_params
 from transferkit.data.folder import DataError, load_dataset
@@ -564,6 +565,26 @@ def test_what_ships_does_not_depend_on_how_busy_the_machine_is(tiny_target, tmp_
     assert decisions(busy) == decisions(idle) and len(decisions(idle)) == 2  # both configurations trained
     assert busy["strategy"] == idle["strategy"] and busy["test_accuracy"] == idle["test_accuracy"]
     assert busy_sha == idle_sha  # the same checkpoint, byte for byte: the same test predictions
+
+
+def test_a_fine_tune_ships_the_same_model_while_another_thread_draws_random_numbers(tiny_target, tmp_path):
+    """Inside a Prefect flow the event client's thread draws from Python's global generator; the augmentation
+    drew from it too, so the same fine-tune shipped other weights from one flow run to the next."""
+    import hashlib
+
+    params = load_params(None, {"data.image_size": 32, "train.epochs": 2, "train.patience": 5})
+
+    def run(out: Path) -> tuple[list, str]:
+        m = run_train(tiny_target, out, params, "mobilenetv2_100", strategy="full", progress=False, baselines=False)
+        return [h["train_loss"] for h in m["history"]], hashlib.sha256(
+            (out / "model.safetensors").read_bytes()
+        ).hexdigest()
+
+    alone = run(tmp_path / "alone")
+    with drawing_thread() as draws:
+        beside = run(tmp_path / "beside")
+    assert draws[0] > 100  # the other thread did draw while the fine-tune ran
+    assert beside == alone  # the same losses in every epoch and the same checkpoint, byte for byte
 
 
 @pytest.mark.parametrize("strategy", ["linear-probe", "full"])

@@ -7,21 +7,32 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.data.augment import TrainAugment, sample_rng
 from transferkit.data.images import load_rgb
 
 
 class ImageList:
-    """Map-style dataset over (path, label) pairs; torch's DataLoader needs only len/getitem."""
+    """Map-style dataset over (path, label) pairs; torch's DataLoader needs only len/getitem.
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: Callable):
+    A `TrainAugment` transform gets each image's own generator, seeded by (`seed`, the epoch set by
+    `set_epoch`, index): the fine-tune's crops never depend on what else in the process drew random numbers."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Callable, seed: int = 0):
         self.samples = samples
         self.transform = transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Before each epoch's iterator is made (DataLoader workers get a copy of this object per iterator)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
+        if isinstance(self.transform, TrainAugment):
+            return self.transform(load_rgb(path), sample_rng(self.seed, self.epoch, i)), label
         return self.transform(load_rgb(path)), label
 
 
@@ -31,7 +42,7 @@ def make_loader(samples, transform, batch_size: int, shuffle: bool = False, seed
     g = torch.Generator()
     g.manual_seed(seed)
     return torch.utils.data.DataLoader(
-        ImageList(samples, transform),
+        ImageList(samples, transform, seed),
         batch_size=batch_size,
         shuffle=shuffle,
         generator=g,

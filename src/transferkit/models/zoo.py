@@ -318,19 +318,18 @@ def eval_transform(cfg: dict):
 
 
 def train_transform(cfg: dict):
-    """Mild timm augmentation; no horizontal flip (digits and text are not mirror-symmetric)."""
-    from timm.data import create_transform
+    """Mild augmentation (timm's random resized crop and colour jitter, drawn per image from a seeded generator:
+    transferkit.data.augment); no horizontal flip (digits and text are not mirror-symmetric)."""
+    from transferkit.data.augment import TrainAugment
 
-    return create_transform(
-        input_size=tuple(cfg["input_size"]),
+    return TrainAugment(
+        size=tuple(cfg["input_size"][-2:]),
         interpolation=cfg["interpolation"],
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
-        is_training=True,
         scale=(0.75, 1.0),
         ratio=(0.9, 1.1),
-        hflip=0.0,
-        color_jitter=0.2,
+        jitter=0.2,
     )
 
 

@@ -45,7 +45,8 @@ swung 0.07-0.6 on digits-10; `frozen` (the source's statistics) diverged at LR 1
 
 Regularisation: dropout before the head (`train.drop_rate`), stochastic depth in the residual blocks
 (`train.drop_path_rate`, off by default), AdamW weight decay, label smoothing,
-augmentation (timm transforms, no flips) and early stopping on validation loss (never before
+augmentation (random resized crop and colour jitter, no flips; each image's draws seeded by seed, epoch and
+index, so no other thread's random numbers change them) and early stopping on validation loss (never before
 `train.min_epochs`); the best epoch is the checkpoint that ships.
 
 Devices: CUDA when present (bf16 autocast, channels_last, pinned-memory loaders), otherwise CPU with every

@@ -183,7 +183,7 @@ def train_loader(samples: list, transform, batch_size: int, seed: int, num_worke
     g.manual_seed(seed)
     sampler = GlobalBatchSampler(len(samples), batch_size, rank(), world_size(), g)
     return torch.utils.data.DataLoader(
-        ImageList(samples, transform),
+        ImageList(samples, transform, seed),
         batch_sampler=sampler,
         generator=g,
         num_workers=num_workers,

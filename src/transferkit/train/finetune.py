@@ -177,12 +177,13 @@ def run_finetune(
         resumed = run.resume(state, model, opt, sched, train_loader.generator)
         print(f"train: resuming {out} from epoch {resumed} ({ckpt})", file=sys.stderr)
     else:
-        seed_everything(params.seed)  # same dropout/augmentation draws whatever ran before in this process
+        seed_everything(params.seed)  # same dropout draws whatever ran before in this process (crops: ImageList)
     bar = _epoch_bar(run, t.epochs, f"train {strategy} {lm.spec.spec}", progress)
     for epoch in bar:
         if run.done:
             break
         t0 = time.perf_counter()
+        train_loader.dataset.set_epoch(epoch)  # each image's crop: (seed, epoch, index), resumed runs included
         row = {"epoch": epoch, **_train_epoch(step_model, train_loader, opt, sched, dev, t, weight)}
         if t.bn_stats == "precise" and has_batchnorm(model):  # current weights' statistics, not a lagging average
             precise_batchnorm(model, ds.splits["train"], zoo.eval_transform(lm.data_config), params.data.batch_size)
