@@ -30,8 +30,12 @@ class TrainAugment:
         ratio: tuple[float, float] = (0.9, 1.1),
         jitter: float = 0.2,
     ):
-        if interpolation not in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"):
-            raise ValueError(f"interpolation {interpolation!r}: not a PIL resampling filter")
+        from torchvision.transforms import InterpolationMode
+
+        try:
+            self.mode = InterpolationMode(interpolation)
+        except ValueError:
+            raise ValueError(f"interpolation {interpolation!r}: not one of torchvision's InterpolationMode") from None
         self.size, self.interpolation = (int(size[0]), int(size[1])), interpolation
         self.mean, self.std = tuple(mean), tuple(std)
         self.scale, self.ratio, self.jitter = tuple(scale), tuple(ratio), float(jitter)
@@ -61,11 +65,10 @@ class TrainAugment:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, img, rng: random.Random):
-        from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
         top, left, h, w = self.crop_box(img.width, img.height, rng)
-        img = F.resized_crop(img, top, left, h, w, list(self.size), InterpolationMode(self.interpolation))
+        img = F.resized_crop(img, top, left, h, w, list(self.size), self.mode)
         if self.jitter:
             ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
             for k in rng.sample(range(3), 3):
